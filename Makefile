@@ -1,0 +1,31 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Each sets itself up.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench install
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# Pinned CPU build; an unpinned torch pulls several GB of CUDA packages.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[worker,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lethe demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check service worker tests migrations
+	$(BIN)/ruff format --check service worker tests migrations
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/lethe bench --dataset mnist5k --setup class --seeds 5 --json results/bench-class.json

@@ -1,0 +1,190 @@
+"""Method names and their configurations: the contract between the service and the engine.
+
+This module imports neither torch nor anything heavy, so the API process can validate a request's method and
+configuration before queuing it. Every field has the paper's default (MixUnlearn: ICLR 2025, A.1; UGradSL: its
+Algorithm 1 / Eq. 8) or, where a paper is silent, a documented choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+BatchNormMode = Literal["eval", "train"]
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Plain supervised training (initial model, Retrain, Fine-tune). Paper A.2/A.3 for the MNIST CNN."""
+
+    epochs: int = 20
+    lr: float = 1e-3
+    batch_size: int = 32
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    """Settings shared by every approximate method."""
+
+    epochs: int = 20
+    lr: float = 5e-5
+    batch_size: int = 32
+    seed: int = 0
+    # BatchNorm statistics are frozen during unlearning (the LAF lineage effectively runs in eval mode): the
+    # forget/remain batches are tiny and skewed, and updating running stats on them would shift every class.
+    batchnorm: BatchNormMode = "eval"
+
+
+@dataclass(frozen=True)
+class RetrainConfig(UnlearnConfig):
+    """Exact unlearning: train a fresh model from scratch on the remaining data (paper A.3: 20 epochs, lr 1e-3)."""
+
+    lr: float = 1e-3
+    batchnorm: BatchNormMode = "train"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(UnlearnConfig):
+    """Gradient descent on D_r only (catastrophic forgetting of D_f)."""
+
+    epochs: int = 2
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class NegGradConfig(UnlearnConfig):
+    """Descent on D_r and ascent on D_f; retain_weight tuned in {0.001..100} in the paper (A.3)."""
+
+    lr: float = 1e-4
+    epochs: int = 5
+    retain_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class RandLabelConfig(UnlearnConfig):
+    """Random labels on D_f (MSE on probabilities) while keeping D_r outputs (MSE to the initial model). Label-agnostic."""
+
+    lr: float = 1e-4
+    epochs: int = 5
+    retain_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class LMixConfig(UnlearnConfig):
+    """Vanilla mixup of D_f and D_r with random (forget) / self-generated (remain) targets, MSE. Label-agnostic."""
+
+    lr: float = 1e-4
+    epochs: int = 5
+    alpha: float = 0.75
+    retain_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class UGradSLConfig(UnlearnConfig):
+    """UGradSL (loop over D_f) / UGradSL+ (loop over D_r): p*CE(D_r) - (1-p)*CE_NLS(D_f), Eq. 8.
+
+    smoothing < 0 is negative label smoothing; ``adaptive=True`` derives a per-sample rate from feature distances
+    (Algorithm 1 lines 6-10) with threshold ``distance_threshold``.
+    """
+
+    lr: float = 1e-4
+    epochs: int = 5
+    p: float = 0.95
+    smoothing: float = -0.5
+    adaptive: bool = False
+    distance_threshold: float = 0.5
+    loop_over: Literal["forget", "retain"] = "forget"
+
+
+@dataclass(frozen=True)
+class MixUnlearnConfig(UnlearnConfig):
+    """MixUnlearn (ICLR 2025). Defaults: paper A.1 (batch 32, lr 5e-5 MNIST-like, 20 epochs, T = 0.3)."""
+
+    label_agnostic: bool = False
+    alpha: float = 0.75
+    tau_gen: float = 1.0
+    tau_mix: float = 10.0
+    tau_real: float = 10.0
+    omega: float = 1.0
+    sharpen_temperature: float = 0.3
+    generator_every: int = 4
+    generator_lr: float = 1e-3
+    # Ablations (paper Table 3): vanilla mixup instead of the MixBlock, drop L_real / L_mix, no Sharpen.
+    use_mixblock: bool = True
+    use_real_loss: bool = True
+    use_mix_loss: bool = True
+    use_sharpen: bool = True
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    config_type: type[UnlearnConfig]
+    label_aware: bool
+    exact: bool = False
+    preset: dict[str, Any] = field(default_factory=dict)
+
+
+METHODS: dict[str, MethodInfo] = {
+    m.name: m
+    for m in (
+        MethodInfo("retrain", RetrainConfig, label_aware=True, exact=True),
+        MethodInfo("finetune", FinetuneConfig, label_aware=True),
+        MethodInfo("neggrad", NegGradConfig, label_aware=True),
+        MethodInfo("randlabel", RandLabelConfig, label_aware=False),
+        MethodInfo("lmix", LMixConfig, label_aware=False),
+        MethodInfo("ugradsl", UGradSLConfig, label_aware=True, preset={"loop_over": "forget"}),
+        MethodInfo("ugradsl-plus", UGradSLConfig, label_aware=True, preset={"loop_over": "retain"}),
+        MethodInfo("mixunlearn", MixUnlearnConfig, label_aware=True),
+        MethodInfo(
+            "mixunlearn-agnostic", MixUnlearnConfig, label_aware=False, preset={"label_agnostic": True}
+        ),
+    )
+}
+DEFAULT_METHOD = "mixunlearn"
+DEFAULT_LABEL_AGNOSTIC_METHOD = "mixunlearn-agnostic"
+
+
+class ConfigError(ValueError):
+    """A method name or configuration field the engine does not know, or a value out of range."""
+
+
+def make_config(method: str, overrides: dict[str, Any] | None = None) -> UnlearnConfig:
+    """Build a method's config from its preset plus user overrides, rejecting unknown names and fields."""
+    info = METHODS.get(method)
+    if info is None:
+        raise ConfigError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
+    known = {f.name: f for f in dataclasses.fields(info.config_type)}
+    values = {**info.preset, **(overrides or {})}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config field(s) for {method}: {', '.join(unknown)}")
+    try:
+        config = info.config_type(**values)
+    except TypeError as exc:  # pragma: no cover - guarded by the field check above
+        raise ConfigError(str(exc)) from exc
+    _check_ranges(config)
+    return config
+
+
+def _check_ranges(config: UnlearnConfig) -> None:
+    for name in ("epochs", "batch_size"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type in ("float", float) and not isinstance(value, int | float):
+            raise ConfigError(f"{f.name} must be a number, got {value!r}")
+        if f.name in ("lr", "generator_lr") and not value > 0:
+            raise ConfigError(f"{f.name} must be > 0, got {value!r}")
+    if isinstance(config, UGradSLConfig) and not 0.0 <= config.p <= 1.0:
+        raise ConfigError(f"p must be in [0, 1], got {config.p!r}")
+    if isinstance(config, MixUnlearnConfig | LMixConfig) and not config.alpha > 0:
+        raise ConfigError(f"alpha must be > 0, got {config.alpha!r}")
+
+
+def config_to_dict(config: UnlearnConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

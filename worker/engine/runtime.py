@@ -1,0 +1,40 @@
+"""Where the engine runs: device, mixed precision and thread count, decided once per job."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    mixed_precision: bool  # autocast on CUDA (bf16 where supported, else fp16 with a grad scaler)
+
+    @classmethod
+    def detect(cls, prefer_cuda: bool = True) -> Runtime:
+        if prefer_cuda and torch.cuda.is_available():
+            return cls(torch.device("cuda"), mixed_precision=True)
+        return cls(torch.device("cpu"), mixed_precision=False)
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        if not self.mixed_precision:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        # Only fp16 needs loss scaling; bf16 has fp32's range.
+        enabled = self.mixed_precision and self.amp_dtype == torch.float16
+        return torch.amp.GradScaler(self.device.type, enabled=enabled)
+
+
+CPU = Runtime(torch.device("cpu"), mixed_precision=False)
+

@@ -1,0 +1,62 @@
+"""Supervised training: the initial model, Retrain and Fine-tune all go through ``train``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from worker.engine.config import TrainingConfig
+from worker.engine.context import RunContext
+from worker.engine.data import TensorSplit
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator, shuffle: bool = True) -> list[torch.Tensor]:
+    """Row indices for one pass over ``n`` rows, shuffled with ``generator``; the last batch may be short."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    return list(order.split(batch_size))
+
+
+def set_batchnorm_mode(model: nn.Module, train: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train(train)
+
+
+def train(model: nn.Module, data: TensorSplit, config: TrainingConfig, ctx: RunContext) -> nn.Module:
+    """Adam + cross-entropy for ``config.epochs`` passes over ``data``; reports every step to ``ctx``."""
+    labels = data.require_labels()
+    device = ctx.runtime.device
+    model.to(device).train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = ctx.runtime.grad_scaler()
+    generator = ctx.generator()
+    steps_per_epoch = -(-len(data) // config.batch_size)
+    total = steps_per_epoch * config.epochs
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        for rows in batches(len(data), config.batch_size, generator):
+            x = data.x[rows].to(device, non_blocking=True)
+            y = labels[rows].to(device, non_blocking=True)
+            with ctx.runtime.autocast():
+                loss = F.cross_entropy(model(x), y)
+            optimiser.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
+            step += 1
+            ctx.step(step, total, epoch, config.epochs, {"ce": float(loss.detach())})
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, ctx: RunContext, batch_size: int = 512) -> torch.Tensor:
+    """Logits for ``x`` in eval mode (test-time behaviour), returned on the CPU as float32."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for chunk in x.split(batch_size):
+        with ctx.runtime.autocast():
+            outputs.append(model(chunk.to(ctx.runtime.device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.empty(0)
