@@ -1,0 +1,48 @@
+"""Opaque cursors for keyset pagination (AIP-158): a cursor is base64url JSON of the last row's sort key.
+
+Clients must treat it as opaque; the server may change its content between releases.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from service.core.problems import InvalidInput
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: Sequence[T]
+    next_cursor: str | None
+
+
+def encode_cursor(key: Sequence[Any]) -> str:
+    raw = json.dumps(list(key), separators=(",", ":"), default=str).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, length: int) -> list[Any]:
+    """The sort key inside ``cursor``; a malformed cursor is the client's error (422 ``invalid-cursor``)."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        key = json.loads(raw)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput("invalid-cursor", "the cursor is not one this API issued", cursor=cursor) from exc
+    if not isinstance(key, list) or len(key) != length:
+        raise InvalidInput("invalid-cursor", "the cursor is not one this API issued", cursor=cursor)
+    return key
+
+
+def page_from_rows(rows: Sequence[T], limit: int, key_of: Callable[[T], Sequence[Any]]) -> Page[T]:
+    """Rows were fetched with ``limit + 1``: the extra row only says whether another page exists."""
+    if len(rows) <= limit:
+        return Page(items=rows, next_cursor=None)
+    items = rows[:limit]
+    return Page(items=items, next_cursor=encode_cursor(key_of(items[-1])))

@@ -1,0 +1,102 @@
+"""RFC 9457 problem details: every error the API answers is ``application/problem+json``.
+
+Services raise :class:`ProblemError` subclasses carrying a stable ``type`` slug and machine-readable
+extension members (e.g. ``sample_ids``); the handlers installed by :func:`install_problem_handlers` render
+them. Unexpected exceptions are logged with their traceback and answered as a bare 500 problem, never
+with a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_TYPE_BASE = "/problems/"
+
+
+class ProblemError(Exception):
+    """An error with an HTTP status, a stable slug (the problem ``type``) and extension members."""
+
+    status: int = HTTPStatus.BAD_REQUEST
+
+    def __init__(self, slug: str, detail: str, **extensions: Any) -> None:
+        super().__init__(detail)
+        self.slug = slug
+        self.detail = detail
+        self.extensions = extensions
+
+
+class InvalidInput(ProblemError):
+    status = HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+class NotFound(ProblemError):
+    status = HTTPStatus.NOT_FOUND
+
+
+class Conflict(ProblemError):
+    status = HTTPStatus.CONFLICT
+
+
+def problem_response(
+    status: int, slug: str, detail: str, headers: Mapping[str, str] | None = None, **extensions: Any
+) -> JSONResponse:
+    body = {
+        "type": PROBLEM_TYPE_BASE + slug,
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        **jsonable_encoder(extensions),
+    }
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+
+
+async def _handle_problem(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ProblemError)
+    return problem_response(exc.status, exc.slug, exc.detail, **exc.extensions)
+
+
+async def _handle_validation(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type", "")}
+        for error in exc.errors()
+    ]
+    fields = sorted({".".join(str(part) for part in error["loc"][1:]) for error in errors})
+    return problem_response(
+        HTTPStatus.UNPROCESSABLE_ENTITY,
+        "invalid-request",
+        f"the request does not match the schema: {', '.join(fields) or 'body'}",
+        errors=errors,
+    )
+
+
+async def _handle_http(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    slug = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "-")
+    return problem_response(exc.status_code, slug, str(exc.detail), headers=exc.headers)
+
+
+async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(
+        HTTPStatus.INTERNAL_SERVER_ERROR, "internal-error", "an unexpected error occurred; it has been logged"
+    )
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ProblemError, _handle_problem)
+    app.add_exception_handler(RequestValidationError, _handle_validation)
+    app.add_exception_handler(StarletteHTTPException, _handle_http)
+    app.add_exception_handler(Exception, _handle_unexpected)

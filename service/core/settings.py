@@ -1,0 +1,31 @@
+"""Service settings: environment variables prefixed ``LETHE_`` (or a ``.env`` file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LETHE_", env_file=".env", extra="ignore")
+
+    # Postgres is the source of truth; the demo overrides this with a SQLite file.
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/lethe"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    storage_dir: Path = Path("var/checkpoints")
+    dispatcher: Literal["celery", "inprocess"] = "celery"
+
+    max_samples_per_request: int = 10_000
+    gdpr_due_days: int = 30
+    # Hint sent with 202 answers: how long a client should wait before polling the job.
+    retry_after_seconds: int = 5
+    page_size_default: int = 50
+    page_size_max: int = 500
+
+    # Audit gate, in accuracy points (0-100): the unlearned model may lose at most gate_max_audit_drop
+    # points on the held-out audit split, and its accuracy on the forgotten samples must sit within
+    # gate_forget_margin points of its audit accuracy (it must treat them like never-seen data).
+    gate_max_audit_drop: float = 2.0
+    gate_forget_margin: float = 5.0

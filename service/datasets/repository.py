@@ -1,0 +1,122 @@
+"""Queries on datasets and samples. Lookups by external id are chunked: SQLite caps bound parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from service.datasets.tables import Dataset, Sample
+
+_CHUNK = 5_000
+
+SampleRow = Row[str, int, int | None, str | None]
+
+
+def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start : start + _CHUNK]
+
+
+def add_dataset(session: Session, dataset: Dataset) -> Dataset:
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def get_dataset(session: Session, dataset_id: str) -> Dataset | None:
+    return session.get(Dataset, dataset_id)
+
+
+def dataset_name_taken(session: Session, name: str) -> bool:
+    return session.scalar(select(Dataset.id).where(Dataset.name == name)) is not None
+
+
+def insert_samples(session: Session, dataset_id: str, samples: Iterable[dict[str, Any]]) -> None:
+    """Bulk insert via executemany, which SQLAlchemy batches into multi-row INSERTs (insertmanyvalues)."""
+    rows = [{**sample, "dataset_id": dataset_id} for sample in samples]
+    if rows:
+        session.execute(insert(Sample), rows)
+
+
+def count_samples(session: Session, dataset_id: str) -> dict[str, int]:
+    """Registered samples per split, and how many of them are forgotten."""
+    counts = {"train": 0, "audit": 0, "forgotten": 0}
+    rows = session.execute(
+        select(Sample.split, func.count(), func.count(Sample.forgotten_by_request_id))
+        .where(Sample.dataset_id == dataset_id)
+        .group_by(Sample.split)
+    )
+    for split, total, forgotten in rows:
+        counts[split] = total
+        counts["forgotten"] += forgotten
+    return counts
+
+
+def list_samples(session: Session, dataset_id: str, after_pk: int | None, limit: int) -> Sequence[Sample]:
+    query = select(Sample).where(Sample.dataset_id == dataset_id).order_by(Sample.id).limit(limit)
+    if after_pk is not None:
+        query = query.where(Sample.id > after_pk)
+    return session.scalars(query).all()
+
+
+def find_samples(session: Session, dataset_id: str, sample_ids: Sequence[str]) -> list[Sample]:
+    found: list[Sample] = []
+    for chunk in _chunks(sample_ids):
+        found.extend(
+            session.scalars(
+                select(Sample).where(Sample.dataset_id == dataset_id, Sample.sample_id.in_(chunk))
+            )
+        )
+    return found
+
+
+def sample_ids_in_other_datasets(session: Session, dataset_id: str, sample_ids: Sequence[str]) -> set[str]:
+    found: set[str] = set()
+    for chunk in _chunks(sample_ids):
+        found.update(
+            session.scalars(
+                select(Sample.sample_id).where(Sample.dataset_id != dataset_id, Sample.sample_id.in_(chunk))
+            )
+        )
+    return found
+
+
+def subject_samples(session: Session, dataset_id: str, subject_id: str) -> Sequence[Sample]:
+    return session.scalars(
+        select(Sample)
+        .where(Sample.dataset_id == dataset_id, Sample.subject_id == subject_id)
+        .order_by(Sample.id)
+    ).all()
+
+
+def split_rows(session: Session, dataset_id: str, split: str) -> Sequence[SampleRow]:
+    """(sample_id, row, label, forgotten_by_request_id) of every sample of a split, ordered by row."""
+    return session.execute(
+        select(Sample.sample_id, Sample.row, Sample.label, Sample.forgotten_by_request_id)
+        .where(Sample.dataset_id == dataset_id, Sample.split == split)
+        .order_by(Sample.row)
+    ).all()
+
+
+def mark_forgotten(
+    session: Session, dataset_id: str, sample_ids: Sequence[str], request_id: str, when: datetime
+) -> int:
+    """Mark samples forgotten unless an earlier request already did (the first one keeps the credit)."""
+    updated = 0
+    for chunk in _chunks(sample_ids):
+        result = session.execute(
+            update(Sample)
+            .where(
+                Sample.dataset_id == dataset_id,
+                Sample.sample_id.in_(chunk),
+                Sample.forgotten_by_request_id.is_(None),
+            )
+            .values(forgotten_by_request_id=request_id, forgotten_at=when)
+            .execution_options(synchronize_session=False)
+        )
+        updated += result.rowcount  # type: ignore[attr-defined]
+    return updated

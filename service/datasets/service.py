@@ -1,0 +1,193 @@
+"""Dataset registration, sample resolution for jobs, and marking samples forgotten. Never commits."""
+
+from __future__ import annotations
+
+import zipfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from numpy.lib import format as npy_format
+from sqlalchemy.orm import Session
+
+from service.core.pagination import Page, decode_cursor, page_from_rows
+from service.core.problems import Conflict, InvalidInput, NotFound
+from service.datasets import repository
+from service.datasets.schemas import DatasetCreate
+from service.datasets.tables import Dataset, Sample
+
+# Problems list at most this many offending ids; the count is always complete.
+MAX_LISTED_IDS = 100
+
+
+@dataclass(frozen=True)
+class ArrayHeader:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """Samples of one role in a job, ordered by row; ``labels`` is None for a label-free dataset."""
+
+    sample_ids: tuple[str, ...]
+    rows: np.ndarray  # int64 indices into the array file's x
+    labels: np.ndarray | None  # int64
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+
+@dataclass(frozen=True)
+class ResolvedSets:
+    forget: SampleSet  # the samples this job unlearns
+    remaining: SampleSet  # train samples neither forgotten before nor by this job
+    audit: SampleSet  # the held-out split, never trained on
+
+
+def read_array_header(path: Path) -> ArrayHeader:
+    """Shape and dtype of ``x`` in an ``.npz``, reading only the member's npy header, not its data."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("x.npy") as member:
+            version = npy_format.read_magic(member)
+            reader = (
+                npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+            )
+            shape, _fortran_order, dtype = reader(member)
+    except FileNotFoundError as exc:
+        raise InvalidInput("invalid-array-file", f"{path}: no such file", array_path=str(path)) from exc
+    except KeyError as exc:
+        raise InvalidInput(
+            "invalid-array-file", f"{path}: the archive has no array 'x'", array_path=str(path)
+        ) from exc
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise InvalidInput(
+            "invalid-array-file", f"{path}: not a readable .npz ({exc})", array_path=str(path)
+        ) from exc
+    return ArrayHeader(shape=tuple(shape), dtype=dtype)
+
+
+def register_dataset(session: Session, data: DatasetCreate) -> Dataset:
+    """Validate the array file and every sample, then insert the dataset and its samples in bulk."""
+    if repository.dataset_name_taken(session, data.name):
+        raise Conflict("dataset-name-taken", f"a dataset named {data.name!r} exists", name=data.name)
+    header = read_array_header(Path(data.array_path))
+    if header.dtype != np.float32 or len(header.shape) != 4:
+        raise InvalidInput(
+            "invalid-array-file",
+            f"x must be float32 with shape (N, C, H, W); got {header.dtype} {header.shape}",
+            array_path=data.array_path,
+        )
+    _validate_samples(data, num_rows=header.shape[0])
+    dataset = repository.add_dataset(
+        session,
+        Dataset(
+            name=data.name,
+            array_path=data.array_path,
+            num_rows=header.shape[0],
+            sample_shape=list(header.shape[1:]),
+            num_classes=data.num_classes,
+        ),
+    )
+    repository.insert_samples(session, dataset.id, (sample.model_dump() for sample in data.samples))
+    return dataset
+
+
+def _validate_samples(data: DatasetCreate, num_rows: int) -> None:
+    samples = data.samples
+    _reject_duplicates("sample_id", [s.sample_id for s in samples])
+    _reject_duplicates("row", [s.row for s in samples])
+    out_of_range = [s.sample_id for s in samples if s.row >= num_rows]
+    if out_of_range:
+        detail = f"{len(out_of_range)} samples' rows are not in the array (it has {num_rows} rows)"
+        raise _listed("rows-out-of-range", detail, out_of_range, num_rows=num_rows)
+    labelled = [s.label is not None for s in samples]
+    if any(labelled) and not all(labelled):
+        unlabelled = [s.sample_id for s in samples if s.label is None]
+        raise _listed("missing-labels", "either every sample carries a label or none does", unlabelled)
+    if all(labelled) and data.num_classes is None:
+        raise InvalidInput("missing-num-classes", "samples carry labels, so num_classes is required")
+    if not any(labelled) and data.num_classes is not None:
+        raise InvalidInput("missing-labels", "num_classes is given but no sample carries a label")
+    if data.num_classes is not None:
+        bad = [s.sample_id for s in samples if s.label is not None and s.label >= data.num_classes]
+        if bad:
+            detail = f"{len(bad)} labels are not in [0, {data.num_classes})"
+            raise _listed("labels-out-of-range", detail, bad, num_classes=data.num_classes)
+    if not any(s.split == "train" for s in samples):
+        raise InvalidInput("no-train-samples", "a dataset needs at least one train sample")
+
+
+def _reject_duplicates(field: str, values: Sequence[str | int]) -> None:
+    duplicates = sorted(value for value, count in Counter(values).items() if count > 1)
+    if duplicates:
+        raise _listed(
+            f"duplicate-{field.replace('_', '-')}s", f"{len(duplicates)} {field} values repeat", duplicates
+        )
+
+
+def _listed(slug: str, detail: str, values: Sequence[str | int], **extensions: object) -> InvalidInput:
+    """A 422 problem naming the offending values (the first MAX_LISTED_IDS) and their count."""
+    return InvalidInput(slug, detail, values=list(values[:MAX_LISTED_IDS]), count=len(values), **extensions)
+
+
+def get_dataset(session: Session, dataset_id: str) -> Dataset:
+    dataset = repository.get_dataset(session, dataset_id)
+    if dataset is None:
+        raise NotFound("dataset-not-found", f"no dataset {dataset_id!r}", dataset_id=dataset_id)
+    return dataset
+
+
+def sample_counts(session: Session, dataset_id: str) -> dict[str, int]:
+    return repository.count_samples(session, dataset_id)
+
+
+def list_samples(session: Session, dataset_id: str, cursor: str | None, limit: int) -> Page[Sample]:
+    get_dataset(session, dataset_id)
+    after_pk = int(decode_cursor(cursor, 1)[0]) if cursor else None
+    rows = repository.list_samples(session, dataset_id, after_pk, limit + 1)
+    return page_from_rows(rows, limit, key_of=lambda sample: (sample.id,))
+
+
+def resolve_sets(session: Session, dataset_id: str, forget_sample_ids: Sequence[str]) -> ResolvedSets:
+    """Rows (and labels) of a job's forget set, the remaining train set and the audit split.
+
+    The remaining set excludes every sample forgotten so far and this job's forget set, so successive jobs
+    never train on data an earlier request removed.
+    """
+    dataset = get_dataset(session, dataset_id)
+    forget_ids = set(forget_sample_ids)
+    train = repository.split_rows(session, dataset_id, "train")
+    forget = [r for r in train if r.sample_id in forget_ids]
+    if len(forget) != len(forget_ids):
+        missing = sorted(forget_ids - {r.sample_id for r in forget})
+        raise _listed("unknown-samples", f"{len(missing)} ids are not train samples of {dataset_id}", missing)
+    remaining = [r for r in train if r.sample_id not in forget_ids and r.forgotten_by_request_id is None]
+    audit = repository.split_rows(session, dataset_id, "audit")
+    return ResolvedSets(
+        forget=_sample_set(forget, dataset.labelled),
+        remaining=_sample_set(remaining, dataset.labelled),
+        audit=_sample_set(audit, dataset.labelled),
+    )
+
+
+def _sample_set(rows: Sequence[repository.SampleRow], labelled: bool) -> SampleSet:
+    return SampleSet(
+        sample_ids=tuple(r.sample_id for r in rows),
+        rows=np.fromiter((r.row for r in rows), dtype=np.int64, count=len(rows)),
+        labels=np.fromiter((r.label for r in rows), dtype=np.int64, count=len(rows)) if labelled else None,
+    )
+
+
+def mark_forgotten(
+    session: Session, dataset_id: str, sample_ids: Sequence[str], request_id: str, when: datetime
+) -> int:
+    """Record that ``request_id`` removed these samples from the active model (at ``when``).
+
+    Call it in the transaction that activates the version covering the request. Samples an earlier request
+    already forgot keep that request's mark. Returns how many samples were newly marked.
+    """
+    return repository.mark_forgotten(session, dataset_id, sample_ids, request_id, when)

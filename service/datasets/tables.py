@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from service.core.clock import utcnow
+from service.core.database import Base, JSONType, new_id, one_of
+
+SPLITS = ("train", "audit")
+
+
+class Dataset(Base):
+    """A training dataset: one ``.npz`` array file on the server plus the registry of its samples."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    array_path: Mapped[str] = mapped_column(Text)
+    num_rows: Mapped[int] = mapped_column(Integer)  # rows in the array file, not registered samples
+    sample_shape: Mapped[list[int]] = mapped_column(JSONType)  # (C, H, W) from the array's header
+    num_classes: Mapped[int | None] = mapped_column(Integer)  # None: the dataset carries no labels
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    @property
+    def labelled(self) -> bool:
+        return self.num_classes is not None
+
+
+class Sample(Base):
+    """A registered sample. Never deleted: unlearning marks it forgotten and later jobs leave it out."""
+
+    __tablename__ = "samples"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "sample_id"),
+        UniqueConstraint("dataset_id", "row"),
+        one_of("split", SPLITS),
+        Index("ix_samples_dataset_id_subject_id", "dataset_id", "subject_id"),
+    )
+
+    # Integer surrogate key: samples are many and referenced from request rows.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    sample_id: Mapped[str] = mapped_column(String(200))
+    row: Mapped[int] = mapped_column(Integer)
+    label: Mapped[int | None] = mapped_column(Integer)
+    split: Mapped[str] = mapped_column(String(8))
+    subject_id: Mapped[str | None] = mapped_column(String(200))
+    forgotten_by_request_id: Mapped[str | None] = mapped_column(
+        ForeignKey("deletion_requests.id"), index=True
+    )
+    forgotten_at: Mapped[datetime | None]

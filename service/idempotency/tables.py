@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from service.core.clock import utcnow
+from service.core.database import Base, JSONType
+
+
+class IdempotencyRecord(Base):
+    """The first answer given to an ``Idempotency-Key``, replayed to retries carrying the same body."""
+
+    __tablename__ = "idempotency_keys"
+
+    # Without client authentication the scope is the key itself (see docs/architecture.md).
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))  # SHA-256 of method, path and body
+    status_code: Mapped[int] = mapped_column(Integer)
+    body: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    headers: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

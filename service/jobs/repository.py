@@ -1,0 +1,79 @@
+"""Queries on jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from service.jobs.tables import ACTIVE_STATES, Job
+
+
+def add(session: Session, job: Job) -> None:
+    session.add(job)
+    session.flush()
+
+
+def get(session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def lock(session: Session, job_id: str) -> Job | None:
+    """The job row, locked until commit and refreshed from the database."""
+    return session.get(Job, job_id, with_for_update=True, populate_existing=True)
+
+
+def get_by_request(session: Session, request_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.request_id == request_id))
+
+
+def active_job_id(session: Session, model_id: str, excluding: str) -> str | None:
+    """A running or evaluating job of the model other than ``excluding``, if any."""
+    return session.scalar(
+        select(Job.id)
+        .where(Job.model_id == model_id, Job.state.in_(ACTIVE_STATES), Job.id != excluding)
+        .limit(1)
+    )
+
+
+def save_progress(session: Session, job_id: str, progress: dict[str, object], when: datetime) -> bool | None:
+    """Store the progress of an active job; its cancel flag, or None when the job is not active."""
+    return session.scalar(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_(ACTIVE_STATES))
+        .values(progress=progress, updated_at=when)
+        .returning(Job.cancel_requested)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def list_jobs(
+    session: Session,
+    *,
+    model_id: str | None,
+    state: str | None,
+    before: tuple[datetime, str] | None,
+    limit: int,
+) -> Sequence[Job]:
+    """Newest first, ties broken by id: a stable order for keyset pagination (``before`` = last key seen)."""
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    if model_id is not None:
+        query = query.where(Job.model_id == model_id)
+    if state is not None:
+        query = query.where(Job.state == state)
+    if before is not None:
+        created_at, job_id = before
+        query = query.where(
+            or_(Job.created_at < created_at, (Job.created_at == created_at) & (Job.id < job_id))
+        )
+    return session.scalars(query).all()
+
+
+def stale_queued_ids(session: Session, older_than: datetime) -> list[str]:
+    return list(
+        session.scalars(
+            select(Job.id).where(Job.state == "queued", Job.created_at < older_than).order_by(Job.created_at)
+        )
+    )

@@ -1,0 +1,216 @@
+"""The job state machine and the worker-facing API. Never commits: the caller (route or task) does.
+
+``queued -> running -> evaluating -> succeeded | rejected | failed | canceled``; a queued job can also be
+canceled (or failed by an operator) before it starts. A worker's life cycle for one job, each step its own
+transaction::
+
+    claimed = claim_job(s, job_id, worker_id)          # None: nothing to do; ModelBusy: retry later
+    sets = datasets.service.resolve_sets(s, claimed.dataset_id, claimed.forget_sample_ids)
+    stop = record_progress(s, job_id, {...})            # every few steps; True: stop and finish "canceled"
+    set_state(s, job_id, "evaluating")
+    # success, in ONE transaction:
+    version = models.service.register_version(s, ..., activate=True, request_ids=[claimed.request_id])
+    datasets.service.mark_forgotten(s, claimed.dataset_id, claimed.forget_sample_ids, claimed.request_id, now)
+    finish(s, job_id, "succeeded", metrics=..., result_version_id=version.id)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.core.clock import utcnow
+from service.core.problems import Conflict, NotFound
+from service.datasets import repository as datasets_repository
+from service.deletion_requests import repository as requests_repository
+from service.deletion_requests import service as requests_service
+from service.jobs import repository
+from service.jobs.tables import TERMINAL_STATES, Job
+from service.models import repository as models_repository
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"running", "canceled", "failed"}),
+    "running": frozenset({"evaluating", "failed", "canceled"}),
+    "evaluating": frozenset({"succeeded", "rejected", "failed", "canceled"}),
+}
+
+
+class InvalidTransition(Conflict):
+    pass
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    id: str
+    number: int
+    sha256: str
+    storage_uri: str
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """Everything a worker needs to run a job, read in the transaction that claimed it."""
+
+    job_id: str
+    request_id: str
+    model_id: str
+    model_name: str
+    spec: dict[str, Any]  # ModelSpec.to_dict()
+    base_version: VersionRef  # the active version at claim time: the parent of the result
+    dataset_id: str
+    array_path: str
+    method: str
+    config: dict[str, Any]  # the full configuration (defaults included), for make_config(method, config)
+    forget_sample_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelBusy:
+    """Another job of the same model is running or evaluating; retry the claim later."""
+
+    model_id: str
+    running_job_id: str
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = repository.get(session, job_id)
+    if job is None:
+        raise NotFound("job-not-found", f"no job {job_id!r}", job_id=job_id)
+    return job
+
+
+def claim_job(session: Session, job_id: str, worker_id: str) -> ClaimedJob | ModelBusy | None:
+    """Move a queued job to running for ``worker_id``, or say why not.
+
+    Returns None when the job is unknown or no longer queued (a redelivered message, a canceled job): the
+    caller acknowledges the message and does nothing. Returns :class:`ModelBusy` when another job of the model
+    is active: jobs on one model run one after another, each starting from the version the previous produced.
+    The model row is locked during the check, so two workers cannot both pass it; commit right after.
+    """
+    job = repository.get(session, job_id)
+    if job is None or job.state != "queued":
+        return None
+    model = models_repository.lock_model(session, job.model_id)
+    job = repository.lock(session, job_id)
+    if model is None or job is None or job.state != "queued":
+        return None
+    running_job_id = repository.active_job_id(session, model.id, excluding=job.id)
+    if running_job_id is not None:
+        return ModelBusy(model_id=model.id, running_job_id=running_job_id)
+    base = models_repository.active_version(session, model.id)
+    dataset = datasets_repository.get_dataset(session, model.dataset_id)
+    if base is None or dataset is None:  # pragma: no cover - a model is created with an active version
+        raise RuntimeError(f"model {model.id} has no active version or dataset")
+    job.state = "running"
+    job.worker_id = worker_id
+    job.base_version_id = base.id
+    job.started_at = utcnow()
+    session.flush()
+    return ClaimedJob(
+        job_id=job.id,
+        request_id=job.request_id,
+        model_id=model.id,
+        model_name=model.name,
+        spec=dict(model.spec),
+        base_version=VersionRef(base.id, base.number, base.checkpoint_sha256, base.storage_uri),
+        dataset_id=dataset.id,
+        array_path=dataset.array_path,
+        method=job.method,
+        config=dict(job.config),
+        forget_sample_ids=tuple(requests_repository.pending_sample_ids(session, job.request_id)),
+    )
+
+
+def record_progress(session: Session, job_id: str, progress: dict[str, Any]) -> bool:
+    """Store ``{step, total_steps, epoch, total_epochs, losses}``; True when the worker should stop.
+
+    That is when a cancel was requested, or when the job is no longer running or evaluating (finished, or
+    canceled): a worker must not keep going on a job it no longer owns.
+    """
+    cancel_requested = repository.save_progress(session, job_id, progress, utcnow())
+    return cancel_requested is None or cancel_requested
+
+
+def set_state(session: Session, job_id: str, state: str) -> Job:
+    """A non-terminal transition (``running -> evaluating``); terminal states go through :func:`finish`."""
+    if state in TERMINAL_STATES:
+        raise ValueError(f"{state!r} is terminal: use finish()")
+    job = _transition(session, job_id, state)
+    if state == "evaluating":
+        job.evaluation_started_at = utcnow()
+    session.flush()
+    return job
+
+
+def finish(
+    session: Session,
+    job_id: str,
+    state: str,
+    *,
+    metrics: dict[str, Any] | None = None,
+    result_version_id: str | None = None,
+    error_reason: str | None = None,
+    error_detail: str | None = None,
+) -> Job:
+    """End the job in a terminal state and settle its deletion request accordingly.
+
+    ``succeeded`` needs the activated ``result_version_id``; ``rejected`` may point at the rejected version;
+    ``failed`` and ``canceled`` should carry ``error_reason`` (a short machine-readable slug) and a detail.
+    """
+    if state not in TERMINAL_STATES:
+        raise ValueError(f"{state!r} is not terminal: use set_state()")
+    if state == "succeeded" and result_version_id is None:
+        raise ValueError("a succeeded job needs its result version")
+    job = _transition(session, job_id, state)
+    now = utcnow()
+    job.finished_at = now
+    job.metrics = metrics if metrics is not None else job.metrics
+    job.result_version_id = result_version_id
+    job.error_reason = error_reason
+    job.error_detail = error_detail
+    session.flush()
+    requests_service.settle(session, job.request_id, state, now)
+    return job
+
+
+def request_cancel(session: Session, job_id: str) -> Job:
+    """Cancel a queued job at once; flag a running one for the worker to stop cooperatively.
+
+    A job already in a terminal state is a :class:`~service.core.problems.Conflict` (409).
+    """
+    job = repository.lock(session, job_id)
+    if job is None:
+        raise NotFound("job-not-found", f"no job {job_id!r}", job_id=job_id)
+    if job.state in TERMINAL_STATES:
+        raise InvalidTransition("job-finished", f"job {job_id} is already {job.state}", state=job.state)
+    if job.state == "queued":
+        return finish(
+            session, job_id, "canceled", error_reason="canceled", error_detail="canceled before it started"
+        )
+    job.cancel_requested = True
+    session.flush()
+    return job
+
+
+def list_stale_queued(session: Session, older_than: datetime) -> list[str]:
+    """Ids of jobs still queued that were created before ``older_than``, oldest first.
+
+    For a sweeper that re-dispatches them: the queue may have lost the message (Redis restart, failed
+    dispatch). Re-sending a job whose message still exists is harmless: :func:`claim_job` runs it once.
+    """
+    return repository.stale_queued_ids(session, older_than)
+
+
+def _transition(session: Session, job_id: str, state: str) -> Job:
+    job = repository.lock(session, job_id)
+    if job is None:
+        raise NotFound("job-not-found", f"no job {job_id!r}", job_id=job_id)
+    if state not in TRANSITIONS.get(job.state, frozenset()):
+        raise InvalidTransition(
+            "invalid-transition", f"job {job_id} cannot go from {job.state} to {state}", state=job.state
+        )
+    job.state = state
+    return job

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Boolean, ForeignKey, Index, String, Text, false
+from sqlalchemy.orm import Mapped, mapped_column
+
+from service.core.clock import utcnow
+from service.core.database import Base, JSONType, new_id, one_of
+
+JOB_STATES = ("queued", "running", "evaluating", "succeeded", "rejected", "failed", "canceled")
+TERMINAL_STATES = frozenset({"succeeded", "rejected", "failed", "canceled"})
+ACTIVE_STATES = frozenset({"running", "evaluating"})
+
+
+class Job(Base):
+    """One unlearning run for one deletion request (AIP-151 long-running operation)."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        one_of("state", JOB_STATES),
+        Index("ix_jobs_model_id_state", "model_id", "state"),
+        Index("ix_jobs_state_created_at", "state", "created_at"),
+        Index("ix_jobs_created_at_id", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    request_id: Mapped[str] = mapped_column(ForeignKey("deletion_requests.id"), unique=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    method: Mapped[str] = mapped_column(String(50))
+    config: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # The active version when the job was claimed: the parent of the version it produces.
+    base_version_id: Mapped[str | None] = mapped_column(ForeignKey("model_versions.id"))
+    result_version_id: Mapped[str | None] = mapped_column(ForeignKey("model_versions.id"))
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    error_reason: Mapped[str | None] = mapped_column(String(100))
+    error_detail: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    evaluation_started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

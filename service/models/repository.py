@@ -1,0 +1,83 @@
+"""Queries on models, their versions and the requests each version covers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session
+
+from service.models.tables import Model, ModelVersion, model_version_requests
+
+
+def add(session: Session, instance: Model | ModelVersion) -> None:
+    session.add(instance)
+    session.flush()
+
+
+def get_model(session: Session, model_id: str) -> Model | None:
+    return session.get(Model, model_id)
+
+
+def get_model_by_name(session: Session, name: str) -> Model | None:
+    return session.scalar(select(Model).where(Model.name == name))
+
+
+def lock_model(session: Session, model_id: str) -> Model | None:
+    """Take the model's row lock (no-op on SQLite, which serialises writers): the per-model mutex."""
+    return session.get(Model, model_id, with_for_update=True, populate_existing=True)
+
+
+def list_models(session: Session, after_name: str | None, limit: int) -> Sequence[Model]:
+    query = select(Model).order_by(Model.name).limit(limit)
+    if after_name is not None:
+        query = query.where(Model.name > after_name)
+    return session.scalars(query).all()
+
+
+def get_version(session: Session, version_id: str) -> ModelVersion | None:
+    return session.get(ModelVersion, version_id)
+
+
+def get_version_by_number(session: Session, model_id: str, number: int) -> ModelVersion | None:
+    return session.scalar(
+        select(ModelVersion).where(ModelVersion.model_id == model_id, ModelVersion.number == number)
+    )
+
+
+def active_version(session: Session, model_id: str) -> ModelVersion | None:
+    return session.scalar(
+        select(ModelVersion).where(ModelVersion.model_id == model_id, ModelVersion.status == "active")
+    )
+
+
+def list_versions(session: Session, model_id: str) -> Sequence[ModelVersion]:
+    return session.scalars(
+        select(ModelVersion).where(ModelVersion.model_id == model_id).order_by(ModelVersion.number)
+    ).all()
+
+
+def next_version_number(session: Session, model_id: str) -> int:
+    highest = session.scalar(select(func.max(ModelVersion.number)).where(ModelVersion.model_id == model_id))
+    return (highest or 0) + 1
+
+
+def add_covered_requests(session: Session, version_id: str, request_ids: Sequence[str]) -> None:
+    if request_ids:
+        session.execute(
+            insert(model_version_requests),
+            [{"version_id": version_id, "request_id": request_id} for request_id in request_ids],
+        )
+
+
+def covered_request_ids(session: Session, version_ids: Sequence[str]) -> dict[str, list[str]]:
+    """Request ids per version id (versions covering none are absent)."""
+    covered: dict[str, list[str]] = {}
+    rows = session.execute(
+        select(model_version_requests.c.version_id, model_version_requests.c.request_id)
+        .where(model_version_requests.c.version_id.in_(version_ids))
+        .order_by(model_version_requests.c.request_id)
+    )
+    for version_id, request_id in rows:
+        covered.setdefault(version_id, []).append(request_id)
+    return covered

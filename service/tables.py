@@ -1,0 +1,15 @@
+"""Imports every table module so ``Base.metadata`` is complete (for Alembic and the mapper registry)."""
+
+from service.datasets import tables as datasets_tables
+from service.deletion_requests import tables as deletion_requests_tables
+from service.idempotency import tables as idempotency_tables
+from service.jobs import tables as jobs_tables
+from service.models import tables as models_tables
+
+__all__ = [
+    "datasets_tables",
+    "deletion_requests_tables",
+    "idempotency_tables",
+    "jobs_tables",
+    "models_tables",
+]
