@@ -38,12 +38,20 @@ def active_job_id(session: Session, model_id: str, excluding: str) -> str | None
     )
 
 
-def save_progress(session: Session, job_id: str, progress: dict[str, object], when: datetime) -> bool | None:
-    """Store the progress of an active job; its cancel flag, or None when the job is not active."""
+def save_progress(
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    progress: dict[str, object],
+    when: datetime,
+    lease_expires_at: datetime,
+) -> bool | None:
+    """Store the progress of an active job held by ``worker_id`` and extend its lease; its cancel flag, or
+    None when the job is not active or not that worker's."""
     return session.scalar(
         update(Job)
-        .where(Job.id == job_id, Job.state.in_(ACTIVE_STATES))
-        .values(progress=progress, updated_at=when)
+        .where(Job.id == job_id, Job.state.in_(ACTIVE_STATES), Job.worker_id == worker_id)
+        .values(progress=progress, updated_at=when, lease_expires_at=lease_expires_at)
         .returning(Job.cancel_requested)
         .execution_options(synchronize_session=False)
     )
@@ -75,5 +83,15 @@ def stale_queued_ids(session: Session, older_than: datetime) -> list[str]:
     return list(
         session.scalars(
             select(Job.id).where(Job.state == "queued", Job.created_at < older_than).order_by(Job.created_at)
+        )
+    )
+
+
+def abandoned_ids(session: Session, now: datetime) -> list[str]:
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.state.in_(ACTIVE_STATES), Job.lease_expires_at < now)
+            .order_by(Job.created_at)
         )
     )

@@ -4,9 +4,9 @@
 canceled (or failed by an operator) before it starts. A worker's life cycle for one job, each step its own
 transaction::
 
-    claimed = claim_job(s, job_id, worker_id)          # None: nothing to do; ModelBusy: retry later
+    claimed = claim_job(s, job_id, worker_id, lease)   # None: nothing to do; ModelBusy: retry later
     sets = datasets.service.resolve_sets(s, claimed.dataset_id, claimed.forget_sample_ids)
-    stop = record_progress(s, job_id, {...})            # every few steps; True: stop and finish "canceled"
+    stop = record_progress(s, job_id, {...}, worker_id, lease)  # renews the lease; True: stop
     set_state(s, job_id, "evaluating")
     # success, in ONE transaction:
     version = models.service.register_version(s, ..., activate=True, request_ids=[claimed.request_id])
@@ -17,7 +17,7 @@ transaction::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -28,7 +28,7 @@ from service.datasets import repository as datasets_repository
 from service.deletion_requests import repository as requests_repository
 from service.deletion_requests import service as requests_service
 from service.jobs import repository
-from service.jobs.tables import TERMINAL_STATES, Job
+from service.jobs.tables import ACTIVE_STATES, TERMINAL_STATES, Job
 from service.models import repository as models_repository
 
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -65,6 +65,8 @@ class ClaimedJob:
     method: str
     config: dict[str, Any]  # the full configuration (defaults included), for make_config(method, config)
     forget_sample_ids: tuple[str, ...]
+    state: str  # running, or evaluating when an abandoned job is claimed again
+    resume: dict[str, Any]  # what an earlier attempt committed in ``metrics`` (steps it need not redo)
 
 
 @dataclass(frozen=True)
@@ -82,32 +84,41 @@ def get_job(session: Session, job_id: str) -> Job:
     return job
 
 
-def claim_job(session: Session, job_id: str, worker_id: str) -> ClaimedJob | ModelBusy | None:
-    """Move a queued job to running for ``worker_id``, or say why not.
+def claim_job(
+    session: Session, job_id: str, worker_id: str, lease: timedelta
+) -> ClaimedJob | ModelBusy | None:
+    """Move a queued job to running for ``worker_id`` with a lease of ``lease``, or say why not.
 
-    Returns None when the job is unknown or no longer queued (a redelivered message, a canceled job): the
-    caller acknowledges the message and does nothing. Returns :class:`ModelBusy` when another job of the model
+    A running or evaluating job whose lease lapsed (its worker died) is claimed again as it stands: same base
+    version, ``resume`` holding what its earlier attempt committed. Returns None when the job is unknown,
+    finished, or held by a live lease (a redelivered message, a canceled job): the caller acknowledges the
+    message and does nothing. Returns :class:`ModelBusy` when another job of the model
     is active: jobs on one model run one after another, each starting from the version the previous produced.
     The model row is locked during the check, so two workers cannot both pass it; commit right after.
     """
+    now = utcnow()
     job = repository.get(session, job_id)
-    if job is None or job.state != "queued":
+    if job is None or not _claimable(job, now):
         return None
     model = models_repository.lock_model(session, job.model_id)
     job = repository.lock(session, job_id)
-    if model is None or job is None or job.state != "queued":
+    if model is None or job is None or not _claimable(job, now):
         return None
     running_job_id = repository.active_job_id(session, model.id, excluding=job.id)
     if running_job_id is not None:
         return ModelBusy(model_id=model.id, running_job_id=running_job_id)
-    base = models_repository.active_version(session, model.id)
+    if job.state == "queued":
+        base = models_repository.active_version(session, model.id)
+        job.state = "running"
+        job.started_at = now
+    else:
+        base = models_repository.get_version(session, job.base_version_id or "")
     dataset = datasets_repository.get_dataset(session, model.dataset_id)
     if base is None or dataset is None:  # pragma: no cover - a model is created with an active version
         raise RuntimeError(f"model {model.id} has no active version or dataset")
-    job.state = "running"
     job.worker_id = worker_id
     job.base_version_id = base.id
-    job.started_at = utcnow()
+    job.lease_expires_at = now + lease
     session.flush()
     return ClaimedJob(
         job_id=job.id,
@@ -121,26 +132,50 @@ def claim_job(session: Session, job_id: str, worker_id: str) -> ClaimedJob | Mod
         method=job.method,
         config=dict(job.config),
         forget_sample_ids=tuple(requests_repository.pending_sample_ids(session, job.request_id)),
+        state=job.state,
+        resume=dict(job.metrics or {}),
     )
 
 
-def record_progress(session: Session, job_id: str, progress: dict[str, Any]) -> bool:
-    """Store ``{step, total_steps, epoch, total_epochs, losses}``; True when the worker should stop.
+def _claimable(job: Job, now: datetime) -> bool:
+    if job.state == "queued":
+        return True
+    return job.state in ACTIVE_STATES and (job.lease_expires_at is None or job.lease_expires_at <= now)
+
+
+def record_progress(
+    session: Session, job_id: str, progress: dict[str, Any], worker_id: str, lease: timedelta
+) -> bool:
+    """Store ``{step, total_steps, epoch, total_epochs, losses}`` and renew ``worker_id``'s lease; True when
+    the worker should stop.
 
     That is when a cancel was requested, or when the job is no longer running or evaluating (finished, or
-    canceled): a worker must not keep going on a job it no longer owns.
+    canceled) or another worker claimed it: a worker must not keep going on a job it no longer owns.
     """
-    cancel_requested = repository.save_progress(session, job_id, progress, utcnow())
+    now = utcnow()
+    cancel_requested = repository.save_progress(session, job_id, worker_id, progress, now, now + lease)
     return cancel_requested is None or cancel_requested
 
 
-def set_state(session: Session, job_id: str, state: str) -> Job:
-    """A non-terminal transition (``running -> evaluating``); terminal states go through :func:`finish`."""
+def set_state(
+    session: Session,
+    job_id: str,
+    state: str,
+    *,
+    metrics: dict[str, Any] | None = None,
+    worker_id: str | None = None,
+) -> Job:
+    """A non-terminal transition (``running -> evaluating``); terminal states go through :func:`finish`.
+
+    ``metrics`` records what the finished steps produced, so a job claimed again resumes after them.
+    """
     if state in TERMINAL_STATES:
         raise ValueError(f"{state!r} is terminal: use finish()")
-    job = _transition(session, job_id, state)
+    job = _transition(session, job_id, state, worker_id)
     if state == "evaluating":
         job.evaluation_started_at = utcnow()
+    if metrics is not None:
+        job.metrics = metrics
     session.flush()
     return job
 
@@ -154,17 +189,19 @@ def finish(
     result_version_id: str | None = None,
     error_reason: str | None = None,
     error_detail: str | None = None,
+    worker_id: str | None = None,
 ) -> Job:
     """End the job in a terminal state and settle its deletion request accordingly.
 
     ``succeeded`` needs the activated ``result_version_id``; ``rejected`` may point at the rejected version;
     ``failed`` and ``canceled`` should carry ``error_reason`` (a short machine-readable slug) and a detail.
+    A worker passes its ``worker_id``: a job another worker has since claimed is not its to finish.
     """
     if state not in TERMINAL_STATES:
         raise ValueError(f"{state!r} is not terminal: use set_state()")
     if state == "succeeded" and result_version_id is None:
         raise ValueError("a succeeded job needs its result version")
-    job = _transition(session, job_id, state)
+    job = _transition(session, job_id, state, worker_id)
     now = utcnow()
     job.finished_at = now
     job.metrics = metrics if metrics is not None else job.metrics
@@ -195,6 +232,11 @@ def request_cancel(session: Session, job_id: str) -> Job:
     return job
 
 
+def list_abandoned(session: Session) -> list[str]:
+    """Ids of running or evaluating jobs whose lease lapsed: their worker died; a claim resumes them."""
+    return repository.abandoned_ids(session, utcnow())
+
+
 def list_stale_queued(session: Session, older_than: datetime) -> list[str]:
     """Ids of jobs still queued that were created before ``older_than``, oldest first.
 
@@ -204,10 +246,12 @@ def list_stale_queued(session: Session, older_than: datetime) -> list[str]:
     return repository.stale_queued_ids(session, older_than)
 
 
-def _transition(session: Session, job_id: str, state: str) -> Job:
+def _transition(session: Session, job_id: str, state: str, worker_id: str | None = None) -> Job:
     job = repository.lock(session, job_id)
     if job is None:
         raise NotFound("job-not-found", f"no job {job_id!r}", job_id=job_id)
+    if worker_id is not None and job.worker_id != worker_id:
+        raise InvalidTransition("job-not-owned", f"job {job_id} is held by {job.worker_id}", state=job.state)
     if state not in TRANSITIONS.get(job.state, frozenset()):
         raise InvalidTransition(
             "invalid-transition", f"job {job_id} cannot go from {job.state} to {state}", state=job.state

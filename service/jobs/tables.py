@@ -40,6 +40,9 @@ class Job(Base):
     error_detail: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     worker_id: Mapped[str | None] = mapped_column(String(200))
+    # The claiming worker renews this while it works; once it lapses (the worker died) the job may be claimed
+    # again and resumes from its last committed step.
+    lease_expires_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     evaluation_started_at: Mapped[datetime | None]
