@@ -29,3 +29,24 @@ class Settings(BaseSettings):
     # gate_forget_margin points of its audit accuracy (it must treat them like never-seen data).
     gate_max_audit_drop: float = 2.0
     gate_forget_margin: float = 5.0
+
+    # `lethe api`.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    # Workers. A job holds a lease on its row, renewed every progress_interval_s; when it lapses (the worker
+    # died) the job can be claimed again and resumes. Redis redelivers an unacknowledged message after
+    # job_visibility_timeout_s: keep it above the longest job.
+    job_lease_s: int = 120
+    job_visibility_timeout_s: int = 6 * 3600
+    progress_interval_s: float = 1.0
+    # A job whose model is busy with another job is retried after this long.
+    busy_retry_s: int = 15
+    # The sweeper re-dispatches, every sweep_interval_s, jobs queued for over sweep_min_age_s whose message is
+    # gone, and jobs whose lease lapsed.
+    sweep_interval_s: int = 60
+    sweep_min_age_s: int = 120
+    # Intra-op CPU threads per job (0: torch's default, one per core).
+    torch_threads: int = 0
+    # Rows of the remaining set the job evaluates (all of it when smaller).
+    eval_remaining_rows: int = 2_000
