@@ -1,0 +1,63 @@
+"""The bench's method names: the engine's methods, ``original`` (the untouched initial model) and the Table 3
+ablation aliases. Torch-free, so the CLI can validate a command before loading the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from worker.engine.config import METHODS, ConfigError, TrainingConfig, UnlearnConfig, make_config
+
+ORIGINAL = "original"
+# The --set prefix that configures the initial model's training.
+INITIAL = "initial"
+# Paper A.2: the MNIST CNN's initial model trains 10 epochs at lr 1e-3, batch 32.
+INITIAL_TRAINING = TrainingConfig(epochs=10, lr=1e-3, batch_size=32)
+
+# Paper Table 3 ablates the label-agnostic MixUnlearn; these are bench-only names, not engine methods.
+ABLATION_BASE = "mixunlearn-agnostic"
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "mixunlearn-no-mixblock": {"use_mixblock": False},
+    "mixunlearn-no-real": {"use_real_loss": False},
+    "mixunlearn-no-mix": {"use_mix_loss": False},
+    "mixunlearn-no-sharpen": {"use_sharpen": False},
+}
+
+DEFAULT_METHODS: tuple[str, ...] = (ORIGINAL, *METHODS)
+KNOWN_METHODS: tuple[str, ...] = (*DEFAULT_METHODS, *ABLATIONS)
+
+
+def engine_method(name: str) -> str:
+    """The engine method a bench name runs (``original`` runs none and is not accepted here)."""
+    if name in ABLATIONS:
+        return ABLATION_BASE
+    if name in METHODS:
+        return name
+    raise ConfigError(f"unknown method {name!r}; known: {', '.join(KNOWN_METHODS)}")
+
+
+def is_label_aware(name: str) -> bool:
+    return name == ORIGINAL or METHODS[engine_method(name)].label_aware
+
+
+def method_config(name: str, overrides: dict[str, Any], seed: int) -> UnlearnConfig:
+    """The engine config of bench method ``name``: preset, then ablation switches, then ``--set`` overrides;
+    the seed always comes from the bench's seed loop."""
+    return make_config(engine_method(name), {**ABLATIONS.get(name, {}), **overrides, "seed": seed})
+
+
+def initial_training_config(overrides: dict[str, Any]) -> TrainingConfig:
+    known = {f.name for f in dataclasses.fields(TrainingConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config field(s) for {INITIAL}: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    config = dataclasses.replace(INITIAL_TRAINING, **overrides)
+    for name in ("epochs", "batch_size"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{INITIAL}.{name} must be a positive integer, got {value!r}")
+    if not isinstance(config.lr, int | float) or not config.lr > 0:
+        raise ConfigError(f"{INITIAL}.lr must be > 0, got {config.lr!r}")
+    return config

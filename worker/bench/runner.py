@@ -1,0 +1,241 @@
+"""Runs a benchmark plan: per seed, one initial model (cached on disk), then every method from it.
+
+Timing covers the ``unlearn`` call only (evaluation excluded); ``time_ratio`` divides it by Retrain's wall
+clock in the same seed and setup, so it is null when Retrain is not among the methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from torch import nn
+
+from worker.bench.methods import INITIAL, ORIGINAL, initial_training_config, is_label_aware, method_config
+from worker.bench.report import RETRAIN
+from worker.bench.setups import DEFAULT_FORGET_FRAC, Setup, build_setup
+from worker.checkpoints import load_state_dict, state_dict_to_bytes
+from worker.datasets import BuiltinDataset, load_dataset
+from worker.engine.api import unlearn
+from worker.engine.config import TrainingConfig, config_to_dict
+from worker.engine.context import RunContext
+from worker.engine.data import TensorSplit
+from worker.engine.models import build_model
+from worker.engine.progress import ProgressCallback, ProgressEvent
+from worker.engine.runtime import Runtime
+from worker.engine.spec import ModelSpec, mnist_cnn_spec
+from worker.engine.training import train
+from worker.evaluation.metrics import paper_metrics
+
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    dataset: str
+    setups: tuple[str, ...]
+    methods: tuple[str, ...]
+    seeds: int
+    forget_class: int = 0
+    forget_fracs: tuple[float, ...] = (DEFAULT_FORGET_FRAC,)
+    # bench method name (or "initial") -> config field overrides
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cache_dir: Path = Path("results/cache")
+
+    def variants(self) -> list[tuple[str, float | None]]:
+        """(setup, forget_frac) pairs: the random setup once per fraction, the others once."""
+        return [
+            (setup, frac)
+            for setup in self.setups
+            for frac in (self.forget_fracs if setup == "random" else (None,))
+        ]
+
+
+class ProgressPrinter:
+    """Status lines on a stream (stderr): at most one per ``interval`` seconds per run, plus its last step."""
+
+    def __init__(self, stream: TextIO = sys.stderr, interval: float = 1.0) -> None:
+        self.stream = stream
+        self.interval = interval
+
+    def note(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def callback(self, prefix: str) -> ProgressCallback:
+        last = -math.inf
+
+        def on_event(event: ProgressEvent) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last < self.interval and event.step != event.total_steps:
+                return
+            last = now
+            losses = " ".join(f"{name}={value:.4f}" for name, value in event.losses.items())
+            steps = f"step {event.step}/{event.total_steps} epoch {event.epoch}/{event.total_epochs}"
+            self.note(f"{prefix}: {steps} {losses}")
+
+        return on_event
+
+
+def _split(x: torch.Tensor, rows: np.ndarray, labels: np.ndarray | None) -> TensorSplit:
+    index = torch.from_numpy(rows)
+    return TensorSplit(x[index], None if labels is None else torch.from_numpy(labels[rows]), index)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def write_records(path: Path, records: list[Record]) -> None:
+    """Atomically (re)write the JSON list, so a run killed midway leaves every finished seed readable."""
+    _atomic_write(path, (json.dumps(records, indent=1) + "\n").encode())
+
+
+def _labels_hash(spec: ModelSpec, rows: np.ndarray, labels: np.ndarray, config: TrainingConfig) -> str:
+    """Everything the initial model depends on besides the seed: the architecture, the training rows, the
+    labels it trains with (the noisy setup changes them) and its training config."""
+    digest = hashlib.sha256(json.dumps([spec.to_dict(), dataclasses.asdict(config)], sort_keys=True).encode())
+    digest.update(rows.astype(np.int64).tobytes())
+    digest.update(labels[rows].astype(np.int64).tobytes())
+    return digest.hexdigest()[:12]
+
+
+@dataclass
+class _Run:
+    """What every (seed, setup) of one plan shares."""
+
+    plan: BenchPlan
+    dataset: BuiltinDataset
+    x: torch.Tensor
+    spec: ModelSpec
+    initial_config: TrainingConfig
+    runtime: Runtime
+    printer: ProgressPrinter
+
+    def initial_model(self, setup: Setup, seed: int) -> nn.Module:
+        """The model trained on every training row with the setup's labels; cached as safetensors (never
+        pickle) because the class, data and random setups share it."""
+        key = _labels_hash(self.spec, self.dataset.train_rows, setup.train_labels, self.initial_config)
+        path = self.plan.cache_dir / f"{self.dataset.name}-{key}-seed{seed}.safetensors"
+        if path.exists():
+            self.printer.note(f"initial model: cached {path}")
+            return load_state_dict(path.read_bytes(), self.spec).to(self.runtime.device)
+        torch.manual_seed(seed)
+        model = build_model(self.spec)
+        progress = self.printer.callback(f"initial model seed {seed}")
+        ctx = RunContext(runtime=self.runtime, progress=progress, seed=seed)
+        train(model, _split(self.x, self.dataset.train_rows, setup.train_labels), self.initial_config, ctx)
+        _atomic_write(path, state_dict_to_bytes(model))
+        self.printer.note(f"initial model: trained and cached at {path}")
+        return model
+
+    def _unlearn(
+        self, initial: nn.Module, setup: Setup, method: str, seed: int, prefix: str
+    ) -> tuple[nn.Module, float, dict[str, Any]]:
+        config = method_config(method, self.plan.overrides.get(method, {}), seed)
+        # A label-agnostic method gets no labels at all, so it cannot use them by accident.
+        labels = setup.train_labels if is_label_aware(method) else None
+        forget = _split(self.x, setup.forget_rows, labels)
+        retain = _split(self.x, setup.retain_rows, labels)
+        progress = self.printer.callback(f"{prefix} {method}")
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        model = unlearn(initial, self.spec, forget, retain, config, progress=progress, runtime=self.runtime)
+        if self.runtime.device.type == "cuda":
+            torch.cuda.synchronize()
+        return model, time.perf_counter() - start, config_to_dict(config)
+
+    def run_setup(self, setup: Setup, seed: int, prefix: str) -> list[Record]:
+        initial = self.initial_model(setup, seed)
+        # Train_r / Train_f use the labels the initial model trained with; Test uses the true labels.
+        forget = _split(self.x, setup.forget_rows, setup.train_labels)
+        retain = _split(self.x, setup.retain_rows, setup.train_labels)
+        test = _split(self.x, self.dataset.heldout_rows, self.dataset.y)
+        records: list[Record] = []
+        for method in self.plan.methods:
+            if method == ORIGINAL:
+                model, wall, config = initial, 0.0, dataclasses.asdict(self.initial_config)
+            else:
+                model, wall, config = self._unlearn(initial, setup, method, seed, prefix)
+            metrics = paper_metrics(
+                model,
+                train_retain=retain,
+                train_forget=forget,
+                test=test,
+                forget_classes=None if setup.forget_classes is None else set(setup.forget_classes),
+                asr_seed=seed,
+                runtime=self.runtime,
+            )
+            shown = " ".join(f"{k}={v:.2f}" for k, v in metrics.items() if v is not None)
+            self.printer.note(f"{prefix} {method}: {wall:.1f} s, {shown}")
+            records.append(
+                {
+                    "method": method,
+                    "setup": setup.name,
+                    "seed": seed,
+                    "dataset": self.dataset.name,
+                    "forget_frac": setup.forget_frac,
+                    "forget_size": len(setup.forget_rows),
+                    "metrics": metrics,
+                    "wall_s": wall,
+                    "time_ratio": None,
+                    "config": config,
+                }
+            )
+        retrain_wall = next((r["wall_s"] for r in records if r["method"] == RETRAIN), None)
+        if retrain_wall:
+            for record in records:
+                record["time_ratio"] = record["wall_s"] / retrain_wall
+        return records
+
+
+def run_bench(
+    plan: BenchPlan,
+    printer: ProgressPrinter | None = None,
+    on_records: Callable[[list[Record]], None] | None = None,
+) -> list[Record]:
+    """Every (seed, setup, forget_frac, method) of ``plan``; ``on_records`` sees the growing list after each
+    setup finishes (the CLI rewrites its JSON there)."""
+    dataset = load_dataset(plan.dataset)
+    run = _Run(
+        plan=plan,
+        dataset=dataset,
+        x=torch.from_numpy(dataset.x),
+        spec=mnist_cnn_spec(dataset.num_classes, dataset.input_shape),
+        initial_config=initial_training_config(plan.overrides.get(INITIAL, {})),
+        runtime=Runtime.detect(),
+        printer=printer or ProgressPrinter(),
+    )
+    records: list[Record] = []
+    for seed in range(plan.seeds):
+        for setup_name, frac in plan.variants():
+            setup = build_setup(
+                setup_name,
+                dataset.y,
+                dataset.train_rows,
+                dataset.num_classes,
+                seed=seed,
+                forget_class=plan.forget_class,
+                forget_frac=frac or DEFAULT_FORGET_FRAC,
+            )
+            label = setup_name if frac is None else f"{setup_name} F={frac:g}"
+            records += run.run_setup(setup, seed, f"[seed {seed + 1}/{plan.seeds}] {label}")
+            if on_records is not None:
+                on_records(records)
+    return records
