@@ -7,10 +7,85 @@ and a sweeper re-dispatches; a duplicate delivery is harmless (``jobs.service.cl
 
 from __future__ import annotations
 
+import logging
+import os
+import queue
+import threading
 from typing import Protocol
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.core.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class JobDispatcher(Protocol):
     def dispatch(self, job_id: str) -> None:
         """Send the job to a worker. May raise; the caller logs and leaves the job queued."""
         ...
+
+
+GPU_QUEUE = "gpu"
+RUN_JOB_TASK = "lethe.run_job"
+
+
+class CeleryDispatcher:
+    """Sends ``lethe.run_job`` by name to the ``gpu`` queue, importing nothing of the worker (no torch here).
+
+    The task id is the job id, so the sweeper can tell which jobs still have a message in Redis.
+    """
+
+    def __init__(self, redis_url: str) -> None:
+        from celery import Celery  # only processes that dispatch to Celery pay for its import
+
+        self._app = Celery("lethe-dispatch", broker=redis_url)
+
+    def dispatch(self, job_id: str) -> None:
+        self._app.send_task(RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE, task_id=job_id)
+
+
+class InProcessDispatcher:
+    """Runs jobs one after another on a background thread of this process, through the same
+    ``worker.pipeline.run_job`` as the Celery task (the demo; no Redis, no worker process)."""
+
+    def __init__(self, session_factory: sessionmaker[Session], settings: Settings) -> None:
+        self._session_factory = session_factory
+        self._settings = settings
+        self._jobs: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="lethe-inprocess-worker", daemon=True)
+        self._thread.start()
+
+    def dispatch(self, job_id: str) -> None:
+        self._jobs.put(job_id)
+
+    def join(self) -> None:
+        """Wait until every dispatched job has been run."""
+        self._jobs.join()
+
+    def _work(self) -> None:
+        from service.storage import LocalCheckpointStore
+        from worker.pipeline import ModelBusy, run_job  # torch loads on this thread, on first use
+
+        store = LocalCheckpointStore(self._settings.storage_dir)
+        while True:
+            job_id = self._jobs.get()
+            try:
+                run_job(
+                    job_id, session_factory=self._session_factory, store=store, settings=self._settings,
+                    worker_id=f"inprocess:{os.getpid()}",
+                )  # fmt: skip
+            except ModelBusy:
+                timer = threading.Timer(self._settings.busy_retry_s, self.dispatch, args=[job_id])
+                timer.daemon = True
+                timer.start()
+            except Exception:
+                log.exception("job %s: the in-process worker failed", job_id)
+            finally:
+                self._jobs.task_done()
+
+
+def make_dispatcher(settings: Settings, session_factory: sessionmaker[Session]) -> JobDispatcher:
+    if settings.dispatcher == "inprocess":
+        return InProcessDispatcher(session_factory, settings)
+    return CeleryDispatcher(settings.redis_url)
