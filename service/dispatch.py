@@ -85,7 +85,7 @@ class InProcessDispatcher:
                 self._jobs.task_done()
 
 
-def make_dispatcher(settings: Settings, session_factory: sessionmaker[Session]) -> JobDispatcher:
+def build_dispatcher(settings: Settings, session_factory: sessionmaker[Session]) -> JobDispatcher:
     if settings.dispatcher == "inprocess":
         return InProcessDispatcher(session_factory, settings)
     return CeleryDispatcher(settings.redis_url)
