@@ -9,7 +9,7 @@ with a stack trace.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -41,12 +41,35 @@ class InvalidInput(ProblemError):
     status = HTTPStatus.UNPROCESSABLE_ENTITY
 
 
+# Problems name at most this many offending values; ``count`` always gives the full number.
+MAX_LISTED_VALUES = 100
+
+
+def listed_problem(
+    slug: str, detail: str, key: str, values: Sequence[object], **extensions: Any
+) -> InvalidInput:
+    """A 422 problem listing the offending values under ``key`` (e.g. ``sample_ids``), with their count."""
+    return InvalidInput(
+        slug,
+        f"{len(values)} {detail}",
+        **{key: list(values[:MAX_LISTED_VALUES])},
+        count=len(values),
+        **extensions,
+    )
+
+
 class NotFound(ProblemError):
     status = HTTPStatus.NOT_FOUND
 
 
 class Conflict(ProblemError):
     status = HTTPStatus.CONFLICT
+
+
+class ServerFault(ProblemError):
+    """The server's own fault, named (e.g. a corrupt stored checkpoint); logged where it is raised."""
+
+    status = HTTPStatus.INTERNAL_SERVER_ERROR
 
 
 def problem_response(

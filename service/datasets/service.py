@@ -14,13 +14,10 @@ from numpy.lib import format as npy_format
 from sqlalchemy.orm import Session
 
 from service.core.pagination import Page, decode_cursor, page_from_rows
-from service.core.problems import Conflict, InvalidInput, NotFound
+from service.core.problems import Conflict, InvalidInput, NotFound, listed_problem
 from service.datasets import repository
 from service.datasets.schemas import DatasetCreate
 from service.datasets.tables import Dataset, Sample
-
-# Problems list at most this many offending ids; the count is always complete.
-MAX_LISTED_IDS = 100
 
 
 @dataclass(frozen=True)
@@ -98,16 +95,17 @@ def register_dataset(session: Session, data: DatasetCreate) -> Dataset:
 
 def _validate_samples(data: DatasetCreate, num_rows: int) -> None:
     samples = data.samples
-    _reject_duplicates("sample_id", [s.sample_id for s in samples])
-    _reject_duplicates("row", [s.row for s in samples])
+    _reject_duplicates("sample_ids", [s.sample_id for s in samples])
+    _reject_duplicates("rows", [s.row for s in samples])
     out_of_range = [s.sample_id for s in samples if s.row >= num_rows]
     if out_of_range:
-        detail = f"{len(out_of_range)} samples' rows are not in the array (it has {num_rows} rows)"
-        raise _listed("rows-out-of-range", detail, out_of_range, num_rows=num_rows)
+        detail = f"samples' rows are not in the array (it has {num_rows} rows)"
+        raise listed_problem("rows-out-of-range", detail, "sample_ids", out_of_range, num_rows=num_rows)
     labelled = [s.label is not None for s in samples]
     if any(labelled) and not all(labelled):
         unlabelled = [s.sample_id for s in samples if s.label is None]
-        raise _listed("missing-labels", "either every sample carries a label or none does", unlabelled)
+        detail = "samples lack a label: either every sample carries one or none does"
+        raise listed_problem("missing-labels", detail, "sample_ids", unlabelled)
     if all(labelled) and data.num_classes is None:
         raise InvalidInput("missing-num-classes", "samples carry labels, so num_classes is required")
     if not any(labelled) and data.num_classes is not None:
@@ -115,23 +113,18 @@ def _validate_samples(data: DatasetCreate, num_rows: int) -> None:
     if data.num_classes is not None:
         bad = [s.sample_id for s in samples if s.label is not None and s.label >= data.num_classes]
         if bad:
-            detail = f"{len(bad)} labels are not in [0, {data.num_classes})"
-            raise _listed("labels-out-of-range", detail, bad, num_classes=data.num_classes)
+            detail = f"samples' labels are not in [0, {data.num_classes})"
+            raise listed_problem(
+                "labels-out-of-range", detail, "sample_ids", bad, num_classes=data.num_classes
+            )
     if not any(s.split == "train" for s in samples):
         raise InvalidInput("no-train-samples", "a dataset needs at least one train sample")
 
 
-def _reject_duplicates(field: str, values: Sequence[str | int]) -> None:
+def _reject_duplicates(key: str, values: Sequence[str | int]) -> None:
     duplicates = sorted(value for value, count in Counter(values).items() if count > 1)
     if duplicates:
-        raise _listed(
-            f"duplicate-{field.replace('_', '-')}s", f"{len(duplicates)} {field} values repeat", duplicates
-        )
-
-
-def _listed(slug: str, detail: str, values: Sequence[str | int], **extensions: object) -> InvalidInput:
-    """A 422 problem naming the offending values (the first MAX_LISTED_IDS) and their count."""
-    return InvalidInput(slug, detail, values=list(values[:MAX_LISTED_IDS]), count=len(values), **extensions)
+        raise listed_problem(f"duplicate-{key.replace('_', '-')}", f"{key} values repeat", key, duplicates)
 
 
 def get_dataset(session: Session, dataset_id: str) -> Dataset:
@@ -164,7 +157,8 @@ def resolve_sets(session: Session, dataset_id: str, forget_sample_ids: Sequence[
     forget = [r for r in train if r.sample_id in forget_ids]
     if len(forget) != len(forget_ids):
         missing = sorted(forget_ids - {r.sample_id for r in forget})
-        raise _listed("unknown-samples", f"{len(missing)} ids are not train samples of {dataset_id}", missing)
+        detail = f"ids are not train samples of dataset {dataset_id}"
+        raise listed_problem("unknown-samples", detail, "sample_ids", missing)
     remaining = [r for r in train if r.sample_id not in forget_ids and r.forgotten_by_request_id is None]
     audit = repository.split_rows(session, dataset_id, "audit")
     return ResolvedSets(

@@ -23,12 +23,13 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.core.clock import utcnow
-from service.core.problems import Conflict, NotFound
+from service.core.pagination import Page, decode_cursor, page_from_rows
+from service.core.problems import Conflict, InvalidInput, NotFound
 from service.datasets import repository as datasets_repository
 from service.deletion_requests import repository as requests_repository
 from service.deletion_requests import service as requests_service
 from service.jobs import repository
-from service.jobs.tables import ACTIVE_STATES, TERMINAL_STATES, Job
+from service.jobs.tables import ACTIVE_STATES, JOB_STATES, TERMINAL_STATES, Job
 from service.models import repository as models_repository
 
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -235,6 +236,33 @@ def request_cancel(session: Session, job_id: str) -> Job:
 def list_abandoned(session: Session) -> list[str]:
     """Ids of running or evaluating jobs whose lease lapsed: their worker died; a claim resumes them."""
     return repository.abandoned_ids(session, utcnow())
+
+
+def list_jobs(
+    session: Session, *, model_name: str | None, state: str | None, cursor: str | None, limit: int
+) -> Page[Job]:
+    """Jobs newest first, optionally of one model (by name) and in one state."""
+    model_id = None
+    if model_name is not None:
+        model = models_repository.get_model_by_name(session, model_name)
+        if model is None:
+            raise InvalidInput(
+                "unknown-model", f"no model named {model_name!r}", field="model", model=model_name
+            )
+        model_id = model.id
+    if state is not None and state not in JOB_STATES:
+        raise InvalidInput("unknown-state", f"no job state {state!r}", field="state", states=list(JOB_STATES))
+    before = None
+    if cursor:
+        created_at, job_id = decode_cursor(cursor, 2)
+        try:
+            before = (datetime.fromisoformat(created_at), str(job_id))
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(
+                "invalid-cursor", "the cursor is not one this API issued", cursor=cursor
+            ) from exc
+    rows = repository.list_jobs(session, model_id=model_id, state=state, before=before, limit=limit + 1)
+    return page_from_rows(rows, limit, key_of=lambda job: (job.created_at.isoformat(), job.id))
 
 
 def list_stale_queued(session: Session, older_than: datetime) -> list[str]:

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy.orm import Session
 
-from service.core.problems import Conflict, NotFound
+from service.core.pagination import Page, decode_cursor, page_from_rows
+from service.core.problems import Conflict, InvalidInput, NotFound, ServerFault
+from service.datasets import repository as datasets_repository
 from service.models import repository
 from service.models.tables import Model, ModelVersion
-from service.storage import StoredObject
+from service.storage import (
+    CheckpointNotFound,
+    CheckpointStore,
+    CorruptCheckpoint,
+    NotSafetensors,
+    StoredObject,
+    parse_safetensors_header,
+)
+from worker.engine.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
 
 
 class VersionConflict(Conflict):
@@ -22,6 +35,99 @@ def get_model(session: Session, name: str) -> Model:
     if model is None:
         raise NotFound("model-not-found", f"no model named {name!r}", model=name)
     return model
+
+
+def register_model(
+    session: Session,
+    store: CheckpointStore,
+    *,
+    name: str,
+    dataset_id: str,
+    spec: dict[str, Any],
+    checkpoint: bytes,
+) -> tuple[Model, ModelVersion]:
+    """Register a model trained on ``dataset_id`` with its first (active) version holding ``checkpoint``.
+
+    The checkpoint must be a safetensors file (a pickle is refused: loading one runs code). It is stored
+    before the rows are committed; if the commit fails, the content-addressed object is merely unreferenced.
+    """
+    if repository.get_model_by_name(session, name) is not None:
+        raise Conflict("model-name-taken", f"a model named {name!r} exists", model=name)
+    dataset = datasets_repository.get_dataset(session, dataset_id)
+    if dataset is None:
+        raise InvalidInput("unknown-dataset", f"no dataset {dataset_id!r}", dataset_id=dataset_id)
+    try:
+        model_spec = ModelSpec.from_dict(spec)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInput("invalid-spec", f"invalid model spec: {exc}", field="spec") from exc
+    if list(model_spec.input_shape) != list(dataset.sample_shape):
+        raise InvalidInput(
+            "spec-dataset-mismatch",
+            f"spec input_shape {list(model_spec.input_shape)} != dataset sample shape {dataset.sample_shape}",
+            field="spec.input_shape",
+        )
+    if dataset.num_classes is not None and model_spec.num_classes != dataset.num_classes:
+        raise InvalidInput(
+            "spec-dataset-mismatch",
+            f"spec num_classes {model_spec.num_classes} != dataset num_classes {dataset.num_classes}",
+            field="spec.num_classes",
+        )
+    try:
+        parse_safetensors_header(checkpoint)
+    except NotSafetensors as exc:
+        raise InvalidInput("invalid-checkpoint", str(exc), field="checkpoint") from exc
+    stored = store.put(checkpoint)
+    model = Model(name=name, dataset_id=dataset.id, spec=model_spec.to_dict())
+    repository.add(session, model)
+    version = register_version(
+        session,
+        model_id=model.id,
+        parent_version_id=None,
+        stored=stored,
+        method=None,
+        config=None,
+        metrics_before=None,
+        metrics_after=None,
+        activate=True,
+        rejection_reason=None,
+        job_id=None,
+        request_ids=(),
+    )
+    return model, version
+
+
+def list_models(session: Session, cursor: str | None, limit: int) -> Page[Model]:
+    after_name = str(decode_cursor(cursor, 1)[0]) if cursor else None
+    rows = repository.list_models(session, after_name, limit + 1)
+    return page_from_rows(rows, limit, key_of=lambda model: (model.name,))
+
+
+def active_version(session: Session, model: Model) -> ModelVersion:
+    version = repository.active_version(session, model.id)
+    if version is None:  # pragma: no cover - register_model creates the first active version
+        raise ServerFault("no-active-version", f"model {model.name!r} has no active version")
+    return version
+
+
+def list_versions(session: Session, name: str) -> Sequence[ModelVersion]:
+    return repository.list_versions(session, get_model(session, name).id)
+
+
+def covered_request_ids(session: Session, versions: Sequence[ModelVersion]) -> dict[str, list[str]]:
+    return repository.covered_request_ids(session, [version.id for version in versions])
+
+
+def open_checkpoint(store: CheckpointStore, version: ModelVersion) -> BinaryIO:
+    """The version's checkpoint, hash-verified; a missing or corrupt object is a server fault (500)."""
+    try:
+        return store.open(version.storage_uri)
+    except (CheckpointNotFound, CorruptCheckpoint) as exc:
+        logger.error("checkpoint of version %s unreadable: %s", version.id, exc)
+        raise ServerFault(
+            "checkpoint-unavailable",
+            "the stored checkpoint is missing or corrupt",
+            sha256=version.checkpoint_sha256,
+        ) from exc
 
 
 def get_version(session: Session, name: str, number: int) -> ModelVersion:
@@ -51,10 +157,10 @@ def register_version(
 ) -> ModelVersion:
     """Add the next version of ``model_id`` derived from ``parent_version_id``.
 
-    Status: ``active`` when ``activate`` (the parent must still be the active version, else
-    :class:`VersionConflict`; the parent becomes ``superseded``), ``rejected`` when a ``rejection_reason``
-    is given, ``candidate`` otherwise. Holds the model's row lock until the caller commits, so version
-    numbers and the single active version stay consistent under concurrent jobs.
+    Status: ``active`` when ``activate`` (the parent must still be the active version, or both None for a
+    model's first version, else :class:`VersionConflict`; the parent becomes ``superseded``), ``rejected``
+    when a ``rejection_reason`` is given, ``candidate`` otherwise. Holds the model's row lock until the caller
+    commits, so version numbers and the single active version stay consistent under concurrent jobs.
     """
     if activate and rejection_reason is not None:
         raise ValueError("a rejected version cannot be activated")
@@ -65,15 +171,17 @@ def register_version(
         raise NotFound("version-not-found", f"model {model_id!r} has no version {parent_version_id!r}")
     if activate:
         current = repository.active_version(session, model_id)
-        if parent is None or current is None or current.id != parent.id:
+        current_id = current.id if current is not None else None
+        if current_id != parent_version_id:
             raise VersionConflict(
                 "stale-parent-version",
-                f"version {parent_version_id!r} is no longer the active version of model {model_id!r}",
-                active_version_id=current.id if current else None,
+                f"version {parent_version_id!r} is not the active version of model {model_id!r}",
+                active_version_id=current_id,
             )
-        parent.status = "superseded"
-        # Flushed first: the partial unique index allows one active version at any instant.
-        session.flush()
+        if parent is not None:
+            parent.status = "superseded"
+            # Flushed first: the partial unique index allows one active version at any instant.
+            session.flush()
     version = ModelVersion(
         model_id=model_id,
         number=repository.next_version_number(session, model_id),

@@ -1,0 +1,57 @@
+"""The HTTP API: ``create_app(settings, dispatcher)``. Never imports torch (workers do)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.core.database import make_engine, make_session_factory
+from service.core.problems import install_problem_handlers
+from service.core.settings import Settings
+from service.datasets.routes import router as datasets_router
+from service.deletion_requests.routes import router as deletion_requests_router
+from service.dispatch import JobDispatcher, build_dispatcher
+from service.jobs.routes import router as jobs_router
+from service.models.routes import router as models_router
+from service.storage import LocalCheckpointStore
+
+
+def create_app(
+    settings: Settings | None = None,
+    dispatcher: JobDispatcher | None = None,
+    *,
+    session_factory: sessionmaker[Session] | None = None,
+) -> FastAPI:
+    """Build the API. ``dispatcher`` defaults to the one ``settings.dispatcher`` names; ``session_factory``
+    defaults to one on ``settings.database_url`` (tests pass theirs, bound to a rolled-back transaction)."""
+    settings = settings or Settings()
+    engine = None
+    if session_factory is None:
+        engine = make_engine(settings.database_url)
+        session_factory = make_session_factory(engine)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if engine is not None:
+            engine.dispose()
+
+    app = FastAPI(
+        title="Lethe",
+        summary="GDPR deletion requests in, audited unlearned model versions out.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.session_factory = session_factory
+    app.state.checkpoint_store = LocalCheckpointStore(settings.storage_dir)
+    app.state.dispatcher = (
+        dispatcher if dispatcher is not None else build_dispatcher(settings, session_factory)
+    )
+    install_problem_handlers(app)
+    for router in (datasets_router, models_router, deletion_requests_router, jobs_router):
+        app.include_router(router)
+    return app

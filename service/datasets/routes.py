@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+from sqlalchemy.orm import Session
+
+from service.datasets import service
+from service.datasets.schemas import DatasetCreate, DatasetOut, SampleCounts, SampleOut, SamplePage
+from service.datasets.tables import Dataset
+from service.dependencies import CursorQuery, LimitQuery, SessionDep, SettingsDep, page_size
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+def _dataset_out(session: Session, dataset: Dataset) -> DatasetOut:
+    return DatasetOut(
+        id=dataset.id,
+        name=dataset.name,
+        array_path=dataset.array_path,
+        num_rows=dataset.num_rows,
+        sample_shape=dataset.sample_shape,
+        num_classes=dataset.num_classes,
+        labelled=dataset.labelled,
+        created_at=dataset.created_at,
+        samples=SampleCounts(**service.sample_counts(session, dataset.id)),
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
+def register_dataset(body: DatasetCreate, session: SessionDep, response: Response) -> DatasetOut:
+    """Register a dataset and its samples (bulk). The array file is read for its header only."""
+    dataset = service.register_dataset(session, body)
+    session.commit()
+    response.headers["Location"] = f"/datasets/{dataset.id}"
+    return _dataset_out(session, dataset)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
+    return _dataset_out(session, service.get_dataset(session, dataset_id))
+
+
+@router.get("/{dataset_id}/samples", response_model=SamplePage)
+def list_samples(
+    dataset_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    cursor: CursorQuery = None,
+    limit: LimitQuery = None,
+) -> SamplePage:
+    page = service.list_samples(session, dataset_id, cursor, page_size(settings, limit))
+    return SamplePage(
+        items=[SampleOut.model_validate(sample) for sample in page.items], next_cursor=page.next_cursor
+    )

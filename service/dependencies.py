@@ -1,0 +1,47 @@
+"""FastAPI dependencies: what ``create_app`` put on ``app.state``, one session per request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+from sqlalchemy.orm import Session
+
+from service.core.settings import Settings
+from service.dispatch import JobDispatcher
+from service.storage import CheckpointStore
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """The request's unit of work: routes commit it; anything uncommitted is rolled back on close."""
+    with request.app.state.session_factory() as session:
+        yield session
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_store(request: Request) -> CheckpointStore:
+    store: CheckpointStore = request.app.state.checkpoint_store
+    return store
+
+
+def get_dispatcher(request: Request) -> JobDispatcher:
+    dispatcher: JobDispatcher = request.app.state.dispatcher
+    return dispatcher
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[CheckpointStore, Depends(get_store)]
+DispatcherDep = Annotated[JobDispatcher, Depends(get_dispatcher)]
+CursorQuery = Annotated[str | None, Query(description="opaque cursor from a previous page's next_cursor")]
+LimitQuery = Annotated[int | None, Query(ge=1, description="page size; capped at the server's maximum")]
+
+
+def page_size(settings: Settings, limit: int | None) -> int:
+    """AIP-158: a missing limit means the default; one above the maximum is lowered to it."""
+    return min(limit or settings.page_size_default, settings.page_size_max)

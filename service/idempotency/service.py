@@ -1,0 +1,47 @@
+"""Idempotency-Key handling (IETF draft): the first answer to a key is stored with the work it describes.
+
+The record is written in the same transaction as the resources it answers for, so a key is either unused or
+bound to a committed answer. Two concurrent requests with one key race on the primary key: the loser's commit
+fails, and it replays the winner's answer (see ``deletion_requests.routes``). Never commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.core.problems import InvalidInput
+from service.idempotency import repository
+from service.idempotency.tables import IdempotencyRecord
+
+
+def fingerprint(method: str, path: str, payload: Any) -> str:
+    """SHA-256 of the operation and its canonical JSON body (key order and whitespace do not matter)."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(f"{method} {path}\n{canonical}".encode()).hexdigest()
+
+
+def find_answer(session: Session, key: str, request_fingerprint: str) -> IdempotencyRecord | None:
+    """The stored answer for ``key``; a key reused with a different request is a 422."""
+    record = repository.get(session, key)
+    if record is not None and record.fingerprint != request_fingerprint:
+        raise InvalidInput(
+            "idempotency-key-reused",
+            "this Idempotency-Key was used with a different request",
+            idempotency_key=key,
+        )
+    return record
+
+
+def remember_answer(
+    session: Session, key: str, request_fingerprint: str, status_code: int, body: Any, headers: dict[str, str]
+) -> None:
+    repository.add(
+        session,
+        IdempotencyRecord(
+            key=key, fingerprint=request_fingerprint, status_code=status_code, body=body, headers=headers
+        ),
+    )

@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO
+
+from fastapi import APIRouter, File, Form, Response, UploadFile, status
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
+
+from service.core.problems import InvalidInput
+from service.dependencies import CursorQuery, LimitQuery, SessionDep, SettingsDep, StoreDep, page_size
+from service.models import service
+from service.models.schemas import (
+    MODEL_NAME_PATTERN,
+    ModelCreate,
+    ModelOut,
+    ModelPage,
+    VersionList,
+    VersionOut,
+)
+from service.models.tables import Model, ModelVersion
+from service.storage import CheckpointStore
+
+router = APIRouter(prefix="/models", tags=["models"])
+_STREAM_CHUNK = 1 << 20
+
+
+def _versions_out(session: Session, versions: Sequence[ModelVersion]) -> list[VersionOut]:
+    covered = service.covered_request_ids(session, versions)
+    return [
+        VersionOut.model_validate(version).model_copy(
+            update={"covered_request_ids": covered.get(version.id, [])}
+        )
+        for version in versions
+    ]
+
+
+def _model_out(session: Session, model: Model) -> ModelOut:
+    [active] = _versions_out(session, [service.active_version(session, model)])
+    return ModelOut(
+        id=model.id,
+        name=model.name,
+        dataset_id=model.dataset_id,
+        spec=model.spec,
+        created_at=model.created_at,
+        active_version=active,
+    )
+
+
+def _create(
+    session: Session, store: CheckpointStore, response: Response, *, name: str, dataset_id: str,
+    spec: dict[str, Any], checkpoint: bytes,
+) -> ModelOut:  # fmt: skip
+    model, _version = service.register_model(
+        session, store, name=name, dataset_id=dataset_id, spec=spec, checkpoint=checkpoint
+    )
+    session.commit()
+    response.headers["Location"] = f"/models/{model.name}"
+    return _model_out(session, model)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelOut)
+def register_model(body: ModelCreate, session: SessionDep, store: StoreDep, response: Response) -> ModelOut:
+    """Register a model whose first version imports a server-side safetensors checkpoint."""
+    try:
+        checkpoint = Path(body.checkpoint_path).read_bytes()
+    except OSError as exc:
+        raise InvalidInput(
+            "invalid-checkpoint",
+            f"cannot read {body.checkpoint_path}: {exc.strerror}",
+            field="checkpoint_path",
+        ) from exc
+    return _create(
+        session,
+        store,
+        response,
+        name=body.name,
+        dataset_id=body.dataset_id,
+        spec=body.spec,
+        checkpoint=checkpoint,
+    )
+
+
+@router.post("/upload", status_code=status.HTTP_201_CREATED, response_model=ModelOut)
+def upload_model(
+    session: SessionDep,
+    store: StoreDep,
+    response: Response,
+    name: Annotated[str, Form(pattern=MODEL_NAME_PATTERN)],
+    dataset_id: Annotated[str, Form()],
+    spec: Annotated[str, Form(description="the ModelSpec as a JSON object")],
+    checkpoint: Annotated[UploadFile, File(description="a .safetensors file")],
+) -> ModelOut:
+    """The multipart variant of ``POST /models``: the checkpoint travels in the request."""
+    try:
+        spec_dict = json.loads(spec)
+    except ValueError as exc:
+        raise InvalidInput("invalid-spec", "spec is not JSON", field="spec") from exc
+    if not isinstance(spec_dict, dict):
+        raise InvalidInput("invalid-spec", "spec must be a JSON object", field="spec")
+    return _create(
+        session,
+        store,
+        response,
+        name=name,
+        dataset_id=dataset_id,
+        spec=spec_dict,
+        checkpoint=checkpoint.file.read(),
+    )
+
+
+@router.get("", response_model=ModelPage)
+def list_models(
+    session: SessionDep, settings: SettingsDep, cursor: CursorQuery = None, limit: LimitQuery = None
+) -> ModelPage:
+    page = service.list_models(session, cursor, page_size(settings, limit))
+    return ModelPage(items=[_model_out(session, model) for model in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/{name}", response_model=ModelOut)
+def get_model(name: str, session: SessionDep) -> ModelOut:
+    return _model_out(session, service.get_model(session, name))
+
+
+@router.get("/{name}/versions", response_model=VersionList)
+def list_versions(name: str, session: SessionDep) -> VersionList:
+    return VersionList(items=_versions_out(session, service.list_versions(session, name)))
+
+
+@router.get("/{name}/versions/{number}", response_model=VersionOut)
+def get_version(name: str, number: int, session: SessionDep) -> VersionOut:
+    [version] = _versions_out(session, [service.get_version(session, name, number)])
+    return version
+
+
+@router.get(
+    "/{name}/versions/{number}/checkpoint",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_checkpoint(name: str, number: int, session: SessionDep, store: StoreDep) -> StreamingResponse:
+    """The version's safetensors file, verified against its SHA-256 before streaming."""
+    version = service.get_version(session, name, number)
+    handle = service.open_checkpoint(store, version)
+    return StreamingResponse(
+        _stream(handle),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(version.checkpoint_size),
+            "Content-Disposition": f'attachment; filename="{name}-v{number}.safetensors"',
+            "ETag": f'"{version.checkpoint_sha256}"',
+        },
+    )
+
+
+def _stream(handle: BinaryIO) -> Iterator[bytes]:
+    with handle:
+        while chunk := handle.read(_STREAM_CHUNK):
+            yield chunk

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Models are referenced by name in URLs and bodies, so names are URL-safe.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+class ModelCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="unique; how URLs and bodies refer to it")
+    dataset_id: str
+    spec: dict[str, Any] = Field(
+        description="ModelSpec: architecture, num_classes, input_shape, feature_layer"
+    )
+    checkpoint_path: str = Field(min_length=1, description="server-side path to a .safetensors file")
+
+
+class VersionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    number: int
+    parent_id: str | None
+    status: str
+    checkpoint_sha256: str
+    checkpoint_size: int
+    storage_uri: str
+    method: str | None
+    config: dict[str, Any] | None
+    metrics_before: dict[str, Any] | None
+    metrics_after: dict[str, Any] | None
+    rejection_reason: str | None
+    created_by_job_id: str | None
+    covered_request_ids: list[str] = []
+    created_at: datetime
+    updated_at: datetime
+
+
+class ModelOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    dataset_id: str
+    spec: dict[str, Any]
+    created_at: datetime
+    active_version: VersionOut
+
+
+class ModelPage(BaseModel):
+    items: list[ModelOut]
+    next_cursor: str | None
+
+
+class VersionList(BaseModel):
+    items: list[VersionOut]
