@@ -1,0 +1,277 @@
+"""``lethe demo``: the whole service in one process, on the code path production uses.
+
+SQLite under ./var/demo instead of Postgres, the in-process dispatcher instead of Celery + Redis, and the real
+API served by uvicorn on a free loopback port. Every step a product backend takes goes through HTTP.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+import uvicorn
+from torch import nn
+
+from service.app import create_app
+from service.core.database import make_engine, make_session_factory, migrate
+from service.core.settings import Settings
+from service.dispatch import InProcessDispatcher
+from worker.checkpoints import state_dict_to_bytes
+from worker.datasets.builtin import BuiltinDataset, load_dataset
+from worker.engine.config import TrainingConfig
+from worker.engine.context import RunContext
+from worker.engine.data import TensorSplit
+from worker.engine.models import build_model
+from worker.engine.progress import ProgressCallback
+from worker.engine.spec import ModelSpec, mnist_cnn_spec
+from worker.engine.training import train
+
+DEMO_DIR = Path("var/demo")
+SAMPLES_PER_SUBJECT = 10
+SEED = 0
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def write_dataset(dataset: BuiltinDataset, path: Path) -> None:
+    """The array file the service reads: ``x`` only, uncompressed so workers memory-map it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=dataset.x)
+
+
+def dataset_body(dataset: BuiltinDataset, array_path: Path) -> dict[str, Any]:
+    """POST /datasets: builtin train rows are the train split (SAMPLES_PER_SUBJECT per data subject), builtin
+    held-out rows the audit split."""
+    samples = [
+        {
+            "sample_id": dataset.sample_ids[row],
+            "row": int(row),
+            "label": int(dataset.y[row]),
+            "split": "train",
+            "subject_id": f"subject-{position // SAMPLES_PER_SUBJECT:04d}",
+        }
+        for position, row in enumerate(dataset.train_rows)
+    ]
+    samples += [
+        {
+            "sample_id": dataset.sample_ids[row],
+            "row": int(row),
+            "label": int(dataset.y[row]),
+            "split": "audit",
+        }
+        for row in dataset.heldout_rows
+    ]
+    return {
+        "name": dataset.name,
+        "array_path": str(array_path.resolve()),
+        "num_classes": dataset.num_classes,
+        "samples": samples,
+    }
+
+
+def train_initial_checkpoint(
+    dataset: BuiltinDataset,
+    spec: ModelSpec,
+    config: TrainingConfig,
+    seed: int = SEED,
+    progress: ProgressCallback | None = None,
+) -> bytes:
+    """The model a product team would bring: trained on the train split, as safetensors bytes."""
+    torch.manual_seed(seed)
+    model: nn.Module = build_model(spec)
+    rows = torch.from_numpy(dataset.train_rows)
+    data = TensorSplit(torch.from_numpy(dataset.x)[rows], torch.from_numpy(dataset.y)[rows])
+    train(model, data, config, RunContext(progress=progress, seed=seed))
+    return state_dict_to_bytes(model)
+
+
+class LocalServer:
+    """uvicorn on a free loopback port, in a thread of this process."""
+
+    def __init__(self, app: Any) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="lethe-demo-api", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LocalServer:
+        self._thread.start()
+        while not self._server.started:
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join()
+
+
+def poll_job(
+    client: httpx.Client, job_id: str, on_update: Callable[[dict[str, Any]], None], interval: float = 1.0
+) -> dict[str, Any]:
+    """GET /jobs/{id} until it is done; ``on_update`` sees every answer."""
+    while True:
+        job: dict[str, Any] = client.get(f"/jobs/{job_id}").raise_for_status().json()
+        on_update(job)
+        if job["done"]:
+            return job
+        time.sleep(interval)
+
+
+def _print_progress(job: dict[str, Any]) -> None:
+    progress = job.get("progress") or {}
+    if job["state"] == "running" and progress.get("total_steps"):
+        losses = ", ".join(f"{name} {value:.3f}" for name, value in progress["losses"].items())
+        say(
+            f"  running: step {progress['step']}/{progress['total_steps']}, "
+            f"epoch {progress['epoch']}/{progress['total_epochs']}  ({losses})"
+        )
+    else:
+        say(f"  {job['state']}")
+
+
+def _print_outcome(client: httpx.Client, job: dict[str, Any], request_id: str, model: dict[str, Any]) -> None:
+    say()
+    say(f"Job {job['id']} ended: {job['state'].upper()}")
+    if job["error"]:
+        say(f"  reason: {job['error']['reason']}: {job['error']['detail']}")
+    metrics = job.get("metrics") or {}
+    if "before" in metrics:
+        before, after, gate = metrics["before"], metrics["after"], metrics["gate"]
+        say("\nWhat the audit measured (accuracy in %, before -> after unlearning):")
+        rows = [
+            ("held-out audit set (never trained on)", "audit_accuracy"),
+            ("  same classes as the forgotten samples", "audit_accuracy_forget_classes"),
+            ("forgotten samples", "forget_accuracy"),
+            ("remaining training samples", "remaining_accuracy"),
+            ("membership attack success rate", "attack_success_rate"),
+        ]
+        for label, key in rows:
+            say(f"  {label:<42} {before[key]:>6} -> {after[key]:>6}")
+        say(
+            f"\nAudit gate: {'PASSED' if gate['passed'] else 'FAILED'}  (audit accuracy drop "
+            f"{gate['audit_drop']} <= {gate['max_audit_drop']} points; forgotten samples at most "
+            f"{gate['forget_margin']} points above never-seen ones: {gate['forget_excess']})"
+        )
+        for failure in gate["failures"]:
+            say(f"  - {failure}")
+    versions = client.get(f"/models/{model['name']}/versions").raise_for_status().json()["items"]
+    by_id = {version["id"]: version for version in versions}
+    say(f"\nModel {model['name']!r}: versions and lineage")
+    for version in versions:
+        parent = by_id.get(version["parent_id"])
+        origin = f"from v{parent['number']} by {version['method']}" if parent else "imported checkpoint"
+        say(
+            f"  v{version['number']}  {version['status']:<10} {origin:<32} "
+            f"sha256 {version['checkpoint_sha256'][:16]}...  covers requests {version['covered_request_ids']}"
+        )
+    request = client.get(f"/deletion-requests/{request_id}").raise_for_status().json()
+    say(f"\nDeletion request {request['id']}: {request['state']}")
+    say(f"  received {request['received_at']}, due {request['due_at']} (GDPR: one month)")
+    say(f"  completed {request['completed_at']}")
+    forgotten = forgotten_sample_ids(client, model["dataset_id"], request_id)
+    if forgotten:
+        say(f"  {len(forgotten)} samples now marked forgotten: {', '.join(forgotten)}")
+    else:
+        say("  no sample is marked forgotten: the active model still holds them; a new request is needed")
+
+
+def forgotten_sample_ids(client: httpx.Client, dataset_id: str, request_id: str) -> list[str]:
+    """Ids of the samples ``request_id`` marked forgotten, paging through GET /datasets/{id}/samples."""
+    found: list[str] = []
+    params: dict[str, Any] = {"limit": 500}
+    while True:
+        page = client.get(f"/datasets/{dataset_id}/samples", params=params).raise_for_status().json()
+        found += [s["sample_id"] for s in page["items"] if s["forgotten_by_request_id"] == request_id]
+        if page["next_cursor"] is None:
+            return found
+        params["cursor"] = page["next_cursor"]
+
+
+def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
+    started = time.monotonic()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    settings = Settings(
+        database_url=f"sqlite:///{(workdir / 'lethe.db').resolve()}",
+        storage_dir=workdir / "checkpoints",
+        dispatcher="inprocess",
+    )
+    say(f"Lethe demo: SQLite and checkpoints under {workdir}/, in-process worker, API over real HTTP.\n")
+    migrate(settings.database_url)
+
+    say("1. Load mnist5k (5,000 MNIST digits: 4,000 train, 1,000 held out for the audit) ...")
+    dataset = load_dataset("mnist5k")
+    array_path = workdir / "mnist5k.npz"
+    write_dataset(dataset, array_path)
+    spec = mnist_cnn_spec(dataset.num_classes, dataset.input_shape)
+
+    say(f"2. Train the initial model: the paper's MNIST CNN, {initial_epochs} epochs on the train split ...")
+    last = [0.0]
+
+    def progress(event: Any) -> None:
+        if time.monotonic() - last[0] > 3 or event.step == event.total_steps:
+            last[0] = time.monotonic()
+            say(f"   epoch {event.epoch}/{event.total_epochs}, step {event.step}/{event.total_steps}")
+
+    checkpoint = train_initial_checkpoint(
+        dataset, spec, TrainingConfig(epochs=initial_epochs), progress=progress
+    )
+    checkpoint_path = workdir / "initial.safetensors"
+    checkpoint_path.write_bytes(checkpoint)
+
+    session_factory = make_session_factory(make_engine(settings.database_url))
+    dispatcher = InProcessDispatcher(session_factory, settings)
+    app = create_app(settings, dispatcher, session_factory=session_factory)
+    with LocalServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        say(f"3. API up at {server.url}. Register the dataset (5,000 samples, 10 per data subject) ...")
+        registered = (
+            client.post("/datasets", json=dataset_body(dataset, array_path)).raise_for_status().json()
+        )
+        say(f"   POST /datasets -> {registered['id']}: {registered['samples']}")
+        body = {"name": "mnist-cnn", "dataset_id": registered["id"], "spec": spec.to_dict(),
+                "checkpoint_path": str(checkpoint_path.resolve())}  # fmt: skip
+        model = client.post("/models", json=body).raise_for_status().json()
+        version = model["active_version"]
+        say(
+            f"   POST /models -> {model['name']!r} v{version['number']} "
+            f"(sha256 {version['checkpoint_sha256'][:16]}...)"
+        )
+
+        subject = "subject-0042"
+        say(f"4. A data subject asks for erasure: POST /deletion-requests for {subject!r} ...")
+        answer = client.post(
+            "/deletion-requests",
+            json={"model": model["name"], "subject_id": subject, "reason": "GDPR Art. 17 request"},
+        ).raise_for_status()
+        request = answer.json()
+        say(
+            f"   {answer.status_code} Accepted: request {request['id']} ({request['sample_count']} samples, "
+            f"method {request['method']}), job at {answer.headers['Location']}"
+        )
+        say("5. Poll GET /jobs/{id} while the worker unlearns:")
+        job = poll_job(client, request["job_id"], _print_progress)
+        _print_outcome(client, job, request["id"], model)
+    say(f"\nDemo finished in {time.monotonic() - started:.0f} s.")
+    return 0 if job["state"] in ("succeeded", "rejected") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo())
