@@ -89,7 +89,9 @@ def register_dataset(session: Session, data: DatasetCreate) -> Dataset:
             num_classes=data.num_classes,
         ),
     )
-    repository.insert_samples(session, dataset.id, (sample.model_dump() for sample in data.samples))
+    repository.insert_samples(
+        session, dataset.id, ((s.sample_id, s.row, s.label, s.split, s.subject_id) for s in data.samples)
+    )
     return dataset
 
 

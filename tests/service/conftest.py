@@ -1,0 +1,170 @@
+"""Service tests run against a real Postgres: one fresh database per test session, migrated to head, and
+every test inside a transaction that is rolled back (the app's commits release SAVEPOINTs)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from safetensors.numpy import save as save_safetensors
+from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.app import create_app
+from service.core.database import make_engine, migrate
+from service.core.settings import Settings
+
+ADMIN_DSN = os.environ.get("LETHE_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+SHAPE = (1, 4, 4)
+NUM_CLASSES = 3
+
+
+class RecordingDispatcher:
+    def __init__(self) -> None:
+        self.dispatched: list[str] = []
+
+    def dispatch(self, job_id: str) -> None:
+        self.dispatched.append(job_id)
+
+
+def sqlalchemy_url(database: str) -> str:
+    base = ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    return f"{base}/{database}"
+
+
+def create_database(name: str) -> str:
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return sqlalchemy_url(name)
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    name = f"lethe_test_{os.getpid()}"
+    url = create_database(name)
+    migrate(url)
+    yield url
+    drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def connection(engine: Engine) -> Iterator[Connection]:
+    with engine.connect() as connection:
+        transaction = connection.begin()
+        yield connection
+        transaction.rollback()
+
+
+@pytest.fixture
+def session_factory(connection: Connection) -> sessionmaker[Session]:
+    return sessionmaker(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+
+
+@pytest.fixture
+def session(session_factory: sessionmaker[Session]) -> Iterator[Session]:
+    with session_factory() as session:
+        yield session
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(database_url=database_url, storage_dir=tmp_path / "checkpoints", dispatcher="inprocess")
+
+
+@pytest.fixture
+def dispatcher() -> RecordingDispatcher:
+    return RecordingDispatcher()
+
+
+@pytest.fixture
+def client(
+    settings: Settings, dispatcher: RecordingDispatcher, session_factory: sessionmaker[Session]
+) -> Iterator[TestClient]:
+    app = create_app(settings, dispatcher, session_factory=session_factory)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+def count_rows(session: Session, table: Any) -> int:
+    return int(session.scalar(select(func.count()).select_from(table)) or 0)
+
+
+def write_array(path: Path, rows: int, shape: tuple[int, ...] = SHAPE, dtype: Any = np.float32) -> Path:
+    np.savez(path, x=np.zeros((rows, *shape), dtype=dtype))
+    return path
+
+
+def checkpoint_bytes(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    return save_safetensors({"fc.weight": rng.standard_normal((NUM_CLASSES, 16)).astype(np.float32)})
+
+
+def spec(**overrides: Any) -> dict[str, Any]:
+    return {
+        "architecture": "mnist_cnn",
+        "num_classes": NUM_CLASSES,
+        "input_shape": list(SHAPE),
+        "feature_layer": "features.block2",
+        **overrides,
+    }
+
+
+def dataset_body(array_path: Path, *, labelled: bool = True, name: str = "toy") -> dict[str, Any]:
+    """Ten samples: s0..s7 train (s0-s2 of subject alice), s8..s9 audit (s8 of alice too)."""
+    samples = [
+        {
+            "sample_id": f"s{i}",
+            "row": i,
+            "label": i % NUM_CLASSES if labelled else None,
+            "split": "train" if i < 8 else "audit",
+            "subject_id": "alice" if i in (0, 1, 2, 8) else None,
+        }
+        for i in range(10)
+    ]
+    body: dict[str, Any] = {"name": name, "array_path": str(array_path), "samples": samples}
+    if labelled:
+        body["num_classes"] = NUM_CLASSES
+    return body
+
+
+@pytest.fixture
+def dataset(client: TestClient, tmp_path: Path) -> dict[str, Any]:
+    response = client.post("/datasets", json=dataset_body(write_array(tmp_path / "toy.npz", 10)))
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def register_model(
+    client: TestClient, tmp_path: Path, dataset_id: str, name: str = "toy-model"
+) -> dict[str, Any]:
+    path = tmp_path / f"{name}.safetensors"
+    path.write_bytes(checkpoint_bytes())
+    response = client.post(
+        "/models", json={"name": name, "dataset_id": dataset_id, "spec": spec(), "checkpoint_path": str(path)}
+    )
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+@pytest.fixture
+def model(client: TestClient, tmp_path: Path, dataset: dict[str, Any]) -> dict[str, Any]:
+    return register_model(client, tmp_path, dataset["id"])

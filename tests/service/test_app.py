@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from fastapi.testclient import TestClient
+from sqlalchemy import inspect
+
+import service.tables  # noqa: F401  (complete metadata)
+from service.app import create_app
+from service.core.database import Base, alembic_config, make_engine, make_session_factory, migrate
+from service.core.settings import Settings
+from service.jobs import service as jobs_service
+from tests.service.conftest import (
+    RecordingDispatcher,
+    checkpoint_bytes,
+    create_database,
+    dataset_body,
+    drop_database,
+    spec,
+    write_array,
+)
+from tests.service.test_datasets import assert_problem
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_api_never_imports_torch() -> None:
+    code = "import service.app, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_every_error_is_a_problem(client: TestClient) -> None:
+    assert_problem(client.get("/nowhere"), 404, "not-found")
+    assert_problem(client.delete("/jobs"), 405, "method-not-allowed")
+    assert_problem(client.post("/deletion-requests", content=b"{not json"), 422, "invalid-request")
+
+
+def test_unexpected_errors_are_logged_and_answered_without_a_trace(client: TestClient) -> None:
+    def explode() -> None:
+        raise RuntimeError("secret internals")
+
+    client.app.add_api_route("/explode", explode)  # type: ignore[attr-defined]
+    response = client.get("/explode")
+    assert_problem(response, 500, "internal-error")
+    assert "secret" not in response.text and "Traceback" not in response.text
+
+
+def _schema_drift(url: str) -> list[object]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return list(compare_metadata(MigrationContext.configure(connection), Base.metadata))
+    finally:
+        engine.dispose()
+
+
+def test_migrations_round_trip_and_match_the_models(tmp_path: Path) -> None:
+    name = "lethe_test_migrations"
+    postgres = create_database(name)
+    sqlite = f"sqlite:///{tmp_path / 'lethe.db'}"
+    try:
+        for url in (postgres, sqlite):
+            migrate(url)
+            assert _schema_drift(url) == [], url
+            command.downgrade(alembic_config(url), "base")
+            engine = make_engine(url)
+            assert set(inspect(engine).get_table_names()) <= {"alembic_version"}, url
+            engine.dispose()
+            migrate(url)
+    finally:
+        drop_database(name)
+
+
+def test_the_same_api_runs_on_sqlite(tmp_path: Path) -> None:
+    """The demo's database: foreign keys on, bulk insert and the claim without row locks."""
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    migrate(url)
+    settings = Settings(database_url=url, storage_dir=tmp_path / "store")
+    dispatcher = RecordingDispatcher()
+    with TestClient(create_app(settings, dispatcher)) as client:
+        dataset = client.post("/datasets", json=dataset_body(write_array(tmp_path / "x.npz", 10))).json()
+        checkpoint = tmp_path / "m.safetensors"
+        checkpoint.write_bytes(checkpoint_bytes())
+        body = {"name": "m", "dataset_id": dataset["id"], "spec": spec(), "checkpoint_path": str(checkpoint)}
+        assert client.post("/models", json=body).status_code == 201
+        accepted = client.post("/deletion-requests", json={"model": "m", "subject_id": "alice"})
+        assert accepted.status_code == 202 and dispatcher.dispatched == [accepted.json()["job_id"]]
+        assert client.get(accepted.headers["location"]).json()["state"] == "queued"
+    engine = make_engine(url)
+    with make_session_factory(engine).begin() as session:
+        claimed = jobs_service.claim_job(session, accepted.json()["job_id"], "w1", timedelta(minutes=1))
+    engine.dispose()
+    assert isinstance(claimed, jobs_service.ClaimedJob) and claimed.forget_sample_ids == ("s0", "s1", "s2")

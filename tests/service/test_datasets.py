@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from service.core.clock import utcnow
+from service.core.problems import InvalidInput
+from service.datasets import service as datasets_service
+from service.datasets.tables import Dataset, Sample
+from tests.service.conftest import count_rows, dataset_body, write_array
+
+
+def assert_problem(response: Any, status: int, slug: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = dict(response.json())
+    assert problem["type"] == f"/problems/{slug}"
+    assert problem["status"] == status and problem["title"] and problem["detail"]
+    return problem
+
+
+def test_register_and_read_dataset(client: TestClient, dataset: dict[str, Any]) -> None:
+    assert dataset["num_rows"] == 10 and dataset["sample_shape"] == [1, 4, 4] and dataset["labelled"]
+    assert dataset["samples"] == {"train": 8, "audit": 2, "forgotten": 0}
+    assert client.get(f"/datasets/{dataset['id']}").json() == dataset
+
+
+def test_samples_are_paginated_by_cursor(client: TestClient, dataset: dict[str, Any]) -> None:
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 4, **({"cursor": cursor} if cursor else {})}
+        page = client.get(f"/datasets/{dataset['id']}/samples", params=params).json()
+        seen += [sample["sample_id"] for sample in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [f"s{i}" for i in range(10)]
+    bad = client.get(f"/datasets/{dataset['id']}/samples", params={"cursor": "not-a-cursor"})
+    assert_problem(bad, 422, "invalid-cursor")
+
+
+def _mutations(tmp_path: Path) -> list[tuple[str, Any, str, str | None]]:
+    """(case, how to break a valid body, problem slug, the key naming the offenders)."""
+
+    def sample(body: dict[str, Any], i: int, **changes: Any) -> dict[str, Any]:
+        body["samples"][i].update(changes)
+        return body
+
+    return [
+        ("duplicate ids", lambda b: sample(b, 1, sample_id="s0"), "duplicate-sample-ids", "sample_ids"),
+        ("duplicate rows", lambda b: sample(b, 1, row=0), "duplicate-rows", "rows"),
+        ("row out of range", lambda b: sample(b, 9, row=10), "rows-out-of-range", "sample_ids"),
+        ("label out of range", lambda b: sample(b, 2, label=3), "labels-out-of-range", "sample_ids"),
+        ("some labels missing", lambda b: sample(b, 2, label=None), "missing-labels", "sample_ids"),
+        ("labels without num_classes", lambda b: b.pop("num_classes") and b, "missing-num-classes", None),
+        (
+            "no train sample",
+            lambda b: [s.update(split="audit") for s in b["samples"]] and b,
+            "no-train-samples",
+            None,
+        ),
+        (
+            "missing array",
+            lambda b: b.update(array_path=str(tmp_path / "nope.npz")) or b,
+            "invalid-array-file",
+            None,
+        ),
+        (
+            "float64 array",
+            lambda b: b.update(array_path=str(write_array(tmp_path / "f64.npz", 10, dtype=np.float64))) or b,
+            "invalid-array-file",
+            None,
+        ),
+        ("not an npz", lambda b: b.update(array_path=__file__) or b, "invalid-array-file", None),
+        ("bad split", lambda b: sample(b, 0, split="test"), "invalid-request", None),
+        ("negative row", lambda b: sample(b, 0, row=-1), "invalid-request", None),
+        ("no samples", lambda b: b.update(samples=[]) or b, "invalid-request", None),
+    ]
+
+
+def test_invalid_datasets_are_refused_and_write_nothing(
+    client: TestClient, session: Session, tmp_path: Path
+) -> None:
+    array = write_array(tmp_path / "toy.npz", 10)
+    for case, mutate, slug, key in _mutations(tmp_path):
+        response = client.post("/datasets", json=mutate(dataset_body(array)))
+        problem = assert_problem(response, 422, slug)
+        if key is not None:
+            assert problem[key] and problem["count"] == len(problem[key]), case
+    assert count_rows(session, Dataset) == 0 and count_rows(session, Sample) == 0
+
+
+def test_dataset_names_are_unique(client: TestClient, dataset: dict[str, Any], tmp_path: Path) -> None:
+    response = client.post("/datasets", json=dataset_body(Path(dataset["array_path"])))
+    assert_problem(response, 409, "dataset-name-taken")
+
+
+def test_unknown_dataset_is_a_404_problem(client: TestClient) -> None:
+    assert_problem(client.get("/datasets/nope"), 404, "dataset-not-found")
+
+
+def test_resolve_sets_and_mark_forgotten(session: Session, client: TestClient, model: dict[str, Any]) -> None:
+    dataset_id = model["dataset_id"]
+    sets = datasets_service.resolve_sets(session, dataset_id, ["s3", "s1"])
+    assert sets.forget.sample_ids == ("s1", "s3") and sets.forget.rows.tolist() == [1, 3]
+    assert sets.forget.labels is not None and sets.forget.labels.tolist() == [1, 0]
+    assert sets.remaining.sample_ids == ("s0", "s2", "s4", "s5", "s6", "s7")
+    assert sets.audit.sample_ids == ("s8", "s9")
+    with pytest.raises(InvalidInput):
+        datasets_service.resolve_sets(session, dataset_id, ["s8"])  # audit samples are never forgotten
+    request_id = client.post(
+        "/deletion-requests", json={"model": model["name"], "sample_ids": ["s1", "s3"]}
+    ).json()["id"]
+    assert datasets_service.mark_forgotten(session, dataset_id, ["s1", "s3"], request_id, utcnow()) == 2
+    assert datasets_service.mark_forgotten(session, dataset_id, ["s1"], request_id, utcnow()) == 0
+    later = datasets_service.resolve_sets(session, dataset_id, ["s0"])
+    assert later.remaining.sample_ids == ("s2", "s4", "s5", "s6", "s7")  # earlier forgotten samples stay out
+    assert client.get(f"/datasets/{dataset_id}").json()["samples"]["forgotten"] == 2
+
+
+def test_bulk_registration_of_100k_samples(client: TestClient, session: Session, tmp_path: Path) -> None:
+    rows = 100_000
+    array = tmp_path / "big.npz"
+    np.savez(array, x=np.zeros((rows, 1, 1, 1), dtype=np.float32))
+    body = {
+        "name": "big",
+        "array_path": str(array),
+        "num_classes": 10,
+        "samples": [
+            {"sample_id": f"u{i}", "row": i, "label": i % 10, "split": "train" if i % 10 else "audit",
+             "subject_id": f"person{i // 5}"}
+            for i in range(rows)
+        ],
+    }  # fmt: skip
+    started = time.perf_counter()
+    response = client.post("/datasets", json=body)
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 201, response.text
+    assert response.json()["samples"] == {"train": 90_000, "audit": 10_000, "forgotten": 0}
+    print(f"\nregistered {rows} samples over HTTP in {elapsed:.2f} s")
+    assert count_rows(session, Sample) == rows

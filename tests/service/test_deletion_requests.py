@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from service.core.clock import utcnow
+from service.core.settings import Settings
+from service.datasets import service as datasets_service
+from service.deletion_requests import repository as requests_repository
+from service.deletion_requests.tables import DeletionRequest, DeletionRequestSample
+from service.idempotency.tables import IdempotencyRecord
+from service.jobs.tables import Job
+from tests.service.conftest import RecordingDispatcher, count_rows, dataset_body, register_model, write_array
+from tests.service.test_datasets import assert_problem
+
+TABLES = (DeletionRequest, DeletionRequestSample, Job, IdempotencyRecord)
+
+
+def row_counts(session: Session) -> list[int]:
+    return [count_rows(session, table) for table in TABLES]
+
+
+def test_a_request_is_accepted_with_its_job_queued_and_dispatched(
+    client: TestClient, model: dict[str, Any], dispatcher: RecordingDispatcher
+) -> None:
+    response = client.post(
+        "/deletion-requests",
+        json={"model": "toy-model", "sample_ids": ["s3", "s4"], "reason": "GDPR Art. 17"},
+    )
+    assert response.status_code == 202, response.text
+    request = response.json()
+    assert response.headers["location"] == f"/jobs/{request['job_id']}"
+    assert int(response.headers["retry-after"]) > 0
+    assert dispatcher.dispatched == [request["job_id"]]
+    assert request["state"] == "processing" and request["sample_count"] == 2
+    assert request["method"] == "mixunlearn" and request["config"]["lr"] == 5e-5  # the full configuration
+    received = datetime.fromisoformat(request["received_at"])
+    assert datetime.fromisoformat(request["due_at"]) - received == timedelta(days=30)
+    assert client.get(f"/deletion-requests/{request['id']}").json() == request
+    job = client.get(response.headers["location"]).json()
+    assert job["state"] == "queued" and job["request_id"] == request["id"] and not job["done"]
+
+
+@pytest.mark.parametrize(
+    ("body", "slug", "offenders"),
+    [
+        ({"sample_ids": ["s1", "nope", "gone"]}, "unknown-samples", ["nope", "gone"]),
+        ({"sample_ids": ["s1", "o0"]}, "foreign-samples", ["o0"]),
+        ({"sample_ids": ["s1", "s8"]}, "audit-samples", ["s8"]),
+        ({"sample_ids": ["s1", "s2", "s1"]}, "duplicate-sample-ids", ["s1"]),
+        ({"sample_ids": []}, "empty-sample-ids", None),
+        ({"sample_ids": ["s1", "s2", "s3", "s4"]}, "too-many-samples", None),
+        ({"subject_id": "bob"}, "unknown-subject", None),
+        ({"sample_ids": ["s1"], "subject_id": "alice"}, "samples-or-subject", None),
+        ({}, "samples-or-subject", None),
+        ({"model": "nope", "sample_ids": ["s1"]}, "unknown-model", None),
+        ({"sample_ids": ["s1"], "method": "magic"}, "invalid-method-config", None),
+        ({"sample_ids": ["s1"], "config": {"learning_rate": 1}}, "invalid-method-config", None),
+        ({"sample_ids": ["s1"], "config": {"epochs": 0}}, "invalid-method-config", None),
+        ({"sample_ids": ["s1"], "sampleIds": ["s1"]}, "invalid-request", None),
+        ({"sample_ids": "s1"}, "invalid-request", None),
+    ],
+)
+def test_invalid_requests_are_refused_before_anything_is_written(
+    client: TestClient,
+    session: Session,
+    model: dict[str, Any],
+    other_model: dict[str, Any],
+    dispatcher: RecordingDispatcher,
+    settings: Settings,
+    body: dict[str, Any],
+    slug: str,
+    offenders: list[str] | None,
+) -> None:
+    settings.max_samples_per_request = 3
+    before = row_counts(session)
+    response = client.post(
+        "/deletion-requests", json={"model": "toy-model", **body}, headers={"Idempotency-Key": f"k-{slug}"}
+    )
+    problem = assert_problem(response, 422, slug)
+    if offenders is not None:
+        assert problem["sample_ids"] == offenders and problem["count"] == len(offenders)
+    assert row_counts(session) == before and dispatcher.dispatched == []
+
+
+@pytest.fixture
+def other_model(client: TestClient, tmp_path: Path) -> dict[str, Any]:
+    """A second dataset whose ids (o0..o9) are not the first model's."""
+    body = dataset_body(write_array(tmp_path / "other.npz", 10), name="other")
+    for sample in body["samples"]:
+        sample["sample_id"] = "o" + sample["sample_id"][1:]
+    other = client.post("/datasets", json=body).json()
+    return register_model(client, tmp_path, other["id"], name="other-model")
+
+
+def test_label_aware_methods_need_a_labelled_dataset(
+    client: TestClient, tmp_path: Path, session: Session
+) -> None:
+    unlabelled = client.post(
+        "/datasets", json=dataset_body(write_array(tmp_path / "u.npz", 10), labelled=False, name="unlabelled")
+    ).json()
+    register_model(client, tmp_path, unlabelled["id"], name="blind")
+    before = row_counts(session)
+    refused = client.post(
+        "/deletion-requests", json={"model": "blind", "sample_ids": ["s1"], "method": "neggrad"}
+    )
+    assert (
+        "mixunlearn-agnostic" in assert_problem(refused, 422, "method-needs-labels")["label_agnostic_methods"]
+    )
+    assert row_counts(session) == before
+    accepted = client.post("/deletion-requests", json={"model": "blind", "sample_ids": ["s1"]})
+    assert accepted.status_code == 202 and accepted.json()["method"] == "mixunlearn-agnostic"
+    assert accepted.json()["config"]["label_agnostic"] is True
+
+
+def test_a_subject_expands_to_its_train_samples(
+    client: TestClient, session: Session, model: dict[str, Any]
+) -> None:
+    response = client.post("/deletion-requests", json={"model": "toy-model", "subject_id": "alice"})
+    assert response.status_code == 202
+    request = response.json()
+    assert request["subject_id"] == "alice" and request["sample_count"] == 3  # s8 (audit) is not trained on
+    job = session.get(Job, request["job_id"])
+    assert job is not None
+    assert requests_repository.pending_sample_ids(session, request["id"]) == ["s0", "s1", "s2"]
+
+
+def test_already_forgotten_samples(
+    client: TestClient, session: Session, model: dict[str, Any], dispatcher: RecordingDispatcher
+) -> None:
+    first = client.post("/deletion-requests", json={"model": "toy-model", "sample_ids": ["s1", "s2"]}).json()
+    datasets_service.mark_forgotten(session, model["dataset_id"], ["s1", "s2"], first["id"], utcnow())
+    session.commit()
+
+    again = client.post("/deletion-requests", json={"model": "toy-model", "sample_ids": ["s2", "s1"]})
+    assert again.status_code == 200 and "location" not in again.headers
+    request = again.json()
+    assert request["state"] == "completed" and request["job_id"] is None and request["completed_at"]
+    assert request["already_forgotten_count"] == 2
+
+    partly = client.post("/deletion-requests", json={"model": "toy-model", "sample_ids": ["s1", "s3"]})
+    assert partly.status_code == 202
+    assert partly.json()["sample_count"] == 2 and partly.json()["already_forgotten_count"] == 1
+    assert requests_repository.pending_sample_ids(session, partly.json()["id"]) == ["s3"]
+    assert len(dispatcher.dispatched) == 2
+
+
+def test_idempotency_key_replays_the_first_answer(
+    client: TestClient, session: Session, model: dict[str, Any], dispatcher: RecordingDispatcher
+) -> None:
+    body = {"model": "toy-model", "sample_ids": ["s3"]}
+    headers = {"Idempotency-Key": "req-1"}
+    first = client.post("/deletion-requests", json=body, headers=headers)
+    counts = row_counts(session)
+    replay = client.post("/deletion-requests", json=dict(reversed(body.items())), headers=headers)
+    assert replay.status_code == 202 and replay.json() == first.json()
+    assert replay.headers["location"] == first.headers["location"]
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert row_counts(session) == counts and len(dispatcher.dispatched) == 1
+    mismatch = client.post("/deletion-requests", json={**body, "sample_ids": ["s4"]}, headers=headers)
+    assert_problem(mismatch, 422, "idempotency-key-reused")
+    assert row_counts(session) == counts
+    other_key = client.post("/deletion-requests", json=body, headers={"Idempotency-Key": "req-2"})
+    assert other_key.status_code == 202 and other_key.json()["id"] != first.json()["id"]
+
+
+def test_a_failed_dispatch_still_accepts_the_request(
+    client: TestClient, session: Session, model: dict[str, Any], dispatcher: RecordingDispatcher
+) -> None:
+    def broken(job_id: str) -> None:
+        raise ConnectionError("redis is down")
+
+    dispatcher.dispatch = broken  # type: ignore[method-assign]
+    response = client.post("/deletion-requests", json={"model": "toy-model", "sample_ids": ["s3"]})
+    assert response.status_code == 202
+    job = session.get(Job, response.json()["job_id"])
+    assert job is not None and job.state == "queued"  # committed before dispatch: the sweeper re-sends it
+
+
+def test_unknown_request_is_a_404_problem(client: TestClient) -> None:
+    assert_problem(client.get("/deletion-requests/nope"), 404, "deletion-request-not-found")

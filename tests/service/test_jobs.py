@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from service.core.clock import utcnow
+from service.datasets import service as datasets_service
+from service.deletion_requests.tables import DeletionRequest
+from service.jobs import service as jobs_service
+from service.jobs.tables import Job
+from service.models import service as models_service
+from service.storage import StoredObject
+from tests.service.conftest import dataset_body, register_model, write_array
+from tests.service.test_datasets import assert_problem
+
+LEASE = timedelta(minutes=2)
+
+
+def submit(client: TestClient, *sample_ids: str, model: str = "toy-model") -> str:
+    response = client.post("/deletion-requests", json={"model": model, "sample_ids": list(sample_ids)})
+    assert response.status_code == 202, response.text
+    return str(response.json()["job_id"])
+
+
+@pytest.fixture
+def second_model(client: TestClient, tmp_path: Path) -> dict[str, Any]:
+    other = client.post("/datasets", json=dataset_body(write_array(tmp_path / "b.npz", 10), name="b")).json()
+    return register_model(client, tmp_path, other["id"], name="model-b")
+
+
+def test_jobs_are_listed_newest_first_with_cursor_pagination_and_filters(
+    client: TestClient, model: dict[str, Any], second_model: dict[str, Any]
+) -> None:
+    created = [submit(client, f"s{i}") for i in range(5)] + [submit(client, "s0", model="model-b")]
+    client.post(f"/jobs/{created[0]}/cancel")
+    pages, cursor = [], None
+    while True:
+        params: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/jobs", params=params).json()
+        pages.append([job["id"] for job in page["items"]])
+        if (cursor := page["next_cursor"]) is None:
+            break
+    assert [len(p) for p in pages] == [2, 2, 2]
+    assert [job_id for p in pages for job_id in p] == list(reversed(created))
+    only_a = client.get("/jobs", params={"model": "toy-model"}).json()["items"]
+    assert [job["id"] for job in only_a] == list(reversed(created[:5]))
+    canceled = client.get("/jobs", params={"state": "canceled"}).json()["items"]
+    assert [job["id"] for job in canceled] == [created[0]]
+    assert_problem(client.get("/jobs", params={"state": "sleeping"}), 422, "unknown-state")
+    assert_problem(client.get("/jobs", params={"model": "nope"}), 422, "unknown-model")
+    assert_problem(client.get("/jobs", params={"cursor": "WyJ4Il0"}), 422, "invalid-cursor")
+
+
+def test_cancel_semantics(client: TestClient, session: Session, model: dict[str, Any]) -> None:
+    queued, running = submit(client, "s1"), submit(client, "s2", model="toy-model")
+    canceled = client.post(f"/jobs/{queued}/cancel")
+    assert canceled.status_code == 202 and canceled.json()["state"] == "canceled"
+    assert canceled.json()["error"]["reason"] == "canceled"
+    request = session.get(DeletionRequest, canceled.json()["request_id"])
+    assert request is not None and request.state == "canceled"
+    assert_problem(client.post(f"/jobs/{queued}/cancel"), 409, "job-finished")
+
+    assert isinstance(jobs_service.claim_job(session, running, "w1", LEASE), jobs_service.ClaimedJob)
+    session.commit()
+    flagged = client.post(f"/jobs/{running}/cancel")
+    assert flagged.status_code == 202
+    assert flagged.json()["state"] == "running" and flagged.json()["cancel_requested"] is True
+    assert jobs_service.record_progress(session, running, {"step": 3}, "w1", LEASE) is True
+    jobs_service.finish(
+        session, running, "canceled", error_reason="canceled", error_detail="stopped", worker_id="w1"
+    )
+    session.commit()
+    assert client.get(f"/jobs/{running}").json()["done"] is True
+    assert_problem(client.get("/jobs/nope"), 404, "job-not-found")
+    assert_problem(client.post("/jobs/nope/cancel"), 404, "job-not-found")
+
+
+def test_claim_runs_a_job_once_and_serialises_jobs_of_one_model(
+    client: TestClient, session: Session, model: dict[str, Any], second_model: dict[str, Any]
+) -> None:
+    first, second = submit(client, "s1", "s2"), submit(client, "s3")
+    other_model_job = submit(client, "s1", model="model-b")
+
+    claimed = jobs_service.claim_job(session, first, "w1", LEASE)
+    assert isinstance(claimed, jobs_service.ClaimedJob)
+    assert claimed.forget_sample_ids == ("s1", "s2") and claimed.state == "running"
+    assert claimed.base_version.id == model["active_version"]["id"] and claimed.model_name == "toy-model"
+    assert claimed.array_path.endswith("toy.npz") and claimed.config["epochs"] == 20
+    session.commit()
+    assert jobs_service.claim_job(session, first, "w2", LEASE) is None  # a redelivered message does nothing
+
+    busy = jobs_service.claim_job(session, second, "w2", LEASE)
+    assert busy == jobs_service.ModelBusy(model_id=model["id"], running_job_id=first)
+    assert session.get(Job, second).state == "queued"  # type: ignore[union-attr]
+    assert isinstance(jobs_service.claim_job(session, other_model_job, "w3", LEASE), jobs_service.ClaimedJob)
+
+
+def test_a_job_runs_to_success_through_the_worker_api(
+    client: TestClient, session: Session, model: dict[str, Any]
+) -> None:
+    job_id = submit(client, "s1", "s2")
+    claimed = jobs_service.claim_job(session, job_id, "w1", LEASE)
+    assert isinstance(claimed, jobs_service.ClaimedJob)
+    progress = {"step": 5, "total_steps": 10, "epoch": 1, "total_epochs": 2, "losses": {"total": 0.5}}
+    assert jobs_service.record_progress(session, job_id, progress, "w1", LEASE) is False
+    assert jobs_service.record_progress(session, job_id, progress, "intruder", LEASE) is True  # not its job
+    jobs_service.set_state(session, job_id, "evaluating", worker_id="w1")
+    with pytest.raises(jobs_service.InvalidTransition):
+        jobs_service.set_state(session, job_id, "running")
+    version = models_service.register_version(
+        session,
+        model_id=claimed.model_id,
+        parent_version_id=claimed.base_version.id,
+        stored=StoredObject(sha256="ab" * 32, size=3, uri="local:sha256/ab/" + "ab" * 31),
+        method=claimed.method,
+        config=claimed.config,
+        metrics_before={"audit_accuracy": 90.0},
+        metrics_after={"audit_accuracy": 89.0},
+        activate=True,
+        rejection_reason=None,
+        job_id=job_id,
+        request_ids=[claimed.request_id],
+    )
+    datasets_service.mark_forgotten(
+        session, claimed.dataset_id, claimed.forget_sample_ids, claimed.request_id, utcnow()
+    )
+    jobs_service.finish(
+        session, job_id, "succeeded", metrics={"gate": "passed"}, result_version_id=version.id
+    )
+    session.commit()
+
+    job = client.get(f"/jobs/{job_id}").json()
+    assert (
+        job["state"] == "succeeded" and job["result_version_id"] == version.id and job["progress"] == progress
+    )
+    timings = job["timings"]
+    assert timings["queued_seconds"] >= 0 and timings["running_seconds"] >= 0 and timings["finished_at"]
+    request = client.get(f"/deletion-requests/{claimed.request_id}").json()
+    assert request["state"] == "completed" and request["completed_at"]
+    active = client.get("/models/toy-model").json()["active_version"]
+    assert active["number"] == 2 and active["covered_request_ids"] == [claimed.request_id]
+    assert active["created_by_job_id"] == job_id
+    samples = client.get(f"/datasets/{claimed.dataset_id}/samples").json()["items"]
+    assert {s["sample_id"] for s in samples if s["forgotten_by_request_id"] == claimed.request_id} == {
+        "s1",
+        "s2",
+    }
+
+
+def test_a_lapsed_lease_lets_another_worker_resume(
+    client: TestClient, session: Session, model: dict[str, Any]
+) -> None:
+    job_id = submit(client, "s1")
+    jobs_service.claim_job(session, job_id, "dead", LEASE)
+    jobs_service.set_state(
+        session, job_id, "evaluating", metrics={"checkpoint": {"sha256": "x"}}, worker_id="dead"
+    )
+    assert jobs_service.claim_job(session, job_id, "w2", LEASE) is None  # the lease is live
+    job = session.get(Job, job_id)
+    assert job is not None
+    job.lease_expires_at = utcnow() - timedelta(seconds=1)
+    session.flush()
+    assert jobs_service.list_abandoned(session) == [job_id]
+    resumed = jobs_service.claim_job(session, job_id, "w2", LEASE)
+    assert isinstance(resumed, jobs_service.ClaimedJob)
+    assert resumed.state == "evaluating" and resumed.resume == {"checkpoint": {"sha256": "x"}}
+    with pytest.raises(jobs_service.InvalidTransition):
+        jobs_service.finish(session, job_id, "failed", error_reason="x", worker_id="dead")
+
+
+def test_stale_queued_jobs_are_found_for_the_sweeper(
+    client: TestClient, session: Session, model: dict[str, Any]
+) -> None:
+    job_id = submit(client, "s1")
+    assert jobs_service.list_stale_queued(session, utcnow() - timedelta(minutes=5)) == []
+    assert jobs_service.list_stale_queued(session, utcnow() + timedelta(seconds=1)) == [job_id]
