@@ -1,0 +1,237 @@
+"""End to end: real Postgres (fresh database, migrations applied), real Redis, a real Celery worker process.
+
+The digits dataset (8x8) and a small model keep each job to a few seconds. The worker runs with a lenient
+audit gate (this file tests the plumbing, not a method's quality); the gate's rejection runs the same pipeline
+in-process with impossible thresholds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.app import create_app
+from service.core.database import make_engine, make_session_factory, migrate
+from service.core.settings import Settings
+from service.storage import LocalCheckpointStore
+from tests.service.conftest import RecordingDispatcher, create_database, drop_database
+from worker.datasets.builtin import load_dataset
+from worker.demo import dataset_body, forgotten_sample_ids, train_initial_checkpoint, write_dataset
+from worker.engine.config import TrainingConfig
+from worker.engine.spec import ModelSpec
+from worker.pipeline import run_job
+from worker.tasks import message_job_ids, sweep
+
+pytestmark = pytest.mark.slow
+
+SPEC = ModelSpec("mnist_cnn", 10, (1, 8, 8), "features.block2")
+FAST = {"epochs": 2}
+TIMEOUT_S = 90
+
+
+@dataclass
+class Env:
+    settings: Settings  # what the API and the worker share
+    session_factory: sessionmaker[Session]
+    redis: redis.Redis
+    dataset_id: str
+    checkpoint_path: Path
+    client: TestClient  # the API, dispatching to Celery
+    worker_log: Path
+
+    def register_model(self) -> str:
+        name = f"digits-{uuid.uuid4().hex[:8]}"
+        body = {"name": name, "dataset_id": self.dataset_id, "spec": SPEC.to_dict(),
+                "checkpoint_path": str(self.checkpoint_path)}  # fmt: skip
+        assert self.client.post("/models", json=body).status_code == 201
+        return name
+
+    def request(self, model: str, subject: str, config: dict[str, Any] = FAST) -> dict[str, Any]:
+        answer = self.client.post(
+            "/deletion-requests", json={"model": model, "subject_id": subject, "config": config}
+        )
+        assert answer.status_code == 202, answer.text
+        return dict(answer.json())
+
+    def wait_job(self, job_id: str, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline:
+            job: dict[str, Any] = self.client.get(f"/jobs/{job_id}").json()
+            if done(job):
+                return job
+            time.sleep(0.2)
+        raise AssertionError(
+            f"job {job_id} stuck in {job['state']}; worker log:\n{self.worker_log.read_text()[-4000:]}"
+        )
+
+    def versions(self, model: str) -> list[dict[str, Any]]:
+        return list(self.client.get(f"/models/{model}/versions").json()["items"])
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    name = f"lethe_e2e_{os.getpid()}"
+    database_url = create_database(name)
+    migrate(database_url)
+    # A Redis database of its own, so parallel runs and other users of this Redis do not share the queue.
+    redis_url = f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}"
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    settings = Settings(
+        database_url=database_url, redis_url=redis_url, storage_dir=tmp / "checkpoints", dispatcher="celery"
+    )
+    worker_env = {
+        **os.environ,
+        "LETHE_DATABASE_URL": database_url,
+        "LETHE_REDIS_URL": redis_url,
+        "LETHE_STORAGE_DIR": str(settings.storage_dir),
+        "LETHE_TORCH_THREADS": "1",
+        "LETHE_PROGRESS_INTERVAL_S": "0.2",
+        "LETHE_GATE_MAX_AUDIT_DROP": "100",
+        "LETHE_GATE_FORGET_MARGIN": "100",
+        "OMP_NUM_THREADS": "1",
+    }
+    worker_log = tmp / "worker.log"
+    with worker_log.open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu", "-c", "1",
+             "--pool", "solo", "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
+            env=worker_env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    dataset = load_dataset("digits")
+    array_path = tmp / "digits.npz"
+    write_dataset(dataset, array_path)
+    checkpoint_path = tmp / "initial.safetensors"
+    checkpoint_path.write_bytes(train_initial_checkpoint(dataset, SPEC, TrainingConfig(epochs=5)))
+    engine = make_engine(database_url)
+    session_factory = make_session_factory(engine)
+    try:
+        with TestClient(create_app(settings, session_factory=session_factory)) as api:
+            answer = api.post("/datasets", json=dataset_body(dataset, array_path))
+            assert answer.status_code == 201, answer.text
+            yield Env(
+                settings, session_factory, client, answer.json()["id"], checkpoint_path, api, worker_log
+            )
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        engine.dispose()
+        client.flushdb()
+        drop_database(name)
+
+
+def _done(job: dict[str, Any]) -> bool:
+    return bool(job["done"])
+
+
+def test_requests_produce_a_lineage_of_active_versions(env: Env) -> None:
+    model = env.register_model()
+    [initial] = env.versions(model)
+
+    first = env.request(model, "subject-0001")
+    job = env.wait_job(first["job_id"], _done)
+    assert job["state"] == "succeeded", job
+    assert job["metrics"]["gate"]["passed"]
+    v1, v2 = env.versions(model)
+    assert (v1["status"], v2["status"]) == ("superseded", "active")
+    assert v2["parent_id"] == initial["id"] and job["result_version_id"] == v2["id"]
+    assert v2["covered_request_ids"] == [first["id"]]
+    assert v2["metrics_before"]["audit_accuracy"] > 50  # the initial model learnt something
+    forgotten = forgotten_sample_ids(env.client, env.dataset_id, first["id"])
+    assert len(forgotten) == first["sample_count"] == 10
+    assert env.client.get(f"/deletion-requests/{first['id']}").json()["state"] == "completed"
+
+    second = env.request(model, "subject-0002")
+    job = env.wait_job(second["job_id"], _done)
+    assert job["state"] == "succeeded", job
+    assert job["base_version_id"] == v2["id"]
+    _, v2_after, v3 = env.versions(model)
+    assert (v2_after["status"], v3["status"], v3["parent_id"]) == ("superseded", "active", v2["id"])
+
+
+def test_redelivered_message_for_a_finished_job_does_nothing(env: Env) -> None:
+    model = env.register_model()
+    request = env.request(model, "subject-0003")
+    job = env.wait_job(request["job_id"], _done)
+    assert job["state"] == "succeeded"
+    versions = env.versions(model)
+
+    env.client.app.state.dispatcher.dispatch(job["id"])  # as Redis would after a visibility timeout
+    deadline = time.monotonic() + TIMEOUT_S
+    while any(job["id"] in ids for ids in message_job_ids(env.redis, "gpu")):
+        assert time.monotonic() < deadline, "the worker never took the redelivered message"
+        time.sleep(0.2)
+    assert env.client.get(f"/jobs/{job['id']}").json() == job
+    assert env.versions(model) == versions
+    # The same code path, called directly: nothing to do.
+    store = LocalCheckpointStore(env.settings.storage_dir)
+    assert run_job(job["id"], session_factory=env.session_factory, store=store, settings=env.settings,
+                   worker_id="test") is None  # fmt: skip
+
+
+def test_cancel_stops_a_running_job_and_registers_nothing(env: Env) -> None:
+    model = env.register_model()
+    request = env.request(model, "subject-0004", {"epochs": 10_000})
+    env.wait_job(request["job_id"], lambda job: (job["progress"] or {}).get("step", 0) > 0)
+
+    answer = env.client.post(f"/jobs/{request['job_id']}/cancel")
+    assert answer.status_code == 202 and answer.json()["cancel_requested"]
+    job = env.wait_job(request["job_id"], _done)
+    assert job["state"] == "canceled" and job["error"]["reason"] == "canceled"
+    assert [v["status"] for v in env.versions(model)] == ["active"]
+    assert forgotten_sample_ids(env.client, env.dataset_id, request["id"]) == []
+    assert env.client.get(f"/deletion-requests/{request['id']}").json()["state"] == "canceled"
+
+
+def test_audit_gate_rejects_and_the_model_keeps_its_version(env: Env) -> None:
+    # Not dispatched to the Celery worker: the job runs here, through the same pipeline, with a gate no model
+    # can pass (the audit accuracy would have to rise by 100 points).
+    strict = env.settings.model_copy(update={"gate_max_audit_drop": -100.0})
+    recording = RecordingDispatcher()
+    with TestClient(create_app(strict, recording, session_factory=env.session_factory)) as api:
+        model = env.register_model()
+        answer = api.post(
+            "/deletion-requests", json={"model": model, "subject_id": "subject-0005", "config": FAST}
+        )
+        request = answer.json()
+        assert recording.dispatched == [request["job_id"]]
+        store = LocalCheckpointStore(strict.storage_dir)
+        state = run_job(request["job_id"], session_factory=env.session_factory, store=store, settings=strict,
+                        worker_id="test")  # fmt: skip
+    assert state == "rejected"
+    job = env.client.get(f"/jobs/{request['job_id']}").json()
+    assert job["state"] == "rejected" and job["error"]["reason"] == "audit_gate"
+    assert not job["metrics"]["gate"]["passed"]
+    initial, rejected = env.versions(model)
+    assert (initial["status"], rejected["status"]) == ("active", "rejected")
+    assert rejected["rejection_reason"] and rejected["parent_id"] == initial["id"]
+    assert env.client.get(f"/models/{model}").json()["active_version"]["id"] == initial["id"]
+    assert forgotten_sample_ids(env.client, env.dataset_id, request["id"]) == []
+    assert env.client.get(f"/deletion-requests/{request['id']}").json()["state"] == "rejected"
+
+
+def test_sweeper_redispatches_a_queued_job_whose_message_is_lost(env: Env) -> None:
+    recording = RecordingDispatcher()  # the API "loses" the message: nothing reaches Redis
+    with TestClient(create_app(env.settings, recording, session_factory=env.session_factory)) as api:
+        model = env.register_model()
+        answer = api.post(
+            "/deletion-requests", json={"model": model, "subject_id": "subject-0006", "config": FAST}
+        )
+        job_id = answer.json()["job_id"]
+    eager = env.settings.model_copy(update={"sweep_min_age_s": 0})
+    swept = sweep(env.session_factory, env.redis, env.client.app.state.dispatcher, eager)
+    assert job_id in swept
+    assert env.wait_job(job_id, _done)["state"] == "succeeded"
