@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.app import create_app
 from service.core.database import make_engine, make_session_factory, migrate
 from service.core.settings import Settings
+from service.dispatch import CeleryDispatcher
 from service.storage import LocalCheckpointStore
 from tests.service.conftest import RecordingDispatcher, create_database, drop_database
 from worker.datasets.builtin import load_dataset
@@ -48,6 +49,7 @@ class Env:
     redis: redis.Redis
     dataset_id: str
     checkpoint_path: Path
+    dispatcher: CeleryDispatcher
     client: TestClient  # the API, dispatching to Celery
     worker_log: Path
 
@@ -119,11 +121,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     engine = make_engine(database_url)
     session_factory = make_session_factory(engine)
     try:
-        with TestClient(create_app(settings, session_factory=session_factory)) as api:
+        dispatcher = CeleryDispatcher(redis_url)
+        with TestClient(create_app(settings, dispatcher, session_factory=session_factory)) as api:
             answer = api.post("/datasets", json=dataset_body(dataset, array_path))
             assert answer.status_code == 201, answer.text
+            dataset_id = answer.json()["id"]
             yield Env(
-                settings, session_factory, client, answer.json()["id"], checkpoint_path, api, worker_log
+                settings, session_factory, client, dataset_id, checkpoint_path, dispatcher, api, worker_log
             )
     finally:
         worker.terminate()
@@ -169,7 +173,7 @@ def test_redelivered_message_for_a_finished_job_does_nothing(env: Env) -> None:
     assert job["state"] == "succeeded"
     versions = env.versions(model)
 
-    env.client.app.state.dispatcher.dispatch(job["id"])  # as Redis would after a visibility timeout
+    env.dispatcher.dispatch(job["id"])  # as Redis would after a visibility timeout
     deadline = time.monotonic() + TIMEOUT_S
     while any(job["id"] in ids for ids in message_job_ids(env.redis, "gpu")):
         assert time.monotonic() < deadline, "the worker never took the redelivered message"
@@ -232,6 +236,6 @@ def test_sweeper_redispatches_a_queued_job_whose_message_is_lost(env: Env) -> No
         )
         job_id = answer.json()["job_id"]
     eager = env.settings.model_copy(update={"sweep_min_age_s": 0})
-    swept = sweep(env.session_factory, env.redis, env.client.app.state.dispatcher, eager)
+    swept = sweep(env.session_factory, env.redis, env.dispatcher, eager)
     assert job_id in swept
     assert env.wait_job(job_id, _done)["state"] == "succeeded"
