@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,14 @@ async def _handle_http(_request: Request, exc: Exception) -> JSONResponse:
     return problem_response(exc.status_code, slug, str(exc.detail), headers=exc.headers)
 
 
+async def _handle_integrity(request: Request, exc: Exception) -> JSONResponse:
+    # Checks run before writes, so this is a race lost to a concurrent request (e.g. two POSTs of one name).
+    logger.warning("integrity error on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        HTTPStatus.CONFLICT, "conflict", "the request conflicts with a concurrent change; read and retry"
+    )
+
+
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
@@ -122,4 +131,5 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ProblemError, _handle_problem)
     app.add_exception_handler(RequestValidationError, _handle_validation)
     app.add_exception_handler(StarletteHTTPException, _handle_http)
+    app.add_exception_handler(IntegrityError, _handle_integrity)
     app.add_exception_handler(Exception, _handle_unexpected)

@@ -9,6 +9,8 @@ SampleIdStr = Field(min_length=1, max_length=200)
 
 
 class SampleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     sample_id: str = SampleIdStr
     row: int = Field(ge=0, description="index into the array file's x")
     label: int | None = Field(default=None, ge=0)
@@ -17,6 +19,8 @@ class SampleIn(BaseModel):
 
 
 class DatasetCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     name: str = Field(min_length=1, max_length=200)
     array_path: str = Field(
         min_length=1,

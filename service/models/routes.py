@@ -50,9 +50,15 @@ def _model_out(session: Session, model: Model) -> ModelOut:
 
 
 def _create(
-    session: Session, store: CheckpointStore, response: Response, *, name: str, dataset_id: str,
-    spec: dict[str, Any], checkpoint: bytes,
-) -> ModelOut:  # fmt: skip
+    session: Session,
+    store: CheckpointStore,
+    response: Response,
+    *,
+    name: str,
+    dataset_id: str,
+    spec: dict[str, Any],
+    checkpoint: bytes,
+) -> ModelOut:
     model, _version = service.register_model(
         session, store, name=name, dataset_id=dataset_id, spec=spec, checkpoint=checkpoint
     )

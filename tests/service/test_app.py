@@ -10,6 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect
+from sqlalchemy.exc import IntegrityError
 
 import service.tables  # noqa: F401  (complete metadata)
 from service.app import create_app
@@ -49,6 +50,14 @@ def test_unexpected_errors_are_logged_and_answered_without_a_trace(client: TestC
     response = client.get("/explode")
     assert_problem(response, 500, "internal-error")
     assert "secret" not in response.text and "Traceback" not in response.text
+
+
+def test_a_lost_race_on_a_unique_constraint_is_a_409(client: TestClient) -> None:
+    def race() -> None:
+        raise IntegrityError("INSERT ...", {}, Exception("duplicate key value violates unique constraint"))
+
+    client.app.add_api_route("/race", race)  # type: ignore[attr-defined]
+    assert_problem(client.get("/race"), 409, "conflict")
 
 
 def _schema_drift(url: str) -> list[object]:
