@@ -87,7 +87,7 @@ def session(session_factory: sessionmaker[Session]) -> Iterator[Session]:
 
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
-    return Settings(database_url=database_url, storage_dir=tmp_path / "checkpoints", dispatcher="inprocess")
+    return Settings(database_url=database_url, storage_dir=tmp_path / "checkpoints")
 
 
 @pytest.fixture
