@@ -1,0 +1,229 @@
+"""Service benchmark: POST /deletion-requests at a fixed rate, and a job's overhead before its first step.
+
+``python -m worker.bench.api_load`` against the local Postgres (a fresh database, dropped afterwards) and
+Redis (one database index, flushed): uvicorn serves ``service.app:create_app`` in a subprocess with the real
+Celery dispatcher and no worker, so each request commits its request + job rows and publishes a message.
+Loopback only; the count and the duration are bounded. The load is open-loop: requests leave on a fixed
+schedule and latency runs from the scheduled send, so a slow server cannot hide its queueing (no coordinated
+omission).
+
+Pick-up to first step: a job of the same 5,000-sample dataset run by ``worker.pipeline.run_job`` in this
+process; the time from the call (claim, checkpoint load and hash check, sample resolution, array reads) to the
+engine's first optimiser step, after which the job is canceled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psycopg
+import redis
+import torch
+
+import worker.pipeline as pipeline
+from service.core.database import make_engine, make_session_factory, migrate
+from service.core.settings import Settings
+from service.storage import LocalCheckpointStore
+from worker.checkpoints import state_dict_to_bytes
+from worker.engine.models import build_model
+from worker.engine.progress import UnlearningCancelled
+from worker.engine.spec import mnist_cnn_spec
+
+ADMIN_DSN = os.environ.get("LETHE_BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("LETHE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
+ROWS, TRAIN_ROWS, PER_SUBJECT = 5_000, 4_000, 10
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _fixture_files(directory: Path) -> tuple[Path, Path, dict[str, Any]]:
+    """A 5,000-sample MNIST-shaped array (4,000 train in subjects of 10, 1,000 audit) and a checkpoint."""
+    rng = np.random.default_rng(0)
+    array_path = directory / "bench.npz"
+    np.savez(array_path, x=rng.random((ROWS, 1, 28, 28), dtype=np.float32))
+    labels = rng.integers(0, 10, ROWS)
+    samples = [
+        {"sample_id": f"s{row:05d}", "row": row, "label": int(labels[row]),
+         "split": "train" if row < TRAIN_ROWS else "audit",
+         "subject_id": f"subject-{row // PER_SUBJECT:04d}" if row < TRAIN_ROWS else None}
+        for row in range(ROWS)
+    ]  # fmt: skip
+    checkpoint_path = directory / "model.safetensors"
+    checkpoint_path.write_bytes(state_dict_to_bytes(build_model(mnist_cnn_spec())))
+    body = {"name": "bench", "array_path": str(array_path), "num_classes": 10, "samples": samples}
+    return array_path, checkpoint_path, body
+
+
+async def _load(url: str, model: str, rate: float, count: int) -> dict[str, Any]:
+    subjects = TRAIN_ROWS // PER_SUBJECT
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+
+    async def one(client: httpx.AsyncClient, i: int, scheduled: float) -> None:
+        body = {"model": model, "subject_id": f"subject-{i % subjects:04d}", "config": {"epochs": 1}}
+        answer = await client.post("/deletion-requests", json=body)
+        latencies.append(time.perf_counter() - scheduled)
+        statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
+
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        start = time.perf_counter()
+        tasks = []
+        for i in range(count):
+            scheduled = start + i / rate
+            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(client, i, scheduled)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    ordered = sorted(latencies)
+    return {
+        "offered_rate_per_s": rate,
+        "requests": count,
+        "statuses": {str(code): n for code, n in sorted(statuses.items())},
+        "elapsed_s": round(elapsed, 3),
+        "throughput_per_s": round(count / elapsed, 1),
+        "latency_ms": {
+            "p50": round(1000 * ordered[len(ordered) // 2], 1),
+            "p99": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1),
+            "max": round(1000 * ordered[-1], 1),
+            "mean": round(1000 * statistics.fmean(ordered), 1),
+        },
+    }
+
+
+def _pickup_to_first_step(
+    client: httpx.Client, model: str, settings: Settings, repeats: int
+) -> dict[str, Any]:
+    session_factory = make_session_factory(make_engine(settings.database_url))
+    store = LocalCheckpointStore(settings.storage_dir)
+    engine_unlearn = pipeline.unlearn
+    first_step: list[float] = []
+
+    def on_step(_event: Any) -> None:
+        first_step.append(time.perf_counter())
+        raise UnlearningCancelled("benchmark: first step reached")
+
+    def timed_unlearn(*args: Any, **kwargs: Any) -> Any:
+        return engine_unlearn(*args, **{**kwargs, "progress": on_step})
+
+    pipeline.unlearn = timed_unlearn
+    seconds = []
+    try:
+        for i in range(repeats):
+            body = {"model": model, "subject_id": f"subject-{i:04d}", "config": {"epochs": 1}}
+            job_id = client.post("/deletion-requests", json=body).raise_for_status().json()["job_id"]
+            started = time.perf_counter()
+            state = pipeline.run_job(
+                job_id, session_factory=session_factory, store=store, settings=settings, worker_id="bench"
+            )
+            assert state == "canceled", state
+            seconds.append(first_step[-1] - started)
+    finally:
+        pipeline.unlearn = engine_unlearn
+    return {"repeats": repeats, "seconds": [round(s, 3) for s in seconds],
+            "median_s": round(statistics.median(seconds), 3)}  # fmt: skip
+
+
+def run(rate: float, duration: float, max_requests: int, repeats: int) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    database = f"lethe_bench_{os.getpid()}"
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{database}"')
+    database_url = ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    database_url = f"{database_url}/{database}"
+    queue = redis.Redis.from_url(REDIS_URL)
+    queue.flushdb()
+    server = None
+    try:
+        migrate(database_url)
+        with tempfile.TemporaryDirectory(prefix="lethe-bench-") as tmp:
+            settings = Settings(
+                database_url=database_url, redis_url=REDIS_URL, storage_dir=Path(tmp) / "store"
+            )
+            _array, checkpoint_path, dataset_body = _fixture_files(Path(tmp))
+            port = _free_port()
+            env = {**os.environ, "LETHE_DATABASE_URL": database_url, "LETHE_REDIS_URL": REDIS_URL,
+                   "LETHE_STORAGE_DIR": str(settings.storage_dir), "LETHE_DISPATCHER": "celery"}  # fmt: skip
+            server = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],
+                env=env,
+            )  # fmt: skip
+            url = f"http://127.0.0.1:{port}"
+            with httpx.Client(base_url=url, timeout=60) as client:
+                _wait_ready(client)
+                dataset_id = client.post("/datasets", json=dataset_body).raise_for_status().json()["id"]
+                model = {"name": "bench-cnn", "dataset_id": dataset_id, "spec": mnist_cnn_spec().to_dict(),
+                         "checkpoint_path": str(checkpoint_path)}  # fmt: skip
+                client.post("/models", json=model).raise_for_status()
+                count = min(max_requests, int(rate * duration))
+                load = asyncio.run(_load(url, "bench-cnn", rate, count))
+                pickup = _pickup_to_first_step(client, "bench-cnn", settings, repeats)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+        queue.flushdb()
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    return {
+        "benchmark": "service",
+        "dataset_samples": ROWS,
+        "samples_per_request": PER_SUBJECT,
+        "post_deletion_requests": load,
+        "pickup_to_first_step": pickup,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+    }
+
+
+def _wait_ready(client: httpx.Client, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.get("/models").raise_for_status()
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rate", type=float, default=50.0, help="requests per second (open loop)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load")
+    parser.add_argument("--max-requests", type=int, default=2_000)
+    parser.add_argument("--repeats", type=int, default=3, help="jobs timed from pick-up to first step")
+    parser.add_argument("--json", type=Path, default=Path("results/bench-api.json"))
+    args = parser.parse_args(argv)
+    result = run(args.rate, args.duration, args.max_requests, args.repeats)
+    print(json.dumps(result, indent=2))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
