@@ -55,7 +55,7 @@ from worker.engine.progress import CancellationToken, ProgressEvent, UnlearningC
 from worker.engine.runtime import Runtime
 from worker.engine.spec import ModelSpec
 from worker.engine.training import predict_logits
-from worker.evaluation.metrics import accuracy, attack_success_rate
+from worker.evaluation.metrics import accuracy, paper_metrics
 
 log = logging.getLogger(__name__)
 
@@ -390,39 +390,42 @@ def _reference_labels(base: nn.Module, sets: JobSets, runtime: Runtime) -> Refer
     )
 
 
-def _points(fraction: float) -> float:
-    return round(100.0 * fraction, 2)
-
-
 def evaluate(
     model: nn.Module, sets: JobSets, labels: ReferenceLabels, seed: int, runtime: Runtime
 ) -> dict[str, Any]:
-    """Accuracies in points (0-100) and the membership attack's success rate, on never-seen (audit), forgotten
-    and remaining samples. ``audit_accuracy_forget_classes`` is the yardstick for the forget accuracy: how the
-    model does on never-seen samples of the classes it was asked to forget."""
+    """The paper's metrics in percent on never-seen (audit), forgotten and remaining samples, and per-class
+    audit accuracy. ``audit_accuracy_forget_classes`` is the forget accuracy's yardstick: how the model does
+    on never-seen samples of the classes it was asked to forget."""
     model = model.to(runtime.device).eval()
     audit, forget = labels.audit, labels.forget
-    audit_y, forget_y = audit.require_labels(), forget.require_labels()
+    audit_y = audit.require_labels()
+    paper = paper_metrics(
+        model,
+        train_retain=labels.remaining,
+        train_forget=forget,
+        test=audit,
+        forget_classes=set(forget.require_labels().tolist()),
+        asr_seed=seed,
+        runtime=runtime,
+    )
     per_class = {
-        str(c): _points(accuracy(model, audit.subset(torch.nonzero(audit_y == c).flatten()), runtime))
+        str(c): round(accuracy(model, audit.subset(torch.nonzero(audit_y == c).flatten()), runtime), 2)
         for c in sorted(set(audit_y.tolist()))
     }
-    forget_classes = torch.isin(audit_y, forget_y.unique())
-    same_classes = audit.subset(torch.nonzero(forget_classes).flatten())
     return {
         "labels": labels.source,
-        "audit_accuracy": _points(accuracy(model, audit, runtime)),
+        "audit_accuracy": _rounded(paper["test"]),
         "audit_accuracy_per_class": per_class,
-        "audit_accuracy_forget_classes": _points(accuracy(model, same_classes, runtime))
-        if len(same_classes)
-        else None,
-        "forget_accuracy": _points(accuracy(model, forget, runtime)),
-        "remaining_accuracy": _points(accuracy(model, labels.remaining, runtime)),
-        "attack_success_rate": _points(
-            attack_success_rate(model, forget, labels.remaining, audit, seed=seed, runtime=runtime)
-        ),
+        "audit_accuracy_forget_classes": _rounded(paper["test_f"]),
+        "forget_accuracy": _rounded(paper["train_f"]),
+        "remaining_accuracy": _rounded(paper["train_r"]),
+        "attack_success_rate": _rounded(paper["asr"]),
         "sizes": {"forget": len(forget), "remaining": len(labels.remaining), "audit": len(audit)},
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def audit_gate(before: dict[str, Any], after: dict[str, Any], settings: Settings) -> dict[str, Any]:
