@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from worker.engine.config import TrainingConfig
+from worker.engine.config import BatchNormMode, TrainingConfig
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
 
@@ -23,11 +23,20 @@ def set_batchnorm_mode(model: nn.Module, train: bool) -> None:
             module.train(train)
 
 
-def train(model: nn.Module, data: TensorSplit, config: TrainingConfig, ctx: RunContext) -> nn.Module:
-    """Adam + cross-entropy for ``config.epochs`` passes over ``data``; reports every step to ``ctx``."""
+def train(
+    model: nn.Module,
+    data: TensorSplit,
+    config: TrainingConfig,
+    ctx: RunContext,
+    *,
+    batchnorm: BatchNormMode = "train",
+) -> nn.Module:
+    """Adam + cross-entropy for ``config.epochs`` passes over ``data``; reports every step to ``ctx``.
+    ``batchnorm="eval"`` freezes BatchNorm running statistics (Fine-tune with ``UnlearnConfig.batchnorm``)."""
     labels = data.require_labels()
     device = ctx.runtime.device
     model.to(device).train()
+    set_batchnorm_mode(model, batchnorm == "train")
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = ctx.runtime.grad_scaler()
     generator = ctx.generator()

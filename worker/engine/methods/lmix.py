@@ -1,0 +1,57 @@
+"""L-Mix (label-agnostic): vanilla mixup of D_f and D_r images with mixed targets, squared error on softmax
+probabilities, plus a term keeping D_r's outputs. Labels are never read. One epoch is one pass over D_f.
+
+x_mix = lam * x_f + (1 - lam) * x_r, lam ~ Beta(alpha, alpha), one per batch (vanilla mixup); its target is
+lam * onehot(r_f) + (1 - lam) * softmax(f_D(x_r)), with r_f a random label drawn once per forget sample and
+f_D the frozen initial model (its self-generated prediction stands in for the unread D_r label).
+loss = ||softmax(f(x_mix)) - target||^2 + w * ||softmax(f(x_r)) - softmax(f_D(x_r))||^2, w = retain_weight.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from worker.engine.config import LMixConfig
+from worker.engine.context import RunContext
+from worker.engine.data import TensorSplit
+from worker.engine.methods._loops import (
+    METHOD_STREAM,
+    PairedBatch,
+    frozen_copy,
+    prob_mse,
+    random_onehot,
+    run_paired,
+)
+from worker.engine.spec import ModelSpec
+
+
+def run(
+    model: nn.Module,
+    spec: ModelSpec,
+    forget: TensorSplit,
+    retain: TensorSplit,
+    config: LMixConfig,
+    ctx: RunContext,
+) -> nn.Module:
+    device = ctx.runtime.device
+    initial = frozen_copy(model).to(device)
+    targets_f = random_onehot(len(forget), spec.num_classes, ctx.generator(METHOD_STREAM)).to(device)
+    # torch has no seeded Beta sampler: a numpy stream seeded from the run's own generator.
+    lam_seed = int(torch.randint(2**62, (1,), generator=ctx.generator(METHOD_STREAM + 1)))
+    lam_rng = np.random.default_rng(lam_seed)
+
+    def loss_fn(batch: PairedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        lam = float(lam_rng.beta(config.alpha, config.alpha))
+        with torch.no_grad():
+            keep_r = torch.softmax(initial(batch.x_r).float(), dim=1)
+        x_mix = lam * batch.x_f + (1 - lam) * batch.x_r
+        target_mix = lam * targets_f[batch.rows_f.to(device)] + (1 - lam) * keep_r
+        logits = model(torch.cat([x_mix, batch.x_r]))
+        size = len(batch.rows_f)
+        mix_term = prob_mse(logits[:size], target_mix)
+        retain_term = prob_mse(logits[size:], keep_r)
+        return mix_term + config.retain_weight * retain_term, {"mse_mix": mix_term, "mse_retain": retain_term}
+
+    return run_paired(model, forget, retain, config, ctx, loss_fn)
