@@ -36,7 +36,7 @@ from worker.engine.spec import ModelSpec, mnist_cnn_spec
 from worker.engine.training import train
 
 DEMO_DIR = Path("var/demo")
-SAMPLES_PER_SUBJECT = 10
+SAMPLES_PER_SUBJECT = 50
 SEED = 0
 
 
@@ -187,7 +187,8 @@ def _print_outcome(client: httpx.Client, job: dict[str, Any], request_id: str, m
     say(f"  completed {request['completed_at']}")
     forgotten = forgotten_sample_ids(client, model["dataset_id"], request_id)
     if forgotten:
-        say(f"  {len(forgotten)} samples now marked forgotten: {', '.join(forgotten)}")
+        shown = ", ".join(forgotten[:6]) + (", ..." if len(forgotten) > 6 else "")
+        say(f"  {len(forgotten)} samples now marked forgotten: {shown}")
     else:
         say("  no sample is marked forgotten: the active model still holds them; a new request is needed")
 
@@ -241,7 +242,10 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
     dispatcher = InProcessDispatcher(session_factory, settings)
     app = create_app(settings, dispatcher, session_factory=session_factory)
     with LocalServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
-        say(f"3. API up at {server.url}. Register the dataset (5,000 samples, 10 per data subject) ...")
+        say(
+            f"3. API up at {server.url}. Register the dataset "
+            f"(5,000 samples; {SAMPLES_PER_SUBJECT} per data subject) ..."
+        )
         registered = (
             client.post("/datasets", json=dataset_body(dataset, array_path)).raise_for_status().json()
         )
@@ -255,11 +259,14 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
             f"(sha256 {version['checkpoint_sha256'][:16]}...)"
         )
 
-        subject = "subject-0042"
+        subject = "subject-0008"
+        # A learning rate between MixUnlearn's MNIST default (5e-5, too gentle for 50 samples in 20 epochs:
+        # the gate rejects) and Retrain's; any method and field of worker.engine.config can be set here.
+        config = {"lr": 2e-4}
         say(f"4. A data subject asks for erasure: POST /deletion-requests for {subject!r} ...")
         answer = client.post(
             "/deletion-requests",
-            json={"model": model["name"], "subject_id": subject, "reason": "GDPR Art. 17 request"},
+            json={"model": model["name"], "subject_id": subject, "config": config, "reason": "GDPR Art. 17"},
         ).raise_for_status()
         request = answer.json()
         say(

@@ -29,7 +29,13 @@ from service.dispatch import CeleryDispatcher
 from service.storage import LocalCheckpointStore
 from tests.service.conftest import RecordingDispatcher, create_database, drop_database
 from worker.datasets.builtin import load_dataset
-from worker.demo import dataset_body, forgotten_sample_ids, train_initial_checkpoint, write_dataset
+from worker.demo import (
+    SAMPLES_PER_SUBJECT,
+    dataset_body,
+    forgotten_sample_ids,
+    train_initial_checkpoint,
+    write_dataset,
+)
 from worker.engine.config import TrainingConfig
 from worker.engine.spec import ModelSpec
 from worker.pipeline import run_job
@@ -155,7 +161,7 @@ def test_requests_produce_a_lineage_of_active_versions(env: Env) -> None:
     assert v2["covered_request_ids"] == [first["id"]]
     assert v2["metrics_before"]["audit_accuracy"] > 50  # the initial model learnt something
     forgotten = forgotten_sample_ids(env.client, env.dataset_id, first["id"])
-    assert len(forgotten) == first["sample_count"] == 10
+    assert len(forgotten) == first["sample_count"] == SAMPLES_PER_SUBJECT
     assert env.client.get(f"/deletion-requests/{first['id']}").json()["state"] == "completed"
 
     second = env.request(model, "subject-0002")
