@@ -1,0 +1,34 @@
+# One image for the API, the worker and the migrations: `lethe api | worker | migrate` (see docker-compose.yml).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    LETHE_API_HOST=0.0.0.0 \
+    LETHE_API_PORT=8000 \
+    LETHE_STORAGE_DIR=/data/checkpoints
+
+WORKDIR /app
+
+# torch pinned, from the CUDA index (the worker runs on a GPU; the same wheel falls back to the CPU). Its own
+# layer: it is by far the largest and changes least often.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+RUN pip install "torch==2.13.0" --index-url "${TORCH_INDEX_URL}"
+
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY worker ./worker
+COPY migrations ./migrations
+RUN pip install ".[worker]"
+
+# Non-root. /data holds the checkpoint store and the datasets' array files; api and worker share it.
+RUN useradd --create-home --uid 10001 lethe && mkdir -p /data && chown lethe:lethe /data
+USER lethe
+VOLUME ["/data"]
+EXPOSE 8000
+
+# The API's readiness (it reads the database). The worker's service overrides it in docker-compose.yml.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['LETHE_API_PORT'] + '/models?limit=1', timeout=4)"
+
+CMD ["lethe", "api"]
