@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
 from service.core.clock import utcnow
-from service.core.problems import Conflict, InvalidInput
+from service.core.problems import ProblemError
 from service.core.settings import Settings
 from service.datasets import service as datasets_service
 from service.datasets.service import SampleSet
@@ -305,7 +305,7 @@ class _Job:
                 )
             x = open_rows(Path(claimed.array_path))
             remaining = _tensor_split(x, resolved.remaining)
-        except (InvalidInput, Conflict) as exc:
+        except ProblemError as exc:  # unknown samples or dataset
             raise JobFailed("dataset_error", exc.detail) from exc
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise JobFailed("dataset_error", f"{claimed.array_path}: {exc}") from exc
