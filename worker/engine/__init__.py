@@ -1,1 +1,4 @@
-"""The unlearning engine: pure PyTorch, no HTTP and no database. Entry point: ``worker.engine.api.unlearn``."""
+"""The unlearning engine: pure PyTorch, no HTTP and no database.
+
+Entry point: ``worker.engine.api.unlearn``.
+"""

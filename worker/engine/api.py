@@ -26,8 +26,8 @@ from worker.engine.spec import ModelSpec
 
 MethodRun = Callable[[nn.Module, ModelSpec, TensorSplit, TensorSplit, UnlearnConfig, RunContext], nn.Module]
 
-# Config type -> module in worker.engine.methods whose ``run`` implements it. ugradsl / ugradsl-plus and the two
-# MixUnlearn modes share a config type and differ by a field of it.
+# Config type -> module in worker.engine.methods whose ``run`` implements it. ugradsl / ugradsl-plus and the
+# two MixUnlearn modes share a config type and differ by a field of it.
 _IMPLEMENTATIONS: dict[type[UnlearnConfig], str] = {
     RetrainConfig: "retrain",
     FinetuneConfig: "finetune",

@@ -39,7 +39,7 @@ class UnlearnConfig:
 
 @dataclass(frozen=True)
 class RetrainConfig(UnlearnConfig):
-    """Exact unlearning: train a fresh model from scratch on the remaining data (paper A.3: 20 epochs, lr 1e-3)."""
+    """Exact unlearning: a fresh model trained on the remaining data (paper A.3: 20 epochs, lr 1e-3)."""
 
     lr: float = 1e-3
     batchnorm: BatchNormMode = "train"
@@ -64,7 +64,7 @@ class NegGradConfig(UnlearnConfig):
 
 @dataclass(frozen=True)
 class RandLabelConfig(UnlearnConfig):
-    """Random labels on D_f (MSE on probabilities) while keeping D_r outputs (MSE to the initial model). Label-agnostic."""
+    """Label-agnostic: random labels on D_f (MSE on probabilities), D_r outputs kept (MSE to f_D)."""
 
     lr: float = 1e-4
     epochs: int = 5
@@ -73,7 +73,7 @@ class RandLabelConfig(UnlearnConfig):
 
 @dataclass(frozen=True)
 class LMixConfig(UnlearnConfig):
-    """Vanilla mixup of D_f and D_r with random (forget) / self-generated (remain) targets, MSE. Label-agnostic."""
+    """Label-agnostic vanilla mixup of D_f and D_r: random (forget) / self-made (remain) targets, MSE."""
 
     lr: float = 1e-4
     epochs: int = 5
@@ -85,8 +85,8 @@ class LMixConfig(UnlearnConfig):
 class UGradSLConfig(UnlearnConfig):
     """UGradSL (loop over D_f) / UGradSL+ (loop over D_r): p*CE(D_r) - (1-p)*CE_NLS(D_f), Eq. 8.
 
-    smoothing < 0 is negative label smoothing; ``adaptive=True`` derives a per-sample rate from feature distances
-    (Algorithm 1 lines 6-10) with threshold ``distance_threshold``.
+    smoothing < 0 is negative label smoothing; ``adaptive=True`` derives a per-sample rate from feature
+    distances (Algorithm 1 lines 6-10) with threshold ``distance_threshold``.
     """
 
     lr: float = 1e-4

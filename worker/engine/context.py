@@ -21,7 +21,9 @@ class RunContext:
         """A CPU generator seeded from the run's seed; ``offset`` separates independent streams."""
         return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
 
-    def step(self, step: int, total_steps: int, epoch: int, total_epochs: int, losses: dict[str, float]) -> None:
+    def step(
+        self, step: int, total_steps: int, epoch: int, total_epochs: int, losses: dict[str, float]
+    ) -> None:
         """Report one optimiser step and honour a pending cancellation."""
         if self.cancel is not None:
             self.cancel.raise_if_cancelled()

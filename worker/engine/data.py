@@ -9,8 +9,11 @@ import torch
 
 @dataclass(frozen=True)
 class TensorSplit:
-    """``x``: (N, C, H, W) float32, already normalised (test-time transform applied). ``y``: (N,) int64 or None
-    for label-agnostic data. ``index``: the rows' positions in the source dataset, for traceability."""
+    """Rows of one dataset split.
+
+    ``x``: (N, C, H, W) float32, already normalised (the test-time transform applied). ``y``: (N,) int64, or
+    None for label-agnostic data. ``index``: the rows' positions in the source dataset, for traceability.
+    """
 
     x: torch.Tensor
     y: torch.Tensor | None = None

@@ -1,4 +1,4 @@
-"""The paper's architectures, written with torch alone, and the registry that rebuilds a model from its spec."""
+"""The paper's architectures, written with torch alone, and the registry that rebuilds a model from a spec."""
 
 from __future__ import annotations
 
@@ -101,7 +101,9 @@ def known_architectures() -> list[str]:
 def build_model(spec: ModelSpec) -> nn.Module:
     factory = _ARCHITECTURES.get(spec.architecture)
     if factory is None:
-        raise ValueError(f"unknown architecture {spec.architecture!r}; known: {', '.join(known_architectures())}")
+        raise ValueError(
+            f"unknown architecture {spec.architecture!r}; known: {', '.join(known_architectures())}"
+        )
     model = factory(spec)
     feature_module(model, spec)  # fail early on a wrong feature_layer
     return model

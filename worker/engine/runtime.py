@@ -37,4 +37,3 @@ class Runtime:
 
 
 CPU = Runtime(torch.device("cpu"), mixed_precision=False)
-

@@ -26,7 +26,9 @@ class ModelSpec:
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         shape = tuple(int(v) for v in data["input_shape"])
         if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"input_shape must be three positive integers (C, H, W), got {data['input_shape']!r}")
+            raise ValueError(
+                f"input_shape must be three positive integers (C, H, W), got {data['input_shape']!r}"
+            )
         num_classes = int(data["num_classes"])
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
@@ -38,8 +40,8 @@ class ModelSpec:
         )
 
 
-# The MNIST CNN has no 256-channel map (the paper's MixBlock reads ResNet-18 layer3). We read conv2's block output
-# (32 x 7 x 7): the deepest spatial map, hence the most semantic attention, upsampled x4 to 28 x 28.
+# The MNIST CNN has no 256-channel map (the paper's MixBlock reads ResNet-18 layer3). We read conv2's block
+# output (32 x 7 x 7): the deepest spatial map, hence the most semantic attention, upsampled x4 to 28 x 28.
 MNIST_CNN_FEATURE_LAYER = "features.block2"
 RESNET18_FEATURE_LAYER = "layer3"
 
