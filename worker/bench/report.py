@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 METRICS: tuple[str, ...] = ("train_r", "train_f", "test", "test_r", "test_f", "asr")
-# The metrics each setup is judged on (paper 5.3); "mean |gap|" averages the gaps over these.
+# The metrics each setup is judged on (paper 5.3); "mean abs Δ" averages the gaps over these.
 SETUP_METRICS: dict[str, tuple[str, ...]] = {
     "class": ("test_r", "test_f", "asr"),
     "data": ("train_r", "train_f", "test", "asr"),
@@ -125,7 +125,7 @@ def _cells(group: GroupSummary, summary: MethodSummary) -> list[str]:
 
 
 def _header(group: GroupSummary) -> list[str]:
-    return ["method", "seeds", *group.columns, "mean |Δ|", "time ratio", "wall s"]
+    return ["method", "seeds", *group.columns, "mean abs Δ", "time ratio", "wall s"]
 
 
 def format_text(groups: Sequence[GroupSummary]) -> str:
