@@ -260,13 +260,11 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
         )
 
         subject = "subject-0008"
-        # A learning rate between MixUnlearn's MNIST default (5e-5, too gentle for 50 samples in 20 epochs:
-        # the gate rejects) and Retrain's; any method and field of worker.engine.config can be set here.
-        config = {"lr": 2e-4}
         say(f"4. A data subject asks for erasure: POST /deletion-requests for {subject!r} ...")
         answer = client.post(
             "/deletion-requests",
-            json={"model": model["name"], "subject_id": subject, "config": config, "reason": "GDPR Art. 17"},
+            # Default method (MixUnlearn) and config; any method and field of worker.engine.config can be set.
+            json={"model": model["name"], "subject_id": subject, "reason": "GDPR Art. 17"},
         ).raise_for_status()
         request = answer.json()
         say(

@@ -17,6 +17,7 @@ from service.idempotency.tables import IdempotencyRecord
 from service.jobs.tables import Job
 from tests.service.conftest import RecordingDispatcher, count_rows, dataset_body, register_model, write_array
 from tests.service.test_datasets import assert_problem
+from worker.engine.config import config_to_dict, make_config
 
 TABLES = (DeletionRequest, DeletionRequestSample, Job, IdempotencyRecord)
 
@@ -38,7 +39,10 @@ def test_a_request_is_accepted_with_its_job_queued_and_dispatched(
     assert int(response.headers["retry-after"]) > 0
     assert dispatcher.dispatched == [request["job_id"]]
     assert request["state"] == "processing" and request["sample_count"] == 2
-    assert request["method"] == "mixunlearn" and request["config"]["lr"] == 5e-5  # the full configuration
+    # The full effective configuration is recorded, not just the overrides.
+    assert request["method"] == "mixunlearn" and request["config"] == config_to_dict(
+        make_config("mixunlearn")
+    )
     received = datetime.fromisoformat(request["received_at"])
     assert datetime.fromisoformat(request["due_at"]) - received == timedelta(days=30)
     assert client.get(f"/deletion-requests/{request['id']}").json() == request

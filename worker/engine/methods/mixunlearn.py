@@ -154,11 +154,13 @@ def run(
         lam_seed = int(torch.randint(2**62, (1,), generator=ctx.generator(_LAMBDA_STREAM)))
         lam_rng = np.random.default_rng(lam_seed)
         steps_per_epoch = -(-len(forget) // config.batch_size)
-        total = steps_per_epoch * config.epochs
+        # A tiny forget set still gets ``min_steps`` updates: a constant floor, so cost stays O(|D_f|).
+        epochs = max(config.epochs, -(-config.min_steps // steps_per_epoch))
+        total = steps_per_epoch * epochs
         step = 0
         l_gen: float | None = None
         _unlearner_mode(unlearner, config)
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(1, epochs + 1):
             for rows_f in batches(len(forget), config.batch_size, order):
                 size = len(rows_f)
                 rows_r = retain_rows.take(size)
@@ -215,7 +217,7 @@ def run(
                 step += 1
                 if l_gen is not None:
                     losses["l_gen"] = l_gen
-                ctx.step(step, total, epoch, config.epochs, losses)
+                ctx.step(step, total, epoch, epochs, losses)
     finally:
         reference.close()
     return unlearner.eval()
