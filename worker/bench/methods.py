@@ -6,7 +6,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from worker.engine.config import METHODS, ConfigError, TrainingConfig, UnlearnConfig, make_config
+from worker.engine.config import (
+    METHODS,
+    ConfigError,
+    TrainingConfig,
+    UnlearnConfig,
+    checked_config,
+    make_config,
+)
 
 ORIGINAL = "original"
 # The --set prefix that configures the initial model's training.
@@ -47,17 +54,5 @@ def method_config(name: str, overrides: dict[str, Any], seed: int) -> UnlearnCon
 
 
 def initial_training_config(overrides: dict[str, Any]) -> TrainingConfig:
-    known = {f.name for f in dataclasses.fields(TrainingConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown config field(s) for {INITIAL}: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
-    config = dataclasses.replace(INITIAL_TRAINING, **overrides)
-    for name in ("epochs", "batch_size"):
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{INITIAL}.{name} must be a positive integer, got {value!r}")
-    if not isinstance(config.lr, int | float) or not config.lr > 0:
-        raise ConfigError(f"{INITIAL}.lr must be > 0, got {config.lr!r}")
-    return config
+    values = {**dataclasses.asdict(INITIAL_TRAINING), **overrides}
+    return checked_config(TrainingConfig, values, owner=INITIAL)

@@ -8,8 +8,9 @@ Algorithm 1 / Eq. 8) or, where a paper is silent, a documented choice.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 BatchNormMode = Literal["eval", "train"]
 
@@ -176,44 +177,65 @@ def make_config(method: str, overrides: dict[str, Any] | None = None) -> Unlearn
     info = METHODS.get(method)
     if info is None:
         raise ConfigError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
-    known = {f.name: f for f in dataclasses.fields(info.config_type)}
-    values = {**info.preset, **(overrides or {})}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown config field(s) for {method}: {', '.join(unknown)}")
-    try:
-        config = info.config_type(**values)
-    except TypeError as exc:  # pragma: no cover - guarded by the field check above
-        raise ConfigError(str(exc)) from exc
-    _check_ranges(config)
+    config = checked_config(info.config_type, {**info.preset, **(overrides or {})}, owner=method)
+    if isinstance(config, MixUnlearnConfig) and not (config.use_mix_loss or config.use_real_loss):
+        raise ConfigError("use_mix_loss and use_real_loss cannot both be off")
     return config
 
 
-def _check_ranges(config: UnlearnConfig) -> None:
-    for name in ("epochs", "batch_size"):
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if f.type in ("float", float) and not isinstance(value, int | float):
-            raise ConfigError(f"{f.name} must be a number, got {value!r}")
-        if f.name in ("lr", "generator_lr") and not value > 0:
-            raise ConfigError(f"{f.name} must be > 0, got {value!r}")
-    if isinstance(config, UGradSLConfig) and not 0.0 <= config.p <= 1.0:
-        raise ConfigError(f"p must be in [0, 1], got {config.p!r}")
-    if isinstance(config, MixUnlearnConfig | LMixConfig) and not config.alpha > 0:
-        raise ConfigError(f"alpha must be > 0, got {config.alpha!r}")
-    if isinstance(config, MixUnlearnConfig):
-        for name in ("tau_gen", "tau_mix", "tau_real", "sharpen_temperature"):
-            if not getattr(config, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(config, name)!r}")
-        if not isinstance(config.min_steps, int) or config.min_steps < 0:
-            raise ConfigError(f"min_steps must be a non-negative integer, got {config.min_steps!r}")
-        if not isinstance(config.generator_every, int) or config.generator_every < 1:
-            raise ConfigError(f"generator_every must be a positive integer, got {config.generator_every!r}")
-        if not (config.use_mix_loss or config.use_real_loss):
-            raise ConfigError("use_mix_loss and use_real_loss cannot both be off")
+C = TypeVar("C")
+
+# Value ranges by field name, wherever the field appears (each is checked after its type).
+_POSITIVE = {
+    "epochs", "batch_size", "generator_every", "lr", "generator_lr", "alpha",
+    "tau_gen", "tau_mix", "tau_real", "sharpen_temperature",
+}  # fmt: skip
+_NON_NEGATIVE = {"min_steps", "seed", "weight_decay", "retain_weight", "omega", "distance_threshold"}
+_UNIT_INTERVAL = {"p"}
+_MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
+
+
+def checked_config(config_type: type[C], values: dict[str, Any], owner: str) -> C:
+    """``config_type(**values)`` after checking every name, type (JSON gives no guarantee) and range.
+
+    ``owner`` names the method (or part) in error messages."""
+    fields = {f.name for f in dataclasses.fields(config_type)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown config field(s) for {owner}: {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
+        )
+    hints = get_type_hints(config_type)
+    for name, value in values.items():
+        _check_value(owner, name, value, hints[name])
+    return config_type(**values)
+
+
+def _check_value(owner: str, name: str, value: Any, expected: Any) -> None:
+    label = f"{owner}.{name}"
+    if get_origin(expected) is Literal:
+        if value not in get_args(expected):
+            choices = ", ".join(repr(choice) for choice in get_args(expected))
+            raise ConfigError(f"{label} must be one of {choices}, got {value!r}")
+        return
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{label} must be true or false, got {value!r}")
+        return
+    if expected is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{label} must be an integer, got {value!r}")
+    if expected is float and (
+        not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value)
+    ):
+        raise ConfigError(f"{label} must be a finite number, got {value!r}")
+    if name in _POSITIVE and not value > 0:
+        raise ConfigError(f"{label} must be > 0, got {value!r}")
+    if name in _NON_NEGATIVE and not value >= 0:
+        raise ConfigError(f"{label} must be >= 0, got {value!r}")
+    if name in _UNIT_INTERVAL and not 0 <= value <= 1:
+        raise ConfigError(f"{label} must be in [0, 1], got {value!r}")
+    if name == "seed" and value > _MAX_SEED:
+        raise ConfigError(f"{label} must be at most {_MAX_SEED}, got {value!r}")
 
 
 def config_to_dict(config: UnlearnConfig) -> dict[str, Any]:

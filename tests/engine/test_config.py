@@ -1,0 +1,48 @@
+"""Method configs arrive as JSON from product backends: every field's type and range is checked before a job
+is queued, so a worker never starts on a value it cannot use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from worker.engine.config import METHODS, ConfigError, config_to_dict, make_config
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_accepts_its_own_defaults_back(method: str) -> None:
+    config = make_config(method)
+    assert make_config(method, config_to_dict(config)) == config
+
+
+@pytest.mark.parametrize(
+    ("method", "overrides", "message"),
+    [
+        ("mixunlearn", {"learning_rate": 1e-3}, "unknown config field(s) for mixunlearn: learning_rate"),
+        ("mixunlearn", {"seed": "7"}, "mixunlearn.seed must be an integer"),
+        ("mixunlearn", {"epochs": 2.5}, "mixunlearn.epochs must be an integer"),
+        ("mixunlearn", {"epochs": True}, "mixunlearn.epochs must be an integer"),
+        ("mixunlearn", {"epochs": 0}, "mixunlearn.epochs must be > 0"),
+        ("mixunlearn", {"lr": "fast"}, "mixunlearn.lr must be a finite number"),
+        ("mixunlearn", {"lr": float("inf")}, "mixunlearn.lr must be a finite number"),
+        ("mixunlearn", {"lr": float("nan")}, "mixunlearn.lr must be a finite number"),
+        ("mixunlearn", {"lr": -1e-3}, "mixunlearn.lr must be > 0"),
+        ("mixunlearn", {"omega": -1}, "mixunlearn.omega must be >= 0"),
+        ("mixunlearn", {"use_sharpen": "yes"}, "mixunlearn.use_sharpen must be true or false"),
+        ("mixunlearn", {"batchnorm": "frozen"}, "mixunlearn.batchnorm must be one of 'eval', 'train'"),
+        ("mixunlearn", {"seed": 2**64}, "mixunlearn.seed must be at most"),
+        ("mixunlearn", {"use_mix_loss": False, "use_real_loss": False}, "cannot both be off"),
+        ("ugradsl", {"p": 1.5}, "ugradsl.p must be in [0, 1]"),
+        ("ugradsl", {"loop_over": "both"}, "ugradsl.loop_over must be one of 'forget', 'retain'"),
+        ("retrain", {"batch_size": [32]}, "retrain.batch_size must be an integer"),
+    ],
+)
+def test_bad_values_are_named(method: str, overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        make_config(method, overrides)
+    assert message in str(raised.value)
+
+
+def test_integers_are_accepted_for_float_fields() -> None:
+    assert make_config("mixunlearn", {"lr": 1, "omega": 0}).lr == 1
