@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -97,13 +97,12 @@ async def _handle_validation(_request: Request, exc: Exception) -> JSONResponse:
         {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type", "")}
         for error in exc.errors()
     ]
-    fields = sorted({".".join(str(part) for part in error["loc"][1:]) for error in errors})
-    return problem_response(
-        HTTPStatus.UNPROCESSABLE_ENTITY,
-        "invalid-request",
-        f"the request does not match the schema: {', '.join(fields) or 'body'}",
-        errors=errors,
-    )
+    if any(error["type"] == "json_invalid" for error in errors):
+        detail = "the body is not valid JSON"
+    else:
+        fields = sorted({".".join(str(part) for part in error["loc"][1:]) for error in errors})
+        detail = f"the request does not match the schema: {', '.join(fields) or 'body'}"
+    return problem_response(HTTPStatus.UNPROCESSABLE_ENTITY, "invalid-request", detail, errors=errors)
 
 
 async def _handle_http(_request: Request, exc: Exception) -> JSONResponse:
@@ -120,6 +119,17 @@ async def _handle_integrity(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _handle_data(request: Request, exc: Exception) -> JSONResponse:
+    # A value the database cannot hold or compare (a NUL in a path or query parameter, an integer beyond its
+    # range) that no schema caught: the client's input, and the transaction is rolled back with the session.
+    logger.warning("data error on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        HTTPStatus.UNPROCESSABLE_ENTITY,
+        "invalid-value",
+        "a value in the request cannot be stored or compared (a NUL character, an out-of-range number)",
+    )
+
+
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
@@ -132,4 +142,5 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _handle_validation)
     app.add_exception_handler(StarletteHTTPException, _handle_http)
     app.add_exception_handler(IntegrityError, _handle_integrity)
+    app.add_exception_handler(DataError, _handle_data)
     app.add_exception_handler(Exception, _handle_unexpected)

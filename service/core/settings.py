@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.engine.spec import BUILTIN_ARCHITECTURES
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LETHE_", env_file=".env", extra="ignore")
@@ -16,6 +18,10 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     storage_dir: Path = Path("var/checkpoints")
     dispatcher: Literal["celery", "inprocess"] = "celery"
+
+    # Architectures the workers can build: the engine's built-ins plus any a deployment registers with
+    # worker.engine.models.register_architecture. A model naming another is refused at registration.
+    architectures: list[str] = list(BUILTIN_ARCHITECTURES)
 
     max_samples_per_request: int = 10_000
     gdpr_due_days: int = 30

@@ -5,24 +5,24 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SampleIdStr = Field(min_length=1, max_length=200)
+from service.core.fields import Identifier, Text
 
 
 class SampleIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    sample_id: str = SampleIdStr
+    sample_id: Identifier
     row: int = Field(ge=0, description="index into the array file's x")
     label: int | None = Field(default=None, ge=0)
     split: Literal["train", "audit"] = Field(description="audit samples are held out and never trained on")
-    subject_id: str | None = Field(default=None, min_length=1, max_length=200)
+    subject_id: Identifier | None = None
 
 
 class DatasetCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200)
-    array_path: str = Field(
+    name: Identifier
+    array_path: Text = Field(
         min_length=1,
         description="server-side path to an .npz whose array x is float32 (N, C, H, W), already normalised",
     )

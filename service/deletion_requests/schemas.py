@@ -5,19 +5,23 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.core.fields import Identifier, Text
+
 
 class DeletionRequestCreate(BaseModel):
     """Name the samples to erase either by id or by data subject (exactly one of the two)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="the model's name")
-    sample_ids: list[str] | None = Field(
+    model: Identifier = Field(description="the model's name")
+    sample_ids: list[Identifier] | None = Field(
         default=None, description="external sample ids of the model's dataset"
     )
-    subject_id: str | None = Field(default=None, description="expands to every train sample of this subject")
-    reason: str | None = Field(default=None, max_length=2000)
-    method: str | None = Field(
+    subject_id: Identifier | None = Field(
+        default=None, description="expands to every train sample of this subject"
+    )
+    reason: Text | None = Field(default=None, max_length=2000)
+    method: Identifier | None = Field(
         default=None, description="default: mixunlearn, or mixunlearn-agnostic for a dataset without labels"
     )
     config: dict[str, Any] | None = Field(default=None, description="overrides of the method's defaults")

@@ -9,7 +9,9 @@ from fastapi import APIRouter, File, Form, Response, UploadFile, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
+from service.core.fields import Identifier
 from service.core.problems import InvalidInput
+from service.core.settings import Settings
 from service.dependencies import CursorQuery, LimitQuery, SessionDep, SettingsDep, StoreDep, page_size
 from service.models import service
 from service.models.schemas import (
@@ -51,6 +53,7 @@ def _model_out(session: Session, model: Model) -> ModelOut:
 
 def _create(
     session: Session,
+    settings: Settings,
     store: CheckpointStore,
     response: Response,
     *,
@@ -60,7 +63,13 @@ def _create(
     checkpoint: bytes,
 ) -> ModelOut:
     model, _version = service.register_model(
-        session, store, name=name, dataset_id=dataset_id, spec=spec, checkpoint=checkpoint
+        session,
+        store,
+        architectures=settings.architectures,
+        name=name,
+        dataset_id=dataset_id,
+        spec=spec,
+        checkpoint=checkpoint,
     )
     session.commit()
     response.headers["Location"] = f"/models/{model.name}"
@@ -68,7 +77,9 @@ def _create(
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelOut)
-def register_model(body: ModelCreate, session: SessionDep, store: StoreDep, response: Response) -> ModelOut:
+def register_model(
+    body: ModelCreate, session: SessionDep, settings: SettingsDep, store: StoreDep, response: Response
+) -> ModelOut:
     """Register a model whose first version imports a server-side safetensors checkpoint."""
     try:
         checkpoint = Path(body.checkpoint_path).read_bytes()
@@ -80,6 +91,7 @@ def register_model(body: ModelCreate, session: SessionDep, store: StoreDep, resp
         ) from exc
     return _create(
         session,
+        settings,
         store,
         response,
         name=body.name,
@@ -92,10 +104,11 @@ def register_model(body: ModelCreate, session: SessionDep, store: StoreDep, resp
 @router.post("/upload", status_code=status.HTTP_201_CREATED, response_model=ModelOut)
 def upload_model(
     session: SessionDep,
+    settings: SettingsDep,
     store: StoreDep,
     response: Response,
     name: Annotated[str, Form(pattern=MODEL_NAME_PATTERN)],
-    dataset_id: Annotated[str, Form()],
+    dataset_id: Annotated[Identifier, Form()],
     spec: Annotated[str, Form(description="the ModelSpec as a JSON object")],
     checkpoint: Annotated[UploadFile, File(description="a .safetensors file")],
 ) -> ModelOut:
@@ -108,6 +121,7 @@ def upload_model(
         raise InvalidInput("invalid-spec", "spec must be a JSON object", field="spec")
     return _create(
         session,
+        settings,
         store,
         response,
         name=name,

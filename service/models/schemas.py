@@ -5,6 +5,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.core.fields import Identifier, Text
+
 # Models are referenced by name in URLs and bodies, so names are URL-safe.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
@@ -13,11 +15,11 @@ class ModelCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=MODEL_NAME_PATTERN, description="unique; how URLs and bodies refer to it")
-    dataset_id: str
+    dataset_id: Identifier
     spec: dict[str, Any] = Field(
         description="ModelSpec: architecture, num_classes, input_shape, feature_layer"
     )
-    checkpoint_path: str = Field(min_length=1, description="server-side path to a .safetensors file")
+    checkpoint_path: Text = Field(min_length=1, description="server-side path to a .safetensors file")
 
 
 class VersionOut(BaseModel):
@@ -46,7 +48,7 @@ class ModelOut(BaseModel):
 
     id: str
     name: str
-    dataset_id: str
+    dataset_id: Identifier
     spec: dict[str, Any]
     created_at: datetime
     active_version: VersionOut

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, BinaryIO
 
 from sqlalchemy.orm import Session
@@ -41,12 +41,15 @@ def register_model(
     session: Session,
     store: CheckpointStore,
     *,
+    architectures: Collection[str],
     name: str,
     dataset_id: str,
     spec: dict[str, Any],
     checkpoint: bytes,
 ) -> tuple[Model, ModelVersion]:
     """Register a model trained on ``dataset_id`` with its first (active) version holding ``checkpoint``.
+
+    Its spec must name one of ``architectures`` (those the workers build) and fit the dataset.
 
     The checkpoint must be a safetensors file (a pickle is refused: loading one runs code). It is stored
     before the rows are committed; if the commit fails, the content-addressed object is merely unreferenced.
@@ -60,6 +63,13 @@ def register_model(
         model_spec = ModelSpec.from_dict(spec)
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidInput("invalid-spec", f"invalid model spec: {exc}", field="spec") from exc
+    if model_spec.architecture not in architectures:
+        raise InvalidInput(
+            "unknown-architecture",
+            f"the workers build no architecture {model_spec.architecture!r}",
+            field="spec.architecture",
+            architectures=sorted(architectures),
+        )
     if list(model_spec.input_shape) != list(dataset.sample_shape):
         raise InvalidInput(
             "spec-dataset-mismatch",

@@ -16,9 +16,9 @@ from worker.engine.config import TrainingConfig, UnlearnConfig, make_config
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
 from worker.engine.methods.ugradsl import adaptive_smoothing, smoothed_cross_entropy
-from worker.engine.models import build_model
+from worker.engine.models import build_model, known_architectures
 from worker.engine.progress import CancellationToken, ProgressEvent, UnlearningCancelled
-from worker.engine.spec import ModelSpec, mnist_cnn_spec, resnet18_spec
+from worker.engine.spec import BUILTIN_ARCHITECTURES, ModelSpec, mnist_cnn_spec, resnet18_spec
 from worker.engine.training import train
 from worker.evaluation import accuracy
 
@@ -188,3 +188,8 @@ def test_smoothed_cross_entropy_matches_eq37() -> None:
 def test_mnist_cnn_spec_for_8x8_images() -> None:
     spec = ModelSpec.from_dict(SPEC.to_dict())
     assert build_model(spec)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_the_service_lists_the_architectures_the_engine_builds() -> None:
+    # The API (torch-free) refuses a model whose architecture is not in BUILTIN_ARCHITECTURES by default.
+    assert known_architectures() == sorted(BUILTIN_ARCHITECTURES)

@@ -39,7 +39,13 @@ def test_the_api_never_imports_torch() -> None:
 def test_every_error_is_a_problem(client: TestClient) -> None:
     assert_problem(client.get("/nowhere"), 404, "not-found")
     assert_problem(client.delete("/jobs"), 405, "method-not-allowed")
+    json_type = {"content-type": "application/json"}
+    not_json = client.post("/deletion-requests", content=b"{not json", headers=json_type)
+    assert assert_problem(not_json, 422, "invalid-request")["detail"] == "the body is not valid JSON"
     assert_problem(client.post("/deletion-requests", content=b"{not json"), 422, "invalid-request")
+    # A value no schema checks and the database cannot compare: a NUL in a path or query parameter.
+    assert_problem(client.get("/models/m%00"), 422, "invalid-value")
+    assert_problem(client.get("/jobs", params={"model": "m\x00"}), 422, "invalid-value")
 
 
 def test_unexpected_errors_are_logged_and_answered_without_a_trace(client: TestClient) -> None:

@@ -82,6 +82,9 @@ def _mutations(tmp_path: Path) -> list[tuple[str, Any, str, str | None]]:
         ("bad split", lambda b: sample(b, 0, split="test"), "invalid-request", None),
         ("negative row", lambda b: sample(b, 0, row=-1), "invalid-request", None),
         ("no samples", lambda b: b.update(samples=[]) or b, "invalid-request", None),
+        # PostgreSQL text cannot hold NUL: refused by the schema, not by the database.
+        ("NUL in a sample id", lambda b: sample(b, 0, sample_id="s\x000"), "invalid-request", None),
+        ("NUL in the name", lambda b: b.update(name="toy\x00") or b, "invalid-request", None),
     ]
 
 

@@ -60,6 +60,8 @@ def test_invalid_models_are_refused_and_write_nothing(
         ({"spec": spec(input_shape=[3, 32, 32])}, "spec-dataset-mismatch"),
         ({"spec": spec(num_classes=10)}, "spec-dataset-mismatch"),
         ({"name": "has space"}, "invalid-request"),
+        ({"spec": spec(architecture="transformer")}, "unknown-architecture"),
+        ({"dataset_id": "nul\x00"}, "invalid-request"),
     ]
     for change, slug in cases:
         assert_problem(client.post("/models", json={**base, **change}), 422, slug)

@@ -40,6 +40,9 @@ class ModelSpec:
         )
 
 
+# The architectures worker.engine.models builds out of the box (more plug in with register_architecture).
+BUILTIN_ARCHITECTURES = ("mnist_cnn", "resnet18")
+
 # The MNIST CNN has no 256-channel map (the paper's MixBlock reads ResNet-18 layer3). We read conv2's block
 # output (32 x 7 x 7): the deepest spatial map, hence the most semantic attention, upsampled x4 to 28 x 28.
 MNIST_CNN_FEATURE_LAYER = "features.block2"
