@@ -10,10 +10,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# torch pinned, from the CUDA index (the worker runs on a GPU; the same wheel falls back to the CPU). Its own
-# layer: it is by far the largest and changes least often.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-RUN pip install "torch==2.13.0" --index-url "${TORCH_INDEX_URL}"
+# torch pinned. PyPI's Linux x86_64 wheel is the CUDA build (the worker runs on a GPU; the same wheel falls
+# back to the CPU); set TORCH_INDEX_URL to take it from another index (e.g. a CPU-only one for an API-only
+# image). Its own layer: it is by far the largest and changes least often.
+ARG TORCH_INDEX_URL=""
+RUN pip install "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 
 COPY pyproject.toml README.md ./
 COPY service ./service
