@@ -18,6 +18,7 @@ from worker.engine.data import TensorSplit
 from worker.engine.methods.ugradsl import adaptive_smoothing, smoothed_cross_entropy
 from worker.engine.models import build_model, known_architectures
 from worker.engine.progress import CancellationToken, ProgressEvent, UnlearningCancelled
+from worker.engine.runtime import Runtime
 from worker.engine.spec import BUILTIN_ARCHITECTURES, ModelSpec, mnist_cnn_spec, resnet18_spec
 from worker.engine.training import train
 from worker.evaluation import accuracy
@@ -193,3 +194,14 @@ def test_mnist_cnn_spec_for_8x8_images() -> None:
 def test_the_service_lists_the_architectures_the_engine_builds() -> None:
     # The API (torch-free) refuses a model whose architecture is not in BUILTIN_ARCHITECTURES by default.
     assert known_architectures() == sorted(BUILTIN_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("method", [*BASELINES, "mixunlearn", "mixunlearn-agnostic"])
+def test_every_method_runs_under_mixed_precision(digits: Digits, method: str) -> None:
+    # The CUDA path's autocast and fp16 grad scaler, exercised on the CPU (no GPU in CI).
+    amp = Runtime(torch.device("cpu"), mixed_precision=True)
+    mixed = unlearn(digits.model, SPEC, digits.forget, digits.retain, _config(method), runtime=amp)
+    full = unlearn(digits.model, SPEC, digits.forget, digits.retain, _config(method))
+    assert all(torch.isfinite(p).all() for p in mixed.parameters())
+    ctx = RunContext()
+    assert abs(accuracy(mixed, digits.test, ctx) - accuracy(full, digits.test, ctx)) < 5.0
