@@ -11,6 +11,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+from worker.engine import models
 from worker.engine.api import unlearn
 from worker.engine.config import TrainingConfig, make_config
 from worker.engine.context import RunContext
@@ -155,6 +156,33 @@ def _toy() -> tuple[nn.Module, TensorSplit, TensorSplit]:
     x = torch.rand(100, 1, 8, 8)
     y = torch.arange(100) % 10
     return build_model(SPEC), TensorSplit(x[y == 0], y[y == 0]), TensorSplit(x[y != 0], y[y != 0])
+
+
+class _UserNet(nn.Module):
+    """A user's own architecture: the generator reads whatever 4-D layer its spec names."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 8, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+def test_a_user_module_plugs_in_by_naming_its_feature_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models, "_ARCHITECTURES", dict(models._ARCHITECTURES))  # leave the registry as it was
+    models.register_architecture("user_net", lambda spec: _UserNet(spec.num_classes))
+    spec = ModelSpec("user_net", 10, (1, 8, 8), "trunk")
+    _, forget, retain = _toy()
+    model = build_model(ModelSpec.from_dict(spec.to_dict()))
+    before = copy.deepcopy(model.state_dict())
+    config = make_config("mixunlearn", {"epochs": 1, "min_steps": 0, "batch_size": 4})
+    result = unlearn(model, spec, forget, retain, config)
+    assert isinstance(result, _UserNet) and "user_net" in models.known_architectures()
+    assert any(not torch.equal(before[k], v) for k, v in result.state_dict().items())
+    with pytest.raises(ValueError, match="no layer"):
+        build_model(ModelSpec("user_net", 10, (1, 8, 8), "nowhere"))
 
 
 def test_label_agnostic_mode_never_reads_labels() -> None:
