@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,8 +42,9 @@ class PairedBatch:
 BatchLoss = Callable[[PairedBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-class _Cycler:
-    """Batches of a set drawn from consecutive reshuffled passes over it."""
+class Cycler:
+    """Batches of a set drawn from consecutive reshuffled passes over it: no row repeats before all have been
+    drawn."""
 
     def __init__(self, n: int, generator: torch.Generator) -> None:
         self.n = n
@@ -82,7 +84,7 @@ def run_paired(
     scaler = ctx.runtime.grad_scaler()
     looped, other = (forget, retain) if loop_over == "forget" else (retain, forget)
     order = ctx.generator(_ORDER_STREAM)
-    partner = _Cycler(len(other), ctx.generator(_PAIR_STREAM))
+    partner = Cycler(len(other), ctx.generator(_PAIR_STREAM))
     total = -(-len(looped) // config.batch_size) * config.epochs
     step = 0
     unlearning_mode(model, config)
@@ -107,6 +109,11 @@ def run_paired(
             step += 1
             ctx.step(step, total, epoch, config.epochs, {k: float(v.detach()) for k, v in values.items()})
     return model
+
+
+def numpy_stream(generator: torch.Generator) -> np.random.Generator:
+    """A numpy generator seeded from ``generator`` (torch has no seeded Beta sampler)."""
+    return np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -9,7 +9,6 @@ loss = ||softmax(f(x_mix)) - target||^2 + w * ||softmax(f(x_r)) - softmax(f_D(x_
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -20,6 +19,7 @@ from worker.engine.methods._loops import (
     METHOD_STREAM,
     PairedBatch,
     frozen_copy,
+    numpy_stream,
     prob_mse,
     random_onehot,
     run_paired,
@@ -38,9 +38,7 @@ def run(
     device = ctx.runtime.device
     initial = frozen_copy(model).to(device)
     targets_f = random_onehot(len(forget), spec.num_classes, ctx.generator(METHOD_STREAM)).to(device)
-    # torch has no seeded Beta sampler: a numpy stream seeded from the run's own generator.
-    lam_seed = int(torch.randint(2**62, (1,), generator=ctx.generator(METHOD_STREAM + 1)))
-    lam_rng = np.random.default_rng(lam_seed)
+    lam_rng = numpy_stream(ctx.generator(METHOD_STREAM + 1))
 
     def loss_fn(batch: PairedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         lam = float(lam_rng.beta(config.alpha, config.alpha))

@@ -15,10 +15,8 @@ remaining batch of the same size. Every ``generator_every``-th step the MixBlock
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -26,11 +24,12 @@ from torch.nn import functional as F
 from worker.engine.config import MixUnlearnConfig, UnlearnConfig
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
+from worker.engine.methods._loops import Cycler, frozen_copy, numpy_stream, unlearning_mode
 from worker.engine.methods.losses import gen_loss, mix_loss, real_loss, sharpen
 from worker.engine.methods.mixblock import Lambda, MixBlock, apply_mask, at_least_float32
 from worker.engine.models import FeatureTap
 from worker.engine.spec import ModelSpec
-from worker.engine.training import batches, set_batchnorm_mode
+from worker.engine.training import batches
 
 # Independent random streams drawn from the run's seed (RunContext.generator offsets).
 _ORDER_STREAM, _RETAIN_STREAM, _LAMBDA_STREAM, _INIT_STREAM = 0, 1, 2, 3
@@ -78,32 +77,9 @@ class _Reference:
             self.tap.close()
 
 
-class _RetainSampler:
-    """Random remaining batches: consecutive slices of reshuffled passes over D_r, so no remaining sample
-    repeats before all have been drawn."""
-
-    def __init__(self, n: int, generator: torch.Generator) -> None:
-        self.n = n
-        self.generator = generator
-        self.pending = torch.empty(0, dtype=torch.long)
-
-    def take(self, size: int) -> torch.Tensor:
-        while len(self.pending) < size:
-            self.pending = torch.cat([self.pending, torch.randperm(self.n, generator=self.generator)])
-        rows, self.pending = self.pending[:size], self.pending[size:]
-        return rows
-
-
 def _labels(split: TensorSplit, config: MixUnlearnConfig) -> torch.Tensor | None:
     # Label-agnostic mode must never read y (it may be absent, or not be ours to read).
     return None if config.label_agnostic else split.require_labels()
-
-
-def _unlearner_mode(model: nn.Module, config: MixUnlearnConfig) -> None:
-    # BatchNorm (open choice, config.batchnorm, default "eval"): running statistics stay frozen, as in the LAF
-    # lineage; the forget/remain batches are small and skewed. Other layers (dropout) run in training mode.
-    model.train()
-    set_batchnorm_mode(model, config.batchnorm == "train")
 
 
 def run(
@@ -126,7 +102,7 @@ def run(
     # are used.
     initial: nn.Module | None = None
     if use_generator or config.label_agnostic:
-        initial = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+        initial = frozen_copy(model).to(device)
     reference = _Reference(initial, spec, config, ctx, with_features=use_generator)
     try:
         # f_D's features and targets on D_f are computed once (every epoch revisits all of D_f).
@@ -150,16 +126,17 @@ def run(
             adversary = _Adversary(features_f_all.shape[1], forget.x.shape[-2:], config, ctx)
 
         order = ctx.generator(_ORDER_STREAM)
-        retain_rows = _RetainSampler(len(retain), ctx.generator(_RETAIN_STREAM))
-        lam_seed = int(torch.randint(2**62, (1,), generator=ctx.generator(_LAMBDA_STREAM)))
-        lam_rng = np.random.default_rng(lam_seed)
+        retain_rows = Cycler(len(retain), ctx.generator(_RETAIN_STREAM))
+        lam_rng = numpy_stream(ctx.generator(_LAMBDA_STREAM))
         steps_per_epoch = -(-len(forget) // config.batch_size)
         # A tiny forget set still gets ``min_steps`` updates: a constant floor, so cost stays O(|D_f|).
         epochs = max(config.epochs, -(-config.min_steps // steps_per_epoch))
         total = steps_per_epoch * epochs
         step = 0
         l_gen: float | None = None
-        _unlearner_mode(unlearner, config)
+        # BatchNorm (open choice, config.batchnorm, default "eval"): running statistics stay frozen, as in the
+        # LAF lineage; the forget/remain batches are small and skewed. Dropout and the like train.
+        unlearning_mode(unlearner, config)
         for epoch in range(1, epochs + 1):
             for rows_f in batches(len(forget), config.batch_size, order):
                 size = len(rows_f)
@@ -280,5 +257,5 @@ class _Adversary:
         finally:
             for p in unlearner_params:
                 p.requires_grad_(True)
-            _unlearner_mode(unlearner, self.config)
+            unlearning_mode(unlearner, self.config)
         return mask.detach(), float(loss.detach())
