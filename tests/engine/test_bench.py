@@ -18,7 +18,7 @@ from worker.datasets import BuiltinDataset, load_dataset
 from worker.engine.config import MixUnlearnConfig
 
 RECORD_FIELDS = {"method", "setup", "seed", "dataset", "forget_frac", "forget_size", "metrics", "wall_s"}
-RECORD_FIELDS |= {"time_ratio", "config"}
+RECORD_FIELDS |= {"time_ratio", "config", "asr_parts"}
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,10 @@ def test_cli_tiny_run_writes_documented_records(tmp_path: Path) -> None:
         assert set(record["metrics"]) == {"train_r", "train_f", "test", "test_r", "test_f", "asr"}
         assert record["setup"] == "class" and record["dataset"] == "digits" and record["seed"] == 0
         assert record["forget_size"] == 125  # class 0's training rows
+        parts = record["asr_parts"]
+        assert record["metrics"]["asr"] == pytest.approx(
+            (parts["forget_called_member"] + parts["heldout_called_nonmember"]) / 2
+        )
     original, retrain = records
     assert retrain["time_ratio"] == 1.0 and retrain["config"]["epochs"] == 1
     assert original["config"]["epochs"] == 1 and original["wall_s"] == 0.0

@@ -11,7 +11,7 @@ from worker.engine.data import TensorSplit
 from worker.engine.models import build_model
 from worker.engine.runtime import CPU
 from worker.engine.spec import mnist_cnn_spec
-from worker.evaluation import accuracy, attack_success_rate, paper_metrics
+from worker.evaluation import accuracy, attack_success_rate, membership_attack, paper_metrics
 
 SPEC = mnist_cnn_spec(10, (1, 8, 8))
 
@@ -70,8 +70,10 @@ def test_asr_detects_confident_members_and_is_seeded() -> None:
     heldout = torch.rand(200, 1, 8, 8, generator=generator)
     heldout[:, 0, 0, 1] = 0.0
     forget, retain, test = _labelled(members[:60]), _labelled(members[60:]), _labelled(heldout)
+    attack = membership_attack(_PixelClassifier(), forget, retain, test, seed=3, runtime=CPU)
+    assert attack.forget_called_member > 95.0 and attack.heldout_called_nonmember > 95.0
     asr = attack_success_rate(_PixelClassifier(), forget, retain, test, seed=3, runtime=CPU)
-    assert asr > 95.0
+    assert asr == attack.asr > 95.0
     assert asr == attack_success_rate(_PixelClassifier(), forget, retain, test, seed=3, runtime=CPU)
     # Unlabelled splits are fine: the attack reads outputs only.
     bare_f, bare_r, bare_t = (TensorSplit(s.x) for s in (forget, retain, test))
@@ -92,6 +94,8 @@ def test_paper_metrics_keys_and_ranges() -> None:
     }
     metrics = paper_metrics(model, **sets, forget_classes={0, 1}, asr_seed=0, runtime=CPU)
     assert set(metrics) == {"train_r", "train_f", "test", "test_r", "test_f", "asr"}
+    attack = membership_attack(model, sets["train_forget"], sets["train_retain"], sets["test"], 0, CPU)
+    assert metrics["asr"] == attack.asr == (attack.forget_called_member + attack.heldout_called_nonmember) / 2
     assert all(v is not None and 0.0 <= v <= 100.0 for v in metrics.values())
     test_y = sets["test"].require_labels()
     in_forget = (test_y <= 1).float().mean().item()

@@ -37,7 +37,7 @@ from worker.engine.progress import ProgressCallback, ProgressEvent
 from worker.engine.runtime import Runtime
 from worker.engine.spec import ModelSpec, mnist_cnn_spec
 from worker.engine.training import train
-from worker.evaluation.metrics import paper_metrics
+from worker.evaluation.metrics import membership_attack, paper_metrics
 
 Record = dict[str, Any]
 
@@ -173,6 +173,7 @@ class _Run:
                 model, wall, config = initial, 0.0, dataclasses.asdict(self.initial_config)
             else:
                 model, wall, config = self._unlearn(initial, setup, method, seed, prefix)
+            attack = membership_attack(model, forget, retain, test, seed=seed, runtime=self.runtime)
             metrics = paper_metrics(
                 model,
                 train_retain=retain,
@@ -181,6 +182,7 @@ class _Run:
                 forget_classes=None if setup.forget_classes is None else set(setup.forget_classes),
                 asr_seed=seed,
                 runtime=self.runtime,
+                attack=attack,
             )
             shown = " ".join(f"{k}={v:.2f}" for k, v in metrics.items() if v is not None)
             self.printer.note(f"{prefix} {method}: {wall:.1f} s, {shown}")
@@ -193,6 +195,12 @@ class _Run:
                     "forget_frac": setup.forget_frac,
                     "forget_size": len(setup.forget_rows),
                     "metrics": metrics,
+                    # Why the ASR moves: the share of D_f the attack calls members, and of held-out data it
+                    # calls non-members (the ASR is their mean).
+                    "asr_parts": {
+                        "forget_called_member": attack.forget_called_member,
+                        "heldout_called_nonmember": attack.heldout_called_nonmember,
+                    },
                     "wall_s": wall,
                     "time_ratio": None,
                     "config": config,

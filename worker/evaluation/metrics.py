@@ -3,6 +3,8 @@ attack (ASR). Percentages (0-100). Everything is computed in eval mode, i.e. wit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from sklearn.ensemble import GradientBoostingClassifier
@@ -33,6 +35,20 @@ def _sorted_softmax(model: nn.Module, x: torch.Tensor, ctx: RunContext) -> np.nd
     return probs.sort(dim=1, descending=True).values.numpy()
 
 
+@dataclass(frozen=True)
+class MembershipAttack:
+    """The two halves of the ASR's balanced evaluation set, in percent. They say why an ASR moves: whether the
+    forget set looks like members, or the never-seen data like non-members."""
+
+    forget_called_member: float  # of the evaluated forget samples, those the attacker calls members
+    heldout_called_nonmember: float  # of the evaluated held-out samples, those it calls non-members
+
+    @property
+    def asr(self) -> float:
+        """The attacker's accuracy on the balanced evaluation set."""
+        return (self.forget_called_member + self.heldout_called_nonmember) / 2
+
+
 def attack_success_rate(
     model: nn.Module,
     forget: TensorSplit,
@@ -41,7 +57,19 @@ def attack_success_rate(
     seed: int,
     runtime: Runtime,
 ) -> float:
-    """The LAF lineage's membership-inference ASR (Shen et al. 2024), in percent.
+    """The LAF lineage's membership-inference ASR in percent; see :func:`membership_attack`."""
+    return membership_attack(model, forget, retain, heldout, seed, runtime).asr
+
+
+def membership_attack(
+    model: nn.Module,
+    forget: TensorSplit,
+    retain: TensorSplit,
+    heldout: TensorSplit,
+    seed: int,
+    runtime: Runtime,
+) -> MembershipAttack:
+    """The LAF lineage's membership-inference attack (Shen et al. 2024).
 
     Features: per-sample softmax sorted descending. The held-out set is shuffled and cut in two disjoint
     parts. Attacker training set: members = a random subset of D_r, non-members = the first held-out part, n
@@ -69,9 +97,10 @@ def attack_success_rate(
 
     forget_members = features(forget, rng.choice(len(forget), n_eval, replace=False))
     eval_non_members = features(heldout, rng.choice(heldout_order[n_train:], n_eval, replace=False))
-    predicted = attacker.predict(np.concatenate([forget_members, eval_non_members]))
-    truth = np.r_[np.ones(n_eval), np.zeros(n_eval)]
-    return 100.0 * float((predicted == truth).mean())
+    return MembershipAttack(
+        forget_called_member=100.0 * float(attacker.predict(forget_members).mean()),
+        heldout_called_nonmember=100.0 * float(1 - attacker.predict(eval_non_members).mean()),
+    )
 
 
 def paper_metrics(
@@ -83,11 +112,15 @@ def paper_metrics(
     forget_classes: set[int] | None,
     asr_seed: int,
     runtime: Runtime,
+    attack: MembershipAttack | None = None,
 ) -> dict[str, float | None]:
     """The paper's table columns in percent: Train_r, Train_f (against ``train_forget``'s labels: for a
     noisy-label setup, the labels the model was trained with), Test, Test_r / Test_f (held-out accuracy on
     classes outside / inside ``forget_classes``; None without forget classes or when the test set has no such
-    sample) and ASR."""
+    sample) and ASR. ``attack``: the membership attack on these splits when the caller has run it already
+    (to keep its halves), so it is not fitted twice."""
+    if attack is None:
+        attack = membership_attack(model, train_forget, train_retain, test, seed=asr_seed, runtime=runtime)
     test_r: float | None = None
     test_f: float | None = None
     if forget_classes is not None:
@@ -100,7 +133,7 @@ def paper_metrics(
         "test": accuracy(model, test, runtime),
         "test_r": test_r,
         "test_f": test_f,
-        "asr": attack_success_rate(model, train_forget, train_retain, test, seed=asr_seed, runtime=runtime),
+        "asr": attack.asr,
     }
 
 
