@@ -143,6 +143,35 @@ def test_cli_tiny_run_writes_documented_records(tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache").glob("digits-*-seed0.safetensors"))) == 1
 
 
+def test_cli_first_seed_runs_disjoint_seeds(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = [
+        "bench",
+        "--dataset",
+        "digits",
+        "--methods",
+        "original,finetune",
+        "--seeds",
+        "2",
+        "--first-seed",
+        "3",
+    ]
+    args += [
+        "--set",
+        "initial.epochs=1",
+        "--set",
+        "finetune.epochs=1",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    assert main([*args, "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [(r["method"], r["seed"]) for r in records] == [
+        ("original", 3), ("finetune", 3), ("original", 4), ("finetune", 4)
+    ]  # fmt: skip
+    assert [r["config"]["seed"] for r in records if r["method"] == "finetune"] == [3, 4]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -151,6 +180,7 @@ def test_cli_tiny_run_writes_documented_records(tmp_path: Path) -> None:
         (["--forget-frac", "0.1"], "--setup random only"),
         (["--set", "mixunlearn.omega=1", "--methods", "retrain"], "not among --methods"),
         (["--set", "retrain.nope=1", "--methods", "retrain"], "unknown config field"),
+        (["--first-seed", "-1"], "--first-seed must be at least 0"),
     ],
 )
 def test_cli_rejects_bad_arguments(

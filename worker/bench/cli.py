@@ -48,7 +48,13 @@ def add_parser(subparsers: Any) -> None:
         default="all",
         help=f"comma list, or 'all' ({', '.join(DEFAULT_METHODS)}); ablations: {', '.join(ABLATIONS)}",
     )
-    parser.add_argument("--seeds", type=int, default=5, help="run seeds 0..N-1 (default: 5)")
+    parser.add_argument("--seeds", type=int, default=5, help="how many seeds to run (default: 5)")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="run seeds K..K+N-1 (default: 0); a validation study takes seeds the reported runs do not",
+    )
     parser.add_argument(
         "--forget-class", type=int, default=None, help="class setup: the class to forget (default: 0)"
     )
@@ -99,7 +105,7 @@ def _parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str
         if method != INITIAL and method not in methods:
             raise ValueError(f"--set {item!r}: {method!r} is not among --methods ({', '.join(methods)})")
         if name == "seed":
-            raise ValueError("--set cannot change a seed: the bench runs seeds 0..N-1, see --seeds")
+            raise ValueError("--set cannot change a seed: see --seeds and --first-seed")
         overrides.setdefault(method, {})[name] = _parse_value(value)
     # Build every config now so a bad field fails before any training starts.
     initial_training_config(overrides.get(INITIAL, {}))
@@ -147,6 +153,8 @@ def _plan_args(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.first_seed < 0:
+        raise ValueError(f"--first-seed must be at least 0, got {args.first_seed}")
     if args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.forget_class is not None:
@@ -160,6 +168,7 @@ def _plan_args(args: argparse.Namespace) -> dict[str, Any]:
         "setups": tuple(setups),
         "methods": tuple(methods),
         "seeds": args.seeds,
+        "first_seed": args.first_seed,
         "forget_class": args.forget_class or 0,
         "forget_fracs": _fractions(args.forget_frac, setups),
         "overrides": _parse_overrides(args.overrides, methods),

@@ -48,6 +48,8 @@ class BenchPlan:
     setups: tuple[str, ...]
     methods: tuple[str, ...]
     seeds: int
+    # Seeds first_seed .. first_seed + seeds - 1: a validation run takes seeds disjoint from a reported one.
+    first_seed: int = 0
     forget_class: int = 0
     forget_fracs: tuple[float, ...] = (DEFAULT_FORGET_FRAC,)
     # bench method name (or "initial") -> config field overrides
@@ -231,7 +233,7 @@ def run_bench(
         printer=printer or ProgressPrinter(),
     )
     records: list[Record] = []
-    for seed in range(plan.seeds):
+    for count, seed in enumerate(range(plan.first_seed, plan.first_seed + plan.seeds), start=1):
         for setup_name, frac in plan.variants():
             setup = build_setup(
                 setup_name,
@@ -243,7 +245,7 @@ def run_bench(
                 forget_frac=frac or DEFAULT_FORGET_FRAC,
             )
             label = setup_name if frac is None else f"{setup_name} F={frac:g}"
-            records += run.run_setup(setup, seed, f"[seed {seed + 1}/{plan.seeds}] {label}")
+            records += run.run_setup(setup, seed, f"[seed {seed}, {count}/{plan.seeds}] {label}")
             if on_records is not None:
                 on_records(records)
     return records
