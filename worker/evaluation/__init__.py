@@ -3,9 +3,8 @@
 from worker.evaluation.metrics import (
     MembershipAttack,
     accuracy,
-    attack_success_rate,
     membership_attack,
     paper_metrics,
 )
 
-__all__ = ["MembershipAttack", "accuracy", "attack_success_rate", "membership_attack", "paper_metrics"]
+__all__ = ["MembershipAttack", "accuracy", "membership_attack", "paper_metrics"]
