@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.audit.routes import router as audit_router
 from service.core.database import make_engine, make_session_factory
 from service.core.problems import install_problem_handlers
 from service.core.settings import Settings
@@ -52,6 +53,6 @@ def create_app(
         dispatcher if dispatcher is not None else build_dispatcher(settings, session_factory)
     )
     install_problem_handlers(app)
-    for router in (datasets_router, models_router, deletion_requests_router, jobs_router):
+    for router in (datasets_router, models_router, audit_router, deletion_requests_router, jobs_router):
         app.include_router(router)
     return app

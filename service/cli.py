@@ -11,7 +11,7 @@ import argparse
 import importlib
 from collections.abc import Sequence
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("service.commands", "worker.bench.cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("service.commands", "worker.bench.cli", "worker.audit_command")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
 """Imports every table module so ``Base.metadata`` is complete (for Alembic and the mapper registry)."""
 
+from service.audit import tables as audit_tables
 from service.datasets import tables as datasets_tables
 from service.deletion_requests import tables as deletion_requests_tables
 from service.idempotency import tables as idempotency_tables
@@ -7,6 +8,7 @@ from service.jobs import tables as jobs_tables
 from service.models import tables as models_tables
 
 __all__ = [
+    "audit_tables",
     "datasets_tables",
     "deletion_requests_tables",
     "idempotency_tables",

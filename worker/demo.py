@@ -50,18 +50,26 @@ def write_dataset(dataset: BuiltinDataset, path: Path) -> None:
     np.savez(path, x=dataset.x)
 
 
+def subject_of_rows(dataset: BuiltinDataset) -> dict[int, str]:
+    """Each train row's data subject: SAMPLES_PER_SUBJECT rows each, drawn by a seeded permutation (the arrays
+    are sorted by class; a real person's data spans classes)."""
+    order = np.random.default_rng(SEED).permutation(dataset.train_rows)
+    return {int(row): f"subject-{position // SAMPLES_PER_SUBJECT:04d}" for position, row in enumerate(order)}
+
+
 def dataset_body(dataset: BuiltinDataset, array_path: Path) -> dict[str, Any]:
-    """POST /datasets: builtin train rows are the train split (SAMPLES_PER_SUBJECT per data subject), builtin
-    held-out rows the audit split."""
+    """POST /datasets: builtin train rows are the train split (SAMPLES_PER_SUBJECT per data subject, see
+    :func:`subject_of_rows`), builtin held-out rows the audit split."""
+    subjects = subject_of_rows(dataset)
     samples = [
         {
             "sample_id": dataset.sample_ids[row],
             "row": int(row),
             "label": int(dataset.y[row]),
             "split": "train",
-            "subject_id": f"subject-{position // SAMPLES_PER_SUBJECT:04d}",
+            "subject_id": subjects[int(row)],
         }
-        for position, row in enumerate(dataset.train_rows)
+        for row in dataset.train_rows
     ]
     samples += [
         {
@@ -134,16 +142,30 @@ def poll_job(
         time.sleep(interval)
 
 
-def _print_progress(job: dict[str, Any]) -> None:
-    progress = job.get("progress") or {}
-    if job["state"] == "running" and progress.get("total_steps"):
-        losses = ", ".join(f"{name} {value:.3f}" for name, value in progress["losses"].items())
-        say(
-            f"  running: step {progress['step']}/{progress['total_steps']}, "
-            f"epoch {progress['epoch']}/{progress['total_epochs']}  ({losses})"
-        )
-    else:
-        say(f"  {job['state']}")
+def progress_printer() -> Callable[[dict[str, Any]], None]:
+    """Prints a job's progress when it changes: the reference build model by model, then unlearning."""
+    last = [""]
+
+    def on_update(job: dict[str, Any]) -> None:
+        progress = job.get("progress") or {}
+        if job["state"] == "running" and progress.get("phase") == "audit_references":
+            line = (
+                f"  running: first audited job of this model, training audit reference model "
+                f"{progress['epoch']}/{progress['total_epochs']}"
+            )
+        elif job["state"] == "running" and progress.get("total_steps"):
+            losses = ", ".join(f"{name} {value:.3f}" for name, value in progress["losses"].items())
+            line = (
+                f"  running: unlearning step {progress['step']}/{progress['total_steps']}, "
+                f"epoch {progress['epoch']}/{progress['total_epochs']}  ({losses})"
+            )
+        else:
+            line = f"  {job['state']}"
+        if line != last[0]:
+            say(line)
+            last[0] = line
+
+    return on_update
 
 
 def _print_outcome(client: httpx.Client, job: dict[str, Any], request_id: str, model: dict[str, Any]) -> None:
@@ -152,25 +174,8 @@ def _print_outcome(client: httpx.Client, job: dict[str, Any], request_id: str, m
     if job["error"]:
         say(f"  reason: {job['error']['reason']}: {job['error']['detail']}")
     metrics = job.get("metrics") or {}
-    if "before" in metrics:
-        before, after, gate = metrics["before"], metrics["after"], metrics["gate"]
-        say("\nWhat the audit measured (accuracy in %, before -> after unlearning):")
-        rows = [
-            ("held-out audit set (never trained on)", "audit_accuracy"),
-            ("  same classes as the forgotten samples", "audit_accuracy_forget_classes"),
-            ("forgotten samples", "forget_accuracy"),
-            ("remaining training samples", "remaining_accuracy"),
-            ("membership attack success rate", "attack_success_rate"),
-        ]
-        for label, key in rows:
-            say(f"  {label:<42} {before[key]:>6} -> {after[key]:>6}")
-        say(
-            f"\nAudit gate: {'PASSED' if gate['passed'] else 'FAILED'}  (audit accuracy drop "
-            f"{gate['audit_drop']} <= {gate['max_audit_drop']} points; forgotten samples at most "
-            f"{gate['forget_margin']} points above never-seen ones: {gate['forget_excess']})"
-        )
-        for failure in gate["failures"]:
-            say(f"  - {failure}")
+    if "audit" in metrics:
+        _print_audit(metrics)
     versions = client.get(f"/models/{model['name']}/versions").raise_for_status().json()["items"]
     by_id = {version["id"]: version for version in versions}
     say(f"\nModel {model['name']!r}: versions and lineage")
@@ -191,6 +196,62 @@ def _print_outcome(client: httpx.Client, job: dict[str, Any], request_id: str, m
         say(f"  {len(forgotten)} samples now marked forgotten: {shown}")
     else:
         say("  no sample is marked forgotten: the active model still holds them; a new request is needed")
+
+
+def _print_audit(metrics: dict[str, Any]) -> None:
+    before, after, audit = metrics["before"], metrics["after"], metrics["audit"]
+    say("\nThe rule, fixed before the job ran:")
+    for line in audit["rule"]["text"]:
+        say(f"  - {line}")
+    membership = audit["membership"]
+    say(
+        f"\nPer-sample membership audit ({audit['references']['references']} reference models, "
+        f"{membership['after']['samples']} forgotten samples vs never-seen controls), before -> after:"
+    )
+    rows = [
+        ("share scored above never-seen controls' 95th pct", "member_share"),
+        ("  its binomial p-value (5% expected)", "member_share_p"),
+        ("share scored below their 5th pct (over-forgetting)", "over_forgetting_share"),
+        ("  its binomial p-value", "over_forgetting_share_p"),
+        ("most member-like sample, Holm-corrected p", "min_sample_p_member_holm"),
+        ("attack AUC (forgotten vs never-seen)", "auc"),
+        ("attack TPR at 1% FPR", "tpr_at_1pct_fpr"),
+    ]
+    for label, key in rows:
+        say(f"  {label:<52} {membership['before'][key]:>9} -> {membership['after'][key]:>9}")
+    say("\nUtility on never-seen data (accuracy %, before -> after):")
+    utility = audit["utility"]
+    overall = utility["overall"]
+    say(
+        f"  overall {overall['before']:>6} -> {overall['after']:>6}  "
+        f"(95% interval after {overall['after_interval']})"
+    )
+    classes = "  ".join(
+        f"{label}: {block['before']:.0f}->{block['after']:.0f}"
+        for label, block in utility["per_class"].items()
+    )
+    say(f"  per class  {classes}")
+    say(
+        f"  population metrics: forgotten samples {before['forget_accuracy']} -> {after['forget_accuracy']}, "
+        f"remaining {before['remaining_accuracy']} -> {after['remaining_accuracy']}, population attack "
+        f"(LAF lineage) {before['attack_success_rate']} -> {after['attack_success_rate']}"
+    )
+    gate = audit["gate"]
+    say(
+        f"\nVerdict: {audit['verdict'].upper().replace('_', ' ')}; "
+        f"gate {'PASSED' if gate['passed'] else 'FAILED'}"
+        f" (residual membership p = {gate['residual_membership_p']}, over-forgetting p = "
+        f"{gate['over_forgetting_p']}, audit drop {gate['audit_drop']} points, largest class drop "
+        f"{gate['largest_class_drop']})"
+    )
+    for failure in gate["failures"]:
+        say(f"  - {failure}")
+    for subject, outcome in audit["subjects"].items():
+        say(
+            f"  subject {subject}: {outcome['verdict']} (share of its {outcome['samples']} samples scored "
+            f"member-like: {outcome['member_share_before']} before, {outcome['member_share_after']} after)"
+        )
+    say(f"  audit took {audit['seconds']} s; unlearning {metrics['timings']['unlearn_seconds']} s")
 
 
 def forgotten_sample_ids(client: httpx.Client, dataset_id: str, request_id: str) -> list[str]:
@@ -250,8 +311,10 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
             client.post("/datasets", json=dataset_body(dataset, array_path)).raise_for_status().json()
         )
         say(f"   POST /datasets -> {registered['id']}: {registered['samples']}")
+        # The recipe the model was trained with: the audit's reference models are trained the same way.
         body = {"name": "mnist-cnn", "dataset_id": registered["id"], "spec": spec.to_dict(),
-                "checkpoint_path": str(checkpoint_path.resolve())}  # fmt: skip
+                "checkpoint_path": str(checkpoint_path.resolve()),
+                "training_recipe": {"epochs": initial_epochs}}  # fmt: skip
         model = client.post("/models", json=body).raise_for_status().json()
         version = model["active_version"]
         say(
@@ -272,7 +335,7 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
             f"method {request['method']}), job at {answer.headers['Location']}"
         )
         say("5. Poll GET /jobs/{id} while the worker unlearns:")
-        job = poll_job(client, request["job_id"], _print_progress)
+        job = poll_job(client, request["job_id"], progress_printer())
         _print_outcome(client, job, request["id"], model)
     say(f"\nDemo finished in {time.monotonic() - started:.0f} s.")
     return 0 if job["state"] in ("succeeded", "rejected") else 1

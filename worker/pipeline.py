@@ -3,14 +3,21 @@
 Steps, each ending in its own commit, so that a job whose worker died resumes rather than redoes (its lease
 lapses, another worker claims it again) and a crash never leaves half-written state:
 
-1. claim: queued -> running, lease taken (or an abandoned running/evaluating job taken over).
-2. load the base version's checkpoint (hash-verified) and the job's samples; unlearn; store the new
+1. claim: queued -> running, lease taken (or an abandoned running/evaluating job taken over). The audit
+   rule is written into the job's metrics now, before any number it will judge exists; a resumed job keeps
+   the rule it started with.
+2. the model lineage's audit reference set: loaded from the store, or built here when the model has none
+   (its first audited job; the job's progress says so) and registered in its own commit.
+3. load the base version's checkpoint (hash-verified) and the job's samples; unlearn; store the new
    checkpoint (content-addressed, so a retry rewrites the same object); running -> evaluating with the
    checkpoint recorded in the job's metrics. A job claimed again in ``evaluating`` starts here from it.
-3. evaluate the base and the new model, apply the audit gate.
-4. ONE transaction: register the version (active when the gate passes, else rejected), mark the samples
+4. audit (worker/audit): the per-sample membership test of the base and the new model, utility per class,
+   the gate and the verdict; the population metrics beside them.
+5. ONE transaction: register the version (active when the gate passes, else rejected), mark the samples
    forgotten (only when active), finish the job (succeeded | rejected). Nothing of it exists if any part
    fails.
+
+A ``build_references`` job (``POST /models/{name}/audit-references``) runs step 2 alone, on demand.
 
 A rejected job closes its deletion request as ``rejected``: the model stays on its previous version, the
 samples are not marked forgotten (they are still in the active model), and the request is NOT fulfilled; its
@@ -24,7 +31,9 @@ import dataclasses
 import hashlib
 import logging
 import threading
+import time
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -37,6 +46,8 @@ from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
+from service.audit import service as audit_service
+from service.audit.service import BUILD_KIND
 from service.core.clock import utcnow
 from service.core.problems import ProblemError
 from service.core.settings import Settings
@@ -46,16 +57,15 @@ from service.jobs import service as jobs_service
 from service.jobs.service import ClaimedJob, InvalidTransition
 from service.models import service as models_service
 from service.storage import CheckpointNotFound, CheckpointStore, CorruptCheckpoint, StoredObject
+from worker.audit import AuditRules, LabelledRows, ReferenceSet, audit_unlearning, build_reference_set
+from worker.audit.population import label_splits, population_metrics
 from worker.checkpoints import CheckpointMismatch, load_state_dict, state_dict_to_bytes
 from worker.engine.api import unlearn
-from worker.engine.config import ConfigError, config_to_dict, make_config
-from worker.engine.context import RunContext
+from worker.engine.config import ConfigError, TrainingConfig, config_to_dict, make_config
 from worker.engine.data import TensorSplit
 from worker.engine.progress import CancellationToken, ProgressEvent, UnlearningCancelled
 from worker.engine.runtime import Runtime
 from worker.engine.spec import ModelSpec
-from worker.engine.training import predict_logits
-from worker.evaluation.metrics import accuracy, paper_metrics
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +77,8 @@ class ModelBusy(Exception):
 
 
 # What a failure is called, by the step it happened in (jobs.error_reason).
-_STEP_ERRORS = {"load": "load_error", "unlearn": "engine_error", "evaluate": "evaluation_error",
-                "register": "registry_error"}  # fmt: skip
+_STEP_ERRORS = {"load": "load_error", "references": "audit_references_error", "unlearn": "engine_error",
+                "evaluate": "evaluation_error", "register": "registry_error"}  # fmt: skip
 
 
 class JobFailed(Exception):
@@ -84,6 +94,28 @@ class JobSets:
     remaining: TensorSplit
     remaining_sample: TensorSplit  # what evaluation reads: the remaining set can be the whole dataset
     audit: TensorSplit
+    forget_sample_ids: tuple[str, ...]
+    forget_subject_ids: tuple[str | None, ...]
+
+    @property
+    def forget_rows(self) -> np.ndarray:
+        return _rows(self.forget)
+
+    @property
+    def audit_rows(self) -> np.ndarray:
+        return _rows(self.audit)
+
+
+def _rows(split: TensorSplit) -> np.ndarray:
+    assert split.index is not None  # every split the pipeline loads records its rows
+    return split.index.numpy()
+
+
+def _concat(first: TensorSplit, second: TensorSplit) -> TensorSplit:
+    def cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+        return None if a is None or b is None else torch.cat([a, b])
+
+    return TensorSplit(torch.cat([first.x, second.x]), cat(first.y, second.y), cat(first.index, second.index))
 
 
 def run_job(
@@ -120,7 +152,9 @@ class _Heartbeat:
     def __init__(self, job: _Job) -> None:
         self._job = job
         self.token = CancellationToken()
+        self.phase = "starting"  # audit_references | unlearning | auditing
         self.latest: dict[str, Any] = {
+            "phase": self.phase,
             "step": 0,
             "total_steps": 0,
             "epoch": 0,
@@ -133,7 +167,7 @@ class _Heartbeat:
         )
 
     def report(self, event: ProgressEvent) -> None:
-        self.latest = dataclasses.asdict(event)
+        self.latest = {"phase": self.phase, **dataclasses.asdict(event)}
 
     def __enter__(self) -> _Heartbeat:
         self._thread.start()
@@ -214,47 +248,158 @@ class _Job:
         return state
 
     def _steps(self, heartbeat: _Heartbeat) -> str:
+        if self.claimed.kind == BUILD_KIND:
+            return self._build_job(heartbeat)
+        return self._unlearn_job(heartbeat)
+
+    def _build_job(self, heartbeat: _Heartbeat) -> str:
+        claimed = self.claimed
+        spec = _spec(claimed.spec)
+        base = load_checkpoint(
+            self.store, claimed.base_version.storage_uri, claimed.base_version.sha256, spec
+        )
+        sets = self._load_sets(seed=0)
+        self.step = "references"
+        row, _refs = self._build_references(
+            heartbeat, spec, base, sets, int(claimed.config["references"]), int(claimed.config["seed"])
+        )
+        with self.session_factory.begin() as session:
+            jobs_service.finish(
+                session, claimed.job_id, "succeeded", worker_id=self.worker_id,
+                metrics={"reference_set_id": row, "references": _refs.describe()},
+            )  # fmt: skip
+        return "succeeded"
+
+    def _unlearn_job(self, heartbeat: _Heartbeat) -> str:
         claimed = self.claimed
         spec = _spec(claimed.spec)
         config = _config(claimed.method, claimed.config)
-        base = self._load_checkpoint(claimed.base_version.storage_uri, claimed.base_version.sha256, spec)
+        rules = self._pre_register_rules()
+        base = load_checkpoint(
+            self.store, claimed.base_version.storage_uri, claimed.base_version.sha256, spec
+        )
         sets = self._load_sets(config.seed)
+        self.step = "references"
+        refs = self._references(heartbeat, spec, base, sets)
         if claimed.state == "evaluating":  # an earlier attempt got this far: resume from its checkpoint
             stored = StoredObject(**claimed.resume["checkpoint"])
-            model = self._load_checkpoint(stored.uri, stored.sha256, spec)
+            unlearn_seconds = claimed.resume.get("unlearn_seconds")
+            model = load_checkpoint(self.store, stored.uri, stored.sha256, spec)
         else:
             self.step = "unlearn"
+            heartbeat.phase = "unlearning"
+            started = time.monotonic()
             model = unlearn(
                 base, spec, sets.forget, sets.remaining, config,
                 progress=heartbeat.report, cancel=heartbeat.token, runtime=self.runtime,
             )  # fmt: skip
+            unlearn_seconds = round(time.monotonic() - started, 3)
             stored = self.store.put(state_dict_to_bytes(model))
             with self.session_factory.begin() as session:
                 jobs_service.set_state(
-                    session, claimed.job_id, "evaluating",
-                    metrics={"checkpoint": dataclasses.asdict(stored)}, worker_id=self.worker_id,
+                    session, claimed.job_id, "evaluating", worker_id=self.worker_id,
+                    metrics={"rule": rules.to_dict(), "checkpoint": dataclasses.asdict(stored),
+                             "unlearn_seconds": unlearn_seconds},
                 )  # fmt: skip
         self.step = "evaluate"
-        labels = _reference_labels(base, sets, self.runtime)
-        before = evaluate(base, sets, labels, config.seed, self.runtime)
-        after = evaluate(model, sets, labels, config.seed, self.runtime)
-        gate = audit_gate(before, after, self.settings)
+        heartbeat.phase = "auditing"
+        splits = label_splits(base, sets.forget, sets.remaining_sample, sets.audit, self.runtime)
+        before = population_metrics(base, splits, config.seed, self.runtime)
+        after = population_metrics(model, splits, config.seed, self.runtime)
+        audit = audit_unlearning(
+            base, model, refs,
+            forget_x=sets.forget.x, forget_rows=sets.forget_rows,
+            forget_sample_ids=sets.forget_sample_ids, forget_subjects=sets.forget_subject_ids,
+            audit_x=sets.audit.x, audit_rows=sets.audit_rows,
+            rules=rules, runtime=self.runtime, seed=config.seed,
+        )  # fmt: skip
         heartbeat.token.raise_if_cancelled()
         self.step = "register"
-        return self._register(stored, config_to_dict(config), before, after, gate)
+        metrics = {
+            "rule": rules.to_dict(), "before": before, "after": after, "audit": audit, "gate": audit["gate"],
+            "timings": {"unlearn_seconds": unlearn_seconds, "audit_seconds": audit["seconds"]},
+        }  # fmt: skip
+        return self._register(stored, config_to_dict(config), metrics)
 
-    def _register(
-        self,
-        stored: StoredObject,
-        config: dict[str, Any],
-        before: dict[str, Any],
-        after: dict[str, Any],
-        gate: dict[str, Any],
-    ) -> str:
+    def _pre_register_rules(self) -> AuditRules:
+        """The rule this job is judged by: written into its metrics before any number exists; a job claimed
+        again keeps the rule it started with, whatever the settings say now."""
+        stored = self.claimed.resume.get("rule")
+        if stored is not None:
+            return AuditRules(**{f.name: stored[f.name] for f in dataclasses.fields(AuditRules)})
+        rules = rules_from_settings(self.settings)
+        with self.session_factory.begin() as session:
+            jobs_service.record_metrics(
+                session, self.claimed.job_id, {"rule": rules.to_dict()}, self.worker_id
+            )
+        return rules
+
+    def _references(
+        self, heartbeat: _Heartbeat, spec: ModelSpec, base: nn.Module, sets: JobSets
+    ) -> ReferenceSet:
+        """The model lineage's reference set; built now when it has none (its first audited job)."""
+        with self.session_factory() as session:
+            row = audit_service.current_set(session, self.claimed.model_id)
+            found = None if row is None else (row.storage_uri, row.checkpoint_sha256)
+        if found is None:
+            log.info("job %s: model %s has no audit reference set; building it", self.claimed.job_id,
+                     self.claimed.model_name)  # fmt: skip
+            _row, refs = self._build_references(
+                heartbeat,
+                spec,
+                base,
+                sets,
+                self.settings.audit_references,
+                self.settings.audit_reference_seed,
+            )
+            return refs
+        try:
+            refs = ReferenceSet.from_bytes(read_verified(self.store, *found))
+            refs.train_columns(sets.forget_rows)
+        except (KeyError, ValueError) as exc:
+            raise JobFailed(
+                "audit_references", f"the model's reference set cannot audit this job: {exc}"
+            ) from exc
+        return refs
+
+    def _build_references(
+        self, heartbeat: _Heartbeat, spec: ModelSpec, base: nn.Module, sets: JobSets, k: int, seed: int
+    ) -> tuple[str, ReferenceSet]:
+        """Train and score the references on every train sample still in the model, store and register."""
+        heartbeat.phase = "audit_references"
+        pool = _concat(sets.forget, sets.remaining)
+        splits = label_splits(base, pool, sets.remaining_sample, sets.audit, self.runtime)
+        recipe = TrainingConfig(**(self.claimed.training_recipe or {}))
+        refs = build_reference_set(
+            spec,
+            LabelledRows(pool.x, splits.forget.require_labels().numpy(), _rows(pool)),
+            LabelledRows(sets.audit.x, splits.audit.require_labels().numpy(), sets.audit_rows),
+            recipe, k=k, seed=seed, runtime=self.runtime, progress=heartbeat.report, cancel=heartbeat.token,
+        )  # fmt: skip
+        stored = self.store.put(refs.to_bytes())
+        with self.session_factory.begin() as session:
+            row = audit_service.register_set(
+                session, model_id=self.claimed.model_id, dataset_id=self.claimed.dataset_id,
+                job_id=self.claimed.job_id, stored=stored, summary=refs.describe(),
+            )  # fmt: skip
+            row_id = row.id
+        log.info("job %s: %d reference models built in %.1f s", self.claimed.job_id, k, refs.build_seconds)
+        return row_id, refs
+
+    def _load_sets(self, seed: int) -> JobSets:
         claimed = self.claimed
+        return load_sets(
+            self.session_factory, claimed.dataset_id, claimed.array_path, claimed.forget_sample_ids,
+            eval_remaining_rows=self.settings.eval_remaining_rows, seed=seed,
+        )  # fmt: skip
+
+    def _register(self, stored: StoredObject, config: dict[str, Any], metrics: dict[str, Any]) -> str:
+        claimed = self.claimed
+        gate = metrics["gate"]
         passed = bool(gate["passed"])
         state = "succeeded" if passed else "rejected"
         rejection = None if passed else "; ".join(gate["failures"])
+        assert claimed.request_id is not None  # an unlearn job belongs to a deletion request
         try:
             with self.session_factory.begin() as session:
                 version = models_service.register_version(
@@ -264,8 +409,8 @@ class _Job:
                     stored=stored,
                     method=claimed.method,
                     config=config,
-                    metrics_before=before,
-                    metrics_after=after,
+                    metrics_before=metrics["before"],
+                    metrics_after=metrics["after"],
                     activate=passed,
                     rejection_reason=rejection,
                     job_id=claimed.job_id,
@@ -277,7 +422,7 @@ class _Job:
                     )
                 jobs_service.finish(
                     session, claimed.job_id, state,
-                    metrics={"before": before, "after": after, "gate": gate},
+                    metrics=metrics,
                     result_version_id=version.id,
                     error_reason=None if passed else "audit_gate", error_detail=rejection,
                     worker_id=self.worker_id,
@@ -287,39 +432,65 @@ class _Job:
         log.info("job %s %s: version %s of %s", claimed.job_id, state, version.number, claimed.model_name)
         return state
 
-    def _load_checkpoint(self, uri: str, sha256: str, spec: ModelSpec) -> nn.Module:
-        try:
-            data = self.store.read(uri)
-            if hashlib.sha256(data).hexdigest() != sha256:
-                raise CorruptCheckpoint(f"{uri} does not hash to {sha256}, the digest the registry recorded")
-            return load_state_dict(data, spec)
-        except (CheckpointNotFound, CorruptCheckpoint, CheckpointMismatch) as exc:
-            raise JobFailed("checkpoint_integrity", str(exc)) from exc
 
-    def _load_sets(self, seed: int) -> JobSets:
-        claimed = self.claimed
-        try:
-            with self.session_factory() as session:
-                resolved = datasets_service.resolve_sets(
-                    session, claimed.dataset_id, claimed.forget_sample_ids
-                )
-            x = open_rows(Path(claimed.array_path))
-            remaining = _tensor_split(x, resolved.remaining)
-        except ProblemError as exc:  # unknown samples or dataset
-            raise JobFailed("dataset_error", exc.detail) from exc
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-            raise JobFailed("dataset_error", f"{claimed.array_path}: {exc}") from exc
-        keep = self.settings.eval_remaining_rows
-        sample = remaining
-        if len(remaining) > keep:
-            rows = torch.randperm(len(remaining), generator=torch.Generator().manual_seed(seed))[:keep]
-            sample = remaining.subset(rows.sort().values)
-        return JobSets(
-            forget=_tensor_split(x, resolved.forget),
-            remaining=remaining,
-            remaining_sample=sample,
-            audit=_tensor_split(x, resolved.audit),
-        )
+def read_verified(store: CheckpointStore, uri: str, sha256: str) -> bytes:
+    """An object's bytes, checked against the SHA-256 the registry recorded for it."""
+    try:
+        data = store.read(uri)
+    except (CheckpointNotFound, CorruptCheckpoint) as exc:
+        raise JobFailed("checkpoint_integrity", str(exc)) from exc
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise JobFailed("checkpoint_integrity", f"{uri} does not hash to {sha256}, the digest recorded")
+    return data
+
+
+def load_checkpoint(store: CheckpointStore, uri: str, sha256: str, spec: ModelSpec) -> nn.Module:
+    data = read_verified(store, uri, sha256)
+    try:
+        return load_state_dict(data, spec)
+    except CheckpointMismatch as exc:
+        raise JobFailed("checkpoint_integrity", str(exc)) from exc
+
+
+def load_sets(
+    session_factory: SessionFactory,
+    dataset_id: str,
+    array_path: str,
+    forget_sample_ids: Sequence[str],
+    *,
+    eval_remaining_rows: int,
+    seed: int,
+) -> JobSets:
+    """The forget set, the remaining train set (and the seeded sample of it evaluation reads) and the audit
+    split of a dataset, as tensors read from its array file."""
+    try:
+        with session_factory() as session:
+            resolved = datasets_service.resolve_sets(session, dataset_id, forget_sample_ids)
+        x = open_rows(Path(array_path))
+        remaining = _tensor_split(x, resolved.remaining)
+    except ProblemError as exc:  # unknown samples or dataset
+        raise JobFailed("dataset_error", exc.detail) from exc
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise JobFailed("dataset_error", f"{array_path}: {exc}") from exc
+    sample = remaining
+    if len(remaining) > eval_remaining_rows:
+        rows = torch.randperm(len(remaining), generator=torch.Generator().manual_seed(seed))
+        sample = remaining.subset(rows[:eval_remaining_rows].sort().values)
+    return JobSets(
+        forget=_tensor_split(x, resolved.forget),
+        remaining=remaining,
+        remaining_sample=sample,
+        audit=_tensor_split(x, resolved.audit),
+        forget_sample_ids=resolved.forget.sample_ids,
+        forget_subject_ids=resolved.forget.subject_ids,
+    )
+
+
+def rules_from_settings(settings: Settings) -> AuditRules:
+    return AuditRules(
+        level=settings.audit_level, max_audit_drop=settings.gate_max_audit_drop,
+        max_class_drop=settings.gate_max_class_drop, min_samples=settings.audit_min_samples,
+    )  # fmt: skip
 
 
 def _spec(data: dict[str, Any]) -> ModelSpec:
@@ -364,94 +535,3 @@ def _tensor_split(x: np.ndarray, samples: SampleSet) -> TensorSplit:
     rows = samples.rows
     labels = None if samples.labels is None else torch.from_numpy(samples.labels)
     return TensorSplit(torch.from_numpy(np.ascontiguousarray(x[rows])), labels, torch.from_numpy(rows))
-
-
-@dataclass(frozen=True)
-class ReferenceLabels:
-    """The labels accuracy is measured against: the dataset's, or for a label-free dataset the base model's
-    predictions (accuracy then reads as agreement with the model before unlearning)."""
-
-    source: str  # "dataset" | "base_model"
-    forget: TensorSplit
-    remaining: TensorSplit
-    audit: TensorSplit
-
-
-def _reference_labels(base: nn.Module, sets: JobSets, runtime: Runtime) -> ReferenceLabels:
-    if sets.audit.y is not None:
-        return ReferenceLabels("dataset", sets.forget, sets.remaining_sample, sets.audit)
-    ctx = RunContext(runtime=runtime)
-
-    def labelled(split: TensorSplit) -> TensorSplit:
-        return TensorSplit(split.x, predict_logits(base, split.x, ctx).argmax(1), split.index)
-
-    return ReferenceLabels(
-        "base_model", labelled(sets.forget), labelled(sets.remaining_sample), labelled(sets.audit)
-    )
-
-
-def evaluate(
-    model: nn.Module, sets: JobSets, labels: ReferenceLabels, seed: int, runtime: Runtime
-) -> dict[str, Any]:
-    """The paper's metrics in percent on never-seen (audit), forgotten and remaining samples, and per-class
-    audit accuracy. ``audit_accuracy_forget_classes`` is the forget accuracy's yardstick: how the model does
-    on never-seen samples of the classes it was asked to forget."""
-    model = model.to(runtime.device).eval()
-    audit, forget = labels.audit, labels.forget
-    audit_y = audit.require_labels()
-    paper = paper_metrics(
-        model,
-        train_retain=labels.remaining,
-        train_forget=forget,
-        test=audit,
-        forget_classes=set(forget.require_labels().tolist()),
-        asr_seed=seed,
-        runtime=runtime,
-    )
-    per_class = {
-        str(c): round(accuracy(model, audit.subset(torch.nonzero(audit_y == c).flatten()), runtime), 2)
-        for c in sorted(set(audit_y.tolist()))
-    }
-    return {
-        "labels": labels.source,
-        "audit_accuracy": _rounded(paper["test"]),
-        "audit_accuracy_per_class": per_class,
-        "audit_accuracy_forget_classes": _rounded(paper["test_f"]),
-        "forget_accuracy": _rounded(paper["train_f"]),
-        "remaining_accuracy": _rounded(paper["train_r"]),
-        "attack_success_rate": _rounded(paper["asr"]),
-        "sizes": {"forget": len(forget), "remaining": len(labels.remaining), "audit": len(audit)},
-    }
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 2)
-
-
-def audit_gate(before: dict[str, Any], after: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """Pass when the model keeps its utility on never-seen data (audit accuracy drops at most
-    ``gate_max_audit_drop`` points) and does no better on the forgotten samples than on never-seen ones of the
-    same classes (forget accuracy at most that audit accuracy + ``gate_forget_margin`` points)."""
-    audit_drop = round(before["audit_accuracy"] - after["audit_accuracy"], 2)
-    yardstick = after["audit_accuracy_forget_classes"]
-    if yardstick is None:  # the audit split has no sample of the forgotten classes: compare with all of it
-        yardstick = after["audit_accuracy"]
-    forget_excess = round(after["forget_accuracy"] - yardstick, 2)
-    failures = []
-    if audit_drop > settings.gate_max_audit_drop:
-        failures.append(
-            f"audit accuracy fell {audit_drop} points (at most {settings.gate_max_audit_drop} allowed)"
-        )
-    if forget_excess > settings.gate_forget_margin:
-        failures.append(
-            f"forget accuracy is {forget_excess} points above never-seen samples of the same classes "
-            f"(at most {settings.gate_forget_margin} allowed)"
-        )
-    return {
-        "passed": not failures,
-        "failures": failures,
-        "audit_drop": audit_drop,
-        "max_audit_drop": settings.gate_max_audit_drop,
-        "forget_excess": forget_excess,
-        "forget_margin": settings.gate_forget_margin,
-    }

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.engine.spec import BUILTIN_ARCHITECTURES
@@ -30,11 +31,17 @@ class Settings(BaseSettings):
     page_size_default: int = 50
     page_size_max: int = 500
 
-    # Audit gate, in accuracy points (0-100): the unlearned model may lose at most gate_max_audit_drop
-    # points on the held-out audit split, and its accuracy on the forgotten samples must sit within
-    # gate_forget_margin points of its audit accuracy (it must treat them like never-seen data).
+    # The membership audit (worker/audit). Reference models per model lineage (even), and their seed.
+    audit_references: Annotated[int, Field(ge=2, le=64, multiple_of=2)] = 16
+    audit_reference_seed: Annotated[int, Field(ge=0)] = 0
+    # The gate: each membership test (residual membership, over-forgetting) at family-wise level
+    # audit_level over a request's samples; overall audit accuracy may drop at most gate_max_audit_drop
+    # points; no class may drop more than gate_max_class_drop points with a significant paired test.
+    audit_level: Annotated[float, Field(gt=0, lt=1)] = 0.05
     gate_max_audit_drop: float = 2.0
-    gate_forget_margin: float = 5.0
+    gate_max_class_drop: float = 5.0
+    # Requests smaller than this whose base model shows no signal are "insufficient power".
+    audit_min_samples: int = 20
 
     # `lethe api`.
     api_host: str = "127.0.0.1"

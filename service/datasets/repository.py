@@ -12,7 +12,7 @@ from service.datasets.tables import Dataset, Sample
 
 _CHUNK = 5_000
 
-SampleRow = Row[str, int, int | None, str | None]
+SampleRow = Row[str, int, int | None, str | None, str | None]
 # A new sample's (sample_id, row, label, split, subject_id).
 SampleValues = tuple[str, int, int | None, str, str | None]
 _COPY_COLUMNS = ("dataset_id", "sample_id", "row", "label", "split", "subject_id")
@@ -104,9 +104,9 @@ def subject_samples(session: Session, dataset_id: str, subject_id: str) -> Seque
 
 
 def split_rows(session: Session, dataset_id: str, split: str) -> Sequence[SampleRow]:
-    """(sample_id, row, label, forgotten_by_request_id) of every sample of a split, ordered by row."""
+    """(sample_id, row, label, forgotten_by_request_id, subject_id) of every sample of a split, by row."""
     return session.execute(
-        select(Sample.sample_id, Sample.row, Sample.label, Sample.forgotten_by_request_id)
+        select(Sample.sample_id, Sample.row, Sample.label, Sample.forgotten_by_request_id, Sample.subject_id)
         .where(Sample.dataset_id == dataset_id, Sample.split == split)
         .order_by(Sample.row)
     ).all()

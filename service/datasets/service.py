@@ -31,6 +31,7 @@ class SampleSet:
     """Samples of one role in a job, ordered by row; ``labels`` is None for a label-free dataset."""
 
     sample_ids: tuple[str, ...]
+    subject_ids: tuple[str | None, ...]
     rows: np.ndarray  # int64 indices into the array file's x
     labels: np.ndarray | None  # int64
 
@@ -173,6 +174,7 @@ def resolve_sets(session: Session, dataset_id: str, forget_sample_ids: Sequence[
 def _sample_set(rows: Sequence[repository.SampleRow], labelled: bool) -> SampleSet:
     return SampleSet(
         sample_ids=tuple(r.sample_id for r in rows),
+        subject_ids=tuple(r.subject_id for r in rows),
         rows=np.fromiter((r.row for r in rows), dtype=np.int64, count=len(rows)),
         labels=np.fromiter((r.label for r in rows), dtype=np.int64, count=len(rows)) if labelled else None,
     )

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 
 from service.deletion_requests import service
-from service.deletion_requests.schemas import DeletionRequestCreate, DeletionRequestOut
+from service.deletion_requests.schemas import AuditOutcome, DeletionRequestCreate, DeletionRequestOut
 from service.deletion_requests.tables import DeletionRequest
 from service.dependencies import DispatcherDep, SessionDep, SettingsDep
 from service.dispatch import JobDispatcher
@@ -20,7 +20,9 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/deletion-requests", tags=["deletion requests"])
 
 
-def _request_out(request: DeletionRequest, model_name: str, job_id: str | None) -> DeletionRequestOut:
+def _request_out(
+    request: DeletionRequest, model_name: str, job_id: str | None, audit: AuditOutcome | None = None
+) -> DeletionRequestOut:
     return DeletionRequestOut(
         id=request.id,
         model=model_name,
@@ -36,6 +38,7 @@ def _request_out(request: DeletionRequest, model_name: str, job_id: str | None) 
         due_at=request.due_at,
         completed_at=request.completed_at,
         job_id=job_id,
+        audit=audit,
     )
 
 
@@ -102,6 +105,6 @@ def _dispatch(dispatcher: JobDispatcher, job_id: str) -> None:
 @router.get("/{request_id}", response_model=DeletionRequestOut)
 def get_deletion_request(request_id: str, session: SessionDep) -> DeletionRequestOut:
     request = service.get_request(session, request_id)
-    return _request_out(
-        request, service.model_name(session, request), service.get_job_id(session, request_id)
-    )
+    job = service.get_job(session, request_id)
+    audit = AuditOutcome.from_metrics(job.metrics) if job is not None else None
+    return _request_out(request, service.model_name(session, request), job.id if job else None, audit)

@@ -27,6 +27,30 @@ class DeletionRequestCreate(BaseModel):
     config: dict[str, Any] | None = Field(default=None, description="overrides of the method's defaults")
 
 
+class AuditOutcome(BaseModel):
+    """What the per-sample membership audit of the request's job found (the job's metrics hold it all)."""
+
+    verdict: str = Field(
+        description="forgotten | no_measurable_signal | insufficient_power | residual_membership | "
+        "over_forgetting: the strongest claim the evidence supports, never more"
+    )
+    passed: bool = Field(description="the gate let the new version go live")
+    failures: list[str] = Field(description="the rules that failed, in words")
+    subjects: dict[str, Any] = Field(description="per data subject: the worst of its samples")
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any] | None) -> AuditOutcome | None:
+        audit = (metrics or {}).get("audit")
+        if not audit:
+            return None
+        return cls(
+            verdict=audit["verdict"],
+            passed=audit["gate"]["passed"],
+            failures=audit["gate"]["failures"],
+            subjects=audit["subjects"],
+        )
+
+
 class DeletionRequestOut(BaseModel):
     id: str
     model: str
@@ -42,3 +66,4 @@ class DeletionRequestOut(BaseModel):
     due_at: datetime = Field(description="GDPR deadline: received_at + one month (gdpr_due_days)")
     completed_at: datetime | None
     job_id: str | None = Field(description="None when every sample was already forgotten")
+    audit: AuditOutcome | None = Field(default=None, description="once the job has been audited")

@@ -178,9 +178,8 @@ def model_name(session: Session, request: DeletionRequest) -> str:
     return model.name
 
 
-def get_job_id(session: Session, request_id: str) -> str | None:
-    job = jobs_repository.get_by_request(session, request_id)
-    return job.id if job is not None else None
+def get_job(session: Session, request_id: str) -> Job | None:
+    return jobs_repository.get_by_request(session, request_id)
 
 
 def get_request(session: Session, request_id: str) -> DeletionRequest:

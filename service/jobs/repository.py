@@ -95,3 +95,13 @@ def abandoned_ids(session: Session, now: datetime) -> list[str]:
             .order_by(Job.created_at)
         )
     )
+
+
+def unfinished_of_kind(session: Session, model_id: str, kind: str) -> Job | None:
+    """The oldest queued, running or evaluating job of ``kind`` on the model, if any."""
+    return session.scalar(
+        select(Job)
+        .where(Job.model_id == model_id, Job.kind == kind, Job.state.in_({"queued", *ACTIVE_STATES}))
+        .order_by(Job.created_at)
+        .limit(1)
+    )

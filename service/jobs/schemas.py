@@ -34,7 +34,8 @@ class JobError(BaseModel):
 
 class JobOut(BaseModel):
     id: str
-    request_id: str
+    kind: str = Field(description="unlearn (a deletion request's job) or build_references (the audit's)")
+    request_id: str | None = Field(description="the deletion request; None for a reference build")
     model_id: str
     state: str
     done: bool = Field(description="the state is terminal (AIP-151)")
@@ -55,6 +56,7 @@ class JobOut(BaseModel):
 
         return cls(
             id=job.id,
+            kind=job.kind,
             request_id=job.request_id,
             model_id=job.model_id,
             state=job.state,

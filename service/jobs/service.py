@@ -56,10 +56,12 @@ class ClaimedJob:
     """Everything a worker needs to run a job, read in the transaction that claimed it."""
 
     job_id: str
-    request_id: str
+    kind: str  # unlearn | build_references
+    request_id: str | None  # None for a reference build
     model_id: str
     model_name: str
     spec: dict[str, Any]  # ModelSpec.to_dict()
+    training_recipe: dict[str, Any] | None  # how the model was trained (None: the engine's default)
     base_version: VersionRef  # the active version at claim time: the parent of the result
     dataset_id: str
     array_path: str
@@ -123,16 +125,20 @@ def claim_job(
     session.flush()
     return ClaimedJob(
         job_id=job.id,
+        kind=job.kind,
         request_id=job.request_id,
         model_id=model.id,
         model_name=model.name,
         spec=dict(model.spec),
+        training_recipe=dict(model.training_recipe) if model.training_recipe is not None else None,
         base_version=VersionRef(base.id, base.number, base.checkpoint_sha256, base.storage_uri),
         dataset_id=dataset.id,
         array_path=dataset.array_path,
         method=job.method,
         config=dict(job.config),
-        forget_sample_ids=tuple(requests_repository.pending_sample_ids(session, job.request_id)),
+        forget_sample_ids=(
+            tuple(requests_repository.pending_sample_ids(session, job.request_id)) if job.request_id else ()
+        ),
         state=job.state,
         resume=dict(job.metrics or {}),
     )
@@ -200,9 +206,9 @@ def finish(
     """
     if state not in TERMINAL_STATES:
         raise ValueError(f"{state!r} is not terminal: use set_state()")
-    if state == "succeeded" and result_version_id is None:
-        raise ValueError("a succeeded job needs its result version")
     job = _transition(session, job_id, state, worker_id)
+    if state == "succeeded" and job.kind == "unlearn" and result_version_id is None:
+        raise ValueError("a succeeded unlearning job needs its result version")
     now = utcnow()
     job.finished_at = now
     job.metrics = metrics if metrics is not None else job.metrics
@@ -210,7 +216,20 @@ def finish(
     job.error_reason = error_reason
     job.error_detail = error_detail
     session.flush()
-    requests_service.settle(session, job.request_id, state, now)
+    if job.request_id is not None:
+        requests_service.settle(session, job.request_id, state, now)
+    return job
+
+
+def record_metrics(session: Session, job_id: str, entries: dict[str, Any], worker_id: str) -> Job:
+    """Merge ``entries`` into a running job's metrics (the job must still be ``worker_id``'s)."""
+    job = repository.lock(session, job_id)
+    if job is None:
+        raise NotFound("job-not-found", f"no job {job_id!r}", job_id=job_id)
+    if job.worker_id != worker_id:
+        raise InvalidTransition("job-not-owned", f"job {job_id} is held by {job.worker_id}", state=job.state)
+    job.metrics = {**(job.metrics or {}), **entries}
+    session.flush()
     return job
 
 

@@ -12,21 +12,26 @@ from service.core.database import Base, JSONType, new_id, one_of
 JOB_STATES = ("queued", "running", "evaluating", "succeeded", "rejected", "failed", "canceled")
 TERMINAL_STATES = frozenset({"succeeded", "rejected", "failed", "canceled"})
 ACTIVE_STATES = frozenset({"running", "evaluating"})
+# unlearn: a deletion request's job. build_references: the audit's reference set of a model (no request).
+JOB_KINDS = ("unlearn", "build_references")
 
 
 class Job(Base):
-    """One unlearning run for one deletion request (AIP-151 long-running operation)."""
+    """One unlearning run for one deletion request, or one build of a model's audit reference set (AIP-151
+    long-running operation)."""
 
     __tablename__ = "jobs"
     __table_args__ = (
         one_of("state", JOB_STATES),
+        one_of("kind", JOB_KINDS),
         Index("ix_jobs_model_id_state", "model_id", "state"),
         Index("ix_jobs_state_created_at", "state", "created_at"),
         Index("ix_jobs_created_at_id", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    request_id: Mapped[str] = mapped_column(ForeignKey("deletion_requests.id"), unique=True)
+    kind: Mapped[str] = mapped_column(String(32), default="unlearn", server_default="unlearn")
+    request_id: Mapped[str | None] = mapped_column(ForeignKey("deletion_requests.id"), unique=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
     state: Mapped[str] = mapped_column(String(16), default="queued")
     method: Mapped[str] = mapped_column(String(50))

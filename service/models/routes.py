@@ -46,6 +46,7 @@ def _model_out(session: Session, model: Model) -> ModelOut:
         name=model.name,
         dataset_id=model.dataset_id,
         spec=model.spec,
+        training_recipe=model.training_recipe,
         created_at=model.created_at,
         active_version=active,
     )
@@ -61,6 +62,7 @@ def _create(
     dataset_id: str,
     spec: dict[str, Any],
     checkpoint: bytes,
+    training_recipe: dict[str, Any] | None,
 ) -> ModelOut:
     model, _version = service.register_model(
         session,
@@ -70,6 +72,7 @@ def _create(
         dataset_id=dataset_id,
         spec=spec,
         checkpoint=checkpoint,
+        training_recipe=training_recipe,
     )
     session.commit()
     response.headers["Location"] = f"/models/{model.name}"
@@ -98,6 +101,7 @@ def register_model(
         dataset_id=body.dataset_id,
         spec=body.spec,
         checkpoint=checkpoint,
+        training_recipe=body.training_recipe,
     )
 
 
@@ -111,14 +115,17 @@ def upload_model(
     dataset_id: Annotated[Identifier, Form()],
     spec: Annotated[str, Form(description="the ModelSpec as a JSON object")],
     checkpoint: Annotated[UploadFile, File(description="a .safetensors file")],
+    training_recipe: Annotated[
+        str | None, Form(description="JSON object: epochs, lr, batch_size, weight_decay (optional)")
+    ] = None,
 ) -> ModelOut:
     """The multipart variant of ``POST /models``: the checkpoint travels in the request."""
-    try:
-        spec_dict = json.loads(spec)
-    except ValueError as exc:
-        raise InvalidInput("invalid-spec", "spec is not JSON", field="spec") from exc
-    if not isinstance(spec_dict, dict):
-        raise InvalidInput("invalid-spec", "spec must be a JSON object", field="spec")
+    spec_dict = _json_object(spec, "spec", "invalid-spec")
+    recipe = (
+        None
+        if training_recipe is None
+        else _json_object(training_recipe, "training_recipe", "invalid-training-recipe")
+    )
     return _create(
         session,
         settings,
@@ -128,7 +135,18 @@ def upload_model(
         dataset_id=dataset_id,
         spec=spec_dict,
         checkpoint=checkpoint.file.read(),
+        training_recipe=recipe,
     )
+
+
+def _json_object(text: str, field: str, problem: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidInput(problem, f"{field} is not JSON", field=field) from exc
+    if not isinstance(value, dict):
+        raise InvalidInput(problem, f"{field} must be a JSON object", field=field)
+    return value
 
 
 @router.get("", response_model=ModelPage)

@@ -20,6 +20,11 @@ class ModelCreate(BaseModel):
         description="ModelSpec: architecture, num_classes, input_shape, feature_layer"
     )
     checkpoint_path: Text = Field(min_length=1, description="server-side path to a .safetensors file")
+    training_recipe: dict[str, Any] | None = Field(
+        default=None,
+        description="how the model was trained (epochs, lr, batch_size, weight_decay); the audit's "
+        "reference models are trained the same way. Default: the engine's recipe",
+    )
 
 
 class VersionOut(BaseModel):
@@ -50,6 +55,7 @@ class ModelOut(BaseModel):
     name: str
     dataset_id: Identifier
     spec: dict[str, Any]
+    training_recipe: dict[str, Any] | None
     created_at: datetime
     active_version: VersionOut
 

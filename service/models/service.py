@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Sequence
+from dataclasses import asdict
 from typing import Any, BinaryIO
 
 from sqlalchemy.orm import Session
@@ -21,6 +22,7 @@ from service.storage import (
     StoredObject,
     parse_safetensors_header,
 )
+from worker.engine.config import ConfigError, TrainingConfig, checked_config
 from worker.engine.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ def register_model(
     dataset_id: str,
     spec: dict[str, Any],
     checkpoint: bytes,
+    training_recipe: dict[str, Any] | None = None,
 ) -> tuple[Model, ModelVersion]:
     """Register a model trained on ``dataset_id`` with its first (active) version holding ``checkpoint``.
 
@@ -82,12 +85,18 @@ def register_model(
             f"spec num_classes {model_spec.num_classes} != dataset num_classes {dataset.num_classes}",
             field="spec.num_classes",
         )
+    recipe = None
+    if training_recipe is not None:
+        try:
+            recipe = asdict(checked_config(TrainingConfig, training_recipe, owner="training_recipe"))
+        except ConfigError as exc:
+            raise InvalidInput("invalid-training-recipe", str(exc), field="training_recipe") from exc
     try:
         parse_safetensors_header(checkpoint)
     except NotSafetensors as exc:
         raise InvalidInput("invalid-checkpoint", str(exc), field="checkpoint") from exc
     stored = store.put(checkpoint)
-    model = Model(name=name, dataset_id=dataset.id, spec=model_spec.to_dict())
+    model = Model(name=name, dataset_id=dataset.id, spec=model_spec.to_dict(), training_recipe=recipe)
     repository.add(session, model)
     version = register_version(
         session,

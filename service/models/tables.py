@@ -32,6 +32,9 @@ class Model(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # How the model was trained (TrainingConfig fields: epochs, lr, batch_size, weight_decay); the audit's
+    # reference models follow it. None: the engine's default recipe.
+    training_recipe: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -1,8 +1,9 @@
 """End to end: real Postgres (fresh database, migrations applied), real Redis, a real Celery worker process.
 
-The digits dataset (8x8) and a small model keep each job to a few seconds. The worker runs with a lenient
-audit gate (this file tests the plumbing, not a method's quality); the gate's rejection runs the same pipeline
-in-process with impossible thresholds.
+The digits dataset (8x8) and a small model keep each job to a few seconds; each model's first job builds its
+audit reference set (4 references, the model's 2-epoch recipe). The worker runs with a lenient audit gate
+(this file tests the plumbing; tests/service/test_audit_pipeline.py tests the gate's evidence); the gate's
+rejection runs the same pipeline in-process with impossible thresholds.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Env:
     def register_model(self) -> str:
         name = f"digits-{uuid.uuid4().hex[:8]}"
         body = {"name": name, "dataset_id": self.dataset_id, "spec": SPEC.to_dict(),
-                "checkpoint_path": str(self.checkpoint_path)}  # fmt: skip
+                "checkpoint_path": str(self.checkpoint_path), "training_recipe": {"epochs": 2}}  # fmt: skip
         assert self.client.post("/models", json=body).status_code == 201
         return name
 
@@ -99,8 +100,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
     settings = Settings(
-        database_url=database_url, redis_url=redis_url, storage_dir=tmp / "checkpoints", dispatcher="celery"
-    )
+        database_url=database_url, redis_url=redis_url, storage_dir=tmp / "checkpoints", dispatcher="celery",
+        audit_references=4, audit_level=1e-12, gate_max_class_drop=100.0,
+    )  # fmt: skip
     worker_env = {
         **os.environ,
         "LETHE_DATABASE_URL": database_url,
@@ -109,7 +111,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         "LETHE_TORCH_THREADS": "1",
         "LETHE_PROGRESS_INTERVAL_S": "0.2",
         "LETHE_GATE_MAX_AUDIT_DROP": "100",
-        "LETHE_GATE_FORGET_MARGIN": "100",
+        "LETHE_GATE_MAX_CLASS_DROP": "100",
+        "LETHE_AUDIT_LEVEL": "1e-12",
+        "LETHE_AUDIT_REFERENCES": "4",
         "OMP_NUM_THREADS": "1",
     }
     worker_log = tmp / "worker.log"

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Response, status
+
+from service.audit import service
+from service.audit.schemas import ReferenceBuildCreate, ReferenceSetOut
+from service.core.clock import utcnow
+from service.dependencies import DispatcherDep, SessionDep, SettingsDep
+from service.jobs.schemas import JobOut
+
+router = APIRouter(prefix="/models/{name}/audit-references", tags=["audit"])
+logger = logging.getLogger(__name__)
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def build_references(
+    name: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    dispatcher: DispatcherDep,
+    response: Response,
+    body: ReferenceBuildCreate | None = None,
+) -> JobOut:
+    """Queue a (re)build of the model's audit reference set; poll the job at ``Location``. A build already
+    queued or running is answered as it stands. A model's first deletion request builds one without this."""
+    job, created = service.request_build(session, settings, name, body.references if body else None)
+    session.commit()
+    response.headers["Location"] = f"/jobs/{job.id}"
+    response.headers["Retry-After"] = str(settings.retry_after_seconds)
+    if created:
+        try:
+            dispatcher.dispatch(job.id)
+        except Exception:
+            logger.exception("dispatch of job %s failed; it stays queued for the sweeper", job.id)
+    return JobOut.from_job(job, utcnow())
+
+
+@router.get("", response_model=ReferenceSetOut)
+def get_references(name: str, session: SessionDep) -> ReferenceSetOut:
+    """The reference set the model's audits use now (the newest built)."""
+    model, found = service.get_current_set(session, name)
+    return ReferenceSetOut(
+        id=found.id, model=model.name, references=found.references,
+        checkpoint_sha256=found.checkpoint_sha256, size=found.size, summary=found.summary,
+        job_id=found.job_id, created_at=found.created_at,
+    )  # fmt: skip

@@ -1,0 +1,149 @@
+"""The audit's building blocks on synthetic numbers: the score, the masks, the corrections, the test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from worker.audit.gate import AuditRules, gate, verdict
+from worker.audit.membership import binomial_tail, holm, membership_test
+from worker.audit.references import ReferenceSet, balanced_masks
+from worker.audit.scores import stable_logit, stable_logit_all_labels
+from worker.audit.utility import paired_drop_p, utility_comparison, wilson_interval
+from worker.engine.config import TrainingConfig
+
+
+def test_stable_logit_is_log_odds_of_the_label_and_does_not_saturate() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0], [80.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 2, 0])
+    phi = stable_logit(logits, labels)
+    p = torch.softmax(logits.double(), 1)
+    naive = torch.log(p[[0, 1], labels[:2]]) - torch.log(1 - p[[0, 1], labels[:2]])
+    assert torch.allclose(phi[:2], naive)
+    # p_y = 1 - 2e-35 is 1.0 in float: the naive log-odds is inf, phi stays finite and ordered.
+    assert torch.isfinite(phi[2]) and phi[2] > 79
+    every = stable_logit_all_labels(logits.numpy())
+    assert np.allclose(every[np.arange(3), labels.numpy()], phi.numpy())
+
+
+def test_masks_put_every_sample_in_exactly_half_the_references() -> None:
+    masks = balanced_masks(16, 1000, np.random.default_rng(0))
+    assert (masks.sum(axis=0) == 8).all()
+    assert masks.sum(axis=1).min() > 400 and masks.sum(axis=1).max() < 600
+    with pytest.raises(ValueError, match="even"):
+        balanced_masks(5, 10, np.random.default_rng(0))
+
+
+def test_holm_and_binomial_tail() -> None:
+    adjusted = holm(np.array([0.01, 0.04, 0.03, 0.5]))
+    assert np.allclose(adjusted, [0.04, 0.09, 0.09, 0.5])
+    assert binomial_tail(0, 50) == pytest.approx(1.0)
+    assert binomial_tail(10, 50) < 0.01 < binomial_tail(5, 50)
+
+
+CLASSES = 5
+
+
+class Synthetic:
+    """References whose train scores are a per-sample difficulty plus noise (members 2 higher), and whose
+    audit logits favour each control's own class by a difficulty of the same spread; an audited model draws
+    from the same process as a reference that never saw the sample, 0.5 more confident (it saw more data)."""
+
+    def __init__(self, rng: np.random.Generator, k: int = 16, n_train: int = 600, n_audit: int = 500) -> None:
+        self.rng = rng
+        self.difficulty = rng.normal(4.0, 2.0, n_train)
+        self.audit_difficulty = rng.normal(6.0, 2.0, n_audit)
+        self.audit_labels = rng.integers(0, CLASSES, n_audit)
+        members = balanced_masks(k, n_train, rng)
+        self.refs = ReferenceSet(
+            train_rows=np.arange(n_train), train_labels=rng.integers(0, CLASSES, n_train),
+            audit_rows=np.arange(n_train, n_train + n_audit), audit_labels=self.audit_labels, members=members,
+            train_scores=self.difficulty + rng.normal(0, 1, (k, n_train)) + 2.0 * members,
+            audit_logits=np.stack([self._audit_logits(0.0) for _ in range(k)]).astype(np.float32),
+            recipe=TrainingConfig(), seed=0, build_seconds=0.0,
+        )  # fmt: skip
+
+    def _audit_logits(self, shift: float) -> np.ndarray:
+        n = len(self.audit_labels)
+        logits = self.rng.normal(0, 0.3, (n, CLASSES))
+        logits[np.arange(n), self.audit_labels] += self.audit_difficulty + shift + self.rng.normal(0, 1, n)
+        return logits
+
+    def audited(self, rows: np.ndarray, forget_shift: float) -> tuple[np.ndarray, np.ndarray]:
+        """Its phi on the forgotten ``rows`` (``forget_shift`` above a never-seen sample's) and its audit
+        logits."""
+        forget = self.difficulty[rows] + 0.5 + forget_shift + self.rng.normal(0, 1, len(rows))
+        return forget, self._audit_logits(0.5)
+
+
+@pytest.mark.parametrize(
+    ("shift", "residual", "under"), [(0.0, False, False), (3.0, True, False), (-3.0, False, True)]
+)
+def test_membership_test_separates_members_never_seen_and_over_forgotten(
+    shift: float, residual: bool, under: bool
+) -> None:
+    synthetic = Synthetic(np.random.default_rng(1))
+    rows = np.sort(synthetic.rng.choice(600, 50, replace=False))
+    test = membership_test(synthetic.refs, rows, *synthetic.audited(rows, shift))
+    assert (test.residual_p() < 1e-4) == residual, test.summary()
+    assert (test.over_forgetting_p() < 1e-4) == under, test.summary()
+    if not residual and not under:
+        assert test.residual_p() > 0.05 and test.over_forgetting_p() > 0.05, test.summary()
+        assert 0.35 < test.summary()["auc"] < 0.65
+    if residual:
+        assert test.summary()["auc"] > 0.9 and test.summary()["tpr_at_1pct_fpr"] > 0.5
+
+
+def test_verdicts_say_no_more_than_the_evidence() -> None:
+    synthetic = Synthetic(np.random.default_rng(2))
+    refs = synthetic.refs
+    rows = np.sort(synthetic.rng.choice(600, 50, replace=False))
+    member = membership_test(refs, rows, *synthetic.audited(rows, 3.0))
+    never_seen = membership_test(refs, rows, *synthetic.audited(rows, 0.0))
+    rules = AuditRules()
+    assert verdict(member, never_seen, rules, unchanged=False) == "forgotten"
+    assert verdict(never_seen, never_seen, rules, unchanged=False) == "no_measurable_signal"
+    assert verdict(member, member, rules, unchanged=False) == "residual_membership"
+    assert verdict(never_seen, never_seen, rules, unchanged=True) == "unchanged"
+    few = rows[:10]
+    small = membership_test(refs, few, *synthetic.audited(few, 0.0))
+    assert verdict(small, small, rules, unchanged=False) == "insufficient_power"
+
+
+def test_utility_flags_only_a_significant_class_drop_beyond_the_bound() -> None:
+    labels = np.repeat([0, 1], 100)
+    before = labels.copy()
+    after = labels.copy()
+    after[:12] = 1  # class 0: 100 -> 88, twelve samples lost, none gained
+    after[100:105] = 0  # class 1: 100 -> 95, five lost
+    utility = utility_comparison(labels, before, after)
+    assert utility["per_class"]["0"]["drop"] == 12.0 and utility["per_class"]["1"]["drop"] == 5.0
+    assert paired_drop_p(np.ones(12, bool), np.zeros(12, bool)) == pytest.approx(0.5**12)
+    low, high = wilson_interval(88, 100)
+    assert low < 88 < high
+    synthetic = Synthetic(np.random.default_rng(3))
+    rows = np.sort(synthetic.rng.choice(600, 50, replace=False))
+    test = membership_test(synthetic.refs, rows, *synthetic.audited(rows, 0.0))
+    decision = gate(test, test, utility, AuditRules(max_class_drop=4.0), unchanged=False)
+    # Class 1's 5-point drop is beyond the bound, but five flips are not significant (p = 1/32 > 0.05 / 2).
+    assert decision["classes_dropped_significantly"] == ["0"] and not decision["passed"]
+    assert any("class 0 fell 12.0 points" in failure for failure in decision["failures"])
+
+
+def test_reference_set_round_trips_through_bytes() -> None:
+    refs = Synthetic(np.random.default_rng(4), k=4, n_train=20, n_audit=10).refs
+    again = ReferenceSet.from_bytes(refs.to_bytes())
+    assert again.describe() == refs.describe()
+    for name in (
+        "train_rows",
+        "train_labels",
+        "audit_rows",
+        "audit_labels",
+        "members",
+        "train_scores",
+        "audit_logits",
+    ):
+        assert np.array_equal(getattr(again, name), getattr(refs, name)), name
+    with pytest.raises(KeyError, match="not in the reference set"):
+        refs.train_columns(np.array([3, 999]))

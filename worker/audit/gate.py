@@ -1,0 +1,153 @@
+"""The audit gate: the rule a version must pass to go live, and the verdict the evidence supports.
+
+Torch-free. The rule is written into the job's metrics before the numbers it is applied to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from worker.audit.membership import MembershipTest
+
+# Verdicts, from the strongest claim the evidence supports to a failure.
+FORGOTTEN = "forgotten"  # the base model carried a membership signal; the new one carries none
+NO_MEASURABLE_SIGNAL = "no_measurable_signal"  # not even the base model showed one: nothing to compare
+INSUFFICIENT_POWER = "insufficient_power"  # too few samples for the test to see a signal
+RESIDUAL_MEMBERSHIP = "residual_membership"  # the new model still treats samples as members
+OVER_FORGETTING = "over_forgetting"  # it treats them as less likely members than never-seen data
+UNCHANGED = "unchanged"  # the audited model is the base model, weight for weight: nothing was unlearned
+FAILING_VERDICTS = (UNCHANGED, RESIDUAL_MEMBERSHIP, OVER_FORGETTING)
+
+# Per-sample outcomes, worst first: a subject's verdict is its worst sample's.
+SAMPLE_MEMBER = "member"
+SAMPLE_OVER_FORGOTTEN = "over_forgotten"
+SAMPLE_CONSISTENT = "consistent_with_never_seen"
+
+
+@dataclass(frozen=True)
+class AuditRules:
+    level: float = 0.05  # family-wise level of each membership test, over all of a request's samples
+    max_audit_drop: float = 2.0  # points of overall audit accuracy
+    max_class_drop: float = 5.0  # points of one class's audit accuracy, when the drop is significant
+    min_samples: int = 20  # below this a request without a base signal is "insufficient power"
+
+    def describe(self) -> list[str]:
+        return [
+            f"residual membership: the per-sample test of the forgotten samples against never-seen controls "
+            f"(share beyond the controls' 95th percentile, binomial; and the most extreme sample, "
+            f"Holm-corrected over the samples) must not be significant at level {self.level}",
+            f"over-forgetting: the mirror test (share below the controls' 5th percentile, and the most "
+            f"extreme sample) must not be significant at level {self.level}",
+            "the audited model must differ from the base model",
+            f"utility: overall audit accuracy may drop at most {self.max_audit_drop} points",
+            f"utility per class: no class may drop more than {self.max_class_drop} points on never-seen "
+            f"data with a paired sign test significant at {self.level} (Bonferroni over the classes)",
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "text": self.describe()}
+
+
+def sample_outcomes(test: MembershipTest, level: float) -> list[str]:
+    """Each sample's outcome at the per-sample half of the level (Holm over the samples)."""
+    member = test.p_member_adjusted < level / 2
+    under = test.p_under_adjusted < level / 2
+    return [
+        SAMPLE_MEMBER if m else SAMPLE_OVER_FORGOTTEN if u else SAMPLE_CONSISTENT
+        for m, u in zip(member, under, strict=True)
+    ]
+
+
+def verdict(before: MembershipTest, after: MembershipTest, rules: AuditRules, *, unchanged: bool) -> str:
+    if unchanged:
+        return UNCHANGED
+    if after.residual_p() < rules.level:
+        return RESIDUAL_MEMBERSHIP
+    if after.over_forgetting_p() < rules.level:
+        return OVER_FORGETTING
+    if before.residual_p() < rules.level:
+        return FORGOTTEN
+    return INSUFFICIENT_POWER if len(after) < rules.min_samples else NO_MEASURABLE_SIGNAL
+
+
+def subject_verdicts(
+    subjects: list[str | None], before: MembershipTest, after: MembershipTest, rules: AuditRules
+) -> dict[str, dict[str, Any]]:
+    """Per data subject: the request's test on the subject's samples alone, and the worst of its samples
+    (a sample member-like within the whole request makes its subject's verdict residual membership)."""
+    after_outcomes = sample_outcomes(after, rules.level)
+    result: dict[str, dict[str, Any]] = {}
+    for subject in sorted({s for s in subjects if s is not None}):
+        rows = [i for i, s in enumerate(subjects) if s == subject]
+        own_before, own_after = before.subset(rows), after.subset(rows)
+        outcomes = [after_outcomes[i] for i in rows]
+        subject_verdict = verdict(own_before, own_after, rules, unchanged=False)
+        if SAMPLE_MEMBER in outcomes:
+            subject_verdict = RESIDUAL_MEMBERSHIP
+        elif SAMPLE_OVER_FORGOTTEN in outcomes and subject_verdict != RESIDUAL_MEMBERSHIP:
+            subject_verdict = OVER_FORGETTING
+        result[subject] = {
+            "verdict": subject_verdict,
+            "samples": len(rows),
+            "member_share_before": round(float(own_before.above_controls.mean()), 4),
+            "member_share_after": round(float(own_after.above_controls.mean()), 4),
+            "residual_membership_p_before": float(f"{own_before.residual_p():.4g}"),
+            "residual_membership_p_after": float(f"{own_after.residual_p():.4g}"),
+            "members_after": outcomes.count(SAMPLE_MEMBER),
+            "over_forgotten_after": outcomes.count(SAMPLE_OVER_FORGOTTEN),
+        }
+    return result
+
+
+def gate(
+    before: MembershipTest,
+    after: MembershipTest,
+    utility: dict[str, Any],
+    rules: AuditRules,
+    *,
+    unchanged: bool,
+) -> dict[str, Any]:
+    """Apply every rule; ``failures`` says in words which failed and by how much."""
+    failures: list[str] = []
+    if unchanged:
+        failures.append("the audited model is identical to the base model: nothing was unlearned")
+    residual_p, under_p = after.residual_p(), after.over_forgetting_p()
+    if residual_p < rules.level:
+        failures.append(
+            f"residual membership: {int(after.above_controls.sum())} of {len(after)} forgotten samples score "
+            f"above never-seen controls' 95th percentile, p = {residual_p:.3g} < {rules.level}"
+        )
+    if under_p < rules.level:
+        failures.append(
+            f"over-forgetting: {int(after.below_controls.sum())} of {len(after)} forgotten samples score "
+            f"below never-seen controls' 5th percentile, p = {under_p:.3g} < {rules.level}"
+        )
+    overall = utility["overall"]
+    if overall["drop"] > rules.max_audit_drop:
+        failures.append(
+            f"audit accuracy fell {overall['drop']} points (at most {rules.max_audit_drop} allowed)"
+        )
+    classes = utility["per_class"]
+    class_level = rules.level / max(1, len(classes))
+    dropped = {
+        label: block
+        for label, block in classes.items()
+        if block["drop"] > rules.max_class_drop and block["drop_p"] < class_level
+    }
+    for label, block in dropped.items():
+        failures.append(
+            f"class {label} fell {block['drop']} points on never-seen data ({block['before']} -> "
+            f"{block['after']}, paired p = {block['drop_p']:.3g} < {class_level:.3g}; at most "
+            f"{rules.max_class_drop} allowed)"
+        )
+    worst = max(classes.values(), key=lambda block: block["drop"]) if classes else None
+    return {
+        "passed": not failures,
+        "failures": failures,
+        "residual_membership_p": float(f"{residual_p:.4g}"),
+        "over_forgetting_p": float(f"{under_p:.4g}"),
+        "audit_drop": overall["drop"],
+        "largest_class_drop": None if worst is None else worst["drop"],
+        "classes_dropped_significantly": sorted(dropped),
+    }

@@ -1,0 +1,215 @@
+"""The per-sample membership test: does the audited model still treat a forgotten sample as a member?
+
+LiRA-offline (Carlini et al. 2022) calibrated on never-seen controls under the same model:
+
+1. For forgotten sample x, its OUT references (the K/2 that never trained on it) give the score a model
+   that never saw x would have: z(x) = (phi_model(x) - median_OUT phi(x)) / s(x), s a per-sample spread
+   shrunk towards the pooled one (K/2 scores alone make an unstable spread).
+2. The same z for never-seen controls c (the audit split, trained on by no model), scored at x's label,
+   with x's own OUT references, under the same audited model. The audited model saw all train data, the
+   references half of it: it is more confident than they are on never-seen data, and the shift depends on
+   how typical the sample is (for a sample whose label the references do not predict, a mislabelled or
+   atypical one, a stronger model scores it lower, not higher). So x is read against the
+   ``MATCHED_CONTROLS`` controls whose OUT-reference median is nearest its own (the same difficulty; at
+   x's label, controls of other classes stand in for atypical samples): z(x) centred and scaled by theirs
+   (robust median / MAD). The result t(x) has a never-seen sample's distribution under H0.
+3. Per sample: p_member = P(T >= t), p_under = P(T <= t) under a Student-t with ``STUDENT_T_DOF`` degrees
+   of freedom (heavier tails than a Gaussian: never-seen data has hard samples, and a Gaussian tail would
+   call them members once corrected for many samples). Per request: the share of samples above the
+   controls' 95th percentile (and below their 5th: over-forgetting, which is itself a tell), each with a
+   one-sided binomial p-value; the attack's AUC and TPR at 1 % / 0.1 % FPR against the controls.
+
+A request-level test combines the share test and the most extreme sample (Holm-corrected over the samples)
+with a Bonferroni factor of 2, so its level is the configured one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+
+from worker.audit.references import ReferenceSet
+from worker.audit.scores import stable_logit_all_labels
+
+STUDENT_T_DOF = 4
+SHARE_TAIL = 0.05  # the share tests count samples beyond the controls' 5 % tails ...
+SHARE_QUANTILE = float(stats.norm.ppf(1 - SHARE_TAIL))  # ... of the calibrated (standard normal) statistic
+SPREAD_PRIOR = 4.0  # pseudo-observations of the pooled variance in each sample's spread
+# Controls nearest in difficulty that calibrate each sample: fewer than a class holds in the audit split, so a
+# typical sample is read against typical controls of its class, not against confusable ones of other classes.
+MATCHED_CONTROLS = 50
+MAX_AUC_NEGATIVE_ROWS = 256  # forgotten samples whose control sets feed the AUC (a sample of them)
+
+
+@dataclass(frozen=True)
+class MembershipTest:
+    """One audited model's per-sample evidence on one forget set (arrays aligned with the forget set)."""
+
+    offset: np.ndarray  # phi_model - median phi of the OUT references, in logit units
+    t: np.ndarray  # the calibrated statistic (a never-seen sample's distribution under H0)
+    p_member: np.ndarray  # one-sided: still looks like a member
+    p_under: np.ndarray  # one-sided: looks less like a member than never-seen data
+    above_controls: np.ndarray  # bool: t above the controls' 95th percentile (calibrated: 1.645)
+    below_controls: np.ndarray  # bool: t below their 5th percentile
+    control_t: np.ndarray  # t of never-seen controls under the same normalisation (the attack's negatives)
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def subset(self, rows: list[int]) -> MembershipTest:
+        """The same evidence for some of the samples (a data subject's), tested on its own."""
+        index = np.asarray(rows, dtype=np.int64)
+        return MembershipTest(
+            offset=self.offset[index], t=self.t[index], p_member=self.p_member[index],
+            p_under=self.p_under[index], above_controls=self.above_controls[index],
+            below_controls=self.below_controls[index], control_t=self.control_t,
+        )  # fmt: skip
+
+    @property
+    def p_member_adjusted(self) -> np.ndarray:
+        return holm(self.p_member)
+
+    @property
+    def p_under_adjusted(self) -> np.ndarray:
+        return holm(self.p_under)
+
+    def residual_p(self) -> float:
+        """p-value of "some of these samples are still members": share test and most extreme sample."""
+        return _combined(binomial_tail(int(self.above_controls.sum()), len(self)), self.p_member_adjusted)
+
+    def over_forgetting_p(self) -> float:
+        """p-value of "these samples look less like members than never-seen data" (the mirror test)."""
+        return _combined(binomial_tail(int(self.below_controls.sum()), len(self)), self.p_under_adjusted)
+
+    def summary(self) -> dict[str, Any]:
+        n = len(self)
+        above, below = int(self.above_controls.sum()), int(self.below_controls.sum())
+        return {
+            "samples": n,
+            "member_share": round(above / n, 4),
+            "member_share_expected": SHARE_TAIL,
+            "member_share_p": _p(binomial_tail(above, n)),
+            "over_forgetting_share": round(below / n, 4),
+            "over_forgetting_share_p": _p(binomial_tail(below, n)),
+            "min_sample_p_member_holm": _p(float(self.p_member_adjusted.min())),
+            "min_sample_p_under_holm": _p(float(self.p_under_adjusted.min())),
+            "residual_membership_p": _p(self.residual_p()),
+            "over_forgetting_p": _p(self.over_forgetting_p()),
+            "median_offset": round(float(np.median(self.offset)), 4),
+            "median_t": round(float(np.median(self.t)), 4),
+            **attack_power(self.t, self.control_t),
+        }
+
+
+def _p(value: float) -> float:
+    return float(f"{value:.4g}")
+
+
+def _combined(share_p: float, adjusted: np.ndarray) -> float:
+    return min(1.0, 2.0 * min(share_p, float(adjusted.min())))
+
+
+def binomial_tail(successes: int, n: int, rate: float = SHARE_TAIL) -> float:
+    """P(X >= successes) for X ~ Binomial(n, rate)."""
+    return float(stats.binom.sf(successes - 1, n, rate))
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (family-wise error over the samples)."""
+    n = len(p)
+    order = np.argsort(p)
+    adjusted = np.minimum(1.0, np.maximum.accumulate((n - np.arange(n)) * p[order]))
+    out = np.empty(n)
+    out[order] = adjusted
+    return out
+
+
+def attack_power(positive_t: np.ndarray, control_t: np.ndarray) -> dict[str, float | None]:
+    """The per-sample attack's AUC and TPR at 1 % and 0.1 % FPR: forgotten samples vs never-seen controls."""
+    if len(positive_t) == 0 or len(control_t) == 0:
+        return {"auc": None, "tpr_at_1pct_fpr": None, "tpr_at_0_1pct_fpr": None}
+    labels = np.r_[np.ones(len(positive_t)), np.zeros(len(control_t))]
+    auc = float(roc_auc_score(labels, np.r_[positive_t, control_t]))
+    return {
+        "auc": round(auc, 4),
+        "tpr_at_1pct_fpr": round(float((positive_t > np.quantile(control_t, 0.99)).mean()), 4),
+        "tpr_at_0_1pct_fpr": round(float((positive_t > np.quantile(control_t, 0.999)).mean()), 4),
+    }
+
+
+def _pooled_variance(train_out_scores: np.ndarray, audit_scores: np.ndarray) -> float:
+    """Mean over samples of the variance of their OUT scores (train: the K/2 OUT, NaN elsewhere; audit:
+    every reference, at every label)."""
+    train_var = np.nanvar(train_out_scores, axis=0, ddof=1)
+    audit_var = audit_scores.var(axis=0, ddof=1).ravel()
+    return float(np.mean(np.r_[train_var, audit_var]))
+
+
+def _spread(scores: np.ndarray, pooled_variance: float) -> np.ndarray:
+    """Per-column spread of ``scores`` (refs x samples), shrunk towards the pooled variance."""
+    m = scores.shape[0] - 1
+    variance = scores.var(axis=0, ddof=1) if m > 0 else np.zeros(scores.shape[1])
+    return np.sqrt((m * variance + SPREAD_PRIOR * pooled_variance) / (m + SPREAD_PRIOR))
+
+
+def membership_test(
+    refs: ReferenceSet,
+    forget_rows: np.ndarray,
+    model_forget_scores: np.ndarray,
+    model_audit_logits: np.ndarray,
+    *,
+    matched_controls: int = MATCHED_CONTROLS,
+    seed: int = 0,
+) -> MembershipTest:
+    """Test each forgotten sample (dataset ``forget_rows``) under one audited model, given its phi on the
+    forget rows and its logits on ``refs.audit_rows`` (same order)."""
+    columns = refs.train_columns(forget_rows)
+    labels = refs.train_labels[columns]
+    out_mask = ~refs.members
+    reference_audit = stable_logit_all_labels(refs.audit_logits)  # (K, N_a, C)
+    model_audit = stable_logit_all_labels(model_audit_logits)  # (N_a, C)
+    pooled = _pooled_variance(np.where(out_mask, refs.train_scores, np.nan), reference_audit)
+    n = len(columns)
+    offset, t = np.empty(n), np.empty(n)
+    above, below = np.zeros(n, bool), np.zeros(n, bool)
+    negatives: list[np.ndarray] = []
+    negative_rows = set(np.random.default_rng(seed).permutation(n)[:MAX_AUC_NEGATIVE_ROWS].tolist())
+    for i, column in enumerate(columns):
+        out = out_mask[:, column]
+        own = refs.train_scores[out, column]
+        difficulty = np.median(own)  # what a model that never saw x scores it at: how typical x is
+        offset[i] = model_forget_scores[i] - difficulty
+        z = offset[i] / _spread(own[:, None], pooled)[0]
+        # Every control scored at x's label by x's own OUT references and by the audited model; the ones
+        # those references find as hard as x are its yardstick.
+        controls = reference_audit[out, :, labels[i]]  # (K/2, N_a)
+        control_difficulty = np.median(controls, axis=0)
+        control_z = (model_audit[:, labels[i]] - control_difficulty) / _spread(controls, pooled)
+        size = min(matched_controls, len(control_z))
+        nearest = np.argpartition(np.abs(control_difficulty - difficulty), size - 1)[:size]
+        location, scale = _robust(control_z[nearest])
+        t[i] = (z - location) / scale
+        above[i], below[i] = t[i] > SHARE_QUANTILE, t[i] < -SHARE_QUANTILE
+        if i in negative_rows:
+            control_t = (control_z[nearest] - location) / scale
+            negatives.append(control_t)
+    return MembershipTest(
+        offset=offset,
+        t=t,
+        p_member=stats.t.sf(t, STUDENT_T_DOF),
+        p_under=stats.t.cdf(t, STUDENT_T_DOF),
+        above_controls=above,
+        below_controls=below,
+        control_t=np.concatenate(negatives) if negatives else np.empty(0),
+    )
+
+
+def _robust(values: np.ndarray) -> tuple[float, float]:
+    """Median and MAD-based standard deviation (never zero)."""
+    median = float(np.median(values))
+    mad = 1.4826 * float(np.median(np.abs(values - median)))
+    return median, max(mad, 1e-6)

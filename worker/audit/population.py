@@ -1,0 +1,70 @@
+"""Population metrics of a job, for comparison with the literature (never the verdict alone): the paper's
+accuracies on forgotten, remaining and never-seen samples, and the lineage's membership attack (ASR)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from worker.engine.context import RunContext
+from worker.engine.data import TensorSplit
+from worker.engine.runtime import Runtime
+from worker.engine.training import predict_logits
+from worker.evaluation.metrics import paper_metrics
+
+
+@dataclass(frozen=True)
+class LabelledSplits:
+    """The labels accuracy and the audit are measured against: the dataset's, or for a label-free dataset
+    the base model's predictions (accuracy then reads as agreement with the model before unlearning)."""
+
+    source: str  # "dataset" | "base_model"
+    forget: TensorSplit
+    remaining: TensorSplit
+    audit: TensorSplit
+
+
+def label_splits(
+    base: nn.Module, forget: TensorSplit, remaining: TensorSplit, audit: TensorSplit, runtime: Runtime
+) -> LabelledSplits:
+    if audit.y is not None:
+        return LabelledSplits("dataset", forget, remaining, audit)
+    ctx = RunContext(runtime=runtime)
+
+    def labelled(split: TensorSplit) -> TensorSplit:
+        return TensorSplit(split.x, predict_logits(base, split.x, ctx).argmax(1), split.index)
+
+    return LabelledSplits("base_model", labelled(forget), labelled(remaining), labelled(audit))
+
+
+def population_metrics(
+    model: nn.Module, splits: LabelledSplits, seed: int, runtime: Runtime
+) -> dict[str, Any]:
+    """The paper's metrics in percent on never-seen (audit), forgotten and remaining samples."""
+    model = model.to(runtime.device).eval()
+    audit, forget = splits.audit, splits.forget
+    paper = paper_metrics(
+        model,
+        train_retain=splits.remaining,
+        train_forget=forget,
+        test=audit,
+        forget_classes=set(forget.require_labels().tolist()),
+        asr_seed=seed,
+        runtime=runtime,
+    )
+    return {
+        "labels": splits.source,
+        "audit_accuracy": _rounded(paper["test"]),
+        "audit_accuracy_forget_classes": _rounded(paper["test_f"]),
+        "forget_accuracy": _rounded(paper["train_f"]),
+        "remaining_accuracy": _rounded(paper["train_r"]),
+        "attack_success_rate": _rounded(paper["asr"]),
+        "attack": "population attack of the LAF lineage (sorted softmax, gradient boosting); not the verdict",
+        "sizes": {"forget": len(forget), "remaining": len(splits.remaining), "audit": len(audit)},
+    }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)

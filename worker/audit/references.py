@@ -1,0 +1,183 @@
+"""Reference models for the membership audit, built once per model lineage and dataset, not per request.
+
+K models of the audited model's architecture, each trained with the model's own recipe on a random half of
+the train split. The masks are balanced: every train sample is in exactly K/2 of them, so every sample has
+K/2 references that never saw it (its OUT references). Only the masks and each reference's score on every
+train and audit sample are kept; the reference weights are discarded once scored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load as safetensors_load
+from safetensors.numpy import save as safetensors_save
+
+from worker.audit.scores import membership_scores
+from worker.engine.config import TrainingConfig
+from worker.engine.context import RunContext
+from worker.engine.data import TensorSplit
+from worker.engine.models import build_model
+from worker.engine.progress import CancellationToken, ProgressCallback, ProgressEvent
+from worker.engine.runtime import CPU, Runtime
+from worker.engine.spec import ModelSpec
+from worker.engine.training import predict_logits, train
+
+FORMAT = "lethe-audit-references/1"
+
+
+@dataclass(frozen=True)
+class LabelledRows:
+    """Rows of one split with the labels the audit scores them at (the dataset's, or for a label-free
+    dataset the base model's predictions)."""
+
+    x: torch.Tensor  # (N, C, H, W) float32
+    labels: np.ndarray  # int64 (N,)
+    rows: np.ndarray  # int64 (N,): the rows in the dataset's array file
+
+
+@dataclass(frozen=True)
+class ReferenceSet:
+    train_rows: np.ndarray  # int64 (N_t,), sorted: the train samples the references drew from
+    train_labels: np.ndarray  # int64 (N_t,)
+    audit_rows: np.ndarray  # int64 (N_a,), sorted: never-seen controls, trained on by no model
+    audit_labels: np.ndarray  # int64 (N_a,)
+    members: np.ndarray  # bool (K, N_t): reference k trained on train sample j
+    train_scores: np.ndarray  # float64 (K, N_t): phi of reference k on train sample j at its label
+    # float32 (K, N_a, C): every class's logit, so a control can be scored at any label (the membership
+    # test compares a sample with controls scored at the sample's label, whatever their own class)
+    audit_logits: np.ndarray
+    recipe: TrainingConfig
+    seed: int
+    build_seconds: float
+
+    @property
+    def k(self) -> int:
+        return int(self.members.shape[0])
+
+    def train_columns(self, rows: np.ndarray) -> np.ndarray:
+        """Positions of dataset ``rows`` among ``train_rows``; KeyError when a row is not covered."""
+        columns = np.searchsorted(self.train_rows, rows)
+        columns = np.clip(columns, 0, len(self.train_rows) - 1)
+        missing = rows[self.train_rows[columns] != rows]
+        if len(missing):
+            raise KeyError(f"{len(missing)} rows are not in the reference set (first: {int(missing[0])})")
+        return columns
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "references": self.k,
+            "train_samples": len(self.train_rows),
+            "audit_samples": len(self.audit_rows),
+            "recipe": dataclasses.asdict(self.recipe),
+            "seed": self.seed,
+            "build_seconds": round(self.build_seconds, 2),
+        }
+
+    def to_bytes(self) -> bytes:
+        tensors = {
+            "train_rows": self.train_rows,
+            "train_labels": self.train_labels,
+            "audit_rows": self.audit_rows,
+            "audit_labels": self.audit_labels,
+            "members": self.members.astype(np.uint8),
+            "train_scores": self.train_scores,
+            "audit_logits": self.audit_logits,
+        }
+        return safetensors_save(tensors, metadata={"lethe": json.dumps(self.describe(), sort_keys=True)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ReferenceSet:
+        tensors = safetensors_load(data)
+        meta = json.loads(_metadata(data)["lethe"])
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"not an audit reference set ({meta.get('format')!r})")
+        return cls(
+            train_rows=tensors["train_rows"],
+            train_labels=tensors["train_labels"],
+            audit_rows=tensors["audit_rows"],
+            audit_labels=tensors["audit_labels"],
+            members=tensors["members"].astype(bool),
+            train_scores=tensors["train_scores"],
+            audit_logits=tensors["audit_logits"],
+            recipe=TrainingConfig(**meta["recipe"]),
+            seed=int(meta["seed"]),
+            build_seconds=float(meta["build_seconds"]),
+        )
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return dict(header.get("__metadata__", {}))
+
+
+def balanced_masks(k: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(k, n) membership: each column has exactly k // 2 members, chosen at random."""
+    if k < 2 or k % 2:
+        raise ValueError(f"the number of references must be even and at least 2, got {k}")
+    return rng.random((k, n)).argsort(axis=0) < k // 2
+
+
+def build_reference_set(
+    spec: ModelSpec,
+    train_split: LabelledRows,
+    audit_split: LabelledRows,
+    recipe: TrainingConfig,
+    *,
+    k: int,
+    seed: int,
+    runtime: Runtime = CPU,
+    progress: ProgressCallback | None = None,
+    cancel: CancellationToken | None = None,
+) -> ReferenceSet:
+    """Train ``k`` references on balanced random halves of ``train_split`` and score every train and audit
+    sample under each. Progress: ``epoch`` is the reference being trained (1..k), steps count over all."""
+    started = time.monotonic()
+    order = np.argsort(train_split.rows)
+    train_rows, train_labels, x_train = train_split.rows[order], train_split.labels[order], train_split.x
+    x_train = x_train[torch.from_numpy(order)]
+    audit_order = np.argsort(audit_split.rows)
+    audit_rows, audit_labels = audit_split.rows[audit_order], audit_split.labels[audit_order]
+    x_audit = audit_split.x[torch.from_numpy(audit_order)]
+
+    masks = balanced_masks(k, len(train_rows), np.random.default_rng(seed))
+    train_scores = np.empty((k, len(train_rows)))
+    audit_logits = np.empty((k, len(audit_rows), spec.num_classes), dtype=np.float32)
+    steps_per_reference = recipe.epochs * -(-(len(train_rows) // 2) // recipe.batch_size)
+    for ref in range(k):
+        members = torch.from_numpy(np.flatnonzero(masks[ref]))
+        data = TensorSplit(x_train[members], torch.from_numpy(train_labels)[members])
+
+        def on_step(event: ProgressEvent, ref: int = ref) -> None:
+            if progress is not None:
+                done = ref * steps_per_reference + event.step
+                progress(ProgressEvent(done, k * steps_per_reference, ref + 1, k, event.losses))
+
+        # Each reference has its own initialisation stream, independent of the audited model's.
+        ref_seed = seed * 1_000_003 + 7_919 * (ref + 1)
+        torch.manual_seed(ref_seed)
+        model = build_model(spec)
+        ctx = RunContext(runtime=runtime, progress=on_step, cancel=cancel, seed=ref_seed)
+        train(model, data, recipe, ctx)
+        train_scores[ref] = membership_scores(model, x_train, train_labels, runtime)
+        audit_logits[ref] = predict_logits(model, x_audit, ctx).numpy()
+    return ReferenceSet(
+        train_rows=train_rows,
+        train_labels=train_labels,
+        audit_rows=audit_rows,
+        audit_labels=audit_labels,
+        members=masks,
+        train_scores=train_scores,
+        audit_logits=audit_logits,
+        recipe=recipe,
+        seed=seed,
+        build_seconds=time.monotonic() - started,
+    )

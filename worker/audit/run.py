@@ -1,0 +1,114 @@
+"""One audit: a base model and its unlearned successor, the forgotten samples, the reference set."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from worker.audit.gate import AuditRules, gate, sample_outcomes, subject_verdicts, verdict
+from worker.audit.membership import MembershipTest, membership_test
+from worker.audit.references import ReferenceSet
+from worker.audit.scores import stable_logit
+from worker.audit.utility import utility_comparison
+from worker.engine.context import RunContext
+from worker.engine.runtime import Runtime
+from worker.engine.training import predict_logits
+
+METHOD = (
+    "per-sample membership test: LiRA-offline (K/2 OUT reference models per sample) calibrated against "
+    "never-seen controls of the same class under the same model; score: stable logit of the labelled class"
+)
+LIMITATIONS = (
+    "Empirical, not a proof: the test reads the model's outputs (black-box, confidence-based) and can only "
+    "show that the forgotten samples are scored like data the model never saw. Where the model before "
+    "unlearning showed no membership signal either, the test cannot tell erasure from doing nothing and "
+    "says so. Reference models were trained once on halves of the training data and discarded; only their "
+    "scores are kept."
+)
+
+
+def _order_by_rows(x: torch.Tensor, rows: np.ndarray, wanted: np.ndarray) -> torch.Tensor:
+    """``x`` (aligned with ``rows``) reordered to follow ``wanted`` (a permutation of ``rows``)."""
+    position = {int(r): i for i, r in enumerate(rows)}
+    return x[torch.tensor([position[int(r)] for r in wanted], dtype=torch.long)]
+
+
+def _test(
+    model: nn.Module,
+    refs: ReferenceSet,
+    forget_x: torch.Tensor,
+    forget_rows: np.ndarray,
+    audit_x: torch.Tensor,
+    runtime: Runtime,
+    seed: int,
+) -> tuple[MembershipTest, np.ndarray]:
+    ctx = RunContext(runtime=runtime)
+    forget_labels = refs.train_labels[refs.train_columns(forget_rows)]
+    forget_scores = stable_logit(predict_logits(model, forget_x, ctx), torch.from_numpy(forget_labels))
+    audit_logits = predict_logits(model, audit_x, ctx)
+    test = membership_test(refs, forget_rows, forget_scores.numpy(), audit_logits.numpy(), seed=seed)
+    return test, audit_logits.argmax(1).numpy()
+
+
+def _identical(first: nn.Module, second: nn.Module) -> bool:
+    a, b = first.state_dict(), second.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+def audit_unlearning(
+    base: nn.Module,
+    unlearned: nn.Module,
+    refs: ReferenceSet,
+    *,
+    forget_x: torch.Tensor,
+    forget_rows: np.ndarray,
+    forget_sample_ids: Sequence[str],
+    forget_subjects: Sequence[str | None],
+    audit_x: torch.Tensor,
+    audit_rows: np.ndarray,
+    rules: AuditRules,
+    runtime: Runtime,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The per-sample membership audit of ``base`` and ``unlearned`` on the forgotten samples, the utility
+    comparison on the audit split, the gate and the verdict, as JSON-ready data (rule first)."""
+    started = time.monotonic()
+    audit_x = _order_by_rows(audit_x, audit_rows, refs.audit_rows)
+    before, before_predictions = _test(base, refs, forget_x, forget_rows, audit_x, runtime, seed)
+    after, after_predictions = _test(unlearned, refs, forget_x, forget_rows, audit_x, runtime, seed)
+    utility = utility_comparison(refs.audit_labels, before_predictions, after_predictions)
+    unchanged = _identical(base, unlearned)
+    outcome = verdict(before, after, rules, unchanged=unchanged)
+    decision = gate(before, after, utility, rules, unchanged=unchanged)
+    subjects = list(forget_subjects)
+    after_outcomes = sample_outcomes(after, rules.level)
+    return {
+        "rule": rules.to_dict(),
+        "method": METHOD,
+        "limitations": LIMITATIONS,
+        "references": refs.describe(),
+        "verdict": outcome,
+        "gate": decision,
+        "membership": {"before": before.summary(), "after": after.summary()},
+        "subjects": subject_verdicts(subjects, before, after, rules),
+        "utility": utility,
+        "samples": [
+            {
+                "sample_id": sample_id,
+                "subject_id": subjects[i],
+                "outcome": after_outcomes[i],
+                "t_before": round(float(before.t[i]), 3),
+                "t_after": round(float(after.t[i]), 3),
+                "p_member_before": float(f"{before.p_member[i]:.4g}"),
+                "p_member_after": float(f"{after.p_member[i]:.4g}"),
+                "p_under_after": float(f"{after.p_under[i]:.4g}"),
+            }
+            for i, sample_id in enumerate(forget_sample_ids)
+        ],
+        "seconds": round(time.monotonic() - started, 3),
+    }

@@ -1,0 +1,43 @@
+"""The per-sample membership score: the stable logit of the labelled class.
+
+phi(x, y) = log p_y - log(sum_{j != y} p_j) = z_y - logsumexp_{j != y} z_j, computed from the logits so it
+neither saturates (a confidence of 1 - 1e-9 still has a finite, comparable score) nor loses precision.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from worker.engine.context import RunContext
+from worker.engine.runtime import Runtime
+from worker.engine.training import predict_logits
+
+
+def stable_logit(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """phi for each row of ``logits`` (N, C) at ``labels`` (N,), in float64."""
+    logits = logits.double()
+    index = labels.long().unsqueeze(1)
+    true_class = logits.gather(1, index).squeeze(1)
+    others = logits.scatter(1, index, float("-inf"))
+    return true_class - torch.logsumexp(others, dim=1)
+
+
+def membership_scores(model: nn.Module, x: torch.Tensor, labels: np.ndarray, runtime: Runtime) -> np.ndarray:
+    """phi of ``model`` (eval mode, test-time behaviour) on every row of ``x`` at ``labels``."""
+    logits = predict_logits(model, x, RunContext(runtime=runtime))
+    return stable_logit(logits, torch.from_numpy(labels)).numpy()
+
+
+def stable_logit_all_labels(logits: np.ndarray) -> np.ndarray:
+    """phi at every label: (..., C) logits -> (..., C) scores, in float64."""
+    logits = logits.astype(np.float64)
+    n_classes = logits.shape[-1]
+    out = np.empty_like(logits)
+    for label in range(n_classes):
+        others = np.delete(logits, label, axis=-1)
+        peak = others.max(axis=-1, keepdims=True)
+        lse = peak[..., 0] + np.log(np.exp(others - peak).sum(axis=-1))
+        out[..., label] = logits[..., label] - lse
+    return out

@@ -1,0 +1,179 @@
+"""``lethe audit``: the membership audit as a command, on the registry's models and store.
+
+    lethe audit build-references MODEL [--references K] [--no-wait]
+    lethe audit run --model M --version V [--base-version B] --forget-ids FILE --json OUT
+
+``run`` audits any two versions of a model (a model unlearned elsewhere can be registered as a version's
+checkpoint and audited the same way) against the model's reference set, with the gate's rule from the
+settings. It exits 0 when the gate passes, 1 when it does not, 2 on bad input.
+
+Imported to build the ``lethe`` parser, also where torch must never load: handlers import what they need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    audit = subparsers.add_parser("audit", help="the per-sample membership audit: reference sets, audits")
+    commands = audit.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
+
+    build = commands.add_parser(
+        "build-references", help="(re)build a model's audit reference set: a worker job, with progress"
+    )
+    build.add_argument("model", help="the model's name")
+    build.add_argument(
+        "--references", type=int, default=None, help="K (even); default LETHE_AUDIT_REFERENCES"
+    )
+    build.add_argument("--no-wait", action="store_true", help="queue the job and return its id")
+    build.set_defaults(handler=_build_references)
+
+    run = commands.add_parser("run", help="audit version V of a model against base version B")
+    run.add_argument("--model", required=True)
+    run.add_argument("--version", type=int, required=True, help="the version to audit (its number)")
+    run.add_argument("--base-version", type=int, default=None, help="default: V's parent")
+    run.add_argument(
+        "--forget-ids",
+        type=Path,
+        required=True,
+        help="the forgotten sample ids: one per line, or a JSON list",
+    )
+    run.add_argument("--json", type=Path, required=True, help="where to write the audit (JSON)")
+    run.set_defaults(handler=_run)
+
+
+def _fail(message: str) -> int:
+    print(f"lethe audit: {message}", file=sys.stderr)
+    return 2
+
+
+def _build_references(args: argparse.Namespace) -> int:
+    from service.audit import service as audit_service
+    from service.core.database import make_engine, make_session_factory
+    from service.core.problems import ProblemError
+    from service.core.settings import Settings
+    from service.dispatch import build_dispatcher
+    from service.jobs import repository as jobs_repository
+
+    settings = Settings()
+    session_factory = make_session_factory(make_engine(settings.database_url))
+    try:
+        with session_factory.begin() as session:
+            job, created = audit_service.request_build(session, settings, args.model, args.references)
+            job_id = job.id
+    except ProblemError as exc:
+        return _fail(exc.detail)
+    dispatcher = build_dispatcher(settings, session_factory)
+    if created:
+        dispatcher.dispatch(job_id)
+    print(f"job {job_id}: {'queued' if created else 'already queued or running'}")
+    if args.no_wait:
+        return 0
+    last = ""
+    while True:
+        with session_factory() as session:
+            found = jobs_repository.get(session, job_id)
+            assert found is not None
+            state, progress, error = found.state, found.progress or {}, found.error_detail
+        line = f"  {state}" + (f": reference {progress['epoch']}/{progress['total_epochs']}" if progress.get(
+            "total_epochs") else "")  # fmt: skip
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if state in ("succeeded", "failed", "canceled", "rejected"):
+            if error:
+                print(f"  {error}")
+            return 0 if state == "succeeded" else 1
+        time.sleep(1.0)
+
+
+def _read_ids(path: Path) -> list[str]:
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        values = json.loads(text)
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ValueError("a JSON forget-ids file must be a list of strings")
+        return values
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _run(args: argparse.Namespace) -> int:
+    from service.audit import service as audit_service
+    from service.core.database import make_engine, make_session_factory
+    from service.core.settings import Settings
+    from service.datasets import repository as datasets_repository
+    from service.models import repository as models_repository
+    from service.storage import LocalCheckpointStore
+    from worker.audit import ReferenceSet, audit_unlearning
+    from worker.engine.runtime import Runtime
+    from worker.engine.spec import ModelSpec
+    from worker.pipeline import JobFailed, load_checkpoint, load_sets, read_verified, rules_from_settings
+
+    try:
+        forget_ids = _read_ids(args.forget_ids)
+    except (OSError, ValueError) as exc:
+        return _fail(f"{args.forget_ids}: {exc}")
+    if not forget_ids:
+        return _fail(f"{args.forget_ids} names no sample")
+    settings = Settings()
+    store = LocalCheckpointStore(settings.storage_dir)
+    session_factory = make_session_factory(make_engine(settings.database_url))
+    with session_factory() as session:
+        model = models_repository.get_model_by_name(session, args.model)
+        if model is None:
+            return _fail(f"no model named {args.model!r}")
+        version = models_repository.get_version_by_number(session, model.id, args.version)
+        if version is None:
+            return _fail(f"model {args.model!r} has no version {args.version}")
+        if args.base_version is not None:
+            base = models_repository.get_version_by_number(session, model.id, args.base_version)
+        else:
+            base = models_repository.get_version(session, version.parent_id) if version.parent_id else None
+        if base is None:
+            return _fail("no base version: give --base-version (version 1 has no parent)")
+        dataset = datasets_repository.get_dataset(session, model.dataset_id)
+        reference_row = audit_service.current_set(session, model.id)
+        if dataset is None or reference_row is None:
+            return _fail(f"model {args.model!r} has no audit reference set: lethe audit build-references")
+        spec = ModelSpec.from_dict(model.spec)
+        located = {
+            "version": (version.storage_uri, version.checkpoint_sha256),
+            "base": (base.storage_uri, base.checkpoint_sha256),
+            "references": (reference_row.storage_uri, reference_row.checkpoint_sha256),
+        }
+        array_path, dataset_id, base_number = dataset.array_path, dataset.id, base.number
+    runtime = Runtime.detect()
+    try:
+        sets = load_sets(
+            session_factory, dataset_id, array_path, forget_ids,
+            eval_remaining_rows=settings.eval_remaining_rows, seed=0,
+        )  # fmt: skip
+        audited = load_checkpoint(store, *located["version"], spec)
+        base_model = load_checkpoint(store, *located["base"], spec)
+        refs = ReferenceSet.from_bytes(read_verified(store, *located["references"]))
+        result = audit_unlearning(
+            base_model, audited, refs,
+            forget_x=sets.forget.x, forget_rows=sets.forget_rows,
+            forget_sample_ids=sets.forget_sample_ids, forget_subjects=sets.forget_subject_ids,
+            audit_x=sets.audit.x, audit_rows=sets.audit_rows,
+            rules=rules_from_settings(settings), runtime=runtime,
+        )  # fmt: skip
+    except JobFailed as exc:
+        return _fail(exc.detail)
+    except KeyError as exc:
+        return _fail(f"the reference set cannot audit these samples: {exc}")
+    result = {"model": args.model, "version": args.version, "base_version": base_number, **result}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    gate = result["gate"]
+    print(f"{args.model} v{args.version} against v{base_number}: {result['verdict']}; gate "
+          f"{'passed' if gate['passed'] else 'FAILED'}")  # fmt: skip
+    for failure in gate["failures"]:
+        print(f"  - {failure}")
+    return 0 if gate["passed"] else 1

@@ -1,0 +1,273 @@
+"""Calibration of the per-sample membership audit on mnist5k: does it accept exact retraining, reject a
+no-op where the base model memorised something, and what does it say of MixUnlearn?
+
+One initial model, one reference set, then per data subject three unlearnings from the same initial model:
+exact retrain (its own initialisation stream), a no-op (fine-tune at lr 1e-9 for one epoch) and MixUnlearn
+(defaults). Subjects are random groups of train samples (they span classes, as real people's data does).
+The "atypical" subjects carry a few wrong labels, the model trained with them: the realistic leak a no-op
+leaves in place. A wrong label counts as memorised when the initial model predicts it.
+
+    python -m worker.bench.audit_calibration --json docs/results/audit-calibration.json
+
+Models are cached (--cache-dir): a second run with the same protocol re-scores the audit without retraining;
+the unlearning times it reports are those measured when each model was trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from worker.audit import AuditRules, LabelledRows, ReferenceSet, audit_unlearning, build_reference_set
+from worker.checkpoints import load_state_dict, state_dict_to_bytes
+from worker.datasets.builtin import load_dataset
+from worker.engine.api import unlearn
+from worker.engine.config import TrainingConfig, make_config
+from worker.engine.context import RunContext
+from worker.engine.data import TensorSplit
+from worker.engine.models import build_model
+from worker.engine.runtime import CPU
+from worker.engine.spec import ModelSpec, mnist_cnn_spec
+from worker.engine.training import predict_logits, train
+
+WAYS = {
+    "retrain": ("retrain", {}),
+    "noop": ("finetune", {"lr": 1e-9, "epochs": 1}),
+    "mixunlearn": ("mixunlearn", {}),
+}
+
+
+@dataclass(frozen=True)
+class Study:
+    """One protocol. Its models (initial, references' scores, every unlearned model) are cached under
+    ``cache_dir`` by protocol, so the audit can be scored again without retraining (``--rescore``)."""
+
+    subjects: int
+    atypical: int
+    wrong_labels: int
+    samples_per_subject: int
+    references: int
+    recipe: TrainingConfig
+    seed: int
+
+    def key(self) -> str:
+        return (
+            f"s{self.seed}-n{self.subjects}-a{self.atypical}-w{self.wrong_labels}-m{self.samples_per_subject}"
+            f"-k{self.references}-e{self.recipe.epochs}"
+        )
+
+
+class ModelCache:
+    def __init__(self, root: Path, study: Study) -> None:
+        self.dir = root / study.key()
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def model(
+        self, name: str, spec: ModelSpec, make: Callable[[], nn.Module]
+    ) -> tuple[nn.Module, float | None]:
+        """The cached model, or ``make()``'s (timed, then cached); the seconds are None when cached."""
+        path = self.dir / f"{name}.safetensors"
+        if path.exists():
+            return load_state_dict(path.read_bytes(), spec), None
+        started = time.monotonic()
+        model = make()
+        seconds = time.monotonic() - started
+        path.write_bytes(state_dict_to_bytes(model, metadata={"seconds": f"{seconds:.3f}"}))
+        return model, seconds
+
+    def seconds(self, name: str) -> float:
+        data = (self.dir / f"{name}.safetensors").read_bytes()
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        return float(header["__metadata__"]["seconds"])
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_study(study: Study, ways: list[str], cache: ModelCache) -> dict[str, Any]:
+    rng = np.random.default_rng(study.seed)
+    data = load_dataset("mnist5k")
+    spec = mnist_cnn_spec(data.num_classes, data.input_shape)
+    x = torch.from_numpy(data.x)
+    labels = data.y.copy()
+    train_rows = data.train_rows
+    order = rng.permutation(train_rows)
+    groups = [
+        np.sort(order[i * study.samples_per_subject : (i + 1) * study.samples_per_subject])
+        for i in range(study.subjects)
+    ]
+    flipped: dict[int, np.ndarray] = {}
+    for s in range(study.atypical):
+        rows = rng.choice(groups[s], study.wrong_labels, replace=False)
+        labels[rows] = (labels[rows] + rng.integers(1, data.num_classes, len(rows))) % data.num_classes
+        flipped[s] = rows
+
+    def split(rows: np.ndarray) -> TensorSplit:
+        index = torch.from_numpy(rows)
+        return TensorSplit(x[index], torch.from_numpy(labels[rows]), index)
+
+    def train_initial() -> nn.Module:
+        torch.manual_seed(study.seed)
+        model: nn.Module = build_model(spec)
+        return train(model, split(train_rows), study.recipe, RunContext(seed=study.seed))
+
+    _log(f"initial model: {study.recipe}")
+    initial, _ = cache.model("initial", spec, train_initial)
+    timings = {"initial_training_s": cache.seconds("initial")}
+    references_path = cache.dir / "references.safetensors"
+    if references_path.exists():
+        refs = ReferenceSet.from_bytes(references_path.read_bytes())
+    else:
+        _log(f"reference set: {study.references} models")
+        refs = build_reference_set(
+            spec,
+            LabelledRows(x[torch.from_numpy(train_rows)], labels[train_rows], train_rows),
+            LabelledRows(
+                x[torch.from_numpy(data.heldout_rows)], labels[data.heldout_rows], data.heldout_rows
+            ),
+            study.recipe,
+            k=study.references,
+            seed=study.seed + 1,
+        )
+        references_path.write_bytes(refs.to_bytes())
+    timings["reference_build_s"] = refs.build_seconds
+    base_predictions = predict_logits(initial, x, RunContext()).argmax(1).numpy()
+    rules = AuditRules()
+    records: list[dict[str, Any]] = []
+    for s, rows in enumerate(groups):
+        memorised = int((base_predictions[flipped[s]] == labels[flipped[s]]).sum()) if s in flipped else 0
+        remaining = np.setdiff1d(train_rows, rows)
+        for way in ways:
+            method, overrides = WAYS[way]
+            if method == "retrain":  # exact retraining follows the model's own recipe
+                overrides = {"epochs": study.recipe.epochs, "lr": study.recipe.lr}
+            config = make_config(method, {**overrides, "seed": 10_000 + s})
+            model, _ = cache.model(
+                f"subject{s:02d}-{way}",
+                spec,
+                functools.partial(unlearn, initial, spec, split(rows), split(remaining), config),
+            )
+            unlearn_s = cache.seconds(f"subject{s:02d}-{way}")
+            audit = audit_unlearning(
+                initial, model, refs,
+                forget_x=x[torch.from_numpy(rows)], forget_rows=rows,
+                forget_sample_ids=[data.sample_ids[r] for r in rows],
+                forget_subjects=[f"subject-{s:02d}"] * len(rows),
+                audit_x=x[torch.from_numpy(data.heldout_rows)], audit_rows=data.heldout_rows,
+                rules=rules, runtime=CPU,
+            )  # fmt: skip
+            record = {
+                "subject": s,
+                "atypical": s in flipped,
+                "memorised_wrong_labels": memorised,
+                "way": way,
+                "passed": audit["gate"]["passed"],
+                "verdict": audit["verdict"],
+                "failures": audit["gate"]["failures"],
+                "membership_before": audit["membership"]["before"],
+                "membership_after": audit["membership"]["after"],
+                "audit_drop": audit["gate"]["audit_drop"],
+                "largest_class_drop": audit["gate"]["largest_class_drop"],
+                "unlearn_seconds": round(unlearn_s, 3),
+                "audit_seconds": audit["seconds"],
+            }
+            records.append(record)
+            _log(
+                f"subject {s:2d} {'atypical' if s in flipped else 'clean   '} mem={memorised:2d} {way:<10} "
+                f"{'PASS' if record['passed'] else 'FAIL'} {record['verdict']:<20} "
+                f"residual p={audit['gate']['residual_membership_p']:.3g} "
+                f"under p={audit['gate']['over_forgetting_p']:.3g} drop={record['audit_drop']} "
+                f"({unlearn_s:.1f} s + audit {audit['seconds']:.2f} s)"
+            )
+    return {
+        "study": {**study.__dict__, "recipe": study.recipe.__dict__},
+        "timings": timings,
+        "rules": rules.to_dict(),
+        "records": records,
+        "summary": summarise(records, refs.build_seconds),
+    }
+
+
+def _rate(records: list[dict[str, Any]], accepted: bool) -> dict[str, Any]:
+    n = len(records)
+    hits = sum(r["passed"] == accepted for r in records)
+    return {"rate": round(hits / n, 3) if n else None, "of": n}
+
+
+def summarise(records: list[dict[str, Any]], reference_build_s: float) -> dict[str, Any]:
+    by_way: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_way.setdefault(record["way"], []).append(record)
+    summary: dict[str, Any] = {}
+    if "retrain" in by_way:
+        summary["retrain_accepted"] = _rate(by_way["retrain"], accepted=True)
+        retrain_s = float(np.mean([r["unlearn_seconds"] for r in by_way["retrain"]]))
+        summary["reference_build_over_retrain"] = round(reference_build_s / retrain_s, 2)
+    if "noop" in by_way:
+        noop = by_way["noop"]
+        summary["noop_rejected_memorised_5plus"] = _rate(
+            [r for r in noop if r["memorised_wrong_labels"] >= 5], accepted=False
+        )
+        summary["noop_rejected_atypical"] = _rate([r for r in noop if r["atypical"]], accepted=False)
+        summary["noop_rejected_clean"] = _rate([r for r in noop if not r["atypical"]], accepted=False)
+    if "mixunlearn" in by_way:
+        mix = by_way["mixunlearn"]
+        summary["mixunlearn_accepted"] = _rate(mix, accepted=True)
+        verdicts: dict[str, int] = {}
+        for r in mix:
+            verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + 1
+        summary["mixunlearn_verdicts"] = verdicts
+        summary["mixunlearn_audit_over_unlearn"] = round(
+            float(np.sum([r["audit_seconds"] for r in mix]) / np.sum([r["unlearn_seconds"] for r in mix])), 4
+        )
+    summary["audit_seconds_mean"] = round(float(np.mean([r["audit_seconds"] for r in records])), 3)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--subjects", type=int, default=20)
+    parser.add_argument("--atypical", type=int, default=10, help="subjects given wrong labels")
+    parser.add_argument("--wrong-labels", type=int, default=15, help="wrong labels per atypical subject")
+    parser.add_argument("--samples-per-subject", type=int, default=50)
+    parser.add_argument("--references", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=20, help="the training recipe's epochs")
+    parser.add_argument("--ways", default=",".join(WAYS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--cache-dir", type=Path, default=Path("results/audit-cache"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    study = Study(
+        subjects=args.subjects,
+        atypical=args.atypical,
+        wrong_labels=args.wrong_labels,
+        samples_per_subject=args.samples_per_subject,
+        references=args.references,
+        recipe=TrainingConfig(epochs=args.epochs),
+        seed=args.seed,
+    )
+    result = run_study(study, args.ways.split(","), ModelCache(args.cache_dir, study))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
