@@ -1,11 +1,11 @@
 """``lethe audit``: the membership audit as a command, on the registry's models and store.
 
     lethe audit build-references MODEL [--references K] [--no-wait]
-    lethe audit run --model M --version V [--base-version B] --forget-ids FILE --json OUT
+    lethe audit run --model M (--version V | --checkpoint FILE) [--base-version B] --forget-ids F --json OUT
 
-``run`` audits any two versions of a model (a model unlearned elsewhere can be registered as a version's
-checkpoint and audited the same way) against the model's reference set, with the gate's rule from the
-settings. It exits 0 when the gate passes, 1 when it does not, 2 on bad input.
+``run`` audits a version of a model, or a safetensors checkpoint of it unlearned elsewhere, against a base
+version (default: the version's parent; for a checkpoint, the active version) with the model's reference set
+and the gate's rule from the settings. It exits 0 when the gate passes, 1 when it does not, 2 on bad input.
 
 Imported to build the ``lethe`` parser, also where torch must never load: handlers import what they need.
 """
@@ -34,10 +34,16 @@ def add_parser(subparsers: Any) -> None:
     build.add_argument("--no-wait", action="store_true", help="queue the job and return its id")
     build.set_defaults(handler=_build_references)
 
-    run = commands.add_parser("run", help="audit version V of a model against base version B")
+    run = commands.add_parser(
+        "run", help="audit version V of a model (or a checkpoint) against base version B"
+    )
     run.add_argument("--model", required=True)
-    run.add_argument("--version", type=int, required=True, help="the version to audit (its number)")
-    run.add_argument("--base-version", type=int, default=None, help="default: V's parent")
+    audited = run.add_mutually_exclusive_group(required=True)
+    audited.add_argument("--version", type=int, help="the version to audit (its number)")
+    audited.add_argument("--checkpoint", type=Path, help="a .safetensors checkpoint unlearned elsewhere")
+    run.add_argument(
+        "--base-version", type=int, default=None, help="default: V's parent, or the active version"
+    )
     run.add_argument(
         "--forget-ids",
         type=Path,
@@ -111,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     from service.models import repository as models_repository
     from service.storage import LocalCheckpointStore
     from worker.audit import ReferenceSet, audit_unlearning
+    from worker.checkpoints import CheckpointMismatch, load_state_dict
     from worker.engine.runtime import Runtime
     from worker.engine.spec import ModelSpec
     from worker.pipeline import JobFailed, load_checkpoint, load_sets, read_verified, rules_from_settings
@@ -128,13 +135,17 @@ def _run(args: argparse.Namespace) -> int:
         model = models_repository.get_model_by_name(session, args.model)
         if model is None:
             return _fail(f"no model named {args.model!r}")
-        version = models_repository.get_version_by_number(session, model.id, args.version)
-        if version is None:
-            return _fail(f"model {args.model!r} has no version {args.version}")
+        version = None
+        if args.version is not None:
+            version = models_repository.get_version_by_number(session, model.id, args.version)
+            if version is None:
+                return _fail(f"model {args.model!r} has no version {args.version}")
         if args.base_version is not None:
             base = models_repository.get_version_by_number(session, model.id, args.base_version)
-        else:
+        elif version is not None:
             base = models_repository.get_version(session, version.parent_id) if version.parent_id else None
+        else:
+            base = models_repository.active_version(session, model.id)
         if base is None:
             return _fail("no base version: give --base-version (version 1 has no parent)")
         dataset = datasets_repository.get_dataset(session, model.dataset_id)
@@ -142,11 +153,9 @@ def _run(args: argparse.Namespace) -> int:
         if dataset is None or reference_row is None:
             return _fail(f"model {args.model!r} has no audit reference set: lethe audit build-references")
         spec = ModelSpec.from_dict(model.spec)
-        located = {
-            "version": (version.storage_uri, version.checkpoint_sha256),
-            "base": (base.storage_uri, base.checkpoint_sha256),
-            "references": (reference_row.storage_uri, reference_row.checkpoint_sha256),
-        }
+        audited_at = (version.storage_uri, version.checkpoint_sha256) if version else None
+        base_at = (base.storage_uri, base.checkpoint_sha256)
+        references_at = (reference_row.storage_uri, reference_row.checkpoint_sha256)
         array_path, dataset_id, base_number = dataset.array_path, dataset.id, base.number
     runtime = Runtime.detect()
     try:
@@ -154,9 +163,12 @@ def _run(args: argparse.Namespace) -> int:
             session_factory, dataset_id, array_path, forget_ids,
             eval_remaining_rows=settings.eval_remaining_rows, seed=0,
         )  # fmt: skip
-        audited = load_checkpoint(store, *located["version"], spec)
-        base_model = load_checkpoint(store, *located["base"], spec)
-        refs = ReferenceSet.from_bytes(read_verified(store, *located["references"]))
+        if audited_at is not None:
+            audited = load_checkpoint(store, *audited_at, spec)
+        else:
+            audited = load_state_dict(args.checkpoint.read_bytes(), spec)
+        base_model = load_checkpoint(store, *base_at, spec)
+        refs = ReferenceSet.from_bytes(read_verified(store, *references_at))
         result = audit_unlearning(
             base_model, audited, refs,
             forget_x=sets.forget.x, forget_rows=sets.forget_rows,
@@ -166,13 +178,16 @@ def _run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except JobFailed as exc:
         return _fail(exc.detail)
+    except (OSError, CheckpointMismatch) as exc:
+        return _fail(f"{args.checkpoint}: {exc}")
     except KeyError as exc:
         return _fail(f"the reference set cannot audit these samples: {exc}")
-    result = {"model": args.model, "version": args.version, "base_version": base_number, **result}
+    audited_name = f"v{args.version}" if args.version is not None else str(args.checkpoint)
+    result = {"model": args.model, "audited": audited_name, "base_version": base_number, **result}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     gate = result["gate"]
-    print(f"{args.model} v{args.version} against v{base_number}: {result['verdict']}; gate "
+    print(f"{args.model} {audited_name} against v{base_number}: {result['verdict']}; gate "
           f"{'passed' if gate['passed'] else 'FAILED'}")  # fmt: skip
     for failure in gate["failures"]:
         print(f"  - {failure}")

@@ -37,6 +37,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "running": frozenset({"evaluating", "failed", "canceled"}),
     "evaluating": frozenset({"succeeded", "rejected", "failed", "canceled"}),
 }
+# A reference build has nothing to evaluate or reject: it succeeds straight from running.
+BUILD_TRANSITIONS = {**TRANSITIONS, "running": frozenset({"succeeded", "failed", "canceled"})}
 
 
 class InvalidTransition(Conflict):
@@ -299,7 +301,8 @@ def _transition(session: Session, job_id: str, state: str, worker_id: str | None
         raise NotFound("job-not-found", f"no job {job_id!r}", job_id=job_id)
     if worker_id is not None and job.worker_id != worker_id:
         raise InvalidTransition("job-not-owned", f"job {job_id} is held by {job.worker_id}", state=job.state)
-    if state not in TRANSITIONS.get(job.state, frozenset()):
+    transitions = BUILD_TRANSITIONS if job.kind == "build_references" else TRANSITIONS
+    if state not in transitions.get(job.state, frozenset()):
         raise InvalidTransition(
             "invalid-transition", f"job {job_id} cannot go from {job.state} to {state}", state=job.state
         )

@@ -26,7 +26,7 @@ with a Bonferroni factor of 2, so its level is the configured one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy import stats
@@ -43,6 +43,7 @@ SPREAD_PRIOR = 4.0  # pseudo-observations of the pooled variance in each sample'
 # typical sample is read against typical controls of its class, not against confusable ones of other classes.
 MATCHED_CONTROLS = 50
 MAX_AUC_NEGATIVE_ROWS = 256  # forgotten samples whose control sets feed the AUC (a sample of them)
+Calibration = Literal["difficulty", "class", "none"]
 
 
 @dataclass(frozen=True)
@@ -141,14 +142,6 @@ def attack_power(positive_t: np.ndarray, control_t: np.ndarray) -> dict[str, flo
     }
 
 
-def _pooled_variance(train_out_scores: np.ndarray, audit_scores: np.ndarray) -> float:
-    """Mean over samples of the variance of their OUT scores (train: the K/2 OUT, NaN elsewhere; audit:
-    every reference, at every label)."""
-    train_var = np.nanvar(train_out_scores, axis=0, ddof=1)
-    audit_var = audit_scores.var(axis=0, ddof=1).ravel()
-    return float(np.mean(np.r_[train_var, audit_var]))
-
-
 def _spread(scores: np.ndarray, pooled_variance: float) -> np.ndarray:
     """Per-column spread of ``scores`` (refs x samples), shrunk towards the pooled variance."""
     m = scores.shape[0] - 1
@@ -163,16 +156,21 @@ def membership_test(
     model_audit_logits: np.ndarray,
     *,
     matched_controls: int = MATCHED_CONTROLS,
+    calibration: Calibration = "difficulty",
     seed: int = 0,
 ) -> MembershipTest:
     """Test each forgotten sample (dataset ``forget_rows``) under one audited model, given its phi on the
-    forget rows and its logits on ``refs.audit_rows`` (same order)."""
+    forget rows and its logits on ``refs.audit_rows`` (same order).
+
+    ``calibration`` is what z(x) is read against: ``difficulty`` (the audit's: matched controls, above),
+    ``class`` (the never-seen controls of x's class at their own label) or ``none`` (z as it is: LiRA-offline
+    without controls). The last two exist for the calibration benchmark's comparison."""
     columns = refs.train_columns(forget_rows)
     labels = refs.train_labels[columns]
     out_mask = ~refs.members
-    reference_audit = stable_logit_all_labels(refs.audit_logits)  # (K, N_a, C)
+    reference_audit = refs.audit_scores  # (K, N_a, C)
     model_audit = stable_logit_all_labels(model_audit_logits)  # (N_a, C)
-    pooled = _pooled_variance(np.where(out_mask, refs.train_scores, np.nan), reference_audit)
+    pooled = refs.pooled_variance
     n = len(columns)
     offset, t = np.empty(n), np.empty(n)
     above, below = np.zeros(n, bool), np.zeros(n, bool)
@@ -189,12 +187,17 @@ def membership_test(
         controls = reference_audit[out, :, labels[i]]  # (K/2, N_a)
         control_difficulty = np.median(controls, axis=0)
         control_z = (model_audit[:, labels[i]] - control_difficulty) / _spread(controls, pooled)
-        size = min(matched_controls, len(control_z))
-        nearest = np.argpartition(np.abs(control_difficulty - difficulty), size - 1)[:size]
-        location, scale = _robust(control_z[nearest])
+        if calibration == "difficulty":
+            size = min(matched_controls, len(control_z))
+            nearest = np.argpartition(np.abs(control_difficulty - difficulty), size - 1)[:size]
+        elif calibration == "class":
+            nearest = np.flatnonzero(refs.audit_labels == labels[i])
+        else:
+            nearest = np.empty(0, dtype=np.int64)
+        location, scale = _robust(control_z[nearest]) if len(nearest) else (0.0, 1.0)
         t[i] = (z - location) / scale
         above[i], below[i] = t[i] > SHARE_QUANTILE, t[i] < -SHARE_QUANTILE
-        if i in negative_rows:
+        if i in negative_rows and len(nearest):
             control_t = (control_z[nearest] - location) / scale
             negatives.append(control_t)
     return MembershipTest(

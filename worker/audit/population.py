@@ -6,13 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
 from worker.engine.runtime import Runtime
-from worker.engine.training import predict_logits
-from worker.evaluation.metrics import paper_metrics
+from worker.evaluation.metrics import Scorable, model_logits, paper_metrics
 
 
 @dataclass(frozen=True)
@@ -27,23 +24,22 @@ class LabelledSplits:
 
 
 def label_splits(
-    base: nn.Module, forget: TensorSplit, remaining: TensorSplit, audit: TensorSplit, runtime: Runtime
+    base: Scorable, forget: TensorSplit, remaining: TensorSplit, audit: TensorSplit, runtime: Runtime
 ) -> LabelledSplits:
     if audit.y is not None:
         return LabelledSplits("dataset", forget, remaining, audit)
     ctx = RunContext(runtime=runtime)
 
     def labelled(split: TensorSplit) -> TensorSplit:
-        return TensorSplit(split.x, predict_logits(base, split.x, ctx).argmax(1), split.index)
+        return TensorSplit(split.x, model_logits(base, split.x, ctx).argmax(1), split.index)
 
     return LabelledSplits("base_model", labelled(forget), labelled(remaining), labelled(audit))
 
 
 def population_metrics(
-    model: nn.Module, splits: LabelledSplits, seed: int, runtime: Runtime
+    model: Scorable, splits: LabelledSplits, seed: int, runtime: Runtime
 ) -> dict[str, Any]:
     """The paper's metrics in percent on never-seen (audit), forgotten and remaining samples."""
-    model = model.to(runtime.device).eval()
     audit, forget = splits.audit, splits.forget
     paper = paper_metrics(
         model,

@@ -9,6 +9,7 @@ train and audit sample are kept; the reference weights are discarded once scored
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch
 from safetensors.numpy import load as safetensors_load
 from safetensors.numpy import save as safetensors_save
 
-from worker.audit.scores import membership_scores
+from worker.audit.scores import membership_scores, stable_logit_all_labels
 from worker.engine.config import TrainingConfig
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
@@ -56,6 +57,19 @@ class ReferenceSet:
     recipe: TrainingConfig
     seed: int
     build_seconds: float
+
+    @functools.cached_property
+    def audit_scores(self) -> np.ndarray:
+        """(K, N_a, C) float64: phi of every reference on every control at every label."""
+        return stable_logit_all_labels(self.audit_logits)
+
+    @functools.cached_property
+    def pooled_variance(self) -> float:
+        """Mean over samples of the variance of their OUT scores (train: the K/2 OUT; audit: every reference,
+        at every label): the prior of each sample's spread."""
+        train_var = np.nanvar(np.where(self.members, np.nan, self.train_scores), axis=0, ddof=1)
+        audit_var = self.audit_scores.var(axis=0, ddof=1).ravel()
+        return float(np.mean(np.r_[train_var, audit_var]))
 
     @property
     def k(self) -> int:

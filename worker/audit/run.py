@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from worker.audit.gate import AuditRules, gate, sample_outcomes, subject_verdicts, verdict
-from worker.audit.membership import MembershipTest, membership_test
+from worker.audit.membership import Calibration, MembershipTest, membership_test
 from worker.audit.references import ReferenceSet
 from worker.audit.scores import stable_logit
 from worker.audit.utility import utility_comparison
 from worker.engine.context import RunContext
 from worker.engine.runtime import Runtime
-from worker.engine.training import predict_logits
+from worker.evaluation.metrics import Scorable, ScoredModel, model_logits
 
 METHOD = (
     "per-sample membership test: LiRA-offline (K/2 OUT reference models per sample) calibrated against "
@@ -32,37 +32,47 @@ LIMITATIONS = (
 )
 
 
-def _order_by_rows(x: torch.Tensor, rows: np.ndarray, wanted: np.ndarray) -> torch.Tensor:
-    """``x`` (aligned with ``rows``) reordered to follow ``wanted`` (a permutation of ``rows``)."""
+def order_by_rows(values: torch.Tensor, rows: np.ndarray, wanted: np.ndarray) -> torch.Tensor:
+    """``values`` (aligned with ``rows``) reordered to follow ``wanted`` (a permutation of ``rows``)."""
     position = {int(r): i for i, r in enumerate(rows)}
-    return x[torch.tensor([position[int(r)] for r in wanted], dtype=torch.long)]
+    return values[torch.tensor([position[int(r)] for r in wanted], dtype=torch.long)]
 
 
-def _test(
-    model: nn.Module,
+def test_model(
+    model: Scorable,
     refs: ReferenceSet,
     forget_x: torch.Tensor,
     forget_rows: np.ndarray,
     audit_x: torch.Tensor,
+    audit_rows: np.ndarray,
     runtime: Runtime,
-    seed: int,
+    seed: int = 0,
+    calibration: Calibration = "difficulty",
 ) -> tuple[MembershipTest, np.ndarray]:
+    """One model's membership test on the forget rows, and its predictions on the audit split in
+    ``refs.audit_rows`` order."""
     ctx = RunContext(runtime=runtime)
     forget_labels = refs.train_labels[refs.train_columns(forget_rows)]
-    forget_scores = stable_logit(predict_logits(model, forget_x, ctx), torch.from_numpy(forget_labels))
-    audit_logits = predict_logits(model, audit_x, ctx)
-    test = membership_test(refs, forget_rows, forget_scores.numpy(), audit_logits.numpy(), seed=seed)
+    forget_scores = stable_logit(model_logits(model, forget_x, ctx), torch.from_numpy(forget_labels))
+    audit_logits = order_by_rows(model_logits(model, audit_x, ctx), audit_rows, refs.audit_rows)
+    test = membership_test(
+        refs, forget_rows, forget_scores.numpy(), audit_logits.numpy(), seed=seed, calibration=calibration
+    )
     return test, audit_logits.argmax(1).numpy()
 
 
-def _identical(first: nn.Module, second: nn.Module) -> bool:
-    a, b = first.state_dict(), second.state_dict()
+def _identical(first: Scorable, second: Scorable) -> bool:
+    a, b = _module(first).state_dict(), _module(second).state_dict()
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
+def _module(model: Scorable) -> nn.Module:
+    return model.model if isinstance(model, ScoredModel) else model
+
+
 def audit_unlearning(
-    base: nn.Module,
-    unlearned: nn.Module,
+    base: Scorable,
+    unlearned: Scorable,
     refs: ReferenceSet,
     *,
     forget_x: torch.Tensor,
@@ -78,9 +88,12 @@ def audit_unlearning(
     """The per-sample membership audit of ``base`` and ``unlearned`` on the forgotten samples, the utility
     comparison on the audit split, the gate and the verdict, as JSON-ready data (rule first)."""
     started = time.monotonic()
-    audit_x = _order_by_rows(audit_x, audit_rows, refs.audit_rows)
-    before, before_predictions = _test(base, refs, forget_x, forget_rows, audit_x, runtime, seed)
-    after, after_predictions = _test(unlearned, refs, forget_x, forget_rows, audit_x, runtime, seed)
+    before, before_predictions = test_model(
+        base, refs, forget_x, forget_rows, audit_x, audit_rows, runtime, seed
+    )
+    after, after_predictions = test_model(
+        unlearned, refs, forget_x, forget_rows, audit_x, audit_rows, runtime, seed
+    )
     utility = utility_comparison(refs.audit_labels, before_predictions, after_predictions)
     unchanged = _identical(base, unlearned)
     outcome = verdict(before, after, rules, unchanged=unchanged)

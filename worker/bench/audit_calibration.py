@@ -16,6 +16,7 @@ the unlearning times it reports are those measured when each model was trained.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -30,6 +31,8 @@ import torch
 from torch import nn
 
 from worker.audit import AuditRules, LabelledRows, ReferenceSet, audit_unlearning, build_reference_set
+from worker.audit.membership import Calibration, MembershipTest
+from worker.audit.run import test_model
 from worker.checkpoints import load_state_dict, state_dict_to_bytes
 from worker.datasets.builtin import load_dataset
 from worker.engine.api import unlearn
@@ -40,12 +43,26 @@ from worker.engine.models import build_model
 from worker.engine.runtime import CPU
 from worker.engine.spec import ModelSpec, mnist_cnn_spec
 from worker.engine.training import predict_logits, train
+from worker.evaluation.metrics import ScoredModel
 
-WAYS = {
+WAYS: dict[str, tuple[str, dict[str, Any]]] = {
     "retrain": ("retrain", {}),
     "noop": ("finetune", {"lr": 1e-9, "epochs": 1}),
     "mixunlearn": ("mixunlearn", {}),
+    # Longer MixUnlearn schedules (the default's 40-step floor is 2 batches x 20 for a 50-sample subject).
+    "mixunlearn-200": ("mixunlearn", {"min_steps": 200}),
+    "mixunlearn-600": ("mixunlearn", {"min_steps": 600}),
 }
+DEFAULT_WAYS = ("retrain", "noop", "mixunlearn")
+# Other ways to read the same scores, for the design's justification: the audit's difficulty-matched
+# calibration, class-matched controls, no control calibration (LiRA-offline as is), and the audit with only
+# 8 of the 16 references.
+VARIANTS: tuple[tuple[str, Calibration, int | None], ...] = (
+    ("difficulty-matched", "difficulty", None),
+    ("class-matched", "class", None),
+    ("uncalibrated", "none", None),
+    ("difficulty-matched-k8", "difficulty", 8),
+)
 
 
 @dataclass(frozen=True)
@@ -145,10 +162,25 @@ def run_study(study: Study, ways: list[str], cache: ModelCache) -> dict[str, Any
     timings["reference_build_s"] = refs.build_seconds
     base_predictions = predict_logits(initial, x, RunContext()).argmax(1).numpy()
     rules = AuditRules()
+    audit_x = x[torch.from_numpy(refs.audit_rows)]
+    forget_x = {s: x[torch.from_numpy(rows)] for s, rows in enumerate(groups)}
+    variant_refs = {name: _first_references(refs, k) if k else refs for name, _, k in VARIANTS}
+
+    def variants(model: ScoredModel, s: int) -> dict[str, MembershipTest]:
+        rows = groups[s]
+        return {
+            name: test_model(model, variant_refs[name], forget_x[s], rows, audit_x, refs.audit_rows, CPU,
+                             calibration=calibration)[0]
+            for name, calibration, _ in VARIANTS
+        }  # fmt: skip
+
+    scored_initial = ScoredModel(initial, CPU)
+
     records: list[dict[str, Any]] = []
     for s, rows in enumerate(groups):
         memorised = int((base_predictions[flipped[s]] == labels[flipped[s]]).sum()) if s in flipped else 0
         remaining = np.setdiff1d(train_rows, rows)
+        base_variants = variants(scored_initial, s)
         for way in ways:
             method, overrides = WAYS[way]
             if method == "retrain":  # exact retraining follows the model's own recipe
@@ -160,12 +192,13 @@ def run_study(study: Study, ways: list[str], cache: ModelCache) -> dict[str, Any
                 functools.partial(unlearn, initial, spec, split(rows), split(remaining), config),
             )
             unlearn_s = cache.seconds(f"subject{s:02d}-{way}")
-            audit = audit_unlearning(
-                initial, model, refs,
-                forget_x=x[torch.from_numpy(rows)], forget_rows=rows,
+            scored = ScoredModel(model, CPU)
+            audit = audit_unlearning(  # a fresh base: a job scores its base model too
+                ScoredModel(initial, CPU), scored, refs,
+                forget_x=forget_x[s], forget_rows=rows,
                 forget_sample_ids=[data.sample_ids[r] for r in rows],
                 forget_subjects=[f"subject-{s:02d}"] * len(rows),
-                audit_x=x[torch.from_numpy(data.heldout_rows)], audit_rows=data.heldout_rows,
+                audit_x=audit_x, audit_rows=refs.audit_rows,
                 rules=rules, runtime=CPU,
             )  # fmt: skip
             record = {
@@ -182,6 +215,15 @@ def run_study(study: Study, ways: list[str], cache: ModelCache) -> dict[str, Any
                 "largest_class_drop": audit["gate"]["largest_class_drop"],
                 "unlearn_seconds": round(unlearn_s, 3),
                 "audit_seconds": audit["seconds"],
+                "variants": {
+                    name: {
+                        "base_signal": bool(base_variants[name].residual_p() < rules.level),
+                        "residual": bool(test.residual_p() < rules.level),
+                        "over_forgetting": bool(test.over_forgetting_p() < rules.level),
+                        "auc_after": test.summary()["auc"],
+                    }
+                    for name, test in variants(scored, s).items()
+                },
             }
             records.append(record)
             _log(
@@ -200,10 +242,43 @@ def run_study(study: Study, ways: list[str], cache: ModelCache) -> dict[str, Any
     }
 
 
+def _first_references(refs: ReferenceSet, k: int) -> ReferenceSet:
+    """The set with only its first ``k`` references (each sample keeps about k/2 OUT ones)."""
+    return dataclasses.replace(
+        refs, members=refs.members[:k], train_scores=refs.train_scores[:k], audit_logits=refs.audit_logits[:k]
+    )
+
+
 def _rate(records: list[dict[str, Any]], accepted: bool) -> dict[str, Any]:
     n = len(records)
     hits = sum(r["passed"] == accepted for r in records)
     return {"rate": round(hits / n, 3) if n else None, "of": n}
+
+
+def _variant_rates(group: list[dict[str, Any]], name: str) -> dict[str, float]:
+    """Share of a group's records the variant rejects (and why), and in which the base showed a signal."""
+    outcomes = [r["variants"][name] for r in group]
+
+    def share(values: list[bool]) -> float:
+        return round(float(np.mean(values)), 3)
+
+    return {
+        "rejected": share([o["residual"] or o["over_forgetting"] for o in outcomes]),
+        "residual": share([o["residual"] for o in outcomes]),
+        "over_forgetting": share([o["over_forgetting"] for o in outcomes]),
+        "base_signal": share([o["base_signal"] for o in outcomes]),
+    }
+
+
+def _groups(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Records by way, the no-op split into atypical (memorised) and clean subjects."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        way = record["way"]
+        if way == "noop":
+            way = "noop-atypical" if record["atypical"] else "noop-clean"
+        groups.setdefault(way, []).append(record)
+    return groups
 
 
 def summarise(records: list[dict[str, Any]], reference_build_s: float) -> dict[str, Any]:
@@ -232,6 +307,10 @@ def summarise(records: list[dict[str, Any]], reference_build_s: float) -> dict[s
         summary["mixunlearn_audit_over_unlearn"] = round(
             float(np.sum([r["audit_seconds"] for r in mix]) / np.sum([r["unlearn_seconds"] for r in mix])), 4
         )
+    summary["variants"] = {
+        name: {way: _variant_rates(group, name) for way, group in _groups(records).items()}
+        for name, _, _ in VARIANTS
+    }
     summary["audit_seconds_mean"] = round(float(np.mean([r["audit_seconds"] for r in records])), 3)
     return summary
 
@@ -246,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples-per-subject", type=int, default=50)
     parser.add_argument("--references", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=20, help="the training recipe's epochs")
-    parser.add_argument("--ways", default=",".join(WAYS))
+    parser.add_argument("--ways", default=",".join(DEFAULT_WAYS), help=f"comma list of {', '.join(WAYS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, required=True)

@@ -20,18 +20,52 @@ def _context(ctx_or_runtime: RunContext | Runtime) -> RunContext:
     return ctx_or_runtime if isinstance(ctx_or_runtime, RunContext) else RunContext(runtime=ctx_or_runtime)
 
 
-def accuracy(model: nn.Module, split: TensorSplit, ctx_or_runtime: RunContext | Runtime) -> float:
+class ScoredModel:
+    """A model whose logits on an input tensor are computed once: an evaluation reads the same splits many
+    times (accuracies, the attacks, the audit). Keyed by the tensor object, which the cache keeps alive."""
+
+    def __init__(self, model: nn.Module, runtime: Runtime) -> None:
+        self.model = model.to(runtime.device).eval()
+        self._ctx = RunContext(runtime=runtime)
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        hit = self._cache.get(id(x))
+        if hit is None or hit[0] is not x:
+            hit = (x, predict_logits(self.model, x, self._ctx))
+            self._cache[id(x)] = hit
+        return hit[1]
+
+
+Scorable = nn.Module | ScoredModel
+
+
+def model_logits(model: Scorable, x: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+    """``model``'s logits on ``x`` (eval mode), from its cache when it is a :class:`ScoredModel`."""
+    return model.logits(x) if isinstance(model, ScoredModel) else predict_logits(model, x, ctx)
+
+
+def accuracy(model: Scorable, split: TensorSplit, ctx_or_runtime: RunContext | Runtime) -> float:
     """Top-1 accuracy in percent of ``model`` on ``split`` against ``split``'s labels."""
+    return _masked_accuracy(model, split, None, _context(ctx_or_runtime))
+
+
+def _masked_accuracy(
+    model: Scorable, split: TensorSplit, mask: torch.Tensor | None, ctx: RunContext
+) -> float:
     labels = split.require_labels()
-    if len(split) == 0:
+    predictions = model_logits(model, split.x, ctx).argmax(dim=1)
+    correct = predictions == labels
+    if mask is not None:
+        correct = correct[mask]
+    if len(correct) == 0:
         raise ValueError("accuracy of an empty split is undefined")
-    predictions = predict_logits(model, split.x, _context(ctx_or_runtime)).argmax(dim=1)
-    return 100.0 * float((predictions == labels).float().mean())
+    return 100.0 * float(correct.float().mean())
 
 
-def _sorted_softmax(model: nn.Module, x: torch.Tensor, ctx: RunContext) -> np.ndarray:
+def _sorted_softmax(logits: torch.Tensor) -> np.ndarray:
     """The attack's features: each sample's softmax vector sorted in descending order (label-free)."""
-    probs = torch.softmax(predict_logits(model, x, ctx), dim=1)
+    probs = torch.softmax(logits, dim=1)
     return probs.sort(dim=1, descending=True).values.numpy()
 
 
@@ -50,7 +84,7 @@ class MembershipAttack:
 
 
 def membership_attack(
-    model: nn.Module,
+    model: Scorable,
     forget: TensorSplit,
     retain: TensorSplit,
     heldout: TensorSplit,
@@ -76,7 +110,10 @@ def membership_attack(
     heldout_order = rng.permutation(len(heldout))
 
     def features(split: TensorSplit, rows: np.ndarray) -> np.ndarray:
-        return _sorted_softmax(model, split.x[torch.from_numpy(rows)], ctx)
+        index = torch.from_numpy(rows)
+        if isinstance(model, ScoredModel):  # the whole split's logits are cached (or will be reused)
+            return _sorted_softmax(model.logits(split.x)[index])
+        return _sorted_softmax(predict_logits(model, split.x[index], ctx))
 
     members = features(retain, rng.choice(len(retain), n_train, replace=False))
     non_members = features(heldout, heldout_order[:n_train])
@@ -92,7 +129,7 @@ def membership_attack(
 
 
 def paper_metrics(
-    model: nn.Module,
+    model: Scorable,
     *,
     train_retain: TensorSplit,
     train_forget: TensorSplit,
@@ -113,8 +150,9 @@ def paper_metrics(
     test_f: float | None = None
     if forget_classes is not None:
         in_forget = torch.isin(test.require_labels(), torch.tensor(sorted(forget_classes), dtype=torch.long))
-        test_r = _subset_accuracy(model, test, ~in_forget, runtime)
-        test_f = _subset_accuracy(model, test, in_forget, runtime)
+        ctx = RunContext(runtime=runtime)
+        test_r = _masked_accuracy(model, test, ~in_forget, ctx) if bool((~in_forget).any()) else None
+        test_f = _masked_accuracy(model, test, in_forget, ctx) if bool(in_forget.any()) else None
     return {
         "train_r": accuracy(model, train_retain, runtime),
         "train_f": accuracy(model, train_forget, runtime),
@@ -123,10 +161,3 @@ def paper_metrics(
         "test_f": test_f,
         "asr": attack.asr,
     }
-
-
-def _subset_accuracy(
-    model: nn.Module, split: TensorSplit, mask: torch.Tensor, runtime: Runtime
-) -> float | None:
-    rows = torch.nonzero(mask).flatten()
-    return accuracy(model, split.subset(rows), runtime) if len(rows) else None

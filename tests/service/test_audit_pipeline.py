@@ -1,0 +1,186 @@
+"""The audit through the service, on the real Postgres and the worker pipeline (run in-process): a no-op
+deletion of a memorised subject is rejected and marks nothing forgotten; exact retraining is accepted; the
+model's reference set is built by its first job, and again on demand; ``lethe audit run`` fails the base
+version audited against itself."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.app import create_app
+from service.cli import main as lethe
+from service.core.database import make_engine, make_session_factory, migrate
+from service.core.settings import Settings
+from service.storage import LocalCheckpointStore
+from tests.audit.memorised import RECIPE, REFERENCES, SPEC, SUBJECT, MemorisedCase, memorised_case
+from tests.service.conftest import RecordingDispatcher, create_database, drop_database
+from worker.checkpoints import state_dict_to_bytes
+from worker.demo import forgotten_sample_ids
+from worker.pipeline import run_job
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Env:
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    client: TestClient
+    dispatcher: RecordingDispatcher
+    case: MemorisedCase
+    dataset_id: str
+    model: str
+
+    def run_dispatched(self) -> str | None:
+        job_id = self.dispatcher.dispatched.pop()
+        store = LocalCheckpointStore(self.settings.storage_dir)
+        return run_job(job_id, session_factory=self.session_factory, store=store, settings=self.settings,
+                       worker_id="test")  # fmt: skip
+
+    def erase(self, method: str, config: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        answer = self.client.post(
+            "/deletion-requests",
+            json={"model": self.model, "subject_id": SUBJECT, "method": method, "config": config},
+        )
+        assert answer.status_code == 202, answer.text
+        return answer.json(), self.run_dispatched()
+
+
+def _dataset_body(case: MemorisedCase, array_path: Path) -> dict[str, Any]:
+    data = case.dataset
+    subject = set(case.subject_rows.tolist())
+    samples = [
+        {"sample_id": data.sample_ids[r], "row": int(r), "label": int(data.y[r]), "split": "train",
+         "subject_id": SUBJECT if int(r) in subject else None}
+        for r in data.train_rows
+    ] + [
+        {"sample_id": data.sample_ids[r], "row": int(r), "label": int(data.y[r]), "split": "audit"}
+        for r in data.heldout_rows
+    ]  # fmt: skip
+    return {"name": data.name, "array_path": str(array_path), "num_classes": 10, "samples": samples}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("audit")
+    name = f"lethe_audit_{os.getpid()}"
+    database_url = create_database(name)
+    migrate(database_url)
+    settings = Settings(
+        database_url=database_url, storage_dir=tmp / "checkpoints", audit_references=REFERENCES
+    )
+    case = memorised_case()
+    np.savez(tmp / "digits.npz", x=case.dataset.x)
+    (tmp / "initial.safetensors").write_bytes(state_dict_to_bytes(case.initial))
+    engine = make_engine(database_url)
+    dispatcher = RecordingDispatcher()
+    try:
+        with TestClient(
+            create_app(settings, dispatcher, session_factory=make_session_factory(engine))
+        ) as client:
+            dataset = client.post("/datasets", json=_dataset_body(case, tmp / "digits.npz"))
+            assert dataset.status_code == 201, dataset.text
+            body = {"name": "memorised", "dataset_id": dataset.json()["id"], "spec": SPEC.to_dict(),
+                    "checkpoint_path": str(tmp / "initial.safetensors"),
+                    "training_recipe": asdict(RECIPE)}  # fmt: skip
+            model = client.post("/models", json=body)
+            assert model.status_code == 201, model.text
+            assert model.json()["training_recipe"]["lr"] == RECIPE.lr
+            yield Env(
+                settings,
+                make_session_factory(engine),
+                client,
+                dispatcher,
+                case,
+                dataset.json()["id"],
+                "memorised",
+            )
+    finally:
+        engine.dispose()
+        drop_database(name)
+
+
+def test_a_no_op_is_rejected_and_marks_nothing_forgotten(env: Env) -> None:
+    missing = env.client.get(f"/models/{env.model}/audit-references")
+    assert missing.status_code == 404 and missing.json()["type"].endswith("reference-set-not-found")
+
+    request, state = env.erase("finetune", {"lr": 1e-9, "epochs": 1})
+    assert state == "rejected"
+    job = env.client.get(f"/jobs/{request['job_id']}").json()
+    assert job["error"]["reason"] == "audit_gate" and "residual membership" in job["error"]["detail"]
+    assert job["metrics"]["rule"]["level"] == env.settings.audit_level  # the rule travels with the numbers
+    assert job["metrics"]["audit"]["verdict"] == "residual_membership"
+    settled = env.client.get(f"/deletion-requests/{request['id']}").json()
+    assert settled["state"] == "rejected"
+    assert settled["audit"]["verdict"] == "residual_membership" and not settled["audit"]["passed"]
+    assert settled["audit"]["subjects"][SUBJECT]["verdict"] == "residual_membership"
+    assert forgotten_sample_ids(env.client, env.dataset_id, request["id"]) == []
+    assert [v["status"] for v in env.client.get(f"/models/{env.model}/versions").json()["items"]] == [
+        "active", "rejected"
+    ]  # fmt: skip
+    # The job built the lineage's reference set before auditing: a client made no extra call.
+    references = env.client.get(f"/models/{env.model}/audit-references").json()
+    assert references["references"] == REFERENCES and references["job_id"] == request["job_id"]
+    assert references["summary"]["recipe"]["epochs"] == RECIPE.epochs
+
+
+def test_exact_retraining_is_accepted_and_marks_the_subject_forgotten(env: Env) -> None:
+    before = env.client.get(f"/models/{env.model}/audit-references").json()
+    request, state = env.erase("retrain", {"epochs": RECIPE.epochs, "lr": RECIPE.lr, "seed": 12345})
+    assert state == "succeeded"
+    settled = env.client.get(f"/deletion-requests/{request['id']}").json()
+    assert settled["state"] == "completed" and settled["audit"]["verdict"] == "forgotten"
+    assert len(forgotten_sample_ids(env.client, env.dataset_id, request["id"])) == len(env.case.subject_rows)
+    assert env.client.get(f"/models/{env.model}/audit-references").json()["id"] == before["id"]  # reused
+
+
+def test_lethe_audit_run_fails_the_base_version_against_itself(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LETHE_DATABASE_URL", env.settings.database_url)
+    monkeypatch.setenv("LETHE_STORAGE_DIR", str(env.settings.storage_dir))
+    ids = tmp_path / "forget.txt"
+    ids.write_text("\n".join(env.case.dataset.sample_ids[r] for r in env.case.subject_rows))
+    out = tmp_path / "audit.json"
+    assert lethe(["audit", "run", "--model", env.model, "--version", "1", "--base-version", "1",
+                  "--forget-ids", str(ids), "--json", str(out)]) == 1  # fmt: skip
+    assert json.loads(out.read_text())["verdict"] == "unchanged"
+    versions = env.client.get(f"/models/{env.model}/versions").json()["items"]
+    retrained = next(v for v in versions if v["method"] == "retrain")
+    assert lethe(["audit", "run", "--model", env.model, "--version", str(retrained["number"]),
+                  "--forget-ids", str(ids), "--json", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["verdict"] == "forgotten"
+    # A checkpoint unlearned elsewhere (here: that version's bytes) is audited the same way.
+    checkpoint = tmp_path / "elsewhere.safetensors"
+    checkpoint.write_bytes(
+        env.client.get(f"/models/{env.model}/versions/{retrained['number']}/checkpoint").content
+    )
+    assert lethe(["audit", "run", "--model", env.model, "--checkpoint", str(checkpoint),
+                  "--base-version", "1", "--forget-ids", str(ids), "--json", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["audited"] == str(checkpoint)
+    assert lethe(["audit", "run", "--model", "nope", "--version", "1", "--forget-ids", str(ids),
+                  "--json", str(out)]) == 2  # fmt: skip
+
+
+def test_references_rebuild_on_demand_as_a_job(env: Env) -> None:
+    before = env.client.get(f"/models/{env.model}/audit-references").json()
+    bad = env.client.post(f"/models/{env.model}/audit-references", json={"references": 3})
+    assert bad.status_code == 422 and bad.json()["type"].endswith("invalid-reference-count")
+    answer = env.client.post(f"/models/{env.model}/audit-references", json={"references": 4})
+    assert answer.status_code == 202 and answer.headers["Location"] == f"/jobs/{answer.json()['id']}"
+    assert answer.json()["kind"] == "build_references" and answer.json()["request_id"] is None
+    assert env.run_dispatched() == "succeeded"
+    job = env.client.get(f"/jobs/{answer.json()['id']}").json()
+    assert job["progress"]["phase"] == "audit_references" and job["progress"]["total_epochs"] == 4
+    after = env.client.get(f"/models/{env.model}/audit-references").json()
+    assert after["id"] != before["id"] and after["references"] == 4
