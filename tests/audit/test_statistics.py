@@ -111,24 +111,28 @@ def test_verdicts_say_no_more_than_the_evidence() -> None:
     assert verdict(small, small, rules, unchanged=False) == "insufficient_power"
 
 
-def test_utility_flags_only_a_significant_class_drop_beyond_the_bound() -> None:
-    labels = np.repeat([0, 1], 100)
+def test_utility_flags_only_a_class_drop_significantly_beyond_the_bound() -> None:
+    labels = np.repeat([0, 1, 2], 100)
     before = labels.copy()
+    before[150:152] = 0  # class 1 starts at 98
     after = labels.copy()
-    after[:12] = 1  # class 0: 100 -> 88, twelve samples lost, none gained
-    after[100:105] = 0  # class 1: 100 -> 95, five lost
-    utility = utility_comparison(labels, before, after)
-    assert utility["per_class"]["0"]["drop"] == 12.0 and utility["per_class"]["1"]["drop"] == 5.0
-    assert paired_drop_p(np.ones(12, bool), np.zeros(12, bool)) == pytest.approx(0.5**12)
+    after[:30] = 1  # class 0: 100 -> 70, thirty lost: far beyond 5 points
+    after[100:115] = 0  # class 1: 98 -> 85, fifteen lost and two gained: beyond 5, not significantly
+    after[200:203] = 0  # class 2: 100 -> 97
+    utility = utility_comparison(labels, before, after, class_bound=5.0)
+    per_class = utility["per_class"]
+    assert (per_class["0"]["drop"], per_class["1"]["drop"], per_class["2"]["drop"]) == (30.0, 13.0, 3.0)
+    assert per_class["1"]["drop_p"] < 0.01 < 0.05 / 3 < per_class["1"]["beyond_bound_p"]
+    assert per_class["0"]["beyond_bound_p"] < 1e-6 and per_class["2"]["beyond_bound_p"] == 1.0
+    assert paired_drop_p(np.ones(12, bool), np.zeros(12, bool)) == pytest.approx(0.5**12)  # McNemar
     low, high = wilson_interval(88, 100)
     assert low < 88 < high
     synthetic = Synthetic(np.random.default_rng(3))
     rows = np.sort(synthetic.rng.choice(600, 50, replace=False))
     test = membership_test(synthetic.refs, rows, *synthetic.audited(rows, 0.0))
-    decision = gate(test, test, utility, AuditRules(max_class_drop=4.0), unchanged=False)
-    # Class 1's 5-point drop is beyond the bound, but five flips are not significant (p = 1/32 > 0.05 / 2).
+    decision = gate(test, test, utility, AuditRules(max_class_drop=5.0), unchanged=False)
     assert decision["classes_dropped_significantly"] == ["0"] and not decision["passed"]
-    assert any("class 0 fell 12.0 points" in failure for failure in decision["failures"])
+    assert any("class 0 fell 30.0 points" in failure for failure in decision["failures"])
 
 
 def test_reference_set_round_trips_through_bytes() -> None:

@@ -29,7 +29,7 @@ SAMPLE_CONSISTENT = "consistent_with_never_seen"
 class AuditRules:
     level: float = 0.05  # family-wise level of each membership test, over all of a request's samples
     max_audit_drop: float = 2.0  # points of overall audit accuracy
-    max_class_drop: float = 5.0  # points of one class's audit accuracy, when the drop is significant
+    max_class_drop: float = 5.0  # points of one class's audit accuracy: a drop significantly beyond it fails
     min_samples: int = 20  # below this a request without a base signal is "insufficient power"
 
     def describe(self) -> list[str]:
@@ -41,8 +41,9 @@ class AuditRules:
             f"extreme sample) must not be significant at level {self.level}",
             "the audited model must differ from the base model",
             f"utility: overall audit accuracy may drop at most {self.max_audit_drop} points",
-            f"utility per class: no class may drop more than {self.max_class_drop} points on never-seen "
-            f"data with a paired sign test significant at {self.level} (Bonferroni over the classes)",
+            f"utility per class: no class may lose significantly more than {self.max_class_drop} points on "
+            f"never-seen data (exact paired test of a drop beyond the bound, level {self.level}, Bonferroni "
+            f"over the classes)",
         ]
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,16 +131,12 @@ def gate(
         )
     classes = utility["per_class"]
     class_level = rules.level / max(1, len(classes))
-    dropped = {
-        label: block
-        for label, block in classes.items()
-        if block["drop"] > rules.max_class_drop and block["drop_p"] < class_level
-    }
+    dropped = {label: block for label, block in classes.items() if block["beyond_bound_p"] < class_level}
     for label, block in dropped.items():
         failures.append(
             f"class {label} fell {block['drop']} points on never-seen data ({block['before']} -> "
-            f"{block['after']}, paired p = {block['drop_p']:.3g} < {class_level:.3g}; at most "
-            f"{rules.max_class_drop} allowed)"
+            f"{block['after']}): significantly more than {rules.max_class_drop} points, paired p = "
+            f"{block['beyond_bound_p']:.3g} < {class_level:.3g}"
         )
     worst = max(classes.values(), key=lambda block: block["drop"]) if classes else None
     return {

@@ -178,6 +178,10 @@ def membership_test(
     negative_rows = set(np.random.default_rng(seed).permutation(n)[:MAX_AUC_NEGATIVE_ROWS].tolist())
     for i, column in enumerate(columns):
         out = out_mask[:, column]
+        if not out.any():
+            raise ValueError(
+                f"train row {int(refs.train_rows[column])} has no reference that never trained on it"
+            )
         own = refs.train_scores[out, column]
         difficulty = np.median(own)  # what a model that never saw x scores it at: how typical x is
         offset[i] = model_forget_scores[i] - difficulty

@@ -65,11 +65,13 @@ class ReferenceSet:
 
     @functools.cached_property
     def pooled_variance(self) -> float:
-        """Mean over samples of the variance of their OUT scores (train: the K/2 OUT; audit: every reference,
-        at every label): the prior of each sample's spread."""
-        train_var = np.nanvar(np.where(self.members, np.nan, self.train_scores), axis=0, ddof=1)
-        audit_var = self.audit_scores.var(axis=0, ddof=1).ravel()
-        return float(np.mean(np.r_[train_var, audit_var]))
+        """Mean over samples of the variance of their OUT scores at their own label (train: the references
+        that never saw them; audit: every reference): the prior of each sample's spread."""
+        out_scores = np.where(self.members, np.nan, self.train_scores)
+        enough = (~self.members).sum(axis=0) >= 2
+        train_var = np.nanvar(out_scores[:, enough], axis=0, ddof=1)
+        own_label = self.audit_scores[:, np.arange(len(self.audit_rows)), self.audit_labels]
+        return float(np.mean(np.r_[train_var, own_label.var(axis=0, ddof=1)]))
 
     @property
     def k(self) -> int:

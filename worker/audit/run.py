@@ -94,7 +94,9 @@ def audit_unlearning(
     after, after_predictions = test_model(
         unlearned, refs, forget_x, forget_rows, audit_x, audit_rows, runtime, seed
     )
-    utility = utility_comparison(refs.audit_labels, before_predictions, after_predictions)
+    utility = utility_comparison(
+        refs.audit_labels, before_predictions, after_predictions, rules.max_class_drop
+    )
     unchanged = _identical(base, unlearned)
     outcome = verdict(before, after, rules, unchanged=unchanged)
     decision = gate(before, after, utility, rules, unchanged=unchanged)

@@ -20,21 +20,29 @@ def wilson_interval(correct: int, n: int) -> tuple[float, float]:
     return (round(100 * max(0.0, centre - half), 2), round(100 * min(1.0, centre + half), 2))
 
 
-def paired_drop_p(before: np.ndarray, after: np.ndarray) -> float:
-    """One-sided exact sign test (McNemar) that accuracy dropped: of the samples whose correctness changed,
-    more went right -> wrong than wrong -> right."""
+def paired_drop_p(before: np.ndarray, after: np.ndarray, bound: float = 0.0) -> float:
+    """One-sided exact test that accuracy dropped by more than ``bound`` (a fraction) on these samples.
+
+    Conditional on the d samples whose correctness changed, the number that went right -> wrong is
+    Binomial(d, pi); a drop of at most ``bound`` means pi <= (bound * n + d) / (2 d). ``bound = 0`` is the
+    exact McNemar (sign) test."""
+    n = len(before)
     lost = int(np.sum(before & ~after))
-    gained = int(np.sum(~before & after))
-    if lost + gained == 0:
+    discordant = lost + int(np.sum(~before & after))
+    if discordant == 0:
         return 1.0
-    return float(stats.binom.sf(lost - 1, lost + gained, 0.5))
+    pi = (bound * n + discordant) / (2 * discordant)
+    if pi >= 1.0:
+        return 1.0
+    return float(stats.binom.sf(lost - 1, discordant, pi))
 
 
 def utility_comparison(
-    labels: np.ndarray, before_predictions: np.ndarray, after_predictions: np.ndarray
+    labels: np.ndarray, before_predictions: np.ndarray, after_predictions: np.ndarray, class_bound: float
 ) -> dict[str, Any]:
     """Accuracy in percent with 95 % intervals, overall and per class, before and after; per class the drop
-    in points and its paired one-sided p-value."""
+    in points, the paired p-value that it dropped at all (``drop_p``) and that it dropped by more than
+    ``class_bound`` points (``beyond_bound_p``)."""
     before, after = before_predictions == labels, after_predictions == labels
 
     def block(mask: np.ndarray) -> dict[str, Any]:
@@ -48,6 +56,7 @@ def utility_comparison(
             "after_interval": wilson_interval(a, n),
             "drop": round(100 * (b - a) / n, 2),
             "drop_p": float(f"{paired_drop_p(before[mask], after[mask]):.4g}"),
+            "beyond_bound_p": float(f"{paired_drop_p(before[mask], after[mask], class_bound / 100):.4g}"),
         }
 
     every = np.ones(len(labels), dtype=bool)

@@ -243,9 +243,11 @@ def run_study(study: Study, ways: list[str], cache: ModelCache) -> dict[str, Any
 
 
 def _first_references(refs: ReferenceSet, k: int) -> ReferenceSet:
-    """The set with only its first ``k`` references (each sample keeps about k/2 OUT ones)."""
+    """The set with only its first ``k`` references (each sample keeps about k/2 OUT ones, at least one)."""
+    members = refs.members[:k].copy()
+    members[:, ~(~members).any(axis=0)] = False  # a sample in all k: let it be OUT of every one (rare)
     return dataclasses.replace(
-        refs, members=refs.members[:k], train_scores=refs.train_scores[:k], audit_logits=refs.audit_logits[:k]
+        refs, members=members, train_scores=refs.train_scores[:k], audit_logits=refs.audit_logits[:k]
     )
 
 
