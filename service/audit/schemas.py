@@ -3,13 +3,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 
 class ReferenceBuildCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    references: int | None = Field(
+    references: StrictInt | None = Field(
         default=None, description="reference models K (even, 2-64); default LETHE_AUDIT_REFERENCES"
     )
 
