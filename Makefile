@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install
+.PHONY: demo test lint bench bench-audit install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/lethe bench --dataset mnist5k --setup class --seeds 5 --json results/bench-class.json
+
+bench-audit: $(STAMP)
+	$(BIN)/python -m worker.bench.audit_calibration --seed 1 --ways retrain,noop,mixunlearn,mixunlearn-lr1e-3 \
+		--json results/audit-calibration.json

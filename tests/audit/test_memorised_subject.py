@@ -65,10 +65,11 @@ def test_a_no_op_is_rejected_for_residual_membership(case: MemorisedCase) -> Non
     assert audit["membership"]["before"]["residual_membership_p"] < 1e-3
     subject = audit["subjects"][SUBJECT]
     assert subject["verdict"] == "residual_membership" and subject["member_share_after"] > 0.2
-    # The leak is the wrong labels: they are the samples that score most like members.
+    # The leak is the wrong labels: they score far more like members than the subject's other samples.
     flipped = {case.dataset.sample_ids[r] for r in case.flipped_rows}
-    most_member_like = sorted(audit["samples"], key=lambda s: -s["t_after"])[: len(flipped) // 2]
-    assert {s["sample_id"] for s in most_member_like} <= flipped
+    t_flipped = [s["t_after"] for s in audit["samples"] if s["sample_id"] in flipped]
+    t_others = [s["t_after"] for s in audit["samples"] if s["sample_id"] not in flipped]
+    assert np.median(t_flipped) > np.median(t_others) + 1.5
 
 
 def test_exact_retraining_is_accepted_as_forgotten(case: MemorisedCase) -> None:

@@ -184,3 +184,34 @@ def test_references_rebuild_on_demand_as_a_job(env: Env) -> None:
     assert job["progress"]["phase"] == "audit_references" and job["progress"]["total_epochs"] == 4
     after = env.client.get(f"/models/{env.model}/audit-references").json()
     assert after["id"] != before["id"] and after["references"] == 4
+
+
+def test_a_label_free_dataset_is_audited_against_the_base_models_predictions(
+    env: Env, tmp_path: Path
+) -> None:
+    case = env.case
+    np.savez(tmp_path / "free.npz", x=case.dataset.x)
+    body = _dataset_body(case, tmp_path / "free.npz")
+    body.update(name="digits-label-free", num_classes=None)
+    for sample in body["samples"]:
+        sample["label"] = None
+    dataset = env.client.post("/datasets", json=body)
+    assert dataset.status_code == 201, dataset.text
+    (tmp_path / "m.safetensors").write_bytes(state_dict_to_bytes(case.initial))
+    model = env.client.post("/models", json={
+        "name": "label-free", "dataset_id": dataset.json()["id"], "spec": SPEC.to_dict(),
+        "checkpoint_path": str(tmp_path / "m.safetensors"), "training_recipe": {"epochs": 2},
+    })  # fmt: skip
+    assert model.status_code == 201, model.text
+    answer = env.client.post(
+        "/deletion-requests", json={"model": "label-free", "subject_id": SUBJECT, "config": {"epochs": 1}}
+    )
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["method"] == "mixunlearn-agnostic"
+    state = env.run_dispatched()
+    job = env.client.get(f"/jobs/{answer.json()['job_id']}").json()
+    assert state in ("succeeded", "rejected"), job["error"]
+    assert job["metrics"]["before"]["labels"] == "base_model"
+    assert job["metrics"]["audit"]["verdict"] in (
+        "forgotten", "no_measurable_signal", "residual_membership", "over_forgetting"
+    )  # fmt: skip
