@@ -252,6 +252,12 @@ def _print_audit(metrics: dict[str, Any]) -> None:
             f"  subject {subject}: {outcome['verdict']} (share of its {outcome['samples']} samples scored "
             f"member-like: {outcome['member_share_before']} before, {outcome['member_share_after']} after)"
         )
+    say("  the five samples scored most like members after unlearning (t: calibrated score; p: one-sided):")
+    for sample in sorted(audit["samples"], key=lambda s: -s["t_after"])[:5]:
+        say(
+            f"    {sample['sample_id']}: t {sample['t_before']:>6} -> {sample['t_after']:>6}, p_member "
+            f"{sample['p_member_before']:.3g} -> {sample['p_member_after']:.3g} ({sample['outcome']})"
+        )
     timings = metrics["timings"]
     say(
         f"  audit {audit['seconds']} s (with the population metrics and the forward passes they share: "

@@ -334,7 +334,9 @@ class _Job:
         again keeps the rule it started with, whatever the settings say now."""
         stored = self.claimed.resume.get("rule")
         if stored is not None:
-            return AuditRules(**{f.name: stored[f.name] for f in dataclasses.fields(AuditRules)})
+            return AuditRules(
+                **{f.name: stored[f.name] for f in dataclasses.fields(AuditRules) if f.name in stored}
+            )
         rules = rules_from_settings(self.settings)
         with self.session_factory.begin() as session:
             jobs_service.record_metrics(

@@ -102,13 +102,14 @@ def test_verdicts_say_no_more_than_the_evidence() -> None:
     member = membership_test(refs, rows, *synthetic.audited(rows, 3.0))
     never_seen = membership_test(refs, rows, *synthetic.audited(rows, 0.0))
     rules = AuditRules()
-    assert verdict(member, never_seen, rules, unchanged=False) == "forgotten"
-    assert verdict(never_seen, never_seen, rules, unchanged=False) == "no_measurable_signal"
-    assert verdict(member, member, rules, unchanged=False) == "residual_membership"
-    assert verdict(never_seen, never_seen, rules, unchanged=True) == "unchanged"
+    assert verdict(member, never_seen, rules, unchanged=False, controls=500) == "forgotten"
+    assert verdict(never_seen, never_seen, rules, unchanged=False, controls=500) == "no_measurable_signal"
+    assert verdict(member, member, rules, unchanged=False, controls=500) == "residual_membership"
+    assert verdict(never_seen, never_seen, rules, unchanged=True, controls=500) == "unchanged"
+    assert verdict(member, never_seen, rules, unchanged=False, controls=99) == "insufficient_controls"
     few = rows[:10]
     small = membership_test(refs, few, *synthetic.audited(few, 0.0))
-    assert verdict(small, small, rules, unchanged=False) == "insufficient_power"
+    assert verdict(small, small, rules, unchanged=False, controls=500) == "insufficient_power"
 
 
 def test_utility_flags_only_a_class_drop_significantly_beyond_the_bound() -> None:
@@ -130,7 +131,7 @@ def test_utility_flags_only_a_class_drop_significantly_beyond_the_bound() -> Non
     synthetic = Synthetic(np.random.default_rng(3))
     rows = np.sort(synthetic.rng.choice(600, 50, replace=False))
     test = membership_test(synthetic.refs, rows, *synthetic.audited(rows, 0.0))
-    decision = gate(test, test, utility, AuditRules(max_class_drop=5.0), unchanged=False)
+    decision = gate(test, test, utility, AuditRules(max_class_drop=5.0), unchanged=False, controls=500)
     assert decision["classes_dropped_significantly"] == ["0"] and not decision["passed"]
     assert any("class 0 fell 30.0 points" in failure for failure in decision["failures"])
 

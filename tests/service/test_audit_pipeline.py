@@ -215,3 +215,18 @@ def test_a_label_free_dataset_is_audited_against_the_base_models_predictions(
     assert job["metrics"]["audit"]["verdict"] in (
         "forgotten", "no_measurable_signal", "residual_membership", "over_forgetting"
     )  # fmt: skip
+
+
+def test_lethe_audit_build_references_runs_a_build_job_and_follows_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LETHE_DATABASE_URL", env.settings.database_url)
+    monkeypatch.setenv("LETHE_STORAGE_DIR", str(env.settings.storage_dir))
+    monkeypatch.setenv("LETHE_DISPATCHER", "inprocess")  # the job runs in this process, on the same pipeline
+    before = env.client.get(f"/models/{env.model}/audit-references").json()
+    assert lethe(["audit", "build-references", env.model, "--references", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "queued" in out and "succeeded" in out
+    after = env.client.get(f"/models/{env.model}/audit-references").json()
+    assert after["id"] != before["id"] and after["references"] == 2
+    assert lethe(["audit", "build-references", "nope"]) == 2

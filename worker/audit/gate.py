@@ -17,7 +17,9 @@ INSUFFICIENT_POWER = "insufficient_power"  # too few samples for the test to see
 RESIDUAL_MEMBERSHIP = "residual_membership"  # the new model still treats samples as members
 OVER_FORGETTING = "over_forgetting"  # it treats them as less likely members than never-seen data
 UNCHANGED = "unchanged"  # the audited model is the base model, weight for weight: nothing was unlearned
-FAILING_VERDICTS = (UNCHANGED, RESIDUAL_MEMBERSHIP, OVER_FORGETTING)
+# Too few never-seen samples to calibrate the test: nothing can be shown either way, so nothing is certified.
+INSUFFICIENT_CONTROLS = "insufficient_controls"
+FAILING_VERDICTS = (INSUFFICIENT_CONTROLS, UNCHANGED, RESIDUAL_MEMBERSHIP, OVER_FORGETTING)
 
 # Per-sample outcomes, worst first: a subject's verdict is its worst sample's.
 SAMPLE_MEMBER = "member"
@@ -31,6 +33,7 @@ class AuditRules:
     max_audit_drop: float = 2.0  # points of overall audit accuracy
     max_class_drop: float = 5.0  # points of one class's audit accuracy: a drop significantly beyond it fails
     min_samples: int = 20  # below this a request without a base signal is "insufficient power"
+    min_controls: int = 100  # never-seen (audit) samples the test needs to calibrate against
 
     def describe(self) -> list[str]:
         return [
@@ -40,6 +43,7 @@ class AuditRules:
             f"over-forgetting: the mirror test (share below the controls' 5th percentile, and the most "
             f"extreme sample) must not be significant at level {self.level}",
             "the audited model must differ from the base model",
+            f"the audit split must hold at least {self.min_controls} never-seen samples to calibrate against",
             f"utility: overall audit accuracy may drop at most {self.max_audit_drop} points",
             f"utility per class: no class may lose significantly more than {self.max_class_drop} points on "
             f"never-seen data (exact paired test of a drop beyond the bound, level {self.level}, Bonferroni "
@@ -60,7 +64,11 @@ def sample_outcomes(test: MembershipTest, level: float) -> list[str]:
     ]
 
 
-def verdict(before: MembershipTest, after: MembershipTest, rules: AuditRules, *, unchanged: bool) -> str:
+def verdict(
+    before: MembershipTest, after: MembershipTest, rules: AuditRules, *, unchanged: bool, controls: int
+) -> str:
+    if controls < rules.min_controls:
+        return INSUFFICIENT_CONTROLS
     if unchanged:
         return UNCHANGED
     if after.residual_p() < rules.level:
@@ -83,7 +91,7 @@ def subject_verdicts(
         rows = [i for i, s in enumerate(subjects) if s == subject]
         own_before, own_after = before.subset(rows), after.subset(rows)
         outcomes = [after_outcomes[i] for i in rows]
-        subject_verdict = verdict(own_before, own_after, rules, unchanged=False)
+        subject_verdict = verdict(own_before, own_after, rules, unchanged=False, controls=rules.min_controls)
         if SAMPLE_MEMBER in outcomes:
             subject_verdict = RESIDUAL_MEMBERSHIP
         elif SAMPLE_OVER_FORGOTTEN in outcomes and subject_verdict != RESIDUAL_MEMBERSHIP:
@@ -108,9 +116,15 @@ def gate(
     rules: AuditRules,
     *,
     unchanged: bool,
+    controls: int,
 ) -> dict[str, Any]:
     """Apply every rule; ``failures`` says in words which failed and by how much."""
     failures: list[str] = []
+    if controls < rules.min_controls:
+        failures.append(
+            f"the audit split holds {controls} never-seen samples; the membership test needs at least "
+            f"{rules.min_controls} to calibrate against, so no evidence of erasure can be shown"
+        )
     if unchanged:
         failures.append("the audited model is identical to the base model: nothing was unlearned")
     residual_p, under_p = after.residual_p(), after.over_forgetting_p()

@@ -98,8 +98,9 @@ def audit_unlearning(
         refs.audit_labels, before_predictions, after_predictions, rules.max_class_drop
     )
     unchanged = _identical(base, unlearned)
-    outcome = verdict(before, after, rules, unchanged=unchanged)
-    decision = gate(before, after, utility, rules, unchanged=unchanged)
+    controls = len(refs.audit_rows)
+    outcome = verdict(before, after, rules, unchanged=unchanged, controls=controls)
+    decision = gate(before, after, utility, rules, unchanged=unchanged, controls=controls)
     subjects = list(forget_subjects)
     after_outcomes = sample_outcomes(after, rules.level)
     return {
