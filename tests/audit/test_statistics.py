@@ -152,3 +152,15 @@ def test_reference_set_round_trips_through_bytes() -> None:
         assert np.array_equal(getattr(again, name), getattr(refs, name)), name
     with pytest.raises(KeyError, match="not in the reference set"):
         refs.train_columns(np.array([3, 999]))
+
+
+def test_a_single_sample_request_is_tested_and_says_so_when_it_cannot_tell() -> None:
+    synthetic = Synthetic(np.random.default_rng(5))
+    row = np.array([17])
+    test = membership_test(synthetic.refs, row, *synthetic.audited(row, 0.0))
+    assert len(test) == 1 and np.isfinite(test.t).all()
+    summary = test.summary()
+    assert summary["samples"] == 1 and 0 <= summary["residual_membership_p"] <= 1
+    assert verdict(test, test, AuditRules(), unchanged=False, controls=500) == "insufficient_power"
+    leaked = membership_test(synthetic.refs, row, *synthetic.audited(row, 12.0))
+    assert verdict(leaked, leaked, AuditRules(), unchanged=False, controls=500) == "residual_membership"
