@@ -3,6 +3,7 @@ every test inside a transaction that is rolled back (the app's commits release S
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,13 +51,22 @@ def drop_database(name: str) -> None:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@contextlib.contextmanager
+def migrated_database(prefix: str) -> Iterator[str]:
+    """A fresh database of this process, migrated to head, dropped afterwards; yields its URL."""
+    name = f"{prefix}_{os.getpid()}"
+    url = create_database(name)
+    try:
+        migrate(url)
+        yield url
+    finally:
+        drop_database(name)
+
+
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
-    name = f"lethe_test_{os.getpid()}"
-    url = create_database(name)
-    migrate(url)
-    yield url
-    drop_database(name)
+    with migrated_database("lethe_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ version audited against itself."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,11 +18,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.app import create_app
 from service.cli import main as lethe
-from service.core.database import make_engine, make_session_factory, migrate
+from service.core.database import make_engine, make_session_factory
 from service.core.settings import Settings
 from service.storage import LocalCheckpointStore
 from tests.audit.memorised import RECIPE, REFERENCES, SPEC, SUBJECT, MemorisedCase, memorised_case
-from tests.service.conftest import RecordingDispatcher, create_database, drop_database
+from tests.service.conftest import RecordingDispatcher, migrated_database
 from worker.checkpoints import state_dict_to_bytes
 from worker.demo import forgotten_sample_ids
 from worker.pipeline import run_job
@@ -73,9 +72,11 @@ def _dataset_body(case: MemorisedCase, array_path: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("audit")
-    name = f"lethe_audit_{os.getpid()}"
-    database_url = create_database(name)
-    migrate(database_url)
+    with migrated_database("lethe_audit") as database_url:
+        yield from _env(tmp, database_url)
+
+
+def _env(tmp: Path, database_url: str) -> Iterator[Env]:
     settings = Settings(
         database_url=database_url, storage_dir=tmp / "checkpoints", audit_references=REFERENCES
     )
@@ -107,7 +108,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             )
     finally:
         engine.dispose()
-        drop_database(name)
 
 
 def test_a_no_op_is_rejected_and_marks_nothing_forgotten(env: Env) -> None:

@@ -24,11 +24,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.app import create_app
-from service.core.database import make_engine, make_session_factory, migrate
+from service.core.database import make_engine, make_session_factory
 from service.core.settings import Settings
 from service.dispatch import CeleryDispatcher
 from service.storage import LocalCheckpointStore
-from tests.service.conftest import RecordingDispatcher, create_database, drop_database
+from tests.service.conftest import RecordingDispatcher, migrated_database
 from worker.datasets.builtin import load_dataset
 from worker.demo import (
     SAMPLES_PER_SUBJECT,
@@ -92,9 +92,11 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("e2e")
-    name = f"lethe_e2e_{os.getpid()}"
-    database_url = create_database(name)
-    migrate(database_url)
+    with migrated_database("lethe_e2e") as database_url:
+        yield from _env(tmp, database_url)
+
+
+def _env(tmp: Path, database_url: str) -> Iterator[Env]:
     # A Redis database of its own, so parallel runs and other users of this Redis do not share the queue.
     redis_url = f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}"
     client = redis.Redis.from_url(redis_url)
@@ -144,7 +146,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         worker.wait(timeout=30)
         engine.dispose()
         client.flushdb()
-        drop_database(name)
 
 
 def _done(job: dict[str, Any]) -> bool:
