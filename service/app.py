@@ -17,6 +17,7 @@ from service.deletion_requests.routes import router as deletion_requests_router
 from service.dispatch import JobDispatcher, build_dispatcher
 from service.jobs.routes import router as jobs_router
 from service.models.routes import router as models_router
+from service.reports.routes import router as reports_router
 from service.storage import LocalCheckpointStore
 
 
@@ -53,6 +54,14 @@ def create_app(
         dispatcher if dispatcher is not None else build_dispatcher(settings, session_factory)
     )
     install_problem_handlers(app)
-    for router in (datasets_router, models_router, audit_router, deletion_requests_router, jobs_router):
+    routers = (
+        datasets_router,
+        models_router,
+        audit_router,
+        deletion_requests_router,
+        reports_router,
+        jobs_router,
+    )
+    for router in routers:
         app.include_router(router)
     return app

@@ -11,7 +11,12 @@ import argparse
 import importlib
 from collections.abc import Sequence
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("service.commands", "worker.bench.cli", "worker.audit_command")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "service.commands",
+    "service.reports.cli",
+    "worker.bench.cli",
+    "worker.audit_command",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ from service.deletion_requests import tables as deletion_requests_tables
 from service.idempotency import tables as idempotency_tables
 from service.jobs import tables as jobs_tables
 from service.models import tables as models_tables
+from service.reports import tables as reports_tables
 
 __all__ = [
     "audit_tables",
@@ -14,4 +15,5 @@ __all__ = [
     "idempotency_tables",
     "jobs_tables",
     "models_tables",
+    "reports_tables",
 ]

@@ -25,6 +25,7 @@ from service.app import create_app
 from service.core.database import make_engine, make_session_factory, migrate
 from service.core.settings import Settings
 from service.dispatch import InProcessDispatcher
+from service.reports.keys import KeyRing
 from worker.checkpoints import state_dict_to_bytes
 from worker.datasets.builtin import BuiltinDataset, load_dataset
 from worker.engine.config import TrainingConfig
@@ -288,7 +289,9 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
         dispatcher="inprocess",
         # Half the service's default of 16 reference models, to stay within a few minutes on 2 cores.
         audit_references=DEMO_REFERENCES,
+        report_key_dir=workdir / "report-keys",
     )
+    KeyRing(settings.report_key_dir).generate()  # the demo's own signing key, under var/ (never committed)
     say(f"Lethe demo: SQLite and checkpoints under {workdir}/, in-process worker, API over real HTTP.\n")
     migrate(settings.database_url)
 
@@ -348,8 +351,36 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
             )
             retrain = {"epochs": initial_epochs, "seed": SEED + 1}
             job = _erase(client, {**body, "method": "retrain", "config": retrain}, model, first=False)
+        download_reports(client, server.url, workdir)
     say(f"\nDemo finished in {time.monotonic() - started:.0f} s.")
     return 0 if job["state"] in ("succeeded", "rejected") else 1
+
+
+def download_reports(client: httpx.Client, url: str, workdir: Path) -> None:
+    """Every settled request's signed report: downloaded, then verified against the API's public key the
+    way a compliance officer would (``lethe report verify``)."""
+    from service.cli import main as lethe
+
+    say("\nErasure reports (signed canonical JSON; verified with `lethe report verify --url`):")
+    jobs = client.get("/jobs").raise_for_status().json()["items"]
+    for job in reversed(jobs):
+        request_id = job["request_id"]
+        issued = time.monotonic()
+        report = client.get(f"/deletion-requests/{request_id}/report").raise_for_status()
+        issued_s = time.monotonic() - issued
+        path = workdir / "reports" / f"{request_id}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(report.content)
+        signature = client.get(f"/deletion-requests/{request_id}/report.sig").raise_for_status()
+        path.with_suffix(".sig").write_text(signature.text)
+        outcome = report.json()["outcome"]
+        say(
+            f"  {path} ({len(report.content):,} bytes, issued and signed in {issued_s:.2f} s): "
+            f"verdict {outcome['verdict']}, passed {outcome['passed']}"
+        )
+        code = lethe(["report", "verify", str(path), "--url", url])
+        if code != 0:
+            raise RuntimeError(f"the report of request {request_id} did not verify")
 
 
 def _erase(

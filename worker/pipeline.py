@@ -326,6 +326,7 @@ class _Job:
                 "audit_seconds": audit["seconds"],
                 "evaluation_seconds": round(time.monotonic() - started, 3),  # population metrics + audit
             },
+            "environment": self.runtime.describe(),
         }  # fmt: skip
         return self._register(stored, config_to_dict(config), metrics)
 

@@ -67,6 +67,16 @@ class Conflict(ProblemError):
     status = HTTPStatus.CONFLICT
 
 
+class NotAcceptable(ProblemError):
+    status = HTTPStatus.NOT_ACCEPTABLE
+
+
+class Unavailable(ProblemError):
+    """The server cannot answer as configured (e.g. no report-signing key): an operator must act."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
 class ServerFault(ProblemError):
     """The server's own fault, named (e.g. a corrupt stored checkpoint); logged where it is raised."""
 

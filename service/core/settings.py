@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     # Requests smaller than this whose base model shows no signal are "insufficient power".
     audit_min_samples: int = 20
 
+    # Erasure reports: the directory of Ed25519 signing keys (`lethe report keygen`), read by the API only.
+    report_key_dir: Path = Path("var/report-keys")
+
     # `lethe api`.
     api_host: str = "127.0.0.1"
     api_port: int = 8000

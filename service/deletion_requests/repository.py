@@ -45,3 +45,15 @@ def pending_sample_ids(session: Session, request_id: str) -> list[str]:
             .order_by(Sample.row)
         )
     )
+
+
+def all_sample_ids(session: Session, request_id: str) -> list[str]:
+    """External ids of every sample the request names (already forgotten ones included)."""
+    return list(
+        session.scalars(
+            select(Sample.sample_id)
+            .join(DeletionRequestSample, DeletionRequestSample.sample_pk == Sample.id)
+            .where(DeletionRequestSample.request_id == request_id)
+            .order_by(Sample.row)
+        )
+    )

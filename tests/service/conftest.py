@@ -97,7 +97,11 @@ def session(session_factory: sessionmaker[Session]) -> Iterator[Session]:
 
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
-    return Settings(database_url=database_url, storage_dir=tmp_path / "checkpoints")
+    return Settings(
+        database_url=database_url,
+        storage_dir=tmp_path / "checkpoints",
+        report_key_dir=tmp_path / "report-keys",
+    )
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ version audited against itself."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ from service.app import create_app
 from service.cli import main as lethe
 from service.core.database import make_engine, make_session_factory
 from service.core.settings import Settings
+from service.reports.keys import KeyRing
 from service.storage import LocalCheckpointStore
 from tests.audit.memorised import RECIPE, REFERENCES, SPEC, SUBJECT, MemorisedCase, memorised_case
 from tests.service.conftest import RecordingDispatcher, migrated_database
@@ -78,8 +80,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 def _env(tmp: Path, database_url: str) -> Iterator[Env]:
     settings = Settings(
-        database_url=database_url, storage_dir=tmp / "checkpoints", audit_references=REFERENCES
-    )
+        database_url=database_url, storage_dir=tmp / "checkpoints", audit_references=REFERENCES,
+        report_key_dir=tmp / "report-keys",
+    )  # fmt: skip
+    KeyRing(settings.report_key_dir).generate()
     case = memorised_case()
     np.savez(tmp / "digits.npz", x=case.dataset.x)
     (tmp / "initial.safetensors").write_bytes(state_dict_to_bytes(case.initial))
@@ -230,3 +234,88 @@ def test_lethe_audit_build_references_runs_a_build_job_and_follows_it(
     after = env.client.get(f"/models/{env.model}/audit-references").json()
     assert after["id"] != before["id"] and after["references"] == 2
     assert lethe(["audit", "build-references", "nope"]) == 2
+
+
+def _download(env: Env, request_id: str, where: Path) -> tuple[Path, dict[str, Any]]:
+    answer = env.client.get(f"/deletion-requests/{request_id}/report")
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["ETag"].strip('"') == hashlib.sha256(answer.content).hexdigest()
+    report = where / f"{request_id}.json"
+    report.write_bytes(answer.content)
+    signature = env.client.get(f"/deletion-requests/{request_id}/report.sig")
+    assert signature.status_code == 200
+    report.with_suffix(".sig").write_text(signature.text)
+    return report, json.loads(answer.content)
+
+
+def _public_key_file(env: Env, key_id: str, where: Path) -> Path:
+    keys = {key["key_id"]: key for key in env.client.get("/report-keys").json()["items"]}
+    path = where / f"{key_id}.pub"
+    path.write_text(keys[key_id]["public_key"])
+    return path
+
+
+def test_signed_reports_verify_name_no_ids_and_fail_on_any_change(env: Env, tmp_path: Path) -> None:
+    requests = env.client.get("/jobs", params={"model": env.model, "state": "rejected"}).json()["items"]
+    rejected_request = requests[-1]["request_id"]
+    report_path, report = _download(env, rejected_request, tmp_path)
+    assert report["outcome"]["verdict"] == "residual_membership" and not report["outcome"]["passed"]
+    assert report["method_class"] == "approximate (empirically audited)"
+    assert report["samples"]["count"] == len(env.case.subject_rows)
+    assert report["evidence"]["membership"]["before"]["residual_membership_p"] < 0.05
+    assert report["outcome"]["rule"]["level"] == env.settings.audit_level
+    text = report_path.read_text()
+    assert SUBJECT not in text and not any(
+        env.case.dataset.sample_ids[r] in text for r in env.case.subject_rows
+    )
+    # The same bytes on every download.
+    assert (
+        env.client.get(f"/deletion-requests/{rejected_request}/report.json").content
+        == report_path.read_bytes()
+    )
+    key_id = json.loads(report_path.with_suffix(".sig").read_text())["key_id"]
+    public_key = _public_key_file(env, key_id, tmp_path)
+    assert lethe(["report", "verify", str(report_path), "--public-key", str(public_key)]) == 0
+
+    tampered = tmp_path / "tampered.json"
+    data = bytearray(report_path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tampered.write_bytes(bytes(data))
+    signature = str(report_path.with_suffix(".sig"))
+    assert (
+        lethe(["report", "verify", str(tampered), "--signature", signature, "--public-key", str(public_key)])
+        == 1
+    )
+
+    # Rotation: a new key signs new reports; the old report still verifies under the old, still listed key.
+    new_key = KeyRing(env.settings.report_key_dir).generate()
+    completed = env.client.get("/jobs", params={"model": env.model, "state": "succeeded"}).json()["items"]
+    new_path, new_report = _download(env, completed[-1]["request_id"], tmp_path)
+    assert json.loads(new_path.with_suffix(".sig").read_text())["key_id"] == new_key.key_id
+    assert new_report["outcome"]["verdict"] == "forgotten" and new_report["request"]["due_date_met"]
+    assert lethe(["report", "verify", str(report_path), "--public-key", str(public_key)]) == 0
+    new_public = _public_key_file(env, new_key.key_id, tmp_path)
+    assert lethe(["report", "verify", str(new_path), "--public-key", str(new_public)]) == 0
+    assert lethe(["report", "verify", str(report_path), "--public-key", str(new_public)]) == 1
+
+
+def test_no_report_before_the_request_settles_and_one_once_it_is_canceled(env: Env) -> None:
+    sample_ids = [env.case.dataset.sample_ids[r] for r in env.case.remaining_rows[:5]]
+    answer = env.client.post(
+        "/deletion-requests", json={"model": env.model, "sample_ids": sample_ids, "method": "finetune"}
+    )
+    assert answer.status_code == 202, answer.text
+    request = answer.json()
+    env.dispatcher.dispatched.remove(request["job_id"])
+    early = env.client.get(f"/deletion-requests/{request['id']}/report")
+    assert early.status_code == 404 and early.json()["type"] == "/problems/report-not-ready"
+    assert env.client.post(f"/jobs/{request['job_id']}/cancel").status_code == 202
+    report = env.client.get(f"/deletion-requests/{request['id']}/report").json()
+    assert report["request"]["state"] == "canceled" and report["outcome"]["job_state"] == "canceled"
+    assert report["evidence"] is None and "nothing here is evidence" in report["limitations"]
+    assert (
+        env.client.get(
+            f"/deletion-requests/{request['id']}/report", headers={"Accept": "application/pdf"}
+        ).status_code
+        == 406
+    )

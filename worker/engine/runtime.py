@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,17 @@ class Runtime:
         if prefer_cuda and torch.cuda.is_available():
             return cls(torch.device("cuda"), mixed_precision=True)
         return cls(torch.device("cpu"), mixed_precision=False)
+
+    def describe(self) -> dict[str, object]:
+        """Where a job ran, for its provenance."""
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor()
+        return {
+            "device": str(self.device),
+            "device_name": name or platform.machine(),
+            "mixed_precision": self.mixed_precision,
+            "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(),
+        }
 
     @property
     def amp_dtype(self) -> torch.dtype:

@@ -1,0 +1,167 @@
+"""The content of an erasure report, from the settled request's rows. Torch-free; personal identifiers (sample
+and subject ids) appear only as salted commitments."""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import metadata
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.datasets import repository as datasets_repository
+from service.deletion_requests import repository as requests_repository
+from service.deletion_requests.tables import DeletionRequest
+from service.jobs import repository as jobs_repository
+from service.models import repository as models_repository
+from service.models.tables import ModelVersion
+from service.reports import commitment
+
+FORMAT = "lethe-erasure-report/1"
+EXACT_METHODS = frozenset({"retrain"})
+NOT_AUDITED = (
+    "No audit ran for this request (it did not reach one): nothing here is evidence that the samples were "
+    "erased from the model."
+)
+
+
+def _pseudonym(salt: bytes, kind: str, value: str) -> str:
+    return commitment.leaf(salt, f"{kind}:{value}").hex()
+
+
+def _version(version: ModelVersion | None) -> dict[str, Any] | None:
+    if version is None:
+        return None
+    return {
+        "id": version.id,
+        "number": version.number,
+        "status": version.status,
+        "checkpoint_sha256": version.checkpoint_sha256,
+        "checkpoint_size": version.checkpoint_size,
+    }
+
+
+def _registry_digest(session: Session, dataset_id: str) -> str:
+    """SHA-256 of the dataset's registry (sample id, row, label, split of every sample, by row)."""
+    digest = hashlib.sha256()
+    for split in ("train", "audit"):
+        for row in datasets_repository.split_rows(session, dataset_id, split):
+            digest.update(f"{row.sample_id}\t{row.row}\t{row.label}\t{split}\n".encode())
+    return digest.hexdigest()
+
+
+def _evidence(audit: dict[str, Any], salt: bytes) -> dict[str, Any]:
+    """The audit with sample and subject ids replaced by their salted commitments."""
+    samples = [
+        {"sample": commitment.leaf(salt, s["sample_id"]).hex(),
+         **{k: v for k, v in s.items() if k not in ("sample_id", "subject_id")}}
+        for s in audit["samples"]
+    ]  # fmt: skip
+    subjects = {
+        _pseudonym(salt, "subject", subject): outcome for subject, outcome in audit["subjects"].items()
+    }
+    return {
+        "method": audit["method"],
+        "references": audit["references"],
+        "membership": audit["membership"],
+        "subjects": subjects,
+        "samples": samples,
+        "utility": audit["utility"],
+    }
+
+
+def build_content(session: Session, request: DeletionRequest, salt: bytes) -> dict[str, Any]:
+    model = models_repository.get_model(session, request.model_id)
+    assert model is not None  # a foreign key
+    dataset = datasets_repository.get_dataset(session, model.dataset_id)
+    assert dataset is not None
+    job = jobs_repository.get_by_request(session, request.id)
+    metrics = (job.metrics or {}) if job is not None else {}
+    audit = metrics.get("audit")
+    sample_ids = requests_repository.all_sample_ids(session, request.id)
+    base = (
+        models_repository.get_version(session, job.base_version_id) if job and job.base_version_id else None
+    )
+    result = (
+        models_repository.get_version(session, job.result_version_id)
+        if job and job.result_version_id
+        else None
+    )
+    completed = request.completed_at
+    job_provenance = None
+    if job is not None:
+        job_provenance = {
+            "id": job.id,
+            "worker": job.worker_id,
+            "created_at": job.created_at.isoformat(),
+            "started_at": job.started_at.isoformat() if job.started_at else None,
+            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+            "timings": metrics.get("timings"),
+            "environment": metrics.get("environment"),
+        }
+    if job is None:
+        outcome: dict[str, Any] = {
+            "verdict": "already_erased", "passed": True,
+            "detail": "every named sample was erased by an earlier request; its report holds the evidence",
+        }  # fmt: skip
+    else:
+        outcome = {
+            "verdict": audit["verdict"] if audit else None,
+            "passed": bool(audit and audit["gate"]["passed"] and job.state == "succeeded"),
+            "job_state": job.state,
+            "failures": audit["gate"]["failures"] if audit else [],
+            "error": {"reason": job.error_reason, "detail": job.error_detail} if job.error_reason else None,
+            "rule": metrics.get("rule"),
+            "gate": audit["gate"] if audit else None,
+        }
+    return {
+        "format": FORMAT,
+        "request": {
+            "id": request.id,
+            "state": request.state,
+            "received_at": request.received_at.isoformat(),
+            "due_at": request.due_at.isoformat(),
+            "completed_at": completed.isoformat() if completed else None,
+            "due_date_met": completed is not None
+            and completed <= request.due_at
+            and request.state == "completed",
+            "reason": request.reason,
+            "subject": _pseudonym(salt, "subject", request.subject_id) if request.subject_id else None,
+            "requester": "an API client (the service has no client authentication yet)",
+        },
+        "samples": {
+            "count": request.sample_count,
+            "already_erased_by_earlier_requests": request.already_forgotten_count,
+            "commitment": {
+                "algorithm": commitment.ALGORITHM,
+                "root": commitment.merkle_root(salt, sample_ids),
+            },
+        },
+        "provenance": {
+            "model": {
+                "id": model.id,
+                "name": model.name,
+                "spec": model.spec,
+                "training_recipe": model.training_recipe,
+            },
+            "base_version": _version(base),
+            "new_version": _version(result),
+            "dataset": {
+                "id": dataset.id,
+                "name": dataset.name,
+                "registry_sha256": _registry_digest(session, dataset.id),
+            },
+            "method": request.method,
+            "config": request.config,
+            "seed": request.config.get("seed"),
+            "job": job_provenance,
+            "code_version": metadata.version("lethe"),
+        },
+        "method_class": "exact (retrained without the samples)"
+        if request.method in EXACT_METHODS
+        else "approximate (empirically audited)",
+        "outcome": outcome,
+        "utility_population_metrics": {"before": metrics.get("before"), "after": metrics.get("after")},
+        "evidence": _evidence(audit, salt) if audit else None,
+        "limitations": audit["limitations"] if audit else NOT_AUDITED,
+    }

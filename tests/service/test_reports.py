@@ -1,0 +1,54 @@
+"""Erasure reports' building blocks and errors (the signed reports of real jobs: test_audit_pipeline.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.reports import commitment
+from service.reports.keys import KeyRing, sign, verify
+from service.reports.service import canonical_bytes
+
+
+def test_the_commitment_proves_one_id_included_without_listing_any() -> None:
+    salt = commitment.new_salt()
+    ids = [f"img-{i:05d}" for i in range(37)]
+    root = commitment.merkle_root(salt, ids)
+    assert root == commitment.merkle_root(salt, list(reversed(ids)))  # order-free
+    assert root != commitment.merkle_root(commitment.new_salt(), ids)  # the salt hides guessable ids
+    for sample_id in ("img-00000", "img-00017", "img-00036"):
+        proof = commitment.inclusion_proof(salt, ids, sample_id)
+        assert commitment.verify_inclusion(salt, sample_id, proof, root)
+    proof = commitment.inclusion_proof(salt, ids, "img-00017")
+    assert not commitment.verify_inclusion(salt, "img-99999", proof, root)
+
+
+def test_canonical_json_is_byte_stable_and_signatures_bind_the_bytes(tmp_path: Any) -> None:
+    content = {"b": [1, 2.5, None], "a": {"z": "ü", "y": 1e-7}}
+    data = canonical_bytes(content)
+    assert data == canonical_bytes({"a": {"y": 1e-7, "z": "ü"}, "b": [1, 2.5, None]})
+    assert data.startswith(b'{"a":{"y":1e-7,"z":"')
+    key = KeyRing(tmp_path).generate()
+    signature = sign(key, data)
+    assert verify(key.public_raw, data, signature)
+    assert not verify(key.public_raw, data.replace(b"2.5", b"2.6"), signature)
+    assert not verify(KeyRing(tmp_path).generate().public_raw, data, signature)
+    assert KeyRing(tmp_path).active().key_id != key.key_id  # the newest key is active
+
+
+def test_report_errors_are_problems(client: TestClient, model: dict[str, Any]) -> None:
+    assert client.get("/deletion-requests/nope/report").status_code == 404
+    assert client.get("/report-keys").json() == {"items": []}
+    answer = client.post("/deletion-requests", json={"model": model["name"], "sample_ids": ["s4"]})
+    request = answer.json()
+    assert client.post(f"/jobs/{request['job_id']}/cancel").status_code == 202
+    no_key = client.get(f"/deletion-requests/{request['id']}/report")
+    assert no_key.status_code == 503 and no_key.json()["type"] == "/problems/no-signing-key"
+
+
+@pytest.mark.parametrize("suffix", ["report", "report.json", "report.sig"])
+def test_unknown_requests_have_no_report(client: TestClient, suffix: str) -> None:
+    answer = client.get(f"/deletion-requests/00000000-0000-0000-0000-000000000000/{suffix}")
+    assert answer.status_code == 404 and answer.json()["type"] == "/problems/deletion-request-not-found"
