@@ -1,6 +1,6 @@
 """``lethe report keygen | verify``: report-signing keys, and checking a downloaded report offline.
 
-    lethe report keygen [--dir DIR]
+    lethe report keygen [--dir DIR] [--if-none]
     lethe report verify REPORT.json [--signature SIG] [--public-key KEY | --url API]
 
 ``verify`` exits 0 when the report's bytes are canonical JSON and the detached signature verifies under the
@@ -23,6 +23,7 @@ def add_parser(subparsers: Any) -> None:
     commands = report.add_subparsers(dest="report_command", required=True, metavar="REPORT_COMMAND")
     keygen = commands.add_parser("keygen", help="create a new Ed25519 signing key; it becomes the active one")
     keygen.add_argument("--dir", type=Path, default=None, help="default: LETHE_REPORT_KEY_DIR")
+    keygen.add_argument("--if-none", action="store_true", help="only when the directory holds no key yet")
     keygen.set_defaults(handler=_keygen)
     verify = commands.add_parser("verify", help="verify a downloaded report against its detached signature")
     verify.add_argument("report", type=Path, help="the report's JSON, as downloaded")
@@ -40,7 +41,11 @@ def _keygen(args: argparse.Namespace) -> int:
     from service.reports.keys import KeyRing
 
     directory = args.dir or Settings().report_key_dir
-    key = KeyRing(directory).generate()
+    ring = KeyRing(directory)
+    if args.if_none and ring.signing_keys():
+        print(f"{directory} holds a key already; none generated")
+        return 0
+    key = ring.generate()
     info = key.public_info(active=True)
     print(f"key {info['key_id']} (sha256 {info['fingerprint_sha256']}) written to {directory}; now active")
     return 0

@@ -78,7 +78,7 @@ class KeyRing:
             handle.write(pem)
         return SigningKey(key_id_of(raw), created, private)
 
-    def keys(self) -> list[SigningKey]:
+    def signing_keys(self) -> list[SigningKey]:
         """Every key, oldest first."""
         found = []
         for path in sorted(self.directory.glob("*.pem")) if self.directory.is_dir() else []:
@@ -93,13 +93,13 @@ class KeyRing:
         return found
 
     def active(self) -> SigningKey:
-        keys = self.keys()
+        keys = self.signing_keys()
         if not keys:
             raise NoSigningKey(f"no report-signing key in {self.directory}: run `lethe report keygen`")
         return keys[-1]
 
     def public_keys(self) -> list[dict[str, Any]]:
-        keys = self.keys()
+        keys = self.signing_keys()
         return [key.public_info(active=i == len(keys) - 1) for i, key in enumerate(keys)]
 
 

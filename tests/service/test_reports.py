@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from service.cli import main as lethe
 from service.reports import commitment
 from service.reports.keys import KeyRing, sign, verify
 from service.reports.service import canonical_bytes
@@ -52,3 +53,14 @@ def test_report_errors_are_problems(client: TestClient, model: dict[str, Any]) -
 def test_unknown_requests_have_no_report(client: TestClient, suffix: str) -> None:
     answer = client.get(f"/deletion-requests/00000000-0000-0000-0000-000000000000/{suffix}")
     assert answer.status_code == 404 and answer.json()["type"] == "/problems/deletion-request-not-found"
+
+
+def test_keygen_rotates_and_if_none_keeps_an_existing_key(tmp_path: Any) -> None:
+    assert lethe(["report", "keygen", "--dir", str(tmp_path), "--if-none"]) == 0
+    first = KeyRing(tmp_path).active().key_id
+    assert lethe(["report", "keygen", "--dir", str(tmp_path), "--if-none"]) == 0
+    assert [key.key_id for key in KeyRing(tmp_path).signing_keys()] == [first]
+    assert lethe(["report", "keygen", "--dir", str(tmp_path)]) == 0
+    keys = KeyRing(tmp_path).public_keys()
+    assert len(keys) == 2 and keys[0]["key_id"] == first and [k["active"] for k in keys] == [False, True]
+    assert all((tmp_path / p.name).stat().st_mode & 0o077 == 0 for p in tmp_path.glob("*.pem"))
