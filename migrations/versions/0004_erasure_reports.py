@@ -29,7 +29,9 @@ def upgrade() -> None:
         sa.Column("commitment_salt", sa.String(64), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
-            ["request_id"], ["deletion_requests.id"], name=op.f("fk_erasure_reports_request_id_deletion_requests")
+            ["request_id"],
+            ["deletion_requests.id"],
+            name=op.f("fk_erasure_reports_request_id_deletion_requests"),
         ),
         sa.PrimaryKeyConstraint("request_id", name=op.f("pk_erasure_reports")),
     )
