@@ -361,7 +361,7 @@ def download_reports(client: httpx.Client, url: str, workdir: Path) -> None:
     way a compliance officer would (``lethe report verify``)."""
     from service.cli import main as lethe
 
-    say("\nErasure reports (signed canonical JSON; verified with `lethe report verify --url`):")
+    say("\nErasure reports (signed canonical JSON and its PDF; verified with `lethe report verify --url`):")
     jobs = client.get("/jobs").raise_for_status().json()["items"]
     for job in reversed(jobs):
         request_id = job["request_id"]
@@ -373,11 +373,14 @@ def download_reports(client: httpx.Client, url: str, workdir: Path) -> None:
         path.write_bytes(report.content)
         signature = client.get(f"/deletion-requests/{request_id}/report.sig").raise_for_status()
         path.with_suffix(".sig").write_text(signature.text)
+        pdf = client.get(f"/deletion-requests/{request_id}/report.pdf").raise_for_status()
+        path.with_suffix(".pdf").write_bytes(pdf.content)
         outcome = report.json()["outcome"]
         say(
             f"  {path} ({len(report.content):,} bytes, issued and signed in {issued_s:.2f} s): "
             f"verdict {outcome['verdict']}, passed {outcome['passed']}"
         )
+        say(f"    the PDF for people: {path.with_suffix('.pdf')}")
         code = lethe(["report", "verify", str(path), "--url", url])
         if code != 0:
             raise RuntimeError(f"the report of request {request_id} did not verify")

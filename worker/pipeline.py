@@ -316,6 +316,7 @@ class _Job:
             forget_sample_ids=sets.forget_sample_ids, forget_subjects=sets.forget_subject_ids,
             audit_x=sets.audit.x, audit_rows=sets.audit_rows,
             rules=rules, runtime=self.runtime, seed=config.seed,
+            remaining=(splits.remaining.x, splits.remaining.require_labels().numpy()),
         )  # fmt: skip
         heartbeat.token.raise_if_cancelled()
         self.step = "register"

@@ -67,6 +67,7 @@ def _evidence(audit: dict[str, Any], salt: bytes) -> dict[str, Any]:
         "subjects": subjects,
         "samples": samples,
         "utility": audit["utility"],
+        "score_distributions": audit.get("score_distributions"),
     }
 
 

@@ -1,20 +1,32 @@
 from __future__ import annotations
 
+import hashlib
+import json
+
 from fastapi import APIRouter, Request, Response
 
 from service.core.problems import NotAcceptable
 from service.dependencies import SessionDep, SettingsDep
 from service.reports import service
 from service.reports.keys import KeyRing
+from service.reports.pdf import render_pdf
 
 router = APIRouter(tags=["reports"])
 JSON_MEDIA = "application/json"
+PDF_MEDIA = "application/pdf"
 
 
-def _report(request_id: str, session: SessionDep, settings: SettingsDep, http: Request) -> Response:
+def _report(
+    request_id: str, session: SessionDep, settings: SettingsDep, http: Request, media: str
+) -> Response:
     report = service.get_or_issue(session, settings, request_id)
     session.commit()
-    etag = f'"{report.sha256}"'
+    if media == PDF_MEDIA:
+        body = render_pdf(json.loads(report.content), report.sha256, report.key_id)
+        digest = hashlib.sha256(body).hexdigest()
+    else:
+        body, digest = report.content.encode(), report.sha256
+    etag = f'"{digest}"'
     headers = {
         "ETag": etag,
         "Lethe-Signing-Key": report.key_id,
@@ -22,28 +34,42 @@ def _report(request_id: str, session: SessionDep, settings: SettingsDep, http: R
     }
     if http.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
-    return Response(report.content.encode(), media_type=JSON_MEDIA, headers=headers)
+    return Response(body, media_type=media, headers=headers)
+
+
+def _negotiate(accept: str) -> str:
+    """application/json unless the client asks for the PDF before JSON."""
+    for media in (part.split(";")[0].strip() for part in accept.split(",")):
+        if media in (JSON_MEDIA, "application/*", "*/*", ""):
+            return JSON_MEDIA
+        if media == PDF_MEDIA:
+            return PDF_MEDIA
+    raise NotAcceptable(
+        "report-media-type", "the report is served as application/json or application/pdf",
+        available=[JSON_MEDIA, PDF_MEDIA],
+    )  # fmt: skip
 
 
 @router.get("/deletion-requests/{request_id}/report", response_class=Response)
 def get_report(request_id: str, session: SessionDep, settings: SettingsDep, request: Request) -> Response:
     """The request's erasure report: RFC 8785 canonical JSON, the exact bytes its detached Ed25519
-    signature (``report.sig``) covers. 404 until the request has settled."""
-    accept = request.headers.get("accept", "*/*")
-    if not any(kind in accept for kind in (JSON_MEDIA, "*/*", "application/*")):
-        raise NotAcceptable(
-            "report-media-type",
-            "the report is served as application/json (the PDF rendering is not built yet)",
-            available=[JSON_MEDIA],
-        )
-    return _report(request_id, session, settings, request)
+    signature (``report.sig``) covers; with ``Accept: application/pdf``, the PDF rendered from it. 404
+    until the request has settled."""
+    media = _negotiate(request.headers.get("accept", "*/*"))
+    return _report(request_id, session, settings, request, media)
 
 
 @router.get("/deletion-requests/{request_id}/report.json", response_class=Response)
 def get_report_json(
     request_id: str, session: SessionDep, settings: SettingsDep, request: Request
 ) -> Response:
-    return _report(request_id, session, settings, request)
+    return _report(request_id, session, settings, request, JSON_MEDIA)
+
+
+@router.get("/deletion-requests/{request_id}/report.pdf", response_class=Response)
+def get_report_pdf(request_id: str, session: SessionDep, settings: SettingsDep, request: Request) -> Response:
+    """The PDF for people, rendered from the signed JSON (which stays the source of truth)."""
+    return _report(request_id, session, settings, request, PDF_MEDIA)
 
 
 @router.get("/deletion-requests/{request_id}/report.sig")

@@ -313,9 +313,24 @@ def test_no_report_before_the_request_settles_and_one_once_it_is_canceled(env: E
     report = env.client.get(f"/deletion-requests/{request['id']}/report").json()
     assert report["request"]["state"] == "canceled" and report["outcome"]["job_state"] == "canceled"
     assert report["evidence"] is None and "nothing here is evidence" in report["limitations"]
-    assert (
-        env.client.get(
-            f"/deletion-requests/{request['id']}/report", headers={"Accept": "application/pdf"}
-        ).status_code
-        == 406
-    )
+    html = env.client.get(f"/deletion-requests/{request['id']}/report", headers={"Accept": "text/html"})
+    assert html.status_code == 406 and html.json()["available"] == ["application/json", "application/pdf"]
+    pdf = env.client.get(f"/deletion-requests/{request['id']}/report", headers={"Accept": "application/pdf"})
+    assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")  # the summary page alone: no evidence
+
+
+def test_the_pdf_is_rendered_from_the_report_and_its_pages_are_not_blank(env: Env) -> None:
+    import pypdfium2
+
+    rejected = env.client.get("/jobs", params={"model": env.model, "state": "rejected"}).json()["items"]
+    request_id = rejected[-1]["request_id"]
+    answer = env.client.get(f"/deletion-requests/{request_id}/report", headers={"Accept": "application/pdf"})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/pdf"
+    assert env.client.get(f"/deletion-requests/{request_id}/report.pdf").content == answer.content  # stable
+    document = pypdfium2.PdfDocument(answer.content)
+    assert len(document) == 2  # the summary, then the evidence
+    for index in range(len(document)):
+        pixels = document[index].render(scale=1).to_numpy()
+        assert (pixels.min(axis=-1) < 200).mean() > 0.01, f"page {index + 1} is blank"
+    text = document[0].get_textpage().get_text_range()
+    assert "Erasure report" in text and "NOT ERASED" in text

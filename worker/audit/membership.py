@@ -103,6 +103,7 @@ class MembershipTest:
             "median_offset": round(float(np.median(self.offset)), 4),
             "median_t": round(float(np.median(self.t)), 4),
             **attack_power(self.t, self.control_t),
+            "roc": roc_points(self.t, self.control_t),
         }
 
 
@@ -140,6 +141,18 @@ def attack_power(positive_t: np.ndarray, control_t: np.ndarray) -> dict[str, flo
         "tpr_at_1pct_fpr": round(float((positive_t > np.quantile(control_t, 0.99)).mean()), 4),
         "tpr_at_0_1pct_fpr": round(float((positive_t > np.quantile(control_t, 0.999)).mean()), 4),
     }
+
+
+ROC_FPRS = np.logspace(-3, 0, 31)
+
+
+def roc_points(positive_t: np.ndarray, control_t: np.ndarray) -> dict[str, list[float]] | None:
+    """The attack's ROC on a log grid of false-positive rates (for a log-log plot)."""
+    if len(positive_t) == 0 or len(control_t) == 0:
+        return None
+    thresholds = np.quantile(control_t, 1 - ROC_FPRS)
+    tpr = [(positive_t > threshold).mean() for threshold in thresholds]
+    return {"fpr": [round(float(f), 5) for f in ROC_FPRS], "tpr": [round(float(v), 4) for v in tpr]}
 
 
 def _spread(scores: np.ndarray, pooled_variance: float) -> np.ndarray:

@@ -20,8 +20,9 @@ from worker.engine.runtime import Runtime
 from worker.evaluation.metrics import Scorable, ScoredModel, model_logits
 
 METHOD = (
-    "per-sample membership test: LiRA-offline (K/2 OUT reference models per sample) calibrated against "
-    "never-seen controls of the same class under the same model; score: stable logit of the labelled class"
+    "per-sample membership test: LiRA-offline (the K/2 reference models that never trained on a sample) "
+    "calibrated against the never-seen controls of the same difficulty, scored at the sample's label under "
+    "the same model; score: stable logit of the labelled class"
 )
 LIMITATIONS = (
     "Empirical, not a proof: the test reads the model's outputs (black-box, confidence-based) and can only "
@@ -61,6 +62,48 @@ def test_model(
     return test, audit_logits.argmax(1).numpy()
 
 
+def score_distributions(
+    models: dict[str, Scorable],
+    refs: ReferenceSet,
+    forget_x: torch.Tensor,
+    forget_rows: np.ndarray,
+    audit_x: torch.Tensor,
+    audit_rows: np.ndarray,
+    remaining: tuple[torch.Tensor, np.ndarray] | None,
+    runtime: Runtime,
+    bins: int = 25,
+) -> dict[str, Any]:
+    """Histograms of phi (the stable logit of the label) for the forgotten, remaining and never-seen samples
+    under each model, on shared bin edges (the 1st to 99th percentile of every score)."""
+    ctx = RunContext(runtime=runtime)
+    forget_labels = torch.from_numpy(refs.train_labels[refs.train_columns(forget_rows)])
+    audit_labels = torch.from_numpy(refs.audit_labels)
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for name, model in models.items():
+        audit_logits = order_by_rows(model_logits(model, audit_x, ctx), audit_rows, refs.audit_rows)
+        groups = {
+            "forgotten": stable_logit(model_logits(model, forget_x, ctx), forget_labels).numpy(),
+            "never_seen": stable_logit(audit_logits, audit_labels).numpy(),
+        }
+        if remaining is not None:
+            x, labels = remaining
+            groups["remaining"] = stable_logit(model_logits(model, x, ctx), torch.from_numpy(labels)).numpy()
+        scores[name] = groups
+    every = np.concatenate([v for groups in scores.values() for v in groups.values()])
+    low, high = np.percentile(every, [1, 99])
+    edges = np.linspace(low, high, bins + 1)
+    return {
+        "score": "stable logit of the labelled class",
+        "edges": [round(float(e), 4) for e in edges],
+        **{
+            name: {
+                group: np.histogram(np.clip(v, low, high), edges)[0].tolist() for group, v in groups.items()
+            }
+            for name, groups in scores.items()
+        },
+    }
+
+
 def _identical(first: Scorable, second: Scorable) -> bool:
     a, b = _module(first).state_dict(), _module(second).state_dict()
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
@@ -84,9 +127,13 @@ def audit_unlearning(
     rules: AuditRules,
     runtime: Runtime,
     seed: int = 0,
+    remaining: tuple[torch.Tensor, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """The per-sample membership audit of ``base`` and ``unlearned`` on the forgotten samples, the utility
-    comparison on the audit split, the gate and the verdict, as JSON-ready data (rule first)."""
+    comparison on the audit split, the gate and the verdict, as JSON-ready data (rule first).
+
+    ``remaining``: some samples still trained on (x, labels), for the score distributions a reader compares
+    the forgotten samples' with."""
     started = time.monotonic()
     before, before_predictions = test_model(
         base, refs, forget_x, forget_rows, audit_x, audit_rows, runtime, seed
@@ -113,6 +160,16 @@ def audit_unlearning(
         "membership": {"before": before.summary(), "after": after.summary()},
         "subjects": subject_verdicts(subjects, before, after, rules),
         "utility": utility,
+        "score_distributions": score_distributions(
+            {"before": base, "after": unlearned},
+            refs,
+            forget_x,
+            forget_rows,
+            audit_x,
+            audit_rows,
+            remaining,
+            runtime,
+        ),
         "samples": [
             {
                 "sample_id": sample_id,

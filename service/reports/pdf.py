@@ -1,0 +1,152 @@
+"""The report for people: a PDF rendered from the signed JSON (the JSON stays the source of truth).
+
+matplotlib draws every page (its PDF backend is the PDF library: text, vector plots, fonts embedded), so the
+API needs no second toolkit; figures are built object by object (no pyplot state), safe in a threaded
+server. Page 1 is the summary a compliance officer reads in a minute; page 2 the evidence: score
+distributions, the per-sample attack's ROC (log-log) and utility per class, before and after.
+Deterministic: the same report renders to the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import textwrap
+from typing import Any
+
+from matplotlib.backends.backend_pdf import PdfPages
+from matplotlib.figure import Figure
+
+A4 = (8.27, 11.69)
+VERDICT_WORDS = {
+    "forgotten": "FORGOTTEN: the membership signal the model carried is gone",
+    "no_measurable_signal": "NO MEASURABLE SIGNAL: not even the model before unlearning showed one",
+    "insufficient_power": "INSUFFICIENT POWER: too few samples to show a signal either way",
+    "residual_membership": "NOT ERASED: the model still treats the samples as members",
+    "over_forgetting": "NOT ACCEPTED: the samples look less like members than never-seen data",
+    "unchanged": "NOT ERASED: the model is unchanged",
+    "insufficient_controls": "NOT SHOWN: too few never-seen samples to calibrate the test",
+    "already_erased": "ALREADY ERASED by earlier requests",
+    None: "NOT AUDITED: the job ended before an audit",
+}
+
+
+def _lines(report: dict[str, Any], sha256: str, key_id: str) -> list[tuple[str, str]]:
+    request, samples, outcome = report["request"], report["samples"], report["outcome"]
+    provenance = report["provenance"]
+    evidence = report.get("evidence") or {}
+    membership = evidence.get("membership", {})
+    after = membership.get("after", {})
+    before = membership.get("before", {})
+    base, new = provenance.get("base_version"), provenance.get("new_version")
+    rows = [
+        ("Verdict", VERDICT_WORDS.get(outcome.get("verdict"), str(outcome.get("verdict")))),
+        ("Gate", "passed: the new version went live" if outcome.get("passed")
+         else "not passed: nothing went live"),
+        ("Request", f"{request['id']} ({request['state']}); reason: {request.get('reason') or '-'}"),
+        ("Received / due", f"{request['received_at']} / {request['due_at']}"),
+        ("Settled", f"{request.get('completed_at')}; due date met: {request['due_date_met']}"),
+        ("What was erased", f"{samples['count']} training samples, committed as SHA-256 Merkle root "
+                            f"{samples['commitment']['root'][:32]}... (no identifier is listed)"),
+        ("Model", f"{provenance['model']['name']}: v{base['number'] if base else '?'} -> "
+                  f"v{new['number'] if new else '-'} ({new['status'] if new else 'no new version'})"),
+        ("Method", f"{provenance['method']} ({report['method_class']})"),
+    ]  # fmt: skip
+    if membership:
+        rows += [
+            ("How it was checked", evidence.get("method", "")),
+            ("Member-like share", f"{before.get('member_share')} before -> {after.get('member_share')} after "
+                                  f"(5 % expected of never-seen data; p = {after.get('member_share_p')})"),
+            ("Over-forgetting share",
+             f"{after.get('over_forgetting_share')} (p = {after.get('over_forgetting_share_p')})"),
+            ("Attack AUC, TPR@1%FPR", f"{before.get('auc')}, {before.get('tpr_at_1pct_fpr')} before -> "
+                                      f"{after.get('auc')}, {after.get('tpr_at_1pct_fpr')} after"),
+        ]  # fmt: skip
+    for failure in outcome.get("failures") or []:
+        rows.append(("Failed rule", failure))
+    if outcome.get("error"):
+        rows.append(("Job error", f"{outcome['error']['reason']}: {outcome['error']['detail']}"))
+    rows += [
+        ("Limitations", report["limitations"]),
+        ("Integrity", f"report SHA-256 {sha256}; Ed25519 key {key_id}; verify with `lethe report verify`"),
+    ]
+    return rows
+
+
+def _summary_page(report: dict[str, Any], sha256: str, key_id: str) -> Figure:
+    figure = Figure(figsize=A4)
+    figure.text(0.07, 0.95, "Erasure report", fontsize=20, weight="bold")
+    figure.text(0.07, 0.925, "GDPR Art. 17 deletion request: outcome and evidence", fontsize=11, color="0.3")
+    y = 0.88
+    for label, value in _lines(report, sha256, key_id):
+        wrapped = textwrap.wrap(str(value), 72, break_long_words=True) or [""]
+        figure.text(0.07, y, label, fontsize=9, weight="bold", va="top")
+        figure.text(0.30, y, "\n".join(wrapped), fontsize=9, va="top", family="DejaVu Sans")
+        y -= 0.016 * len(wrapped) + 0.012
+        if y < 0.05:
+            break
+    return figure
+
+
+def _evidence_page(report: dict[str, Any]) -> Figure:
+    evidence = report["evidence"]
+    figure = Figure(figsize=A4)
+    axes = figure.subplots(3, 1)
+    figure.suptitle("Evidence", fontsize=14, weight="bold", x=0.1, ha="left")
+    distributions = evidence.get("score_distributions") or {}
+    edges = distributions.get("edges")
+    ax = axes[0]
+    if edges:
+        centres = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
+        styles = {"before": "--", "after": "-"}
+        colours = {"forgotten": "tab:red", "remaining": "tab:blue", "never_seen": "tab:green"}
+        for model, style in styles.items():
+            for group, counts in distributions.get(model, {}).items():
+                total = max(1, sum(counts))
+                ax.plot(centres, [c / total for c in counts], style, color=colours.get(group, "k"),
+                        label=f"{group.replace('_', '-')} ({model})")  # fmt: skip
+        ax.set_xlabel("score: stable logit of the labelled class")
+        ax.set_ylabel("share of samples")
+        ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Score distributions before (dashed) and after (solid) unlearning", fontsize=10)
+
+    ax = axes[1]
+    for model, style in (("before", "--"), ("after", "-")):
+        roc = evidence["membership"][model].get("roc")
+        if roc:  # a true-positive rate of 0 has no place on a log axis: those points are left out
+            points = [(f, t) for f, t in zip(roc["fpr"], roc["tpr"], strict=True) if t > 0]
+            ax.loglog([f for f, _ in points], [t for _, t in points], style, label=f"{model}")
+    ax.loglog([1e-3, 1], [1e-3, 1], ":", color="0.5", label="chance")
+    ax.set_xlabel("false-positive rate (never-seen controls called members)")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title("Per-sample membership attack on the forgotten samples (ROC, log-log)", fontsize=10)
+    ax.legend(fontsize=8)
+
+    ax = axes[2]
+    per_class = evidence["utility"]["per_class"]
+    labels = list(per_class)
+    positions = range(len(labels))
+    ax.bar([p - 0.2 for p in positions], [per_class[c]["before"] for c in labels], 0.4, label="before")
+    ax.bar([p + 0.2 for p in positions], [per_class[c]["after"] for c in labels], 0.4, label="after")
+    low = min(min(per_class[c]["before"], per_class[c]["after"]) for c in labels)
+    ax.set_ylim(max(0, low - 10), 100)
+    ax.set_xticks(list(positions), labels)
+    ax.set_xlabel("class")
+    ax.set_ylabel("accuracy on never-seen data (%)")
+    ax.set_title("Utility per class, before and after", fontsize=10)
+    ax.legend(fontsize=8)
+    figure.tight_layout(rect=(0, 0, 1, 0.96))
+    return figure
+
+
+def render_pdf(report: dict[str, Any], sha256: str, key_id: str) -> bytes:
+    buffer = io.BytesIO()
+    # No creation date: the same report renders to the same bytes.
+    with PdfPages(
+        buffer, metadata={"Title": f"Erasure report {report['request']['id']}", "CreationDate": None}
+    ) as pdf:
+        for figure in [_summary_page(report, sha256, key_id)] + (
+            [_evidence_page(report)] if report.get("evidence") else []
+        ):
+            pdf.savefig(figure)
+    return buffer.getvalue()
