@@ -19,6 +19,7 @@ from service.jobs.routes import router as jobs_router
 from service.models.routes import router as models_router
 from service.reports.routes import router as reports_router
 from service.storage import LocalCheckpointStore
+from service.trail.routes import router as trail_router
 
 
 def create_app(
@@ -60,6 +61,7 @@ def create_app(
         audit_router,
         deletion_requests_router,
         reports_router,
+        trail_router,
         jobs_router,
     )
     for router in routers:

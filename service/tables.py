@@ -7,6 +7,7 @@ from service.idempotency import tables as idempotency_tables
 from service.jobs import tables as jobs_tables
 from service.models import tables as models_tables
 from service.reports import tables as reports_tables
+from service.trail import tables as trail_tables
 
 __all__ = [
     "audit_tables",
@@ -16,4 +17,5 @@ __all__ = [
     "jobs_tables",
     "models_tables",
     "reports_tables",
+    "trail_tables",
 ]

@@ -1,6 +1,7 @@
 """``lethe audit``: the membership audit as a command, on the registry's models and store.
 
     lethe audit build-references MODEL [--references K] [--no-wait]
+    lethe audit verify-chain
     lethe audit run --model M (--version V | --checkpoint FILE) [--base-version B] --forget-ids F --json OUT
 
 ``run`` audits a version of a model, or a safetensors checkpoint of it unlearned elsewhere, against a base
@@ -34,6 +35,11 @@ def add_parser(subparsers: Any) -> None:
     build.add_argument("--no-wait", action="store_true", help="queue the job and return its id")
     build.set_defaults(handler=_build_references)
 
+    chain = commands.add_parser(
+        "verify-chain", help="recompute the audit trail's hash chain; exit 1 and name the first broken link"
+    )
+    chain.set_defaults(handler=_verify_chain)
+
     run = commands.add_parser(
         "run", help="audit version V of a model (or a checkpoint) against base version B"
     )
@@ -52,6 +58,23 @@ def add_parser(subparsers: Any) -> None:
     )
     run.add_argument("--json", type=Path, required=True, help="where to write the audit (JSON)")
     run.set_defaults(handler=_run)
+
+
+def _verify_chain(_args: argparse.Namespace) -> int:
+    from service.core.database import make_engine, make_session_factory
+    from service.core.settings import Settings
+    from service.trail.service import verify_chain
+
+    with make_session_factory(make_engine(Settings().database_url))() as session:
+        check = verify_chain(session)
+    if check.valid:
+        print(f"audit trail intact: {check.events} events, last hash {check.last_hash}")
+        return 0
+    print(
+        f"audit trail BROKEN at event {check.first_broken_seq}: {check.reason} "
+        f"({check.events} intact events before it)"
+    )
+    return 1
 
 
 def _fail(message: str) -> int:

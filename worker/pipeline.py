@@ -427,11 +427,13 @@ class _Job:
                     rejection_reason=rejection,
                     job_id=claimed.job_id,
                     request_ids=[claimed.request_id],
+                    actor=self.worker_id,
                 )
                 if passed:
                     datasets_service.mark_forgotten(
-                        session, claimed.dataset_id, claimed.forget_sample_ids, claimed.request_id, utcnow()
-                    )
+                        session, claimed.dataset_id, claimed.forget_sample_ids, claimed.request_id, utcnow(),
+                        actor=self.worker_id,
+                    )  # fmt: skip
                 jobs_service.finish(
                     session, claimed.job_id, state,
                     metrics=metrics,

@@ -18,6 +18,7 @@ from service.core.problems import Conflict, InvalidInput, NotFound, listed_probl
 from service.datasets import repository
 from service.datasets.schemas import DatasetCreate
 from service.datasets.tables import Dataset, Sample
+from service.trail import service as trail
 
 
 @dataclass(frozen=True)
@@ -181,11 +182,21 @@ def _sample_set(rows: Sequence[repository.SampleRow], labelled: bool) -> SampleS
 
 
 def mark_forgotten(
-    session: Session, dataset_id: str, sample_ids: Sequence[str], request_id: str, when: datetime
+    session: Session,
+    dataset_id: str,
+    sample_ids: Sequence[str],
+    request_id: str,
+    when: datetime,
+    actor: str = "api",
 ) -> int:
     """Record that ``request_id`` removed these samples from the active model (at ``when``).
 
     Call it in the transaction that activates the version covering the request. Samples an earlier request
     already forgot keep that request's mark. Returns how many samples were newly marked.
     """
-    return repository.mark_forgotten(session, dataset_id, sample_ids, request_id, when)
+    marked = repository.mark_forgotten(session, dataset_id, sample_ids, request_id, when)
+    trail.append(
+        session, "samples.forgotten", actor=actor, subject_type="samples", subject_id=dataset_id,
+        request_id=request_id, data={"dataset_id": dataset_id, "named": len(sample_ids), "marked": marked},
+    )  # fmt: skip
+    return marked

@@ -24,6 +24,7 @@ from service.jobs import repository as jobs_repository
 from service.jobs.tables import Job
 from service.models import repository as models_repository
 from service.models.tables import Model
+from service.trail import service as trail
 from worker.engine.config import (
     DEFAULT_LABEL_AGNOSTIC_METHOD,
     DEFAULT_METHOD,
@@ -85,6 +86,13 @@ def create_request(session: Session, settings: Settings, data: DeletionRequestCr
     if pending:
         job = Job(request_id=request.id, model_id=model.id, state="queued", method=method, config=config)
         jobs_repository.add(session, job)
+    trail.append(
+        session, "request.created", actor="api", subject_type="request", subject_id=request.id,
+        request_id=request.id,
+        data={"model": model.name, "method": method, "samples": len(samples),
+              "already_erased": request.already_forgotten_count, "state": request.state,
+              "due_at": request.due_at.isoformat(), "job_id": job.id if job else None},
+    )  # fmt: skip
     return CreatedRequest(request=request, model=model, job=job)
 
 
@@ -191,10 +199,16 @@ def get_request(session: Session, request_id: str) -> DeletionRequest:
     return request
 
 
-def settle(session: Session, request_id: str, job_state: str, when: datetime) -> DeletionRequest:
+def settle(
+    session: Session, request_id: str, job_state: str, when: datetime, actor: str = "api"
+) -> DeletionRequest:
     """Close the request with the outcome of its job (``jobs.service.finish`` calls this)."""
     request = get_request(session, request_id)
     request.state = REQUEST_STATE_FOR_JOB[job_state]
     request.completed_at = when
     session.flush()
+    trail.append(
+        session, "request.settled", actor=actor, subject_type="request", subject_id=request.id,
+        request_id=request.id, data={"state": request.state, "completed_at": when.isoformat()},
+    )  # fmt: skip
     return request

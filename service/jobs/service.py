@@ -31,6 +31,7 @@ from service.deletion_requests import service as requests_service
 from service.jobs import repository
 from service.jobs.tables import ACTIVE_STATES, JOB_STATES, TERMINAL_STATES, Job
 from service.models import repository as models_repository
+from service.trail import service as trail
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     "queued": frozenset({"running", "canceled", "failed"}),
@@ -112,7 +113,8 @@ def claim_job(
     running_job_id = repository.active_job_id(session, model.id, excluding=job.id)
     if running_job_id is not None:
         return ModelBusy(model_id=model.id, running_job_id=running_job_id)
-    if job.state == "queued":
+    fresh = job.state == "queued"
+    if fresh:
         base = models_repository.active_version(session, model.id)
         job.state = "running"
         job.started_at = now
@@ -125,6 +127,8 @@ def claim_job(
     job.base_version_id = base.id
     job.lease_expires_at = now + lease
     session.flush()
+    kind = "job.running" if fresh else "job.taken_over"  # another worker's lease lapsed
+    _record(session, job, kind, worker_id, {"base_version": base.number, "state": job.state})
     return ClaimedJob(
         job_id=job.id,
         kind=job.kind,
@@ -186,6 +190,7 @@ def set_state(
     if metrics is not None:
         job.metrics = metrics
     session.flush()
+    _record(session, job, f"job.{state}", worker_id or "api")
     return job
 
 
@@ -218,9 +223,24 @@ def finish(
     job.error_reason = error_reason
     job.error_detail = error_detail
     session.flush()
+    actor = worker_id or "api"
+    _record(
+        session,
+        job,
+        f"job.{state}",
+        actor,
+        {"error_reason": error_reason, "result_version_id": result_version_id},
+    )
     if job.request_id is not None:
-        requests_service.settle(session, job.request_id, state, now)
+        requests_service.settle(session, job.request_id, state, now, actor)
     return job
+
+
+def _record(session: Session, job: Job, kind: str, actor: str, data: dict[str, Any] | None = None) -> None:
+    trail.append(
+        session, kind, actor=actor, subject_type="job", subject_id=job.id, request_id=job.request_id,
+        data={"kind": job.kind, "model_id": job.model_id, **(data or {})},
+    )  # fmt: skip
 
 
 def record_metrics(session: Session, job_id: str, entries: dict[str, Any], worker_id: str) -> Job:
@@ -251,6 +271,7 @@ def request_cancel(session: Session, job_id: str) -> Job:
         )
     job.cancel_requested = True
     session.flush()
+    _record(session, job, "job.cancel_requested", "api")
     return job
 
 

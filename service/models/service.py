@@ -22,6 +22,7 @@ from service.storage import (
     StoredObject,
     parse_safetensors_header,
 )
+from service.trail import service as trail
 from worker.engine.config import ConfigError, TrainingConfig, checked_config
 from worker.engine.spec import ModelSpec
 
@@ -173,6 +174,7 @@ def register_version(
     rejection_reason: str | None,
     job_id: str | None,
     request_ids: Sequence[str],
+    actor: str = "api",
 ) -> ModelVersion:
     """Add the next version of ``model_id`` derived from ``parent_version_id``.
 
@@ -218,4 +220,17 @@ def register_version(
     )
     repository.add(session, version)
     repository.add_covered_requests(session, version.id, request_ids)
+    request_id = request_ids[0] if len(request_ids) == 1 else None
+    if activate and parent is not None:
+        trail.append(
+            session, "version.superseded", actor=actor, subject_type="version", subject_id=parent.id,
+            request_id=request_id, data={"model_id": model_id, "number": parent.number, "by": version.id},
+        )  # fmt: skip
+    trail.append(
+        session, f"version.{version.status}", actor=actor, subject_type="version", subject_id=version.id,
+        request_id=request_id,
+        data={"model_id": model_id, "number": version.number, "parent_id": parent_version_id,
+              "checkpoint_sha256": version.checkpoint_sha256, "method": method, "job_id": job_id,
+              "covers_requests": list(request_ids), "rejection_reason": rejection_reason},
+    )  # fmt: skip
     return version

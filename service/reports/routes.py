@@ -20,6 +20,7 @@ def _report(
     request_id: str, session: SessionDep, settings: SettingsDep, http: Request, media: str
 ) -> Response:
     report = service.get_or_issue(session, settings, request_id)
+    service.record_download(session, report, "pdf" if media == PDF_MEDIA else "json", _client(http))
     session.commit()
     if media == PDF_MEDIA:
         body = render_pdf(json.loads(report.content), report.sha256, report.key_id)
@@ -35,6 +36,10 @@ def _report(
     if http.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     return Response(body, media_type=media, headers=headers)
+
+
+def _client(http: Request) -> str | None:
+    return http.client.host if http.client else None
 
 
 def _negotiate(accept: str) -> str:
@@ -73,9 +78,12 @@ def get_report_pdf(request_id: str, session: SessionDep, settings: SettingsDep, 
 
 
 @router.get("/deletion-requests/{request_id}/report.sig")
-def get_report_signature(request_id: str, session: SessionDep, settings: SettingsDep) -> dict[str, str]:
+def get_report_signature(
+    request_id: str, session: SessionDep, settings: SettingsDep, request: Request
+) -> dict[str, str]:
     """The report's detached signature: algorithm, key id, base64 signature, SHA-256 of the signed bytes."""
     report = service.get_or_issue(session, settings, request_id)
+    service.record_download(session, report, "signature", _client(request))
     session.commit()
     return service.signature_document(report)
 

@@ -16,6 +16,7 @@ from service.reports import commitment
 from service.reports.builder import build_content
 from service.reports.keys import KeyRing, NoSigningKey, sign
 from service.reports.tables import ErasureReport
+from service.trail import service as trail
 
 
 def canonical_bytes(content: dict[str, Any]) -> bytes:
@@ -42,7 +43,9 @@ def get_or_issue(session: Session, settings: Settings, request_id: str) -> Erasu
     except NoSigningKey as exc:
         raise Unavailable("no-signing-key", "the service has no report-signing key configured") from exc
     salt = commitment.new_salt()
-    data = canonical_bytes(build_content(session, request, salt))
+    content = build_content(session, request, salt)
+    content["trail"] = trail.request_segment(session, request_id)  # the request's history, to its settling
+    data = canonical_bytes(content)
     signature = sign(key, data)
     report = ErasureReport(
         request_id=request_id, content=data.decode(), sha256=hashlib.sha256(data).hexdigest(),
@@ -51,11 +54,24 @@ def get_or_issue(session: Session, settings: Settings, request_id: str) -> Erasu
     try:
         with session.begin_nested():
             session.add(report)
+            trail.append(
+                session, "report.issued", actor="api", subject_type="report", subject_id=request_id,
+                request_id=request_id, data={"sha256": report.sha256, "key_id": report.key_id},
+            )  # fmt: skip
     except IntegrityError:  # a concurrent first download issued it: serve that one
         winner = session.get(ErasureReport, request_id, populate_existing=True)
         assert winner is not None
         return winner
     return report
+
+
+def record_download(session: Session, report: ErasureReport, what: str, client: str | None) -> None:
+    """Every download is an event of the trail (who, when, which form)."""
+    trail.append(
+        session, "report.downloaded", actor=f"api client {client or 'unknown'}", subject_type="report",
+        subject_id=report.request_id, request_id=report.request_id,
+        data={"form": what, "sha256": report.sha256},
+    )  # fmt: skip
 
 
 def signature_document(report: ErasureReport) -> dict[str, str]:

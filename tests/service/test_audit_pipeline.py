@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.app import create_app
@@ -334,3 +335,27 @@ def test_the_pdf_is_rendered_from_the_report_and_its_pages_are_not_blank(env: En
         assert (pixels.min(axis=-1) < 200).mean() > 0.01, f"page {index + 1} is blank"
     text = document[0].get_textpage().get_text_range()
     assert "Erasure report" in text and "NOT ERASED" in text
+
+
+def test_lethe_audit_verify_chain_passes_then_names_a_tampered_event(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LETHE_DATABASE_URL", env.settings.database_url)
+    assert lethe(["audit", "verify-chain"]) == 0
+    assert "intact" in capsys.readouterr().out
+    kinds = [
+        e["kind"]
+        for e in env.client.get("/deletion-requests/" + _any_request(env) + "/trail").json()["items"]
+    ]
+    assert "samples.forgotten" in kinds or "version.rejected" in kinds
+    with env.session_factory.begin() as session:  # an operator edits history behind the trigger's back
+        session.execute(text("ALTER TABLE trail_events DISABLE TRIGGER trail_events_append_only"))
+        session.execute(text("UPDATE trail_events SET actor = 'nobody' WHERE seq = 3"))
+        session.execute(text("ALTER TABLE trail_events ENABLE TRIGGER trail_events_append_only"))
+    assert lethe(["audit", "verify-chain"]) == 1
+    assert "BROKEN at event 3" in capsys.readouterr().out
+
+
+def _any_request(env: Env) -> str:
+    succeeded = env.client.get("/jobs", params={"model": env.model, "state": "succeeded"}).json()["items"]
+    return str(succeeded[-1]["request_id"])
