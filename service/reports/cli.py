@@ -90,6 +90,9 @@ def _verify(args: argparse.Namespace) -> int:
         problems.append("the report is not the canonical JSON that was signed")
     if key_id_of(public_raw) != signature.get("key_id"):
         problems.append(f"the public key is not key {signature.get('key_id')}")
+    named = (json.loads(data).get("signing") or {}).get("key_id") if canonical else None
+    if canonical and named != signature.get("key_id"):
+        problems.append(f"the report names key {named}, the signature key {signature.get('key_id')}")
     if signature.get("signed_sha256") not in (None, hashlib.sha256(data).hexdigest()):
         problems.append("the report's SHA-256 differs from the one signed")
     if not verify(public_raw, data, signature):

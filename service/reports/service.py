@@ -45,6 +45,7 @@ def get_or_issue(session: Session, settings: Settings, request_id: str) -> Erasu
     salt = commitment.new_salt()
     content = build_content(session, request, salt)
     content["trail"] = trail.request_segment(session, request_id)  # the request's history, to its settling
+    content["signing"] = {"algorithm": "Ed25519", "key_id": key.key_id}  # the report names its key
     data = canonical_bytes(content)
     signature = sign(key, data)
     report = ErasureReport(

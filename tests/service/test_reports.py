@@ -6,8 +6,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
 
 from service.cli import main as lethe
+from service.core.settings import Settings
+from service.jobs import service as jobs_service
 from service.reports import commitment
 from service.reports.keys import KeyRing, sign, verify
 from service.reports.service import canonical_bytes
@@ -64,3 +67,19 @@ def test_keygen_rotates_and_if_none_keeps_an_existing_key(tmp_path: Any) -> None
     keys = KeyRing(tmp_path).public_keys()
     assert len(keys) == 2 and keys[0]["key_id"] == first and [k["active"] for k in keys] == [False, True]
     assert all((tmp_path / p.name).stat().st_mode & 0o077 == 0 for p in tmp_path.glob("*.pem"))
+
+
+def test_a_failed_request_has_a_report_that_says_what_failed(
+    client: TestClient, model: dict[str, Any], settings: Settings, session: Session
+) -> None:
+    key = KeyRing(settings.report_key_dir).generate()
+    request = client.post("/deletion-requests", json={"model": model["name"], "sample_ids": ["s5"]}).json()
+    jobs_service.finish(
+        session, request["job_id"], "failed", error_reason="load_error", error_detail="disk gone"
+    )
+    session.commit()
+    report = client.get(f"/deletion-requests/{request['id']}/report").json()
+    assert report["request"]["state"] == "failed" and not report["request"]["due_date_met"]
+    assert report["outcome"]["error"] == {"reason": "load_error", "detail": "disk gone"}
+    assert report["outcome"]["verdict"] is None and not report["outcome"]["passed"]
+    assert report["signing"] == {"algorithm": "Ed25519", "key_id": key.key_id}
