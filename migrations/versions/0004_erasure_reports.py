@@ -1,4 +1,4 @@
-"""Erasure reports: the signed canonical JSON issued per settled deletion request.
+"""Erasure reports: generated when a deletion request settles, signed by the API on first download.
 
 Revision ID: 0004
 Revises: 0003
@@ -22,12 +22,14 @@ def upgrade() -> None:
     op.create_table(
         "erasure_reports",
         sa.Column("request_id", sa.String(36), nullable=False),
-        sa.Column("content", sa.Text(), nullable=False),
-        sa.Column("sha256", sa.String(64), nullable=False),
-        sa.Column("key_id", sa.String(16), nullable=False),
-        sa.Column("signature", sa.Text(), nullable=False),
+        sa.Column("facts", sa.Text(), nullable=False),
+        sa.Column("content", sa.Text(), nullable=True),
+        sa.Column("sha256", sa.String(64), nullable=True),
+        sa.Column("key_id", sa.String(16), nullable=True),
+        sa.Column("signature", sa.Text(), nullable=True),
         sa.Column("commitment_salt", sa.String(64), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("signed_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["request_id"],
             ["deletion_requests.id"],

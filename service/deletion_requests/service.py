@@ -24,6 +24,7 @@ from service.jobs import repository as jobs_repository
 from service.jobs.tables import Job
 from service.models import repository as models_repository
 from service.models.tables import Model
+from service.reports.generation import generate as generate_report
 from service.trail import service as trail
 from worker.engine.config import (
     DEFAULT_LABEL_AGNOSTIC_METHOD,
@@ -93,6 +94,8 @@ def create_request(session: Session, settings: Settings, data: DeletionRequestCr
               "already_erased": request.already_forgotten_count, "state": request.state,
               "due_at": request.due_at.isoformat(), "job_id": job.id if job else None},
     )  # fmt: skip
+    if job is None:  # settled at once: every sample was already erased
+        generate_report(session, request, "api")
     return CreatedRequest(request=request, model=model, job=job)
 
 
@@ -211,4 +214,5 @@ def settle(
         session, "request.settled", actor=actor, subject_type="request", subject_id=request.id,
         request_id=request.id, data={"state": request.state, "completed_at": when.isoformat()},
     )  # fmt: skip
+    generate_report(session, request, actor)
     return request

@@ -7,6 +7,7 @@ import hashlib
 from importlib import metadata
 from typing import Any
 
+import rfc8785
 from sqlalchemy.orm import Session
 
 from service.datasets import repository as datasets_repository
@@ -23,6 +24,11 @@ NOT_AUDITED = (
     "No audit ran for this request (it did not reach one): nothing here is evidence that the samples were "
     "erased from the model."
 )
+
+
+def canonical_bytes(content: dict[str, Any]) -> bytes:
+    """RFC 8785 (JSON Canonicalization Scheme): the same content always gives the same bytes to sign."""
+    return rfc8785.dumps(content)
 
 
 def _pseudonym(salt: bytes, kind: str, value: str) -> str:

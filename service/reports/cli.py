@@ -69,8 +69,8 @@ def _public_key(args: argparse.Namespace, key_id: str) -> bytes:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from service.reports.builder import canonical_bytes
     from service.reports.keys import key_id_of, verify
-    from service.reports.service import canonical_bytes
 
     signature_path = args.signature or args.report.with_suffix(".sig")
     try:

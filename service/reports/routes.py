@@ -19,7 +19,7 @@ PDF_MEDIA = "application/pdf"
 def _report(
     request_id: str, session: SessionDep, settings: SettingsDep, http: Request, media: str
 ) -> Response:
-    report = service.get_or_issue(session, settings, request_id)
+    report = service.get_or_sign(session, settings, request_id)
     service.record_download(session, report, "pdf" if media == PDF_MEDIA else "json", _client(http))
     session.commit()
     if media == PDF_MEDIA:
@@ -82,7 +82,7 @@ def get_report_signature(
     request_id: str, session: SessionDep, settings: SettingsDep, request: Request
 ) -> dict[str, str]:
     """The report's detached signature: algorithm, key id, base64 signature, SHA-256 of the signed bytes."""
-    report = service.get_or_issue(session, settings, request_id)
+    report = service.get_or_sign(session, settings, request_id)
     service.record_download(session, report, "signature", _client(request))
     session.commit()
     return service.signature_document(report)

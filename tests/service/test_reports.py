@@ -12,8 +12,8 @@ from service.cli import main as lethe
 from service.core.settings import Settings
 from service.jobs import service as jobs_service
 from service.reports import commitment
+from service.reports.builder import canonical_bytes
 from service.reports.keys import KeyRing, sign, verify
-from service.reports.service import canonical_bytes
 
 
 def test_the_commitment_proves_one_id_included_without_listing_any() -> None:

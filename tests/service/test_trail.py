@@ -32,12 +32,12 @@ def test_a_requests_history_is_in_the_trail_and_in_its_report(
     client.get(f"/deletion-requests/{request['id']}/report.sig")
     events = client.get(f"/deletion-requests/{request['id']}/trail").json()["items"]
     assert [e["kind"] for e in events] == [
-        "request.created", "job.canceled", "request.settled", "report.issued", "report.downloaded",
-        "report.downloaded",
+        "request.created", "job.canceled", "request.settled", "report.generated", "report.signed",
+        "report.downloaded", "report.downloaded",
     ]  # fmt: skip
     assert [e["data"].get("form") for e in events[-2:]] == ["json", "signature"]
     assert all(later["prev_hash"] == earlier["hash"] for earlier, later in itertools.pairwise(events))
-    # The report carries its request's chain segment up to its issue.
+    # The report carries its request's chain segment up to its settling.
     segment = report["trail"]
     assert segment["first_hash"] == events[0]["hash"] and segment["last_hash"] == events[2]["hash"]
     check = client.get("/audit-trail/verification").json()
