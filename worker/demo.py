@@ -377,7 +377,7 @@ def download_reports(client: httpx.Client, url: str, workdir: Path) -> None:
         path.with_suffix(".pdf").write_bytes(pdf.content)
         outcome = report.json()["outcome"]
         say(
-            f"  {path} ({len(report.content):,} bytes, issued and signed in {issued_s:.2f} s): "
+            f"  {path} ({len(report.content):,} bytes, signed on this first download in {issued_s:.2f} s): "
             f"verdict {outcome['verdict']}, passed {outcome['passed']}"
         )
         say(f"    the PDF for people: {path.with_suffix('.pdf')}")
