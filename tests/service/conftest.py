@@ -63,6 +63,13 @@ def migrated_database(prefix: str) -> Iterator[str]:
         drop_database(name)
 
 
+@pytest.fixture(scope="module")
+def module_database_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A database of the test module's own (for modules whose workers commit for real), migrated to head."""
+    with migrated_database(f"lethe_{request.module.__name__.rsplit('.', 1)[-1]}") as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     with migrated_database("lethe_test") as url:

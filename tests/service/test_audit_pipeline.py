@@ -25,7 +25,7 @@ from service.core.settings import Settings
 from service.reports.keys import KeyRing
 from service.storage import LocalCheckpointStore
 from tests.audit.memorised import RECIPE, REFERENCES, SPEC, SUBJECT, MemorisedCase, memorised_case
-from tests.service.conftest import RecordingDispatcher, migrated_database
+from tests.service.conftest import RecordingDispatcher
 from worker.checkpoints import state_dict_to_bytes
 from worker.demo import forgotten_sample_ids
 from worker.pipeline import run_job
@@ -73,13 +73,9 @@ def _dataset_body(case: MemorisedCase, array_path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("audit")
-    with migrated_database("lethe_audit") as database_url:
-        yield from _env(tmp, database_url)
-
-
-def _env(tmp: Path, database_url: str) -> Iterator[Env]:
+    database_url = module_database_url
     settings = Settings(
         database_url=database_url, storage_dir=tmp / "checkpoints", audit_references=REFERENCES,
         report_key_dir=tmp / "report-keys",

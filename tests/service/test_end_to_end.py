@@ -28,7 +28,7 @@ from service.core.database import make_engine, make_session_factory
 from service.core.settings import Settings
 from service.dispatch import CeleryDispatcher
 from service.storage import LocalCheckpointStore
-from tests.service.conftest import RecordingDispatcher, migrated_database
+from tests.service.conftest import RecordingDispatcher
 from worker.datasets.builtin import load_dataset
 from worker.demo import (
     SAMPLES_PER_SUBJECT,
@@ -90,13 +90,9 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("e2e")
-    with migrated_database("lethe_e2e") as database_url:
-        yield from _env(tmp, database_url)
-
-
-def _env(tmp: Path, database_url: str) -> Iterator[Env]:
+    database_url = module_database_url
     # A Redis database of its own, so parallel runs and other users of this Redis do not share the queue.
     redis_url = f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}"
     client = redis.Redis.from_url(redis_url)
