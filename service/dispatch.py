@@ -3,6 +3,8 @@
 The job row is committed before :meth:`JobDispatcher.dispatch` is called, so Postgres, not the queue, is the
 source of truth: a failed or lost dispatch leaves a queued job that ``jobs.service.list_stale_queued`` finds
 and a sweeper re-dispatches; a duplicate delivery is harmless (``jobs.service.claim_job`` runs a job once).
+A message is a ticket to run one job: the worker that gets it takes the most urgent ready job (earliest due
+date, of a model no other job is running on), which need not be the one named.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ log = logging.getLogger(__name__)
 
 
 class JobDispatcher(Protocol):
-    def dispatch(self, job_id: str) -> None:
-        """Send the job to a worker. May raise; the caller logs and leaves the job queued."""
+    def dispatch(self, job_id: str, delay_s: float = 0.0) -> None:
+        """Send the job to a worker, to run no sooner than ``delay_s`` from now. May raise; the caller logs
+        and leaves the job queued."""
         ...
 
 
@@ -41,8 +44,10 @@ class CeleryDispatcher:
 
         self._app = Celery("lethe-dispatch", broker=redis_url)
 
-    def dispatch(self, job_id: str) -> None:
-        self._app.send_task(RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE, task_id=job_id)
+    def dispatch(self, job_id: str, delay_s: float = 0.0) -> None:
+        self._app.send_task(
+            RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE, task_id=job_id, countdown=delay_s or None
+        )
 
 
 class InProcessDispatcher:
@@ -56,8 +61,13 @@ class InProcessDispatcher:
         self._thread = threading.Thread(target=self._work, name="lethe-inprocess-worker", daemon=True)
         self._thread.start()
 
-    def dispatch(self, job_id: str) -> None:
-        self._jobs.put(job_id)
+    def dispatch(self, job_id: str, delay_s: float = 0.0) -> None:
+        if delay_s <= 0:
+            self._jobs.put(job_id)
+            return
+        timer = threading.Timer(delay_s, self._jobs.put, args=[job_id])
+        timer.daemon = True
+        timer.start()
 
     def join(self) -> None:
         """Wait until every dispatched job has been run."""
@@ -65,7 +75,7 @@ class InProcessDispatcher:
 
     def _work(self) -> None:
         from service.storage import LocalCheckpointStore
-        from worker.pipeline import ModelBusy, run_job  # torch loads on this thread, on first use
+        from worker.pipeline import NothingReady, run_job  # torch loads on this thread, on first use
 
         store = LocalCheckpointStore(self._settings.storage_dir)
         while True:
@@ -73,12 +83,10 @@ class InProcessDispatcher:
             try:
                 run_job(
                     job_id, session_factory=self._session_factory, store=store, settings=self._settings,
-                    worker_id=f"inprocess:{os.getpid()}",
+                    worker_id=f"inprocess:{os.getpid()}", dispatcher=self,
                 )  # fmt: skip
-            except ModelBusy:
-                timer = threading.Timer(self._settings.busy_retry_s, self.dispatch, args=[job_id])
-                timer.daemon = True
-                timer.start()
+            except NothingReady as wait:
+                self.dispatch(job_id, delay_s=wait.retry_in)
             except Exception:
                 log.exception("job %s: the in-process worker failed", job_id)
             finally:

@@ -3,6 +3,7 @@
 from service.audit import tables as audit_tables
 from service.datasets import tables as datasets_tables
 from service.deletion_requests import tables as deletion_requests_tables
+from service.erasures import tables as erasures_tables
 from service.idempotency import tables as idempotency_tables
 from service.jobs import tables as jobs_tables
 from service.models import tables as models_tables
@@ -13,6 +14,7 @@ __all__ = [
     "audit_tables",
     "datasets_tables",
     "deletion_requests_tables",
+    "erasures_tables",
     "idempotency_tables",
     "jobs_tables",
     "models_tables",

@@ -179,11 +179,11 @@ def _run(args: argparse.Namespace) -> int:
         audited_at = (version.storage_uri, version.checkpoint_sha256) if version else None
         base_at = (base.storage_uri, base.checkpoint_sha256)
         references_at = (reference_row.storage_uri, reference_row.checkpoint_sha256)
-        array_path, dataset_id, base_number = dataset.array_path, dataset.id, base.number
+        array_path, dataset_id, model_id, base_number = dataset.array_path, dataset.id, model.id, base.number
     runtime = Runtime.detect()
     try:
         sets = load_sets(
-            session_factory, dataset_id, array_path, forget_ids,
+            session_factory, dataset_id, model_id, array_path, forget_ids,
             eval_remaining_rows=settings.eval_remaining_rows, seed=0,
         )  # fmt: skip
         if audited_at is not None:

@@ -176,8 +176,8 @@ def _print_outcome(client: httpx.Client, job: dict[str, Any], request_id: str, m
     if job["error"]:
         say(f"  reason: {job['error']['reason']}: {job['error']['detail']}")
     metrics = job.get("metrics") or {}
-    if "audit" in metrics:
-        _print_audit(metrics)
+    if request_id in metrics.get("audits", {}):
+        _print_audit(metrics, request_id)
     versions = client.get(f"/models/{model['name']}/versions").raise_for_status().json()["items"]
     by_id = {version["id"]: version for version in versions}
     say(f"\nModel {model['name']!r}: versions and lineage")
@@ -192,16 +192,21 @@ def _print_outcome(client: httpx.Client, job: dict[str, Any], request_id: str, m
     say(f"\nDeletion request {request['id']}: {request['state']}")
     say(f"  received {request['received_at']}, due {request['due_at']} (GDPR: one month)")
     say(f"  completed {request['completed_at']}")
-    forgotten = forgotten_sample_ids(client, model["dataset_id"], request_id)
-    if forgotten:
-        shown = ", ".join(forgotten[:6]) + (", ..." if len(forgotten) > 6 else "")
-        say(f"  {len(forgotten)} samples now marked forgotten: {shown}")
+    for erasure in request["erasures"]:
+        say(
+            f"  model {erasure['model']}: {erasure['state']}, verdict {erasure['verdict']}, "
+            f"version {erasure['result_version']}, {len(erasure['attempts'])} attempt(s)"
+        )
+    erased = erased_sample_ids(client, model["dataset_id"], request_id)
+    if erased:
+        shown = ", ".join(erased[:6]) + (", ..." if len(erased) > 6 else "")
+        say(f"  {len(erased)} samples now recorded as erased from {model['name']!r}: {shown}")
     else:
-        say("  no sample is marked forgotten: the active model still holds them; a new request is needed")
+        say("  no sample is recorded as erased: the active model still holds them; a new request is needed")
 
 
-def _print_audit(metrics: dict[str, Any]) -> None:
-    before, after, audit = metrics["before"], metrics["after"], metrics["audit"]
+def _print_audit(metrics: dict[str, Any], request_id: str) -> None:
+    before, after, audit = metrics["before"], metrics["after"], metrics["audits"][request_id]
     say("\nThe rule, fixed before the job ran:")
     for line in audit["rule"]["text"]:
         say(f"  - {line}")
@@ -266,13 +271,17 @@ def _print_audit(metrics: dict[str, Any]) -> None:
     )
 
 
-def forgotten_sample_ids(client: httpx.Client, dataset_id: str, request_id: str) -> list[str]:
-    """Ids of the samples ``request_id`` marked forgotten, paging through GET /datasets/{id}/samples."""
+def erased_sample_ids(client: httpx.Client, dataset_id: str, request_id: str) -> list[str]:
+    """Ids of the samples ``request_id`` erased from some model, paging through GET /datasets/{id}/samples."""
     found: list[str] = []
     params: dict[str, Any] = {"limit": 500}
     while True:
         page = client.get(f"/datasets/{dataset_id}/samples", params=params).raise_for_status().json()
-        found += [s["sample_id"] for s in page["items"] if s["forgotten_by_request_id"] == request_id]
+        found += [
+            s["sample_id"]
+            for s in page["items"]
+            if any(erasure["request_id"] == request_id for erasure in s["erased_from"])
+        ]
         if page["next_cursor"] is None:
             return found
         params["cursor"] = page["next_cursor"]
@@ -290,6 +299,8 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
         # Half the service's default of 16 reference models, to stay within a few minutes on 2 cores.
         audit_references=DEMO_REFERENCES,
         report_key_dir=workdir / "report-keys",
+        # One request at a time here: no reason to wait for others to coalesce with.
+        batch_wait_s=0,
     )
     KeyRing(settings.report_key_dir).generate()  # the demo's own signing key, under var/ (never committed)
     say(f"Lethe demo: SQLite and checkpoints under {workdir}/, in-process worker, API over real HTTP.\n")
@@ -363,8 +374,7 @@ def download_reports(client: httpx.Client, url: str, workdir: Path) -> None:
 
     say("\nErasure reports (signed canonical JSON and its PDF; verified with `lethe report verify --url`):")
     jobs = client.get("/jobs").raise_for_status().json()["items"]
-    for job in reversed(jobs):
-        request_id = job["request_id"]
+    for request_id in [request_id for job in reversed(jobs) for request_id in job["request_ids"]]:
         issued = time.monotonic()
         report = client.get(f"/deletion-requests/{request_id}/report").raise_for_status()
         issued_s = time.monotonic() - issued
@@ -375,11 +385,12 @@ def download_reports(client: httpx.Client, url: str, workdir: Path) -> None:
         path.with_suffix(".sig").write_text(signature.text)
         pdf = client.get(f"/deletion-requests/{request_id}/report.pdf").raise_for_status()
         path.with_suffix(".pdf").write_bytes(pdf.content)
-        outcome = report.json()["outcome"]
-        say(
-            f"  {path} ({len(report.content):,} bytes, signed on this first download in {issued_s:.2f} s): "
-            f"verdict {outcome['verdict']}, passed {outcome['passed']}"
+        outcomes = ", ".join(
+            f"{e['model']['name']}: verdict {e['outcome']['verdict']}, passed {e['outcome']['passed']}"
+            for e in report.json()["erasures"]
         )
+        say(f"  {path} ({len(report.content):,} bytes, signed on first download in {issued_s:.2f} s)")
+        say(f"    {outcomes}")
         say(f"    the PDF for people: {path.with_suffix('.pdf')}")
         code = lethe(["report", "verify", str(path), "--url", url])
         if code != 0:
@@ -392,15 +403,16 @@ def _erase(
     """POST /deletion-requests, poll its job, print the outcome; the job as it ended."""
     answer = client.post("/deletion-requests", json=body).raise_for_status()
     request = answer.json()
+    job_id = request["erasures"][0]["job_id"]
     say(
         f"   {answer.status_code} Accepted: request {request['id']} ({request['sample_count']} samples, "
-        f"method {request['method']}), job at {answer.headers['Location']}"
+        f"method {request['method']}) at {answer.headers['Location']}, its job /jobs/{job_id}"
     )
     say(
         "   Poll GET /jobs/{id} while the worker "
         + ("builds the audit and unlearns:" if first else "retrains:")
     )
-    job = poll_job(client, request["job_id"], progress_printer())
+    job = poll_job(client, job_id, progress_printer())
     _print_outcome(client, job, request["id"], model)
     return job
 

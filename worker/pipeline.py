@@ -11,17 +11,20 @@ lapses, another worker claims it again) and a crash never leaves half-written st
 3. load the base version's checkpoint (hash-verified) and the job's samples; unlearn; store the new
    checkpoint (content-addressed, so a retry rewrites the same object); running -> evaluating with the
    checkpoint recorded in the job's metrics. A job claimed again in ``evaluating`` starts here from it.
-4. audit (worker/audit): the per-sample membership test of the base and the new model, utility per class,
-   the gate and the verdict; the population metrics beside them.
-5. ONE transaction: register the version (active when the gate passes, else rejected), mark the samples
-   forgotten (only when active), finish the job (succeeded | rejected). Nothing of it exists if any part
-   fails.
+4. audit (worker/audit), once per request the job holds (a job coalesces many): the per-sample
+   membership test of the base and the new model on that request's samples, utility per class, the gate
+   and the verdict; the population metrics beside them.
+5. ONE transaction: register the version (active when at least one request's gate passed, else rejected),
+   record the passing requests' samples as erased from the model since that version, settle their targets,
+   and finish the job (succeeded | rejected). Nothing of it exists if any part fails.
 
 A ``build_references`` job (``POST /models/{name}/audit-references``) runs step 2 alone, on demand.
 
-A rejected job closes its deletion request as ``rejected``: the model stays on its previous version, the
-samples are not marked forgotten (they are still in the active model), and the request is NOT fulfilled; its
-due date keeps running and a new request (another method, or retrain) is needed. The rejected version and its
+A request whose audit failed is never dropped. In a job with other requests it is queued again in a job of
+its own (same method: a batch's failure can come from the batch, e.g. a class-level utility drop that the
+whole forget set caused); alone, it is rejected: the model keeps its samples (they are not recorded as
+erased, and the next job of the model trains on them as remaining data), the request is NOT fulfilled, its
+due date keeps running and a new request (another method, or retrain) is needed. A rejected version and its
 checkpoint stay in the registry as evidence of the attempt.
 """
 
@@ -48,11 +51,14 @@ from torch import nn
 
 from service.audit import service as audit_service
 from service.audit.service import BUILD_KIND
-from service.core.clock import utcnow
 from service.core.problems import ProblemError
 from service.core.settings import Settings
 from service.datasets import service as datasets_service
 from service.datasets.service import SampleSet
+from service.dispatch import JobDispatcher
+from service.erasures import service as erasures_service
+from service.erasures.service import Dispatch
+from service.erasures.tables import ALREADY_ERASED
 from service.jobs import service as jobs_service
 from service.jobs.service import ClaimedJob, InvalidTransition
 from service.models import service as models_service
@@ -73,8 +79,13 @@ log = logging.getLogger(__name__)
 SessionFactory = sessionmaker[Session]
 
 
-class ModelBusy(Exception):
-    """Another job of the same model is active: retry this one later (its message must not be dropped)."""
+class NothingReady(Exception):
+    """Queued jobs exist but none can be taken now (their models are busy, or their coalescing wait runs):
+    retry the message in ``retry_in`` seconds (it must not be dropped)."""
+
+    def __init__(self, retry_in: float) -> None:
+        super().__init__(f"no job can be taken now; retry in {retry_in:.1f} s")
+        self.retry_in = retry_in
 
 
 # What a failure is called, by the step it happened in (jobs.error_reason).
@@ -127,20 +138,23 @@ def run_job(
     settings: Settings,
     runtime: Runtime | None = None,
     worker_id: str,
+    dispatcher: JobDispatcher,
 ) -> str | None:
-    """Run ``job_id`` to a terminal state and return it; None when there was nothing to do (a finished job, a
-    redelivered message, a job another worker holds). Raises :class:`ModelBusy` when the claim must wait."""
+    """Take a job with the message for ``job_id`` (that one, or a more urgent one: see
+    ``jobs.service.claim_job``), run it to a terminal state and return that state; None when there was
+    nothing to do. Raises :class:`NothingReady` when the message must be retried later. Jobs the run queues
+    (a request retried alone) go to ``dispatcher`` once committed."""
     lease = timedelta(seconds=settings.job_lease_s)
     with session_factory.begin() as session:
-        claimed = jobs_service.claim_job(session, job_id, worker_id, lease)
+        claimed = jobs_service.claim_job(session, job_id, worker_id, lease, retry_s=settings.busy_retry_s)
     if claimed is None:
-        log.info("job %s: nothing to do (finished, or held by another worker)", job_id)
+        log.info("message for job %s: nothing to do (finished, or held by another worker)", job_id)
         return None
-    if isinstance(claimed, jobs_service.ModelBusy):
-        raise ModelBusy(f"model {claimed.model_id} is busy with job {claimed.running_job_id}")
+    if isinstance(claimed, jobs_service.NotReady):
+        raise NothingReady(claimed.retry_in)
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
-    job = _Job(claimed, session_factory, store, settings, runtime or Runtime.detect(), worker_id)
+    job = _Job(claimed, session_factory, store, settings, runtime or Runtime.detect(), worker_id, dispatcher)
     return job.run()
 
 
@@ -206,8 +220,10 @@ class _Job:
         settings: Settings,
         runtime: Runtime,
         worker_id: str,
+        dispatcher: JobDispatcher,
     ) -> None:
         self.claimed = claimed
+        self.dispatcher = dispatcher
         self.session_factory = session_factory
         self.store = store
         self.settings = settings
@@ -273,6 +289,8 @@ class _Job:
 
     def _unlearn_job(self, heartbeat: _Heartbeat) -> str:
         claimed = self.claimed
+        if not claimed.forget_sample_ids:
+            return self._nothing_left()
         spec = _spec(claimed.spec)
         config = _config(claimed.method, claimed.config)
         rules = self._pre_register_rules()
@@ -310,26 +328,52 @@ class _Job:
         splits = label_splits(scored_base, sets.forget, sets.remaining_sample, sets.audit, self.runtime)
         before = population_metrics(scored_base, splits, config.seed, self.runtime)
         after = population_metrics(scored_model, splits, config.seed, self.runtime)
-        audit = audit_unlearning(
-            scored_base, scored_model, refs,
-            forget_x=sets.forget.x, forget_rows=sets.forget_rows,
-            forget_sample_ids=sets.forget_sample_ids, forget_subjects=sets.forget_subject_ids,
-            audit_x=sets.audit.x, audit_rows=sets.audit_rows,
-            rules=rules, runtime=self.runtime, seed=config.seed,
-            remaining=(splits.remaining.x, splits.remaining.require_labels().numpy()),
-        )  # fmt: skip
+        remaining = (splits.remaining.x, splits.remaining.require_labels().numpy())
+        position = {sample_id: i for i, sample_id in enumerate(sets.forget_sample_ids)}
+        audits: dict[str, dict[str, Any]] = {}
+        for target in claimed.targets:
+            if not target.sample_ids:
+                continue
+            heartbeat.token.raise_if_cancelled()
+            rows = torch.tensor([position[sample_id] for sample_id in target.sample_ids], dtype=torch.long)
+            audits[target.request_id] = audit_unlearning(
+                scored_base, scored_model, refs,
+                forget_x=sets.forget.x[rows], forget_rows=sets.forget_rows[rows.numpy()],
+                forget_sample_ids=target.sample_ids,
+                forget_subjects=[sets.forget_subject_ids[i] for i in rows.tolist()],
+                audit_x=sets.audit.x, audit_rows=sets.audit_rows,
+                rules=rules, runtime=self.runtime, seed=config.seed, remaining=remaining,
+            )  # fmt: skip
         heartbeat.token.raise_if_cancelled()
         self.step = "register"
+        passed = sorted(request_id for request_id, audit in audits.items() if audit["gate"]["passed"])
         metrics = {
-            "rule": rules.to_dict(), "before": before, "after": after, "audit": audit, "gate": audit["gate"],
+            "rule": rules.to_dict(), "before": before, "after": after, "audits": audits,
+            "gate": {"passed": bool(passed), "requests": len(audits), "requests_passed": len(passed)},
             "timings": {
                 "unlearn_seconds": unlearn_seconds,
-                "audit_seconds": audit["seconds"],
-                "evaluation_seconds": round(time.monotonic() - started, 3),  # population metrics + audit
+                "audit_seconds": round(sum(audit["seconds"] for audit in audits.values()), 3),
+                "evaluation_seconds": round(time.monotonic() - started, 3),  # population metrics + audits
             },
             "environment": self.runtime.describe(),
         }  # fmt: skip
         return self._register(stored, config_to_dict(config), metrics)
+
+    def _nothing_left(self) -> str:
+        """Every request of the job was erased from the model meanwhile (another request named the same
+        samples): settle them as already erased, with the active version, and register nothing."""
+        claimed = self.claimed
+        with self.session_factory.begin() as session:
+            for target in erasures_service.targets_of_job(session, claimed.job_id):
+                erasures_service.settle(
+                    session, target, "completed", self.worker_id, verdict=ALREADY_ERASED,
+                    version_id=claimed.base_version.id,
+                )  # fmt: skip
+            jobs_service.finish(
+                session, claimed.job_id, "succeeded", result_version_id=claimed.base_version.id,
+                worker_id=self.worker_id,
+            )  # fmt: skip
+        return "succeeded"
 
     def _pre_register_rules(self) -> AuditRules:
         """The rule this job is judged by: written into its metrics before any number exists; a job claimed
@@ -401,17 +445,23 @@ class _Job:
     def _load_sets(self, seed: int) -> JobSets:
         claimed = self.claimed
         return load_sets(
-            self.session_factory, claimed.dataset_id, claimed.array_path, claimed.forget_sample_ids,
-            eval_remaining_rows=self.settings.eval_remaining_rows, seed=seed,
+            self.session_factory, claimed.dataset_id, claimed.model_id, claimed.array_path,
+            claimed.forget_sample_ids, eval_remaining_rows=self.settings.eval_remaining_rows, seed=seed,
         )  # fmt: skip
 
     def _register(self, stored: StoredObject, config: dict[str, Any], metrics: dict[str, Any]) -> str:
+        """One version for the whole job; each request settled by its own audit (see the module docstring)."""
         claimed = self.claimed
-        gate = metrics["gate"]
-        passed = bool(gate["passed"])
-        state = "succeeded" if passed else "rejected"
-        rejection = None if passed else "; ".join(gate["failures"])
-        assert claimed.request_id is not None  # an unlearn job belongs to a deletion request
+        audits = metrics["audits"]
+        passed = [
+            t for t in claimed.targets if t.request_id in audits and audits[t.request_id]["gate"]["passed"]
+        ]
+        activate = bool(passed)
+        state = "succeeded" if activate else "rejected"
+        failures = sorted({f for audit in audits.values() for f in audit["gate"]["failures"]})
+        rejection = None if activate else "; ".join(failures)
+        alone = len(claimed.targets) == 1
+        follow_ups: list[Dispatch] = []
         try:
             with self.session_factory.begin() as session:
                 version = models_service.register_version(
@@ -423,27 +473,57 @@ class _Job:
                     config=config,
                     metrics_before=metrics["before"],
                     metrics_after=metrics["after"],
-                    activate=passed,
+                    activate=activate,
                     rejection_reason=rejection,
                     job_id=claimed.job_id,
-                    request_ids=[claimed.request_id],
+                    request_ids=[t.request_id for t in (passed if activate else claimed.targets)],
                     actor=self.worker_id,
                 )
-                if passed:
-                    datasets_service.mark_forgotten(
-                        session, claimed.dataset_id, claimed.forget_sample_ids, claimed.request_id, utcnow(),
-                        actor=self.worker_id,
-                    )  # fmt: skip
+                # First: the reports generated as requests settle below read the audits from the job.
+                jobs_service.record_metrics(session, claimed.job_id, metrics, self.worker_id)
+                rows = {t.id: t for t in erasures_service.targets_of_job(session, claimed.job_id)}
+                for target in claimed.targets:
+                    row = rows[target.target_id]
+                    audit = audits.get(target.request_id)
+                    if audit is None:  # erased meanwhile by another request: nothing of it was left to audit
+                        erasures_service.settle(
+                            session, row, "completed", self.worker_id, verdict=ALREADY_ERASED,
+                            version_id=claimed.base_version.id,
+                        )  # fmt: skip
+                        continue
+                    attempt = {"job_id": claimed.job_id, "verdict": audit["verdict"],
+                               "passed": audit["gate"]["passed"], "version_id": version.id,
+                               "requests_in_job": len(claimed.targets)}  # fmt: skip
+                    if audit["gate"]["passed"]:
+                        erasures_service.complete(
+                            session, row, dataset_id=claimed.dataset_id, sample_ids=target.sample_ids,
+                            version_id=version.id, attempt=attempt, actor=self.worker_id,
+                        )  # fmt: skip
+                    elif alone:
+                        erasures_service.settle(session, row, "rejected", self.worker_id, attempt=attempt)
+                    else:
+                        follow_ups += erasures_service.retry_alone(
+                            session, self.settings, row, attempt, self.worker_id
+                        )
                 jobs_service.finish(
                     session, claimed.job_id, state,
                     metrics=metrics,
                     result_version_id=version.id,
-                    error_reason=None if passed else "audit_gate", error_detail=rejection,
+                    error_reason=None if activate else "audit_gate", error_detail=rejection,
                     worker_id=self.worker_id,
                 )  # fmt: skip
         except models_service.VersionConflict as exc:
             raise JobFailed("stale_base_version", exc.detail) from exc
-        log.info("job %s %s: version %s of %s", claimed.job_id, state, version.number, claimed.model_name)
+        for follow_up in follow_ups:  # committed: if the queue is down, the sweeper finds them
+            try:
+                self.dispatcher.dispatch(follow_up.job_id, delay_s=follow_up.delay_s)
+            except Exception:
+                log.exception("dispatch of job %s failed; it stays queued for the sweeper", follow_up.job_id)
+        log.info(
+            "job %s %s: version %s of %s; %d of %d requests erased, %d retried alone",
+            claimed.job_id, state, version.number, claimed.model_name, len(passed), len(claimed.targets),
+            len(follow_ups),
+        )  # fmt: skip
         return state
 
 
@@ -469,6 +549,7 @@ def load_checkpoint(store: CheckpointStore, uri: str, sha256: str, spec: ModelSp
 def load_sets(
     session_factory: SessionFactory,
     dataset_id: str,
+    model_id: str,
     array_path: str,
     forget_sample_ids: Sequence[str],
     *,
@@ -479,7 +560,7 @@ def load_sets(
     split of a dataset, as tensors read from its array file."""
     try:
         with session_factory() as session:
-            resolved = datasets_service.resolve_sets(session, dataset_id, forget_sample_ids)
+            resolved = datasets_service.resolve_sets(session, dataset_id, model_id, forget_sample_ids)
         x = open_rows(Path(array_path))
         remaining = _tensor_split(x, resolved.remaining)
     except ProblemError as exc:  # unknown samples or dataset

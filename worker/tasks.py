@@ -2,8 +2,8 @@
 
 Sweeper: started by the ``worker_ready`` signal as a daemon thread of each worker (no beat process to deploy);
 a Redis lock (SET NX EX) lets one worker per interval do the sweep. It re-sends, by job id:
-- jobs queued for more than ``sweep_min_age_s`` with no message in the queue and none reserved by a worker
-  (Redis lost it, or the dispatch after the commit failed);
+- jobs ready for more than ``sweep_min_age_s`` and still queued, with no message in the queue and none
+  reserved by a worker (Redis lost it, or the dispatch after the commit failed);
 - jobs whose lease lapsed (their worker died) and that have no message waiting in the queue: the claim takes
   them over and they resume from their last committed step.
 A message sent twice is harmless: the claim runs a job once.
@@ -45,23 +45,24 @@ _UNACKED = "unacked"
 
 
 @functools.cache
-def _job_resources() -> tuple[Settings, sessionmaker[Session], LocalCheckpointStore]:
+def _job_resources() -> tuple[Settings, sessionmaker[Session], LocalCheckpointStore, CeleryDispatcher]:
     """Built once per process that runs jobs (after any fork), on first use."""
     settings = Settings()
     return (
         settings,
         make_session_factory(make_engine(settings.database_url)),
         LocalCheckpointStore(settings.storage_dir),
+        CeleryDispatcher(settings.redis_url),
     )
 
 
 @app.task(name=RUN_JOB_TASK, bind=True, max_retries=None)
 def run_job(self: Task, job_id: str) -> str | None:
     # Imported here so torch (and CUDA) load in the process that runs the job, never at import time.
-    from worker.pipeline import ModelBusy
+    from worker.pipeline import NothingReady
     from worker.pipeline import run_job as run_pipeline
 
-    settings, session_factory, store = _job_resources()
+    settings, session_factory, store, dispatcher = _job_resources()
     try:
         return run_pipeline(
             job_id,
@@ -69,9 +70,10 @@ def run_job(self: Task, job_id: str) -> str | None:
             store=store,
             settings=settings,
             worker_id=f"{self.request.hostname or socket.gethostname()}:{os.getpid()}",
+            dispatcher=dispatcher,
         )
-    except ModelBusy as exc:
-        raise self.retry(countdown=settings.busy_retry_s, exc=exc) from exc
+    except NothingReady as exc:
+        raise self.retry(countdown=exc.retry_in, exc=exc) from exc
 
 
 def message_job_ids(client: redis.Redis, queue: str) -> tuple[set[str], set[str]]:

@@ -34,7 +34,7 @@ def build_references(
             dispatcher.dispatch(job.id)
         except Exception:
             logger.exception("dispatch of job %s failed; it stays queued for the sweeper", job.id)
-    return JobOut.from_job(job, utcnow())
+    return JobOut.from_job(job, utcnow(), request_ids=[])
 
 
 @router.get("", response_model=ReferenceSetOut)

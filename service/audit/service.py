@@ -43,7 +43,7 @@ def request_build(
         return pending, False
     count = check_reference_count(references if references is not None else settings.audit_references)
     job = Job(
-        kind=BUILD_KIND, request_id=None, model_id=model.id, state="queued", method=BUILD_METHOD,
+        kind=BUILD_KIND, model_id=model.id, state="queued", method=BUILD_METHOD,
         config={"references": count, "seed": settings.audit_reference_seed},
     )  # fmt: skip
     jobs_repository.add(session, job)

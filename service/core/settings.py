@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     architectures: list[str] = list(BUILTIN_ARCHITECTURES)
 
     max_samples_per_request: int = 10_000
+    # Coalescing: a model's requests (same method and configuration) join one job until it holds
+    # batch_max_samples samples or batch_wait_s has passed since its first, whichever comes first; requests
+    # arriving while the model's job runs join the next one. batch_max_samples=1: one job per request.
+    batch_max_samples: Annotated[int, Field(ge=1)] = 10_000
+    batch_wait_s: Annotated[float, Field(ge=0)] = 30.0
     gdpr_due_days: int = 30
     # Hint sent with 202 answers: how long a client should wait before polling the job.
     retry_after_seconds: int = 5
@@ -56,7 +61,8 @@ class Settings(BaseSettings):
     job_lease_s: int = 120
     job_visibility_timeout_s: int = 6 * 3600
     progress_interval_s: float = 1.0
-    # A job whose model is busy with another job is retried after this long.
+    # A worker that finds no job it can take (the ready ones are of models busy with another job) looks
+    # again after at most this long.
     busy_retry_s: int = 15
     # The sweeper re-dispatches, every sweep_interval_s, jobs queued for over sweep_min_age_s whose message is
     # gone, and jobs whose lease lapsed.

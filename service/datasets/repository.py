@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
 
-from sqlalchemy import Row, func, insert, select, update
+from sqlalchemy import Row, func, insert, select
 from sqlalchemy.orm import Session
 
 from service.datasets.tables import Dataset, Sample
 
 _CHUNK = 5_000
 
-SampleRow = Row[str, int, int | None, str | None, str | None]
+SampleRow = Row[int, str, int, int | None, str | None]
 # A new sample's (sample_id, row, label, split, subject_id).
 SampleValues = tuple[str, int, int | None, str, str | None]
 _COPY_COLUMNS = ("dataset_id", "sample_id", "row", "label", "split", "subject_id")
@@ -53,16 +52,13 @@ def insert_samples(session: Session, dataset_id: str, samples: Iterable[SampleVa
 
 
 def count_samples(session: Session, dataset_id: str) -> dict[str, int]:
-    """Registered samples per split, and how many of them are forgotten."""
-    counts = {"train": 0, "audit": 0, "forgotten": 0}
+    """Registered samples per split."""
+    counts = {"train": 0, "audit": 0}
     rows = session.execute(
-        select(Sample.split, func.count(), func.count(Sample.forgotten_by_request_id))
-        .where(Sample.dataset_id == dataset_id)
-        .group_by(Sample.split)
+        select(Sample.split, func.count()).where(Sample.dataset_id == dataset_id).group_by(Sample.split)
     )
-    for split, total, forgotten in rows:
+    for split, total in rows:
         counts[split] = total
-        counts["forgotten"] += forgotten
     return counts
 
 
@@ -104,29 +100,9 @@ def subject_samples(session: Session, dataset_id: str, subject_id: str) -> Seque
 
 
 def split_rows(session: Session, dataset_id: str, split: str) -> Sequence[SampleRow]:
-    """(sample_id, row, label, forgotten_by_request_id, subject_id) of every sample of a split, by row."""
+    """(pk, sample_id, row, label, subject_id) of every sample of a split, by row."""
     return session.execute(
-        select(Sample.sample_id, Sample.row, Sample.label, Sample.forgotten_by_request_id, Sample.subject_id)
+        select(Sample.id, Sample.sample_id, Sample.row, Sample.label, Sample.subject_id)
         .where(Sample.dataset_id == dataset_id, Sample.split == split)
         .order_by(Sample.row)
     ).all()
-
-
-def mark_forgotten(
-    session: Session, dataset_id: str, sample_ids: Sequence[str], request_id: str, when: datetime
-) -> int:
-    """Mark samples forgotten unless an earlier request already did (the first one keeps the credit)."""
-    updated = 0
-    for chunk in _chunks(sample_ids):
-        result = session.execute(
-            update(Sample)
-            .where(
-                Sample.dataset_id == dataset_id,
-                Sample.sample_id.in_(chunk),
-                Sample.forgotten_by_request_id.is_(None),
-            )
-            .values(forgotten_by_request_id=request_id, forgotten_at=when)
-            .execution_options(synchronize_session=False)
-        )
-        updated += result.rowcount  # type: ignore[attr-defined]
-    return updated

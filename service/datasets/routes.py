@@ -4,7 +4,14 @@ from fastapi import APIRouter, Response, status
 from sqlalchemy.orm import Session
 
 from service.datasets import service
-from service.datasets.schemas import DatasetCreate, DatasetOut, SampleCounts, SampleOut, SamplePage
+from service.datasets.schemas import (
+    DatasetCreate,
+    DatasetOut,
+    SampleCounts,
+    SampleErasure,
+    SampleOut,
+    SamplePage,
+)
 from service.datasets.tables import Dataset
 from service.dependencies import CursorQuery, LimitQuery, SessionDep, SettingsDep, page_size
 
@@ -48,6 +55,27 @@ def list_samples(
     limit: LimitQuery = None,
 ) -> SamplePage:
     page = service.list_samples(session, dataset_id, cursor, page_size(settings, limit))
-    return SamplePage(
-        items=[SampleOut.model_validate(sample) for sample in page.items], next_cursor=page.next_cursor
-    )
+    erasures, model_count = service.sample_erasures(session, dataset_id, [sample.id for sample in page.items])
+    items = []
+    for sample in page.items:
+        erased = erasures.get(sample.id, [])
+        items.append(
+            SampleOut(
+                sample_id=sample.sample_id,
+                row=sample.row,
+                label=sample.label,
+                split=sample.split,
+                subject_id=sample.subject_id,
+                erased_from=[
+                    SampleErasure(
+                        model_id=e.model_id,
+                        version_id=e.version_id,
+                        request_id=e.request_id,
+                        erased_at=e.erased_at,
+                    )
+                    for e in erased
+                ],
+                erased_from_every_model=model_count > 0 and len(erased) == model_count,
+            )
+        )
+    return SamplePage(items=items, next_cursor=page.next_cursor)

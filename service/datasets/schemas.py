@@ -35,7 +35,10 @@ class DatasetCreate(BaseModel):
 class SampleCounts(BaseModel):
     train: int
     audit: int
-    forgotten: int
+    models: int = Field(description="models registered on the dataset")
+    erased_from_every_model: int = Field(
+        description="samples no model registered on the dataset holds any more (0 while it has no model)"
+    )
 
 
 class DatasetOut(BaseModel):
@@ -52,16 +55,25 @@ class DatasetOut(BaseModel):
     samples: SampleCounts
 
 
-class SampleOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+class SampleErasure(BaseModel):
+    model_id: str
+    version_id: str = Field(description="the first version of the model that no longer holds the sample")
+    request_id: str | None = Field(description="None: the model was declared never trained on it")
+    erased_at: datetime
 
+
+class SampleOut(BaseModel):
     sample_id: str
     row: int
     label: int | None
     split: str
     subject_id: str | None
-    forgotten_by_request_id: str | None
-    forgotten_at: datetime | None
+    erased_from: list[SampleErasure] = Field(
+        description="the models that no longer hold the sample, each since which version"
+    )
+    erased_from_every_model: bool = Field(
+        description="every model registered on the dataset has erased it (false while it has no model)"
+    )
 
 
 class SamplePage(BaseModel):

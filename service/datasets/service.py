@@ -1,4 +1,4 @@
-"""Dataset registration, sample resolution for jobs, and marking samples forgotten. Never commits."""
+"""Dataset registration, sample resolution for jobs, and which models erased which samples. Never commits."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,8 @@ from service.core.problems import Conflict, InvalidInput, NotFound, listed_probl
 from service.datasets import repository
 from service.datasets.schemas import DatasetCreate
 from service.datasets.tables import Dataset, Sample
-from service.trail import service as trail
+from service.erasures import repository as erasures_repository
+from service.erasures.tables import ErasedSample
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class SampleSet:
 @dataclass(frozen=True)
 class ResolvedSets:
     forget: SampleSet  # the samples this job unlearns
-    remaining: SampleSet  # train samples neither forgotten before nor by this job
+    remaining: SampleSet  # train samples the model still holds, less this job's
     audit: SampleSet  # the held-out split, never trained on
 
 
@@ -139,7 +139,20 @@ def get_dataset(session: Session, dataset_id: str) -> Dataset:
 
 
 def sample_counts(session: Session, dataset_id: str) -> dict[str, int]:
-    return repository.count_samples(session, dataset_id)
+    models = len(erasures_repository.models_of_dataset(session, dataset_id))
+    return {
+        **repository.count_samples(session, dataset_id),
+        "models": models,
+        "erased_from_every_model": erasures_repository.erased_from_every_model(session, dataset_id, models),
+    }
+
+
+def sample_erasures(
+    session: Session, dataset_id: str, sample_pks: Sequence[int]
+) -> tuple[dict[int, list[ErasedSample]], int]:
+    """Per sample: the models that erased it; and how many models the dataset has."""
+    models = len(erasures_repository.models_of_dataset(session, dataset_id))
+    return erasures_repository.erasures_of_samples(session, sample_pks), models
 
 
 def list_samples(session: Session, dataset_id: str, cursor: str | None, limit: int) -> Page[Sample]:
@@ -149,11 +162,13 @@ def list_samples(session: Session, dataset_id: str, cursor: str | None, limit: i
     return page_from_rows(rows, limit, key_of=lambda sample: (sample.id,))
 
 
-def resolve_sets(session: Session, dataset_id: str, forget_sample_ids: Sequence[str]) -> ResolvedSets:
+def resolve_sets(
+    session: Session, dataset_id: str, model_id: str, forget_sample_ids: Sequence[str]
+) -> ResolvedSets:
     """Rows (and labels) of a job's forget set, the remaining train set and the audit split.
 
-    The remaining set excludes every sample forgotten so far and this job's forget set, so successive jobs
-    never train on data an earlier request removed.
+    The remaining set excludes every sample the model erased so far (or was never trained on) and this job's
+    forget set, so successive jobs never train on data an earlier request removed.
     """
     dataset = get_dataset(session, dataset_id)
     forget_ids = set(forget_sample_ids)
@@ -163,7 +178,8 @@ def resolve_sets(session: Session, dataset_id: str, forget_sample_ids: Sequence[
         missing = sorted(forget_ids - {r.sample_id for r in forget})
         detail = f"ids are not train samples of dataset {dataset_id}"
         raise listed_problem("unknown-samples", detail, "sample_ids", missing)
-    remaining = [r for r in train if r.sample_id not in forget_ids and r.forgotten_by_request_id is None]
+    erased = erasures_repository.all_erased_pks(session, model_id)
+    remaining = [r for r in train if r.sample_id not in forget_ids and r.id not in erased]
     audit = repository.split_rows(session, dataset_id, "audit")
     return ResolvedSets(
         forget=_sample_set(forget, dataset.labelled),
@@ -179,24 +195,3 @@ def _sample_set(rows: Sequence[repository.SampleRow], labelled: bool) -> SampleS
         rows=np.fromiter((r.row for r in rows), dtype=np.int64, count=len(rows)),
         labels=np.fromiter((r.label for r in rows), dtype=np.int64, count=len(rows)) if labelled else None,
     )
-
-
-def mark_forgotten(
-    session: Session,
-    dataset_id: str,
-    sample_ids: Sequence[str],
-    request_id: str,
-    when: datetime,
-    actor: str = "api",
-) -> int:
-    """Record that ``request_id`` removed these samples from the active model (at ``when``).
-
-    Call it in the transaction that activates the version covering the request. Samples an earlier request
-    already forgot keep that request's mark. Returns how many samples were newly marked.
-    """
-    marked = repository.mark_forgotten(session, dataset_id, sample_ids, request_id, when)
-    trail.append(
-        session, "samples.forgotten", actor=actor, subject_type="samples", subject_id=dataset_id,
-        request_id=request_id, data={"dataset_id": dataset_id, "named": len(sample_ids), "marked": marked},
-    )  # fmt: skip
-    return marked

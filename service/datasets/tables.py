@@ -30,7 +30,8 @@ class Dataset(Base):
 
 
 class Sample(Base):
-    """A registered sample. Never deleted: unlearning marks it forgotten and later jobs leave it out."""
+    """A registered sample. Never deleted: each model's erasure of it is an ``erased_samples`` row, and later
+    jobs of that model leave it out."""
 
     __tablename__ = "samples"
     __table_args__ = (
@@ -48,7 +49,3 @@ class Sample(Base):
     label: Mapped[int | None] = mapped_column(Integer)
     split: Mapped[str] = mapped_column(String(8))
     subject_id: Mapped[str | None] = mapped_column(String(200))
-    forgotten_by_request_id: Mapped[str | None] = mapped_column(
-        ForeignKey("deletion_requests.id"), index=True
-    )
-    forgotten_at: Mapped[datetime | None]

@@ -20,29 +20,41 @@ def get(session: Session, request_id: str) -> DeletionRequest | None:
     return session.get(DeletionRequest, request_id)
 
 
-def add_samples(
-    session: Session, request_id: str, sample_pks: Sequence[int], already_forgotten: set[int]
-) -> None:
+def add_samples(session: Session, request_id: str, sample_pks: Sequence[int]) -> None:
     session.execute(
-        insert(DeletionRequestSample),
-        [
-            {"request_id": request_id, "sample_pk": pk, "already_forgotten": pk in already_forgotten}
-            for pk in sample_pks
-        ],
+        insert(DeletionRequestSample), [{"request_id": request_id, "sample_pk": pk} for pk in sample_pks]
     )
 
 
-def pending_sample_ids(session: Session, request_id: str) -> list[str]:
-    """External ids of the request's samples that were not yet forgotten when it was received."""
+def list_origin_candidates(session: Session, dataset_id: str) -> Sequence[DeletionRequest]:
+    """The dataset-wide requests of a dataset that were not canceled, oldest first: what a model registered
+    on it later must honour too."""
+    return session.scalars(
+        select(DeletionRequest)
+        .where(
+            DeletionRequest.dataset_id == dataset_id,
+            DeletionRequest.model_id.is_(None),
+            DeletionRequest.state != "canceled",
+        )
+        .order_by(DeletionRequest.received_at)
+    ).all()
+
+
+def sample_pks(session: Session, request_id: str) -> list[int]:
     return list(
         session.scalars(
-            select(Sample.sample_id)
-            .join(DeletionRequestSample, DeletionRequestSample.sample_pk == Sample.id)
-            .where(
-                DeletionRequestSample.request_id == request_id,
-                DeletionRequestSample.already_forgotten.is_(False),
-            )
-            .order_by(Sample.row)
+            select(DeletionRequestSample.sample_pk).where(DeletionRequestSample.request_id == request_id)
+        )
+    )
+
+
+def requested_sample_pks(session: Session, dataset_id: str) -> set[int]:
+    """Every sample of the dataset some request (of any scope, not canceled) asked to erase."""
+    return set(
+        session.scalars(
+            select(DeletionRequestSample.sample_pk)
+            .join(DeletionRequest, DeletionRequest.id == DeletionRequestSample.request_id)
+            .where(DeletionRequest.dataset_id == dataset_id, DeletionRequest.state != "canceled")
         )
     )
 

@@ -1,18 +1,26 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from service.deletion_requests import service
-from service.deletion_requests.schemas import AuditOutcome, DeletionRequestCreate, DeletionRequestOut
+from service.deletion_requests.schemas import (
+    AuditOutcome,
+    DeletionRequestCreate,
+    DeletionRequestOut,
+    ErasureOut,
+)
 from service.deletion_requests.tables import DeletionRequest
 from service.dependencies import DispatcherDep, SessionDep, SettingsDep
 from service.dispatch import JobDispatcher
+from service.erasures.service import Dispatch
 from service.idempotency import service as idempotency
 from service.idempotency.tables import IdempotencyRecord
 
@@ -20,25 +28,43 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/deletion-requests", tags=["deletion requests"])
 
 
-def _request_out(
-    request: DeletionRequest, model_name: str, job_id: str | None, audit: AuditOutcome | None = None
-) -> DeletionRequestOut:
+def request_out(session: Session, request: DeletionRequest) -> DeletionRequestOut:
+    erasures = []
+    for view in service.erasure_views(session, request):
+        target = view.target
+        erasures.append(
+            ErasureOut(
+                model=view.model_name,
+                model_id=target.model_id,
+                state=target.state,
+                job_id=target.job_id,
+                pending_count=target.pending_count,
+                already_erased_count=target.already_erased_count,
+                verdict=target.verdict,
+                result_version=view.result_version,
+                attempts=target.attempts,
+                settled_at=target.settled_at,
+                audit=AuditOutcome.from_metrics(view.job_metrics, request.id),
+            )
+        )
+    scoped = next((e.model for e in erasures if e.model_id == request.model_id), None)
     return DeletionRequestOut(
         id=request.id,
-        model=model_name,
+        scope="model" if request.model_id else "dataset",
+        model=scoped,
         model_id=request.model_id,
+        dataset_id=request.dataset_id,
+        origin_request_id=request.origin_request_id,
         state=request.state,
         subject_id=request.subject_id,
         reason=request.reason,
         method=request.method,
         config=request.config,
         sample_count=request.sample_count,
-        already_forgotten_count=request.already_forgotten_count,
         received_at=request.received_at,
         due_at=request.due_at,
         completed_at=request.completed_at,
-        job_id=job_id,
-        audit=audit,
+        erasures=erasures,
     )
 
 
@@ -52,7 +78,7 @@ def _replay(record: IdempotencyRecord) -> JSONResponse:
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=DeletionRequestOut,
-    responses={200: {"model": DeletionRequestOut, "description": "every sample was already forgotten"}},
+    responses={200: {"model": DeletionRequestOut, "description": "no model holds any of the samples"}},
 )
 def create_deletion_request(
     body: DeletionRequestCreate,
@@ -61,7 +87,8 @@ def create_deletion_request(
     dispatcher: DispatcherDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JSONResponse:
-    """Queue the unlearning of the named samples: 202, ``Location`` of the job, ``Retry-After``.
+    """Queue the erasure of the named samples from the model, or from every model of the dataset: 202,
+    ``Location`` of the request (its ``erasures`` list each model's job), ``Retry-After``.
 
     Every check runs before anything is written. With an ``Idempotency-Key`` a retry of the same body replays
     the first answer (a different body with the same key is 422).
@@ -72,12 +99,17 @@ def create_deletion_request(
         if record is not None:
             return _replay(record)
     created = service.create_request(session, settings, body)
-    job_id = created.job.id if created.job is not None else None
-    payload: dict[str, Any] = jsonable_encoder(_request_out(created.request, created.model.name, job_id))
+    payload: dict[str, Any] = jsonable_encoder(request_out(session, created.request))
+    pending = created.request.state == "processing"
     headers = (
-        {"Location": f"/jobs/{job_id}", "Retry-After": str(settings.retry_after_seconds)} if job_id else {}
+        {
+            "Location": f"/deletion-requests/{created.request.id}",
+            "Retry-After": str(settings.retry_after_seconds),
+        }
+        if pending
+        else {}
     )
-    status_code = status.HTTP_202_ACCEPTED if job_id else status.HTTP_200_OK
+    status_code = status.HTTP_202_ACCEPTED if pending else status.HTTP_200_OK
     if idempotency_key is not None:
         idempotency.remember_answer(session, idempotency_key, fingerprint, status_code, payload, headers)
     try:
@@ -89,22 +121,19 @@ def create_deletion_request(
         if record is None:
             raise
         return _replay(record)
-    if job_id is not None:
-        _dispatch(dispatcher, job_id)
+    dispatch_all(dispatcher, created.dispatches)
     return JSONResponse(payload, status_code=status_code, headers=headers)
 
 
-def _dispatch(dispatcher: JobDispatcher, job_id: str) -> None:
-    # The job is committed: if the queue is down it stays queued and the sweeper re-sends it.
-    try:
-        dispatcher.dispatch(job_id)
-    except Exception:
-        logger.exception("dispatch of job %s failed; it stays queued for the sweeper", job_id)
+def dispatch_all(dispatcher: JobDispatcher, dispatches: Sequence[Dispatch]) -> None:
+    # The jobs are committed: if the queue is down they stay queued and the sweeper re-sends them.
+    for dispatch in dispatches:
+        try:
+            dispatcher.dispatch(dispatch.job_id, delay_s=dispatch.delay_s)
+        except Exception:
+            logger.exception("dispatch of job %s failed; it stays queued for the sweeper", dispatch.job_id)
 
 
 @router.get("/{request_id}", response_model=DeletionRequestOut)
 def get_deletion_request(request_id: str, session: SessionDep) -> DeletionRequestOut:
-    request = service.get_request(session, request_id)
-    job = service.get_job(session, request_id)
-    audit = AuditOutcome.from_metrics(job.metrics) if job is not None else None
-    return _request_out(request, service.model_name(session, request), job.id if job else None, audit)
+    return request_out(session, service.get_request(session, request_id))

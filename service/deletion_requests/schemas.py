@@ -9,13 +9,18 @@ from service.core.fields import Identifier, Text
 
 
 class DeletionRequestCreate(BaseModel):
-    """Name the samples to erase either by id or by data subject (exactly one of the two)."""
+    """Erase samples from one model, or from every model trained on a dataset (exactly one of ``model`` and
+    ``dataset_id``); name the samples by id or by data subject (exactly one of the two)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: Identifier = Field(description="the model's name")
+    model: Identifier | None = Field(default=None, description="the model's name: erase from this model only")
+    dataset_id: Identifier | None = Field(
+        default=None,
+        description="erase from every model registered on this dataset, and from any registered on it later",
+    )
     sample_ids: list[Identifier] | None = Field(
-        default=None, description="external sample ids of the model's dataset"
+        default=None, description="external sample ids of the dataset"
     )
     subject_id: Identifier | None = Field(
         default=None, description="expands to every train sample of this subject"
@@ -25,22 +30,28 @@ class DeletionRequestCreate(BaseModel):
         default=None, description="default: mixunlearn, or mixunlearn-agnostic for a dataset without labels"
     )
     config: dict[str, Any] | None = Field(default=None, description="overrides of the method's defaults")
+    due_at: datetime | None = Field(
+        default=None,
+        description="the legal deadline when earlier than the default (received + gdpr_due_days), e.g. for a "
+        "request the data subject made before it reached Lethe; jobs are run earliest due date first",
+    )
 
 
 class AuditOutcome(BaseModel):
-    """What the per-sample membership audit of the request's job found (the job's metrics hold it all)."""
+    """What the per-sample membership audit of a request's samples found in one model (the job's metrics hold
+    it all)."""
 
     verdict: str = Field(
         description="forgotten | no_measurable_signal | insufficient_power | residual_membership | "
         "over_forgetting: the strongest claim the evidence supports, never more"
     )
-    passed: bool = Field(description="the gate let the new version go live")
+    passed: bool = Field(description="the gate accepted the erasure of this request's samples")
     failures: list[str] = Field(description="the rules that failed, in words")
     subjects: dict[str, Any] = Field(description="per data subject: the worst of its samples")
 
     @classmethod
-    def from_metrics(cls, metrics: dict[str, Any] | None) -> AuditOutcome | None:
-        audit = (metrics or {}).get("audit")
+    def from_metrics(cls, metrics: dict[str, Any] | None, request_id: str) -> AuditOutcome | None:
+        audit = ((metrics or {}).get("audits") or {}).get(request_id)
         if not audit:
             return None
         return cls(
@@ -51,19 +62,43 @@ class AuditOutcome(BaseModel):
         )
 
 
-class DeletionRequestOut(BaseModel):
-    id: str
+class ErasureOut(BaseModel):
+    """The request's erasure from one model."""
+
     model: str
     model_id: str
-    state: str
+    state: str = Field(description="pending (queued or in a job) | completed | rejected | failed | canceled")
+    job_id: str | None = Field(description="the job that holds it now, or the last one that did")
+    pending_count: int = Field(description="samples the model still held when the request arrived")
+    already_erased_count: int = Field(
+        description="samples the model had already erased (an earlier request) or was never trained on"
+    )
+    verdict: str | None = Field(description="the last audit's verdict, or already_erased")
+    result_version: int | None = Field(description="the version that erased the samples")
+    attempts: list[dict[str, Any]] = Field(
+        description="each job that held it: a request that failed its audit in a batch is retried alone"
+    )
+    settled_at: datetime | None
+    audit: AuditOutcome | None = Field(default=None, description="the last job's audit of these samples")
+
+
+class DeletionRequestOut(BaseModel):
+    id: str
+    scope: str = Field(description="model (one model) or dataset (every model of the dataset)")
+    model: str | None = Field(description="the model a model-scoped request names")
+    model_id: str | None
+    dataset_id: str
+    origin_request_id: str | None = Field(
+        description="set when Lethe queued this request itself: the dataset-wide request it carries to a "
+        "model registered later"
+    )
+    state: str = Field(description="processing until every model settled; completed only if each completed")
     subject_id: str | None
     reason: str | None
     method: str
     config: dict[str, Any]
     sample_count: int = Field(description="samples the request names")
-    already_forgotten_count: int = Field(description="of those, samples an earlier request already erased")
     received_at: datetime
-    due_at: datetime = Field(description="GDPR deadline: received_at + one month (gdpr_due_days)")
+    due_at: datetime = Field(description="GDPR deadline: received_at + one month (gdpr_due_days) or earlier")
     completed_at: datetime | None
-    job_id: str | None = Field(description="None when every sample was already forgotten")
-    audit: AuditOutcome | None = Field(default=None, description="once the job has been audited")
+    erasures: list[ErasureOut] = Field(description="per model the request applies to")

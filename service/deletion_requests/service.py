@@ -1,14 +1,16 @@
-"""Deletion requests: validation and creation (with their job), and settling them when the job ends.
+"""Deletion requests: validation and creation (with their per-model erasure targets, queued into jobs).
 
-Never commits: the HTTP route commits the request and its job before dispatching; the worker commits settling
-together with the job's final state.
+Never commits: the HTTP route commits the request and its jobs before dispatching them; workers settle the
+targets (``service.erasures``), and a request settles with its last target.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -20,11 +22,13 @@ from service.datasets.tables import Dataset, Sample
 from service.deletion_requests import repository
 from service.deletion_requests.schemas import DeletionRequestCreate
 from service.deletion_requests.tables import DeletionRequest
+from service.erasures import repository as erasures_repository
+from service.erasures import service as erasures
+from service.erasures.service import Dispatch
+from service.erasures.tables import ErasureTarget
 from service.jobs import repository as jobs_repository
-from service.jobs.tables import Job
 from service.models import repository as models_repository
 from service.models.tables import Model
-from service.reports.generation import generate as generate_report
 from service.trail import service as trail
 from worker.engine.config import (
     DEFAULT_LABEL_AGNOSTIC_METHOD,
@@ -35,68 +39,103 @@ from worker.engine.config import (
     make_config,
 )
 
-# Final request state for each terminal job state.
-REQUEST_STATE_FOR_JOB = {
-    "succeeded": "completed",
-    "rejected": "rejected",
-    "failed": "failed",
-    "canceled": "canceled",
-}
-
 
 @dataclass(frozen=True)
 class CreatedRequest:
     request: DeletionRequest
-    model: Model
-    job: Job | None  # None when every named sample was already forgotten
+    dispatches: list[Dispatch]  # the jobs to hand to the workers once committed; none when settled at once
 
 
 def create_request(session: Session, settings: Settings, data: DeletionRequestCreate) -> CreatedRequest:
-    """Validate a deletion request completely, then add it, its samples and (if needed) its queued job.
+    """Validate a deletion request completely, then add it, its samples and one erasure target per model it
+    applies to (the named model, or every model of the named dataset), each queued into its model's open job.
 
-    Nothing is written unless every check passes. Samples an earlier request already erased are recorded as
-    ``already_forgotten`` and left out of the job; when that is all of them the request completes at once,
-    without a job. The caller commits, then dispatches the job.
+    Nothing is written unless every check passes. A model that no longer holds any of the samples (erased by
+    an earlier request, or never trained on them) completes its target at once; when every model does, the
+    request completes without a job. The caller commits, then dispatches.
     """
-    model = models_repository.get_model_by_name(session, data.model)
-    if model is None:
-        raise InvalidInput("unknown-model", f"no model named {data.model!r}", field="model", model=data.model)
-    dataset = datasets_repository.get_dataset(session, model.dataset_id)
-    assert dataset is not None  # models.dataset_id is a foreign key
+    if (data.model is None) == (data.dataset_id is None):
+        raise InvalidInput("model-or-dataset", "give exactly one of model and dataset_id")
+    if data.model is not None:
+        model = models_repository.get_model_by_name(session, data.model)
+        if model is None:
+            raise InvalidInput(
+                "unknown-model", f"no model named {data.model!r}", field="model", model=data.model
+            )
+        models: Sequence[Model] = [model]
+        dataset = datasets_repository.get_dataset(session, model.dataset_id)
+        assert dataset is not None  # models.dataset_id is a foreign key
+    else:
+        assert data.dataset_id is not None
+        found = datasets_repository.get_dataset(session, data.dataset_id)
+        if found is None:
+            raise InvalidInput(
+                "unknown-dataset",
+                f"no dataset {data.dataset_id!r}",
+                field="dataset_id",
+                dataset_id=data.dataset_id,
+            )
+        dataset = found
+        models = erasures_repository.models_of_dataset(session, dataset.id)
     method, config = _method_and_config(data, dataset)
     samples = _named_samples(session, settings, data, dataset)
-    pending = [sample for sample in samples if sample.forgotten_by_request_id is None]
     now = utcnow()
     request = DeletionRequest(
-        model_id=model.id,
+        dataset_id=dataset.id,
+        model_id=models[0].id if data.model is not None else None,
         subject_id=data.subject_id,
         reason=data.reason,
         method=method,
         config=config,
-        state="processing" if pending else "completed",
+        state="processing",
         sample_count=len(samples),
-        already_forgotten_count=len(samples) - len(pending),
         received_at=now,
-        due_at=now + timedelta(days=settings.gdpr_due_days),
-        completed_at=None if pending else now,
+        due_at=_due_at(settings, data.due_at, now),
+        completed_at=None,
     )
+    pks = [sample.id for sample in samples]
+    return CreatedRequest(request, add_request(session, settings, request, models, pks, actor="api"))
+
+
+def add_request(
+    session: Session,
+    settings: Settings,
+    request: DeletionRequest,
+    models: Sequence[Model],
+    pks: Sequence[int],
+    *,
+    actor: str,
+) -> list[Dispatch]:
+    """Insert a validated request with its samples and open its targets; returns the jobs to dispatch."""
     repository.add(session, request)
-    forgotten_pks = {sample.id for sample in samples if sample.forgotten_by_request_id is not None}
-    repository.add_samples(session, request.id, [sample.id for sample in samples], forgotten_pks)
-    job = None
-    if pending:
-        job = Job(request_id=request.id, model_id=model.id, state="queued", method=method, config=config)
-        jobs_repository.add(session, job)
+    repository.add_samples(session, request.id, pks)
     trail.append(
-        session, "request.created", actor="api", subject_type="request", subject_id=request.id,
+        session, "request.created", actor=actor, subject_type="request", subject_id=request.id,
         request_id=request.id,
-        data={"model": model.name, "method": method, "samples": len(samples),
-              "already_erased": request.already_forgotten_count, "state": request.state,
-              "due_at": request.due_at.isoformat(), "job_id": job.id if job else None},
+        data={"scope": "model" if request.model_id else "dataset", "dataset_id": request.dataset_id,
+              "models": [model.name for model in models], "method": request.method, "samples": len(pks),
+              "due_at": request.due_at.isoformat(), "origin_request_id": request.origin_request_id},
     )  # fmt: skip
-    if job is None:  # settled at once: every sample was already erased
-        generate_report(session, request, "api")
-    return CreatedRequest(request=request, model=model, job=job)
+    return erasures.open_targets(session, settings, request, models, pks, actor=actor)
+
+
+def _due_at(settings: Settings, requested: datetime | None, now: datetime) -> datetime:
+    """The legal deadline: ``gdpr_due_days`` after receipt, or an earlier one the client gives (a request
+    its data subject made before it reached Lethe); never a later one."""
+    latest = now + timedelta(days=settings.gdpr_due_days)
+    if requested is None:
+        return latest
+    if requested.tzinfo is None:
+        raise InvalidInput("invalid-due-date", "due_at needs a time zone", field="due_at")
+    if requested > latest:
+        raise InvalidInput(
+            "invalid-due-date",
+            f"due_at may not be later than {settings.gdpr_due_days} days after receipt "
+            f"({latest.isoformat()})",
+            field="due_at",
+            latest=latest.isoformat(),
+        )
+    return requested
 
 
 def _method_and_config(data: DeletionRequestCreate, dataset: Dataset) -> tuple[str, dict[str, object]]:
@@ -183,16 +222,6 @@ def _check_size(settings: Settings, count: int) -> None:
         )
 
 
-def model_name(session: Session, request: DeletionRequest) -> str:
-    model = models_repository.get_model(session, request.model_id)
-    assert model is not None  # deletion_requests.model_id is a foreign key
-    return model.name
-
-
-def get_job(session: Session, request_id: str) -> Job | None:
-    return jobs_repository.get_by_request(session, request_id)
-
-
 def get_request(session: Session, request_id: str) -> DeletionRequest:
     request = repository.get(session, request_id)
     if request is None:
@@ -202,17 +231,78 @@ def get_request(session: Session, request_id: str) -> DeletionRequest:
     return request
 
 
-def settle(
-    session: Session, request_id: str, job_state: str, when: datetime, actor: str = "api"
-) -> DeletionRequest:
-    """Close the request with the outcome of its job (``jobs.service.finish`` calls this)."""
-    request = get_request(session, request_id)
-    request.state = REQUEST_STATE_FOR_JOB[job_state]
-    request.completed_at = when
-    session.flush()
-    trail.append(
-        session, "request.settled", actor=actor, subject_type="request", subject_id=request.id,
-        request_id=request.id, data={"state": request.state, "completed_at": when.isoformat()},
-    )  # fmt: skip
-    generate_report(session, request, actor)
-    return request
+@dataclass(frozen=True)
+class ErasureView:
+    target: ErasureTarget
+    model_name: str
+    result_version: int | None
+    job_metrics: dict[str, Any] | None
+
+
+def erasure_views(session: Session, request: DeletionRequest) -> list[ErasureView]:
+    """The request's targets with what a reader needs beside them: model name, version number, job metrics."""
+    views = []
+    for target in erasures.targets_of_request(session, request.id):
+        model = models_repository.get_model(session, target.model_id)
+        assert model is not None  # a foreign key
+        version = (
+            models_repository.get_version(session, target.result_version_id)
+            if target.result_version_id
+            else None
+        )
+        job = jobs_repository.get(session, target.job_id) if target.job_id else None
+        views.append(
+            ErasureView(target, model.name, version.number if version else None, job.metrics if job else None)
+        )
+    return views
+
+
+def honour_earlier_requests(
+    session: Session,
+    settings: Settings,
+    model: Model,
+    first_version_id: str,
+    training_sample_ids: Sequence[str] | None,
+) -> tuple[dict[str, Any], list[Dispatch]]:
+    """At a model's registration: what its training data holds of erasures requested before it existed.
+
+    Train samples outside a declared ``training_sample_ids`` are recorded as never held (erased since the
+    first version). Every dataset-wide request (not canceled) whose samples the model was trained on is
+    carried to it as a new model-scoped request with the same samples, method and due date, queued now.
+    Returns the model's ``training_data`` notice and the jobs to dispatch.
+    """
+    now = utcnow()
+    train = {
+        row.sample_id: row.id for row in datasets_repository.split_rows(session, model.dataset_id, "train")
+    }
+    never_held: set[int] = set()
+    if training_sample_ids is not None:
+        unknown = sorted(set(training_sample_ids) - train.keys())
+        if unknown:
+            raise listed_problem(
+                "unknown-training-samples", "ids are not train samples of the model's dataset",
+                "training_sample_ids", unknown,
+            )  # fmt: skip
+        declared = {train[sample_id] for sample_id in training_sample_ids}
+        never_held = set(train.values()) - declared
+        erasures_repository.add_erased(session, model.id, never_held, first_version_id, None, now)
+    included = repository.requested_sample_pks(session, model.dataset_id) - never_held
+    dispatches: list[Dispatch] = []
+    queued: list[str] = []
+    for origin in repository.list_origin_candidates(session, model.dataset_id):
+        pks = [pk for pk in repository.sample_pks(session, origin.id) if pk not in never_held]
+        if not pks:
+            continue
+        request = DeletionRequest(
+            dataset_id=model.dataset_id, model_id=model.id, origin_request_id=origin.id,
+            subject_id=origin.subject_id, reason=origin.reason, method=origin.method, config=origin.config,
+            state="processing", sample_count=len(pks), received_at=now, due_at=origin.due_at,
+        )  # fmt: skip
+        dispatches += add_request(session, settings, request, [model], pks, actor="api")
+        queued.append(request.id)
+    notice = {
+        "declared_training_samples": None if training_sample_ids is None else len(training_sample_ids),
+        "erasure_requested_samples_included": len(included),
+        "queued_request_ids": queued,
+    }
+    return notice, dispatches

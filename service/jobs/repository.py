@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.jobs.tables import ACTIVE_STATES, Job
@@ -23,10 +23,6 @@ def get(session: Session, job_id: str) -> Job | None:
 def lock(session: Session, job_id: str) -> Job | None:
     """The job row, locked until commit and refreshed from the database."""
     return session.get(Job, job_id, with_for_update=True, populate_existing=True)
-
-
-def get_by_request(session: Session, request_id: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.request_id == request_id))
 
 
 def active_job_id(session: Session, model_id: str, excluding: str) -> str | None:
@@ -79,10 +75,37 @@ def list_jobs(
     return session.scalars(query).all()
 
 
-def stale_queued_ids(session: Session, older_than: datetime) -> list[str]:
+def ready_ids(session: Session, now: datetime, limit: int = 20) -> list[str]:
+    """Queued jobs that are ready, of models with no active job: earliest due date first, then oldest."""
+    busy = select(Job.model_id).where(Job.state.in_(ACTIVE_STATES))
     return list(
         session.scalars(
-            select(Job.id).where(Job.state == "queued", Job.created_at < older_than).order_by(Job.created_at)
+            select(Job.id)
+            .where(
+                Job.state == "queued",
+                or_(Job.ready_at.is_(None), Job.ready_at <= now),
+                Job.model_id.not_in(busy),
+            )
+            .order_by(Job.due_at.asc().nulls_last(), Job.created_at, Job.id)
+            .limit(limit)
+        )
+    )
+
+
+def earliest_queued_ready_at(session: Session) -> datetime | None:
+    """When the first queued job is (or was) ready; None when no job is queued."""
+    ready_at, created_at = session.execute(
+        select(func.min(Job.ready_at), func.min(Job.created_at)).where(Job.state == "queued")
+    ).one()
+    return ready_at or created_at
+
+
+def stale_queued_ids(session: Session, older_than: datetime) -> list[str]:
+    """Queued jobs that have been ready since before ``older_than``."""
+    ready_since = func.coalesce(Job.ready_at, Job.created_at)
+    return list(
+        session.scalars(
+            select(Job.id).where(Job.state == "queued", ready_since < older_than).order_by(Job.created_at)
         )
     )
 

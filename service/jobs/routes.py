@@ -1,13 +1,23 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fastapi import APIRouter, status
+from sqlalchemy.orm import Session
 
 from service.core.clock import utcnow
 from service.dependencies import CursorQuery, LimitQuery, SessionDep, SettingsDep, page_size
 from service.jobs import service
 from service.jobs.schemas import JobOut, JobPage
+from service.jobs.tables import Job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def jobs_out(session: Session, jobs: Sequence[Job]) -> list[JobOut]:
+    now = utcnow()
+    request_ids = service.request_ids(session, [job.id for job in jobs])
+    return [JobOut.from_job(job, now, request_ids.get(job.id, [])) for job in jobs]
 
 
 @router.get("", response_model=JobPage)
@@ -23,13 +33,12 @@ def list_jobs(
     page = service.list_jobs(
         session, model_name=model, state=state, cursor=cursor, limit=page_size(settings, limit)
     )
-    now = utcnow()
-    return JobPage(items=[JobOut.from_job(job, now) for job in page.items], next_cursor=page.next_cursor)
+    return JobPage(items=jobs_out(session, page.items), next_cursor=page.next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, session: SessionDep) -> JobOut:
-    return JobOut.from_job(service.get_job(session, job_id), utcnow())
+    return jobs_out(session, [service.get_job(session, job_id)])[0]
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
@@ -37,4 +46,4 @@ def cancel_job(job_id: str, session: SessionDep) -> JobOut:
     """Queued: canceled at once. Running: ``cancel_requested``, the worker stops cooperatively. Done: 409."""
     job = service.request_cancel(session, job_id)
     session.commit()
-    return JobOut.from_job(job, utcnow())
+    return jobs_out(session, [job])[0]

@@ -35,7 +35,10 @@ class JobError(BaseModel):
 class JobOut(BaseModel):
     id: str
     kind: str = Field(description="unlearn (a deletion request's job) or build_references (the audit's)")
-    request_id: str | None = Field(description="the deletion request; None for a reference build")
+    request_ids: list[str] = Field(
+        description="the deletion requests whose erasure from the model this job runs (coalesced; earliest "
+        "due first); none for a reference build"
+    )
     model_id: str
     state: str
     done: bool = Field(description="the state is terminal (AIP-151)")
@@ -48,16 +51,22 @@ class JobOut(BaseModel):
     result_version_id: str | None
     error: JobError | None
     cancel_requested: bool
+    sample_count: int = Field(description="samples the job's requests name (shared ones counted per request)")
+    batch_open: bool = Field(description="still queued and taking more requests of its model")
+    ready_at: datetime | None = Field(description="when a worker may take it (the coalescing wait's end)")
+    due_at: datetime | None = Field(
+        description="the earliest due date among its requests: workers take the earliest first"
+    )
 
     @classmethod
-    def from_job(cls, job: Job, now: datetime) -> JobOut:
+    def from_job(cls, job: Job, now: datetime, request_ids: list[str]) -> JobOut:
         def seconds(start: datetime | None, end: datetime | None) -> float | None:
             return (end - start).total_seconds() if start is not None and end is not None else None
 
         return cls(
             id=job.id,
             kind=job.kind,
-            request_id=job.request_id,
+            request_ids=request_ids,
             model_id=job.model_id,
             state=job.state,
             done=job.state in TERMINAL_STATES,
@@ -77,6 +86,10 @@ class JobOut(BaseModel):
             result_version_id=job.result_version_id,
             error=JobError(reason=job.error_reason, detail=job.error_detail) if job.error_reason else None,
             cancel_requested=job.cancel_requested,
+            sample_count=job.sample_count,
+            batch_open=job.batch_open,
+            ready_at=job.ready_at,
+            due_at=job.due_at,
         )
 
 

@@ -1,17 +1,18 @@
 """The job state machine and the worker-facing API. Never commits: the caller (route or task) does.
 
 ``queued -> running -> evaluating -> succeeded | rejected | failed | canceled``; a queued job can also be
-canceled (or failed by an operator) before it starts. A worker's life cycle for one job, each step its own
-transaction::
+canceled (or failed by an operator) before it starts. An unlearning job holds one or more erasure targets
+(``service.erasures``: one deletion request's erasure from the job's model). A worker's life cycle for one
+job, each step its own transaction::
 
-    claimed = claim_job(s, job_id, worker_id, lease)   # None: nothing to do; ModelBusy: retry later
-    sets = datasets.service.resolve_sets(s, claimed.dataset_id, claimed.forget_sample_ids)
-    stop = record_progress(s, job_id, {...}, worker_id, lease)  # renews the lease; True: stop
-    set_state(s, job_id, "evaluating")
-    # success, in ONE transaction:
-    version = models.service.register_version(s, ..., activate=True, request_ids=[claimed.request_id])
-    datasets.service.mark_forgotten(s, claimed.dataset_id, claimed.forget_sample_ids, claimed.request_id, now)
-    finish(s, job_id, "succeeded", metrics=..., result_version_id=version.id)
+    claimed = claim_job(s, job_id, worker_id, lease)   # None: nothing to do; NotReady: look again later
+    sets = datasets.service.resolve_sets(s, claimed.dataset_id, claimed.model_id, claimed.forget_sample_ids)
+    stop = record_progress(s, claimed.job_id, {...}, worker_id, lease)  # renews the lease; True: stop
+    set_state(s, claimed.job_id, "evaluating")
+    # the outcome, in ONE transaction:
+    version = models.service.register_version(s, ..., activate=any_passed, request_ids=[...passed])
+    erasures.service.complete(s, target, ...)    # per target whose audit passed; retry_alone / settle others
+    finish(s, claimed.job_id, "succeeded", metrics=..., result_version_id=version.id)
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from service.core.clock import utcnow
 from service.core.pagination import Page, decode_cursor, page_from_rows
 from service.core.problems import Conflict, InvalidInput, NotFound
 from service.datasets import repository as datasets_repository
-from service.deletion_requests import repository as requests_repository
-from service.deletion_requests import service as requests_service
+from service.erasures import service as erasures
 from service.jobs import repository
 from service.jobs.tables import ACTIVE_STATES, JOB_STATES, TERMINAL_STATES, Job
 from service.models import repository as models_repository
@@ -55,12 +55,21 @@ class VersionRef:
 
 
 @dataclass(frozen=True)
+class ClaimedTarget:
+    """One request's erasure inside a claimed job: the samples of the request the model still holds."""
+
+    target_id: str
+    request_id: str
+    sample_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ClaimedJob:
     """Everything a worker needs to run a job, read in the transaction that claimed it."""
 
     job_id: str
     kind: str  # unlearn | build_references
-    request_id: str | None  # None for a reference build
+    targets: tuple[ClaimedTarget, ...]  # none for a reference build
     model_id: str
     model_name: str
     spec: dict[str, Any]  # ModelSpec.to_dict()
@@ -70,17 +79,17 @@ class ClaimedJob:
     array_path: str
     method: str
     config: dict[str, Any]  # the full configuration (defaults included), for make_config(method, config)
-    forget_sample_ids: tuple[str, ...]
+    forget_sample_ids: tuple[str, ...]  # the union of the targets' samples, by row
     state: str  # running, or evaluating when an abandoned job is claimed again
     resume: dict[str, Any]  # what an earlier attempt committed in ``metrics`` (steps it need not redo)
 
 
 @dataclass(frozen=True)
-class ModelBusy:
-    """Another job of the same model is running or evaluating; retry the claim later."""
+class NotReady:
+    """No job can be taken now (the ready ones are of busy models, or none is ready yet): look again in
+    ``retry_in`` seconds."""
 
-    model_id: str
-    running_job_id: str
+    retry_in: float
 
 
 def get_job(session: Session, job_id: str) -> Job:
@@ -91,33 +100,55 @@ def get_job(session: Session, job_id: str) -> Job:
 
 
 def claim_job(
-    session: Session, job_id: str, worker_id: str, lease: timedelta
-) -> ClaimedJob | ModelBusy | None:
-    """Move a queued job to running for ``worker_id`` with a lease of ``lease``, or say why not.
+    session: Session, job_id: str, worker_id: str, lease: timedelta, *, retry_s: float = 15.0
+) -> ClaimedJob | NotReady | None:
+    """Take a job for ``worker_id`` with a lease of ``lease``, from the message that names ``job_id``.
 
-    A running or evaluating job whose lease lapsed (its worker died) is claimed again as it stands: same base
-    version, ``resume`` holding what its earlier attempt committed. Returns None when the job is unknown,
-    finished, or held by a live lease (a redelivered message, a canceled job): the caller acknowledges the
-    message and does nothing. Returns :class:`ModelBusy` when another job of the model
-    is active: jobs on one model run one after another, each starting from the version the previous produced.
-    The model row is locked during the check, so two workers cannot both pass it; commit right after.
+    A running or evaluating ``job_id`` whose lease lapsed (its worker died) is taken over as it stands: same
+    base version, ``resume`` holding what its earlier attempt committed. Otherwise the worker takes the most
+    urgent ready job (earliest due date, then oldest), ``job_id`` or another: jobs of one model run one after
+    another, each from the version the previous produced, and a message is a ticket to run one job.
+    Returns :class:`NotReady` while queued jobs exist that cannot be taken yet, None when there is nothing to
+    do (the message was redundant). Commit right after: the model's row stays locked until then.
     """
     now = utcnow()
+    named = repository.get(session, job_id)
+    if named is not None and named.state in ACTIVE_STATES and _claimable(named, now):
+        claimed = _take(session, job_id, worker_id, lease, now)
+        if claimed is not None:
+            return claimed
+    for candidate in repository.ready_ids(session, now):
+        claimed = _take(session, candidate, worker_id, lease, now)
+        if claimed is not None:
+            return claimed
+    waiting = repository.earliest_queued_ready_at(session)
+    if waiting is None:
+        return None
+    return NotReady(retry_in=min(retry_s, max(0.5, (waiting - now).total_seconds())))
+
+
+def _take(
+    session: Session, job_id: str, worker_id: str, lease: timedelta, now: datetime
+) -> ClaimedJob | None:
+    """Claim one job if it is still claimable and no other job of its model is active (checked under the
+    model's row lock, so two workers cannot both pass)."""
     job = repository.get(session, job_id)
-    if job is None or not _claimable(job, now):
+    if job is None:
         return None
     model = models_repository.lock_model(session, job.model_id)
     job = repository.lock(session, job_id)
     if model is None or job is None or not _claimable(job, now):
         return None
-    running_job_id = repository.active_job_id(session, model.id, excluding=job.id)
-    if running_job_id is not None:
-        return ModelBusy(model_id=model.id, running_job_id=running_job_id)
+    if job.state == "queued" and job.ready_at is not None and job.ready_at > now:
+        return None
+    if repository.active_job_id(session, model.id, excluding=job.id) is not None:
+        return None
     fresh = job.state == "queued"
     if fresh:
         base = models_repository.active_version(session, model.id)
         job.state = "running"
         job.started_at = now
+        job.batch_open = False
     else:
         base = models_repository.get_version(session, job.base_version_id or "")
     dataset = datasets_repository.get_dataset(session, model.dataset_id)
@@ -129,10 +160,15 @@ def claim_job(
     session.flush()
     kind = "job.running" if fresh else "job.taken_over"  # another worker's lease lapsed
     _record(session, job, kind, worker_id, {"base_version": base.number, "state": job.state})
+    targets = erasures.targets_of_job(session, job.id)
+    pending = erasures.pending_samples(session, targets, model.id)
+    claimed_targets = tuple(
+        ClaimedTarget(t.id, t.request_id, tuple(pending[t.id])) for t in targets if t.state == "pending"
+    )
     return ClaimedJob(
         job_id=job.id,
         kind=job.kind,
-        request_id=job.request_id,
+        targets=claimed_targets,
         model_id=model.id,
         model_name=model.name,
         spec=dict(model.spec),
@@ -142,9 +178,8 @@ def claim_job(
         array_path=dataset.array_path,
         method=job.method,
         config=dict(job.config),
-        forget_sample_ids=(
-            tuple(requests_repository.pending_sample_ids(session, job.request_id)) if job.request_id else ()
-        ),
+        # Requests may share samples (one subject asked twice): each is unlearned once.
+        forget_sample_ids=tuple(dict.fromkeys(s for t in claimed_targets for s in t.sample_ids)),
         state=job.state,
         resume=dict(job.metrics or {}),
     )
@@ -205,7 +240,8 @@ def finish(
     error_detail: str | None = None,
     worker_id: str | None = None,
 ) -> Job:
-    """End the job in a terminal state and settle its deletion request accordingly.
+    """End the job in a terminal state; a failed or canceled job ends its pending erasure targets the same
+    way (a succeeded or rejected one has settled each target by its own audit before this).
 
     ``succeeded`` needs the activated ``result_version_id``; ``rejected`` may point at the rejected version;
     ``failed`` and ``canceled`` should carry ``error_reason`` (a short machine-readable slug) and a detail.
@@ -231,14 +267,15 @@ def finish(
         actor,
         {"error_reason": error_reason, "result_version_id": result_version_id},
     )
-    if job.request_id is not None:
-        requests_service.settle(session, job.request_id, state, now, actor)
+    if state in ("failed", "canceled"):
+        erasures.settle_job(session, job, state, actor)
     return job
 
 
 def _record(session: Session, job: Job, kind: str, actor: str, data: dict[str, Any] | None = None) -> None:
+    # A job may hold many requests: its events name none; each request's erasure events name the job.
     trail.append(
-        session, kind, actor=actor, subject_type="job", subject_id=job.id, request_id=job.request_id,
+        session, kind, actor=actor, subject_type="job", subject_id=job.id, request_id=None,
         data={"kind": job.kind, "model_id": job.model_id, **(data or {})},
     )  # fmt: skip
 
@@ -305,6 +342,11 @@ def list_jobs(
             ) from exc
     rows = repository.list_jobs(session, model_id=model_id, state=state, before=before, limit=limit + 1)
     return page_from_rows(rows, limit, key_of=lambda job: (job.created_at.isoformat(), job.id))
+
+
+def request_ids(session: Session, job_ids: list[str]) -> dict[str, list[str]]:
+    """Per job: the deletion requests it holds."""
+    return erasures.request_ids_of_jobs(session, job_ids)
 
 
 def list_stale_queued(session: Session, older_than: datetime) -> list[str]:

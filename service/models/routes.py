@@ -12,7 +12,17 @@ from sqlalchemy.orm import Session
 from service.core.fields import Identifier
 from service.core.problems import InvalidInput
 from service.core.settings import Settings
-from service.dependencies import CursorQuery, LimitQuery, SessionDep, SettingsDep, StoreDep, page_size
+from service.deletion_requests.routes import dispatch_all
+from service.dependencies import (
+    CursorQuery,
+    DispatcherDep,
+    LimitQuery,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    page_size,
+)
+from service.dispatch import JobDispatcher
 from service.models import service
 from service.models.schemas import (
     MODEL_NAME_PATTERN,
@@ -29,24 +39,29 @@ router = APIRouter(prefix="/models", tags=["models"])
 _STREAM_CHUNK = 1 << 20
 
 
-def _versions_out(session: Session, versions: Sequence[ModelVersion]) -> list[VersionOut]:
+def _versions_out(session: Session, model: Model, versions: Sequence[ModelVersion]) -> list[VersionOut]:
     covered = service.covered_request_ids(session, versions)
+    erased = service.erased_sample_counts(session, model)
     return [
         VersionOut.model_validate(version).model_copy(
-            update={"covered_request_ids": covered.get(version.id, [])}
+            update={
+                "covered_request_ids": covered.get(version.id, []),
+                "erased_sample_count": erased.get(version.id, 0),
+            }
         )
         for version in versions
     ]
 
 
 def _model_out(session: Session, model: Model) -> ModelOut:
-    [active] = _versions_out(session, [service.active_version(session, model)])
+    [active] = _versions_out(session, model, [service.active_version(session, model)])
     return ModelOut(
         id=model.id,
         name=model.name,
         dataset_id=model.dataset_id,
         spec=model.spec,
         training_recipe=model.training_recipe,
+        training_data=model.training_data,
         created_at=model.created_at,
         active_version=active,
     )
@@ -56,6 +71,7 @@ def _create(
     session: Session,
     settings: Settings,
     store: CheckpointStore,
+    dispatcher: JobDispatcher,
     response: Response,
     *,
     name: str,
@@ -63,27 +79,38 @@ def _create(
     spec: dict[str, Any],
     checkpoint: bytes,
     training_recipe: dict[str, Any] | None,
+    training_sample_ids: list[str] | None = None,
 ) -> ModelOut:
-    model, _version = service.register_model(
+    model, _version, dispatches = service.register_model(
         session,
         store,
-        architectures=settings.architectures,
+        settings,
         name=name,
         dataset_id=dataset_id,
         spec=spec,
         checkpoint=checkpoint,
         training_recipe=training_recipe,
+        training_sample_ids=training_sample_ids,
     )
     session.commit()
+    dispatch_all(dispatcher, dispatches)
     response.headers["Location"] = f"/models/{model.name}"
     return _model_out(session, model)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelOut)
 def register_model(
-    body: ModelCreate, session: SessionDep, settings: SettingsDep, store: StoreDep, response: Response
+    body: ModelCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    dispatcher: DispatcherDep,
+    response: Response,
 ) -> ModelOut:
-    """Register a model whose first version imports a server-side safetensors checkpoint."""
+    """Register a model whose first version imports a server-side safetensors checkpoint.
+
+    Erasures requested dataset-wide before it existed are queued for it at once (``training_data`` says
+    which), unless ``training_sample_ids`` shows it was not trained on those samples."""
     try:
         checkpoint = Path(body.checkpoint_path).read_bytes()
     except OSError as exc:
@@ -96,12 +123,14 @@ def register_model(
         session,
         settings,
         store,
+        dispatcher,
         response,
         name=body.name,
         dataset_id=body.dataset_id,
         spec=body.spec,
         checkpoint=checkpoint,
         training_recipe=body.training_recipe,
+        training_sample_ids=body.training_sample_ids,
     )
 
 
@@ -110,6 +139,7 @@ def upload_model(
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
+    dispatcher: DispatcherDep,
     response: Response,
     name: Annotated[str, Form(pattern=MODEL_NAME_PATTERN)],
     dataset_id: Annotated[Identifier, Form()],
@@ -130,6 +160,7 @@ def upload_model(
         session,
         settings,
         store,
+        dispatcher,
         response,
         name=name,
         dataset_id=dataset_id,
@@ -164,12 +195,14 @@ def get_model(name: str, session: SessionDep) -> ModelOut:
 
 @router.get("/{name}/versions", response_model=VersionList)
 def list_versions(name: str, session: SessionDep) -> VersionList:
-    return VersionList(items=_versions_out(session, service.list_versions(session, name)))
+    model = service.get_model(session, name)
+    return VersionList(items=_versions_out(session, model, service.list_versions(session, name)))
 
 
 @router.get("/{name}/versions/{number}", response_model=VersionOut)
 def get_version(name: str, number: int, session: SessionDep) -> VersionOut:
-    [version] = _versions_out(session, [service.get_version(session, name, number)])
+    model = service.get_model(session, name)
+    [version] = _versions_out(session, model, [service.get_version(session, name, number)])
     return version
 
 

@@ -25,6 +25,11 @@ class ModelCreate(BaseModel):
         description="how the model was trained (epochs, lr, batch_size, weight_decay); the audit's "
         "reference models are trained the same way. Default: the engine's recipe",
     )
+    training_sample_ids: list[Identifier] | None = Field(
+        default=None,
+        description="the train samples of the dataset the model was trained on (default: all of them); "
+        "erasures requested before the model existed are queued for it only for samples in this set",
+    )
 
 
 class VersionOut(BaseModel):
@@ -44,6 +49,9 @@ class VersionOut(BaseModel):
     rejection_reason: str | None
     created_by_job_id: str | None
     covered_request_ids: list[str] = []
+    erased_sample_count: int = Field(
+        default=0, description="train samples this version no longer holds (inherited along its lineage)"
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -56,6 +64,10 @@ class ModelOut(BaseModel):
     dataset_id: Identifier
     spec: dict[str, Any]
     training_recipe: dict[str, Any] | None
+    training_data: dict[str, Any] | None = Field(
+        description="at registration: how many of its training samples earlier requests asked to erase, and "
+        "the requests queued for it because of them"
+    )
     created_at: datetime
     active_version: VersionOut
 

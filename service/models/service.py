@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, BinaryIO
 
@@ -11,7 +11,11 @@ from sqlalchemy.orm import Session
 
 from service.core.pagination import Page, decode_cursor, page_from_rows
 from service.core.problems import Conflict, InvalidInput, NotFound, ServerFault
+from service.core.settings import Settings
 from service.datasets import repository as datasets_repository
+from service.deletion_requests import service as requests_service
+from service.erasures import repository as erasures_repository
+from service.erasures.service import Dispatch
 from service.models import repository
 from service.models.tables import Model, ModelVersion
 from service.storage import (
@@ -43,17 +47,21 @@ def get_model(session: Session, name: str) -> Model:
 def register_model(
     session: Session,
     store: CheckpointStore,
+    settings: Settings,
     *,
-    architectures: Collection[str],
     name: str,
     dataset_id: str,
     spec: dict[str, Any],
     checkpoint: bytes,
     training_recipe: dict[str, Any] | None = None,
-) -> tuple[Model, ModelVersion]:
+    training_sample_ids: Sequence[str] | None = None,
+) -> tuple[Model, ModelVersion, list[Dispatch]]:
     """Register a model trained on ``dataset_id`` with its first (active) version holding ``checkpoint``.
 
-    Its spec must name one of ``architectures`` (those the workers build) and fit the dataset.
+    Its spec must name one of ``settings.architectures`` (those the workers build) and fit the dataset. It
+    was trained on every train sample of the dataset unless ``training_sample_ids`` says which; erasures
+    requested dataset-wide before it existed are queued for it (see
+    ``deletion_requests.service.honour_earlier_requests``); the caller commits, then dispatches.
 
     The checkpoint must be a safetensors file (a pickle is refused: loading one runs code). It is stored
     before the rows are committed; if the commit fails, the content-addressed object is merely unreferenced.
@@ -67,6 +75,7 @@ def register_model(
         model_spec = ModelSpec.from_dict(spec)
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidInput("invalid-spec", f"invalid model spec: {exc}", field="spec") from exc
+    architectures = settings.architectures
     if model_spec.architecture not in architectures:
         raise InvalidInput(
             "unknown-architecture",
@@ -113,7 +122,12 @@ def register_model(
         job_id=None,
         request_ids=(),
     )
-    return model, version
+    notice, dispatches = requests_service.honour_earlier_requests(
+        session, settings, model, version.id, training_sample_ids
+    )
+    model.training_data = notice
+    session.flush()
+    return model, version, dispatches
 
 
 def list_models(session: Session, cursor: str | None, limit: int) -> Page[Model]:
@@ -135,6 +149,18 @@ def list_versions(session: Session, name: str) -> Sequence[ModelVersion]:
 
 def covered_request_ids(session: Session, versions: Sequence[ModelVersion]) -> dict[str, list[str]]:
     return repository.covered_request_ids(session, [version.id for version in versions])
+
+
+def erased_sample_counts(session: Session, model: Model) -> dict[str, int]:
+    """Per version of the model: how many train samples it no longer holds (its own erasures and its
+    ancestors'; a rejected version holds what its parent holds)."""
+    own = erasures_repository.erased_counts_by_version(session, model.id)
+    versions = {version.id: version for version in repository.list_versions(session, model.id)}
+    counts: dict[str, int] = {}
+    for version in sorted(versions.values(), key=lambda v: v.number):
+        parent = counts.get(version.parent_id, 0) if version.parent_id else 0
+        counts[version.id] = parent + own.get(version.id, 0)
+    return counts
 
 
 def open_checkpoint(store: CheckpointStore, version: ModelVersion) -> BinaryIO:

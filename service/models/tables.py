@@ -35,6 +35,9 @@ class Model(Base):
     # How the model was trained (TrainingConfig fields: epochs, lr, batch_size, weight_decay); the audit's
     # reference models follow it. None: the engine's default recipe.
     training_recipe: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # What registration found about the training data: erasures requested before the model existed that its
+    # training data still included, and the requests queued for them.
+    training_data: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

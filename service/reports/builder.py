@@ -13,12 +13,14 @@ from sqlalchemy.orm import Session
 from service.datasets import repository as datasets_repository
 from service.deletion_requests import repository as requests_repository
 from service.deletion_requests.tables import DeletionRequest
+from service.erasures import repository as erasures_repository
+from service.erasures.tables import ALREADY_ERASED, ErasureTarget
 from service.jobs import repository as jobs_repository
 from service.models import repository as models_repository
 from service.models.tables import ModelVersion
 from service.reports import commitment
 
-FORMAT = "lethe-erasure-report/1"
+FORMAT = "lethe-erasure-report/2"
 EXACT_METHODS = frozenset({"retrain"})
 NOT_AUDITED = (
     "No audit ran for this request (it did not reach one): nothing here is evidence that the samples were "
@@ -77,55 +79,84 @@ def _evidence(audit: dict[str, Any], salt: bytes) -> dict[str, Any]:
     }
 
 
-def build_content(session: Session, request: DeletionRequest, salt: bytes) -> dict[str, Any]:
-    model = models_repository.get_model(session, request.model_id)
+def _erasure(
+    session: Session, request: DeletionRequest, target: ErasureTarget, salt: bytes
+) -> dict[str, Any]:
+    """What one model did with the request: provenance, the outcome and the audit's evidence."""
+    model = models_repository.get_model(session, target.model_id)
     assert model is not None  # a foreign key
-    dataset = datasets_repository.get_dataset(session, model.dataset_id)
-    assert dataset is not None
-    job = jobs_repository.get_by_request(session, request.id)
+    job = jobs_repository.get(session, target.job_id) if target.job_id else None
     metrics = (job.metrics or {}) if job is not None else {}
-    audit = metrics.get("audit")
-    sample_ids = requests_repository.all_sample_ids(session, request.id)
+    audit = (metrics.get("audits") or {}).get(request.id)
     base = (
         models_repository.get_version(session, job.base_version_id) if job and job.base_version_id else None
     )
     result = (
-        models_repository.get_version(session, job.result_version_id)
-        if job and job.result_version_id
-        else None
+        models_repository.get_version(session, target.result_version_id) if target.result_version_id else None
     )
-    completed = request.completed_at
     job_provenance = None
     if job is not None:
         job_provenance = {
             "id": job.id,
             "worker": job.worker_id,
+            "requests_in_job": len(erasures_repository.targets_of_job(session, job.id)),
             "created_at": job.created_at.isoformat(),
             "started_at": job.started_at.isoformat() if job.started_at else None,
             "finished_at": job.finished_at.isoformat() if job.finished_at else None,
             "timings": metrics.get("timings"),
             "environment": metrics.get("environment"),
         }
-    if job is None:
+    if target.verdict == ALREADY_ERASED:
         outcome: dict[str, Any] = {
-            "verdict": "already_erased", "passed": True,
-            "detail": "every named sample was erased by an earlier request; its report holds the evidence",
+            "verdict": ALREADY_ERASED, "passed": True,
+            "detail": "the model held none of the samples: an earlier request erased them (its report holds "
+                      "the evidence) or the model was never trained on them",
         }  # fmt: skip
     else:
         outcome = {
             "verdict": audit["verdict"] if audit else None,
-            "passed": bool(audit and audit["gate"]["passed"] and job.state == "succeeded"),
-            "job_state": job.state,
+            "passed": bool(audit and audit["gate"]["passed"] and target.state == "completed"),
+            "state": target.state,
             "failures": audit["gate"]["failures"] if audit else [],
-            "error": {"reason": job.error_reason, "detail": job.error_detail} if job.error_reason else None,
+            "error": {"reason": job.error_reason, "detail": job.error_detail}
+            if job and job.error_reason
+            else None,
             "rule": metrics.get("rule"),
             "gate": audit["gate"] if audit else None,
         }
+    return {
+        "model": {
+            "id": model.id,
+            "name": model.name,
+            "spec": model.spec,
+            "training_recipe": model.training_recipe,
+        },
+        "state": target.state,
+        "samples_held": target.pending_count,
+        "already_erased": target.already_erased_count,
+        "base_version": _version(base),
+        "new_version": _version(result),
+        "job": job_provenance,
+        "attempts": target.attempts,
+        "outcome": outcome,
+        "utility_population_metrics": {"before": metrics.get("before"), "after": metrics.get("after")},
+        "evidence": _evidence(audit, salt) if audit else None,
+        "limitations": audit["limitations"] if audit else NOT_AUDITED,
+    }
+
+
+def build_content(session: Session, request: DeletionRequest, salt: bytes) -> dict[str, Any]:
+    dataset = datasets_repository.get_dataset(session, request.dataset_id)
+    assert dataset is not None  # a foreign key
+    sample_ids = requests_repository.all_sample_ids(session, request.id)
+    completed = request.completed_at
     return {
         "format": FORMAT,
         "request": {
             "id": request.id,
             "state": request.state,
+            "scope": "model" if request.model_id else "dataset",
+            "origin_request_id": request.origin_request_id,
             "received_at": request.received_at.isoformat(),
             "due_at": request.due_at.isoformat(),
             "completed_at": completed.isoformat() if completed else None,
@@ -138,37 +169,26 @@ def build_content(session: Session, request: DeletionRequest, salt: bytes) -> di
         },
         "samples": {
             "count": request.sample_count,
-            "already_erased_by_earlier_requests": request.already_forgotten_count,
             "commitment": {
                 "algorithm": commitment.ALGORITHM,
                 "root": commitment.merkle_root(salt, sample_ids),
             },
         },
-        "provenance": {
-            "model": {
-                "id": model.id,
-                "name": model.name,
-                "spec": model.spec,
-                "training_recipe": model.training_recipe,
-            },
-            "base_version": _version(base),
-            "new_version": _version(result),
-            "dataset": {
-                "id": dataset.id,
-                "name": dataset.name,
-                "registry_sha256": _registry_digest(session, dataset.id),
-            },
-            "method": request.method,
-            "config": request.config,
-            "seed": request.config.get("seed"),
-            "job": job_provenance,
-            "code_version": metadata.version("lethe"),
+        "dataset": {
+            "id": dataset.id,
+            "name": dataset.name,
+            "registry_sha256": _registry_digest(session, dataset.id),
         },
+        "method": request.method,
         "method_class": "exact (retrained without the samples)"
         if request.method in EXACT_METHODS
         else "approximate (empirically audited)",
-        "outcome": outcome,
-        "utility_population_metrics": {"before": metrics.get("before"), "after": metrics.get("after")},
-        "evidence": _evidence(audit, salt) if audit else None,
-        "limitations": audit["limitations"] if audit else NOT_AUDITED,
+        "config": request.config,
+        "seed": request.config.get("seed"),
+        "code_version": metadata.version("lethe"),
+        # One entry per model the request applies to: the request is completed only if each one is.
+        "erasures": [
+            _erasure(session, request, target, salt)
+            for target in erasures_repository.targets_of_request(session, request.id)
+        ],
     }

@@ -26,35 +26,48 @@ VERDICT_WORDS = {
     "over_forgetting": "NOT ACCEPTED: the samples look less like members than never-seen data",
     "unchanged": "NOT ERASED: the model is unchanged",
     "insufficient_controls": "NOT SHOWN: too few never-seen samples to calibrate the test",
-    "already_erased": "ALREADY ERASED by earlier requests",
+    "already_erased": "ALREADY ERASED: the model held none of the samples",
     None: "NOT AUDITED: the job ended before an audit",
 }
 
 
 def _lines(report: dict[str, Any], sha256: str, key_id: str) -> list[tuple[str, str]]:
-    request, samples, outcome = report["request"], report["samples"], report["outcome"]
-    provenance = report["provenance"]
-    evidence = report.get("evidence") or {}
-    membership = evidence.get("membership", {})
-    after = membership.get("after", {})
-    before = membership.get("before", {})
-    base, new = provenance.get("base_version"), provenance.get("new_version")
+    request, samples = report["request"], report["samples"]
+    erasures = report["erasures"]
+    completed = sum(1 for erasure in erasures if erasure["state"] == "completed")
     rows = [
-        ("Verdict", VERDICT_WORDS.get(outcome.get("verdict"), str(outcome.get("verdict")))),
-        ("Gate", "passed: the new version went live" if outcome.get("passed")
-         else "not passed: nothing went live"),
-        ("Request", f"{request['id']} ({request['state']}); reason: {request.get('reason') or '-'}"),
+        ("Request", f"{request['id']} ({request['state'].upper()}: {completed} of {len(erasures)} models "
+                    f"completed); scope: {request['scope']}; reason: {request.get('reason') or '-'}"),
         ("Received / due", f"{request['received_at']} / {request['due_at']}"),
         ("Settled", f"{request.get('completed_at')}; due date met: {request['due_date_met']}"),
         ("What was erased", f"{samples['count']} training samples, committed as SHA-256 Merkle root "
                             f"{samples['commitment']['root'][:32]}... (no identifier is listed)"),
-        ("Model", f"{provenance['model']['name']}: v{base['number'] if base else '?'} -> "
-                  f"v{new['number'] if new else '-'} ({new['status'] if new else 'no new version'})"),
-        ("Method", f"{provenance['method']} ({report['method_class']})"),
+        ("Method", f"{report['method']} ({report['method_class']})"),
+    ]  # fmt: skip
+    for erasure in erasures:
+        rows += _erasure_lines(erasure)
+    rows.append(
+        ("Integrity", f"report SHA-256 {sha256}; Ed25519 key {key_id}; verify with `lethe report verify`")
+    )
+    return rows
+
+
+def _erasure_lines(erasure: dict[str, Any]) -> list[tuple[str, str]]:
+    outcome = erasure["outcome"]
+    evidence = erasure.get("evidence") or {}
+    membership = evidence.get("membership", {})
+    after, before = membership.get("after", {}), membership.get("before", {})
+    base, new = erasure.get("base_version"), erasure.get("new_version")
+    verdict = VERDICT_WORDS.get(outcome.get("verdict"), str(outcome.get("verdict")))
+    rows = [
+        (f"Model {erasure['model']['name']}", f"{verdict}; erasure {erasure['state']}"),
+        ("Versions", f"v{base['number'] if base else '-'} -> v{new['number'] if new else '-'} "
+                     f"({new['status'] if new else 'no new version'}); {erasure['samples_held']} samples "
+                     f"held, {erasure['already_erased']} already erased; "
+                     f"{len(erasure['attempts'])} attempt(s)"),
     ]  # fmt: skip
     if membership:
         rows += [
-            ("How it was checked", evidence.get("method", "")),
             ("Member-like share", f"{before.get('member_share')} before -> {after.get('member_share')} after "
                                   f"(5 % expected of never-seen data; p = {after.get('member_share_p')})"),
             ("Over-forgetting share",
@@ -66,33 +79,37 @@ def _lines(report: dict[str, Any], sha256: str, key_id: str) -> list[tuple[str, 
         rows.append(("Failed rule", failure))
     if outcome.get("error"):
         rows.append(("Job error", f"{outcome['error']['reason']}: {outcome['error']['detail']}"))
-    rows += [
-        ("Limitations", report["limitations"]),
-        ("Integrity", f"report SHA-256 {sha256}; Ed25519 key {key_id}; verify with `lethe report verify`"),
-    ]
+    rows.append(("Limitations", erasure["limitations"]))
     return rows
 
 
-def _summary_page(report: dict[str, Any], sha256: str, key_id: str) -> Figure:
+def _summary_pages(report: dict[str, Any], sha256: str, key_id: str) -> list[Figure]:
+    """The summary, continued on further pages when the request spans many models."""
     figure = Figure(figsize=A4)
     figure.text(0.07, 0.95, "Erasure report", fontsize=20, weight="bold")
     figure.text(0.07, 0.925, "GDPR Art. 17 deletion request: outcome and evidence", fontsize=11, color="0.3")
-    y = 0.88
+    pages, y = [figure], 0.88
     for label, value in _lines(report, sha256, key_id):
         wrapped = textwrap.wrap(str(value), 72, break_long_words=True) or [""]
+        height = 0.016 * len(wrapped) + 0.012
+        if y - height < 0.05:
+            figure = Figure(figsize=A4)
+            figure.text(0.07, 0.95, "Erasure report (continued)", fontsize=14, weight="bold")
+            pages.append(figure)
+            y = 0.9
         figure.text(0.07, y, label, fontsize=9, weight="bold", va="top")
         figure.text(0.30, y, "\n".join(wrapped), fontsize=9, va="top", family="DejaVu Sans")
-        y -= 0.016 * len(wrapped) + 0.012
-        if y < 0.05:
-            break
-    return figure
+        y -= height
+    return pages
 
 
-def _evidence_page(report: dict[str, Any]) -> Figure:
-    evidence = report["evidence"]
+def _evidence_page(erasure: dict[str, Any]) -> Figure:
+    evidence = erasure["evidence"]
     figure = Figure(figsize=A4)
     axes = figure.subplots(3, 1)
-    figure.suptitle("Evidence", fontsize=14, weight="bold", x=0.1, ha="left")
+    figure.suptitle(
+        f"Evidence: model {erasure['model']['name']}", fontsize=14, weight="bold", x=0.1, ha="left"
+    )
     distributions = evidence.get("score_distributions") or {}
     edges = distributions.get("edges")
     ax = axes[0]
@@ -145,8 +162,7 @@ def render_pdf(report: dict[str, Any], sha256: str, key_id: str) -> bytes:
     with PdfPages(
         buffer, metadata={"Title": f"Erasure report {report['request']['id']}", "CreationDate": None}
     ) as pdf:
-        for figure in [_summary_page(report, sha256, key_id)] + (
-            [_evidence_page(report)] if report.get("evidence") else []
-        ):
+        evidence = [_evidence_page(erasure) for erasure in report["erasures"] if erasure.get("evidence")]
+        for figure in [*_summary_pages(report, sha256, key_id), *evidence]:
             pdf.savefig(figure)
     return buffer.getvalue()

@@ -29,9 +29,18 @@ NUM_CLASSES = 3
 class RecordingDispatcher:
     def __init__(self) -> None:
         self.dispatched: list[str] = []
+        self.delays: list[float] = []
 
-    def dispatch(self, job_id: str) -> None:
+    def dispatch(self, job_id: str, delay_s: float = 0.0) -> None:
         self.dispatched.append(job_id)
+        self.delays.append(delay_s)
+
+
+def job_of(request: dict[str, Any], model: str | None = None) -> str:
+    """The job that holds a deletion request's erasure from ``model`` (default: its only model)."""
+    erasures = [e for e in request["erasures"] if model is None or e["model"] == model]
+    assert len(erasures) == 1, request["erasures"]
+    return str(erasures[0]["job_id"])
 
 
 def sqlalchemy_url(database: str) -> str:
@@ -108,6 +117,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         database_url=database_url,
         storage_dir=tmp_path / "checkpoints",
         report_key_dir=tmp_path / "report-keys",
+        batch_wait_s=0,  # a job is ready at once; coalescing tests set their own wait
     )
 
 

@@ -23,6 +23,7 @@ from tests.service.conftest import (
     create_database,
     dataset_body,
     drop_database,
+    job_of,
     spec,
     write_array,
 )
@@ -96,7 +97,7 @@ def test_the_same_api_runs_on_sqlite(tmp_path: Path) -> None:
     """The demo's database: foreign keys on, bulk insert and the claim without row locks."""
     url = f"sqlite:///{tmp_path / 'demo.db'}"
     migrate(url)
-    settings = Settings(database_url=url, storage_dir=tmp_path / "store")
+    settings = Settings(database_url=url, storage_dir=tmp_path / "store", batch_wait_s=0)
     dispatcher = RecordingDispatcher()
     with TestClient(create_app(settings, dispatcher)) as client:
         dataset = client.post("/datasets", json=dataset_body(write_array(tmp_path / "x.npz", 10))).json()
@@ -105,10 +106,11 @@ def test_the_same_api_runs_on_sqlite(tmp_path: Path) -> None:
         body = {"name": "m", "dataset_id": dataset["id"], "spec": spec(), "checkpoint_path": str(checkpoint)}
         assert client.post("/models", json=body).status_code == 201
         accepted = client.post("/deletion-requests", json={"model": "m", "subject_id": "alice"})
-        assert accepted.status_code == 202 and dispatcher.dispatched == [accepted.json()["job_id"]]
-        assert client.get(accepted.headers["location"]).json()["state"] == "queued"
+        job_id = job_of(accepted.json())
+        assert accepted.status_code == 202 and dispatcher.dispatched == [job_id]
+        assert client.get(f"/jobs/{job_id}").json()["state"] == "queued"
     engine = make_engine(url)
     with make_session_factory(engine).begin() as session:
-        claimed = jobs_service.claim_job(session, accepted.json()["job_id"], "w1", timedelta(minutes=1))
+        claimed = jobs_service.claim_job(session, job_id, "w1", timedelta(minutes=1))
     engine.dispose()
     assert isinstance(claimed, jobs_service.ClaimedJob) and claimed.forget_sample_ids == ("s0", "s1", "s2")

@@ -25,9 +25,9 @@ from service.core.settings import Settings
 from service.reports.keys import KeyRing
 from service.storage import LocalCheckpointStore
 from tests.audit.memorised import RECIPE, REFERENCES, SPEC, SUBJECT, MemorisedCase, memorised_case
-from tests.service.conftest import RecordingDispatcher
+from tests.service.conftest import RecordingDispatcher, job_of
 from worker.checkpoints import state_dict_to_bytes
-from worker.demo import forgotten_sample_ids
+from worker.demo import erased_sample_ids
 from worker.pipeline import run_job
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ class Env:
         job_id = self.dispatcher.dispatched.pop()
         store = LocalCheckpointStore(self.settings.storage_dir)
         return run_job(job_id, session_factory=self.session_factory, store=store, settings=self.settings,
-                       worker_id="test")  # fmt: skip
+                       worker_id="test", dispatcher=self.dispatcher)  # fmt: skip
 
     def erase(self, method: str, config: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
         answer = self.client.post(
@@ -78,7 +78,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> I
     database_url = module_database_url
     settings = Settings(
         database_url=database_url, storage_dir=tmp / "checkpoints", audit_references=REFERENCES,
-        report_key_dir=tmp / "report-keys",
+        report_key_dir=tmp / "report-keys", batch_wait_s=0,
     )  # fmt: skip
     KeyRing(settings.report_key_dir).generate()
     case = memorised_case()
@@ -117,21 +117,24 @@ def test_a_no_op_is_rejected_and_marks_nothing_forgotten(env: Env) -> None:
 
     request, state = env.erase("finetune", {"lr": 1e-9, "epochs": 1})
     assert state == "rejected"
-    job = env.client.get(f"/jobs/{request['job_id']}").json()
+    job = env.client.get(f"/jobs/{job_of(request)}").json()
     assert job["error"]["reason"] == "audit_gate" and "residual membership" in job["error"]["detail"]
     assert job["metrics"]["rule"]["level"] == env.settings.audit_level  # the rule travels with the numbers
-    assert job["metrics"]["audit"]["verdict"] == "residual_membership"
+    assert job["metrics"]["audits"][request["id"]]["verdict"] == "residual_membership"
     settled = env.client.get(f"/deletion-requests/{request['id']}").json()
     assert settled["state"] == "rejected"
-    assert settled["audit"]["verdict"] == "residual_membership" and not settled["audit"]["passed"]
-    assert settled["audit"]["subjects"][SUBJECT]["verdict"] == "residual_membership"
-    assert forgotten_sample_ids(env.client, env.dataset_id, request["id"]) == []
+    [erasure] = settled["erasures"]
+    assert erasure["state"] == "rejected" and erasure["verdict"] == "residual_membership"
+    audit = erasure["audit"]
+    assert audit["verdict"] == "residual_membership" and not audit["passed"]
+    assert audit["subjects"][SUBJECT]["verdict"] == "residual_membership"
+    assert erased_sample_ids(env.client, env.dataset_id, request["id"]) == []
     assert [v["status"] for v in env.client.get(f"/models/{env.model}/versions").json()["items"]] == [
         "active", "rejected"
     ]  # fmt: skip
     # The job built the lineage's reference set before auditing: a client made no extra call.
     references = env.client.get(f"/models/{env.model}/audit-references").json()
-    assert references["references"] == REFERENCES and references["job_id"] == request["job_id"]
+    assert references["references"] == REFERENCES and references["job_id"] == job_of(request)
     assert references["summary"]["recipe"]["epochs"] == RECIPE.epochs
 
 
@@ -140,8 +143,8 @@ def test_exact_retraining_is_accepted_and_marks_the_subject_forgotten(env: Env) 
     request, state = env.erase("retrain", {"epochs": RECIPE.epochs, "lr": RECIPE.lr, "seed": 12345})
     assert state == "succeeded"
     settled = env.client.get(f"/deletion-requests/{request['id']}").json()
-    assert settled["state"] == "completed" and settled["audit"]["verdict"] == "forgotten"
-    assert len(forgotten_sample_ids(env.client, env.dataset_id, request["id"])) == len(env.case.subject_rows)
+    assert settled["state"] == "completed" and settled["erasures"][0]["verdict"] == "forgotten"
+    assert len(erased_sample_ids(env.client, env.dataset_id, request["id"])) == len(env.case.subject_rows)
     assert env.client.get(f"/models/{env.model}/audit-references").json()["id"] == before["id"]  # reused
 
 
@@ -179,7 +182,7 @@ def test_references_rebuild_on_demand_as_a_job(env: Env) -> None:
     assert bad.status_code == 422 and bad.json()["type"].endswith("invalid-reference-count")
     answer = env.client.post(f"/models/{env.model}/audit-references", json={"references": 4})
     assert answer.status_code == 202 and answer.headers["Location"] == f"/jobs/{answer.json()['id']}"
-    assert answer.json()["kind"] == "build_references" and answer.json()["request_id"] is None
+    assert answer.json()["kind"] == "build_references" and answer.json()["request_ids"] == []
     assert env.run_dispatched() == "succeeded"
     job = env.client.get(f"/jobs/{answer.json()['id']}").json()
     assert job["progress"]["phase"] == "audit_references" and job["progress"]["total_epochs"] == 4
@@ -210,10 +213,10 @@ def test_a_label_free_dataset_is_audited_against_the_base_models_predictions(
     assert answer.status_code == 202, answer.text
     assert answer.json()["method"] == "mixunlearn-agnostic"
     state = env.run_dispatched()
-    job = env.client.get(f"/jobs/{answer.json()['job_id']}").json()
+    job = env.client.get(f"/jobs/{job_of(answer.json())}").json()
     assert state in ("succeeded", "rejected"), job["error"]
     assert job["metrics"]["before"]["labels"] == "base_model"
-    assert job["metrics"]["audit"]["verdict"] in (
+    assert job["metrics"]["audits"][answer.json()["id"]]["verdict"] in (
         "forgotten", "no_measurable_signal", "residual_membership", "over_forgetting"
     )  # fmt: skip
 
@@ -254,13 +257,14 @@ def _public_key_file(env: Env, key_id: str, where: Path) -> Path:
 
 def test_signed_reports_verify_name_no_ids_and_fail_on_any_change(env: Env, tmp_path: Path) -> None:
     requests = env.client.get("/jobs", params={"model": env.model, "state": "rejected"}).json()["items"]
-    rejected_request = requests[-1]["request_id"]
+    rejected_request = requests[-1]["request_ids"][0]
     report_path, report = _download(env, rejected_request, tmp_path)
-    assert report["outcome"]["verdict"] == "residual_membership" and not report["outcome"]["passed"]
+    [erasure] = report["erasures"]
+    assert erasure["outcome"]["verdict"] == "residual_membership" and not erasure["outcome"]["passed"]
     assert report["method_class"] == "approximate (empirically audited)"
     assert report["samples"]["count"] == len(env.case.subject_rows)
-    assert report["evidence"]["membership"]["before"]["residual_membership_p"] < 0.05
-    assert report["outcome"]["rule"]["level"] == env.settings.audit_level
+    assert erasure["evidence"]["membership"]["before"]["residual_membership_p"] < 0.05
+    assert erasure["outcome"]["rule"]["level"] == env.settings.audit_level
     text = report_path.read_text()
     assert SUBJECT not in text and not any(
         env.case.dataset.sample_ids[r] in text for r in env.case.subject_rows
@@ -287,9 +291,12 @@ def test_signed_reports_verify_name_no_ids_and_fail_on_any_change(env: Env, tmp_
     # Rotation: a new key signs new reports; the old report still verifies under the old, still listed key.
     new_key = KeyRing(env.settings.report_key_dir).generate()
     completed = env.client.get("/jobs", params={"model": env.model, "state": "succeeded"}).json()["items"]
-    new_path, new_report = _download(env, completed[-1]["request_id"], tmp_path)
+    new_path, new_report = _download(env, completed[-1]["request_ids"][0], tmp_path)
     assert json.loads(new_path.with_suffix(".sig").read_text())["key_id"] == new_key.key_id
-    assert new_report["outcome"]["verdict"] == "forgotten" and new_report["request"]["due_date_met"]
+    assert (
+        new_report["erasures"][0]["outcome"]["verdict"] == "forgotten"
+        and new_report["request"]["due_date_met"]
+    )
     assert lethe(["report", "verify", str(report_path), "--public-key", str(public_key)]) == 0
     new_public = _public_key_file(env, new_key.key_id, tmp_path)
     assert lethe(["report", "verify", str(new_path), "--public-key", str(new_public)]) == 0
@@ -303,13 +310,14 @@ def test_no_report_before_the_request_settles_and_one_once_it_is_canceled(env: E
     )
     assert answer.status_code == 202, answer.text
     request = answer.json()
-    env.dispatcher.dispatched.remove(request["job_id"])
+    env.dispatcher.dispatched.remove(job_of(request))
     early = env.client.get(f"/deletion-requests/{request['id']}/report")
     assert early.status_code == 404 and early.json()["type"] == "/problems/report-not-ready"
-    assert env.client.post(f"/jobs/{request['job_id']}/cancel").status_code == 202
+    assert env.client.post(f"/jobs/{job_of(request)}/cancel").status_code == 202
     report = env.client.get(f"/deletion-requests/{request['id']}/report").json()
-    assert report["request"]["state"] == "canceled" and report["outcome"]["job_state"] == "canceled"
-    assert report["evidence"] is None and "nothing here is evidence" in report["limitations"]
+    [erasure] = report["erasures"]
+    assert report["request"]["state"] == "canceled" and erasure["outcome"]["state"] == "canceled"
+    assert erasure["evidence"] is None and "nothing here is evidence" in erasure["limitations"]
     html = env.client.get(f"/deletion-requests/{request['id']}/report", headers={"Accept": "text/html"})
     assert html.status_code == 406 and html.json()["available"] == ["application/json", "application/pdf"]
     pdf = env.client.get(f"/deletion-requests/{request['id']}/report", headers={"Accept": "application/pdf"})
@@ -320,7 +328,7 @@ def test_the_pdf_is_rendered_from_the_report_and_its_pages_are_not_blank(env: En
     import pypdfium2
 
     rejected = env.client.get("/jobs", params={"model": env.model, "state": "rejected"}).json()["items"]
-    request_id = rejected[-1]["request_id"]
+    request_id = rejected[-1]["request_ids"][0]
     answer = env.client.get(f"/deletion-requests/{request_id}/report", headers={"Accept": "application/pdf"})
     assert answer.status_code == 200 and answer.headers["content-type"] == "application/pdf"
     assert env.client.get(f"/deletion-requests/{request_id}/report.pdf").content == answer.content  # stable
@@ -343,7 +351,7 @@ def test_lethe_audit_verify_chain_passes_then_names_a_tampered_event(
         e["kind"]
         for e in env.client.get("/deletion-requests/" + _any_request(env) + "/trail").json()["items"]
     ]
-    assert "samples.forgotten" in kinds or "version.rejected" in kinds
+    assert "samples.erased" in kinds and "erasure.completed" in kinds
     with env.session_factory.begin() as session:  # an operator edits history behind the trigger's back
         session.execute(text("ALTER TABLE trail_events DISABLE TRIGGER trail_events_append_only"))
         session.execute(text("UPDATE trail_events SET actor = 'nobody' WHERE seq = 3"))
@@ -354,4 +362,4 @@ def test_lethe_audit_verify_chain_passes_then_names_a_tampered_event(
 
 def _any_request(env: Env) -> str:
     succeeded = env.client.get("/jobs", params={"model": env.model, "state": "succeeded"}).json()["items"]
-    return str(succeeded[-1]["request_id"])
+    return str(succeeded[-1]["request_ids"][0])

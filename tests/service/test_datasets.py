@@ -11,9 +11,11 @@ from sqlalchemy.orm import Session
 
 from service.core.clock import utcnow
 from service.core.problems import InvalidInput
+from service.datasets import repository as datasets_repository
 from service.datasets import service as datasets_service
 from service.datasets.tables import Dataset, Sample
-from tests.service.conftest import count_rows, dataset_body, write_array
+from service.erasures import repository as erasures_repository
+from tests.service.conftest import count_rows, dataset_body, register_model, write_array
 
 
 def assert_problem(response: Any, status: int, slug: str) -> dict[str, Any]:
@@ -27,7 +29,7 @@ def assert_problem(response: Any, status: int, slug: str) -> dict[str, Any]:
 
 def test_register_and_read_dataset(client: TestClient, dataset: dict[str, Any]) -> None:
     assert dataset["num_rows"] == 10 and dataset["sample_shape"] == [1, 4, 4] and dataset["labelled"]
-    assert dataset["samples"] == {"train": 8, "audit": 2, "forgotten": 0}
+    assert dataset["samples"] == {"train": 8, "audit": 2, "models": 0, "erased_from_every_model": 0}
     assert client.get(f"/datasets/{dataset['id']}").json() == dataset
 
 
@@ -109,23 +111,42 @@ def test_unknown_dataset_is_a_404_problem(client: TestClient) -> None:
     assert_problem(client.get("/datasets/nope"), 404, "dataset-not-found")
 
 
-def test_resolve_sets_and_mark_forgotten(session: Session, client: TestClient, model: dict[str, Any]) -> None:
-    dataset_id = model["dataset_id"]
-    sets = datasets_service.resolve_sets(session, dataset_id, ["s3", "s1"])
+def test_resolve_sets_leaves_out_what_the_model_erased(
+    session: Session, client: TestClient, tmp_path: Path, model: dict[str, Any]
+) -> None:
+    dataset_id, model_id = model["dataset_id"], model["id"]
+    sets = datasets_service.resolve_sets(session, dataset_id, model_id, ["s3", "s1"])
     assert sets.forget.sample_ids == ("s1", "s3") and sets.forget.rows.tolist() == [1, 3]
     assert sets.forget.labels is not None and sets.forget.labels.tolist() == [1, 0]
     assert sets.remaining.sample_ids == ("s0", "s2", "s4", "s5", "s6", "s7")
     assert sets.audit.sample_ids == ("s8", "s9")
     with pytest.raises(InvalidInput):
-        datasets_service.resolve_sets(session, dataset_id, ["s8"])  # audit samples are never forgotten
+        datasets_service.resolve_sets(
+            session, dataset_id, model_id, ["s8"]
+        )  # audit samples: never trained on
     request_id = client.post(
         "/deletion-requests", json={"model": model["name"], "sample_ids": ["s1", "s3"]}
     ).json()["id"]
-    assert datasets_service.mark_forgotten(session, dataset_id, ["s1", "s3"], request_id, utcnow()) == 2
-    assert datasets_service.mark_forgotten(session, dataset_id, ["s1"], request_id, utcnow()) == 0
-    later = datasets_service.resolve_sets(session, dataset_id, ["s0"])
-    assert later.remaining.sample_ids == ("s2", "s4", "s5", "s6", "s7")  # earlier forgotten samples stay out
-    assert client.get(f"/datasets/{dataset_id}").json()["samples"]["forgotten"] == 2
+    pks = [s.id for s in datasets_repository.find_samples(session, dataset_id, ["s1", "s3"])]
+    version_id = model["active_version"]["id"]
+    assert erasures_repository.add_erased(session, model_id, pks, version_id, request_id, utcnow()) == 2
+    assert erasures_repository.add_erased(session, model_id, pks[:1], version_id, request_id, utcnow()) == 0
+    session.commit()
+    later = datasets_service.resolve_sets(session, dataset_id, model_id, ["s0"])
+    assert later.remaining.sample_ids == ("s2", "s4", "s5", "s6", "s7")  # what the model erased stays out
+    assert client.get(f"/datasets/{dataset_id}").json()["samples"]["erased_from_every_model"] == 2
+    # A second model on the dataset still holds them: erased from the dataset's point of view no more.
+    other = register_model(client, tmp_path, dataset_id, name="second")
+    assert client.get(f"/datasets/{dataset_id}").json()["samples"]["erased_from_every_model"] == 0
+    assert datasets_service.resolve_sets(session, dataset_id, other["id"], ["s0"]).remaining.sample_ids == (
+        "s1",
+        "s2",
+        "s3",
+        "s4",
+        "s5",
+        "s6",
+        "s7",
+    )
 
 
 def test_bulk_registration_of_100k_samples(client: TestClient, session: Session, tmp_path: Path) -> None:
@@ -146,6 +167,11 @@ def test_bulk_registration_of_100k_samples(client: TestClient, session: Session,
     response = client.post("/datasets", json=body)
     elapsed = time.perf_counter() - started
     assert response.status_code == 201, response.text
-    assert response.json()["samples"] == {"train": 90_000, "audit": 10_000, "forgotten": 0}
+    assert response.json()["samples"] == {
+        "train": 90_000,
+        "audit": 10_000,
+        "models": 0,
+        "erased_from_every_model": 0,
+    }
     print(f"\nregistered {rows} samples over HTTP in {elapsed:.2f} s")
     assert count_rows(session, Sample) == rows

@@ -10,16 +10,25 @@ from sqlalchemy.orm import Session
 
 from service.core.clock import utcnow
 from service.core.settings import Settings
-from service.datasets import service as datasets_service
+from service.datasets import repository as datasets_repository
 from service.deletion_requests import repository as requests_repository
 from service.deletion_requests.tables import DeletionRequest, DeletionRequestSample
+from service.erasures import repository as erasures_repository
+from service.erasures.tables import ErasureTarget
 from service.idempotency.tables import IdempotencyRecord
 from service.jobs.tables import Job
-from tests.service.conftest import RecordingDispatcher, count_rows, dataset_body, register_model, write_array
+from tests.service.conftest import (
+    RecordingDispatcher,
+    count_rows,
+    dataset_body,
+    job_of,
+    register_model,
+    write_array,
+)
 from tests.service.test_datasets import assert_problem
 from worker.engine.config import config_to_dict, make_config
 
-TABLES = (DeletionRequest, DeletionRequestSample, Job, IdempotencyRecord)
+TABLES = (DeletionRequest, DeletionRequestSample, ErasureTarget, Job, IdempotencyRecord)
 
 
 def row_counts(session: Session) -> list[int]:
@@ -35,19 +44,24 @@ def test_a_request_is_accepted_with_its_job_queued_and_dispatched(
     )
     assert response.status_code == 202, response.text
     request = response.json()
-    assert response.headers["location"] == f"/jobs/{request['job_id']}"
+    assert response.headers["location"] == f"/deletion-requests/{request['id']}"
     assert int(response.headers["retry-after"]) > 0
-    assert dispatcher.dispatched == [request["job_id"]]
+    job_id = job_of(request)
+    assert dispatcher.dispatched == [job_id]
     assert request["state"] == "processing" and request["sample_count"] == 2
+    assert request["scope"] == "model" and request["model"] == "toy-model"
+    [erasure] = request["erasures"]
+    assert (erasure["state"], erasure["pending_count"], erasure["already_erased_count"]) == ("pending", 2, 0)
     # The full effective configuration is recorded, not just the overrides.
     assert request["method"] == "mixunlearn" and request["config"] == config_to_dict(
         make_config("mixunlearn")
     )
     received = datetime.fromisoformat(request["received_at"])
     assert datetime.fromisoformat(request["due_at"]) - received == timedelta(days=30)
-    assert client.get(f"/deletion-requests/{request['id']}").json() == request
-    job = client.get(response.headers["location"]).json()
-    assert job["state"] == "queued" and job["request_id"] == request["id"] and not job["done"]
+    assert client.get(response.headers["location"]).json() == request
+    job = client.get(f"/jobs/{job_id}").json()
+    assert job["state"] == "queued" and job["request_ids"] == [request["id"]] and not job["done"]
+    assert job["batch_open"] and job["sample_count"] == 2 and job["due_at"] == request["due_at"]
 
 
 @pytest.mark.parametrize(
@@ -63,6 +77,11 @@ def test_a_request_is_accepted_with_its_job_queued_and_dispatched(
         ({"sample_ids": ["s1"], "subject_id": "alice"}, "samples-or-subject", None),
         ({}, "samples-or-subject", None),
         ({"model": "nope", "sample_ids": ["s1"]}, "unknown-model", None),
+        ({"model": None, "sample_ids": ["s1"]}, "model-or-dataset", None),
+        ({"dataset_id": "nope", "sample_ids": ["s1"]}, "model-or-dataset", None),
+        ({"model": None, "dataset_id": "nope", "sample_ids": ["s1"]}, "unknown-dataset", None),
+        ({"sample_ids": ["s1"], "due_at": "2999-01-01T00:00:00Z"}, "invalid-due-date", None),
+        ({"sample_ids": ["s1"], "due_at": "2026-01-01T00:00:00"}, "invalid-due-date", None),
         ({"sample_ids": ["s1"], "method": "magic"}, "invalid-method-config", None),
         ({"sample_ids": ["s1"], "config": {"learning_rate": 1}}, "invalid-method-config", None),
         ({"sample_ids": ["s1"], "config": {"epochs": 0}}, "invalid-method-config", None),
@@ -133,29 +152,36 @@ def test_a_subject_expands_to_its_train_samples(
     assert response.status_code == 202
     request = response.json()
     assert request["subject_id"] == "alice" and request["sample_count"] == 3  # s8 (audit) is not trained on
-    job = session.get(Job, request["job_id"])
-    assert job is not None
-    assert requests_repository.pending_sample_ids(session, request["id"]) == ["s0", "s1", "s2"]
+    assert requests_repository.all_sample_ids(session, request["id"]) == ["s0", "s1", "s2"]
 
 
-def test_already_forgotten_samples(
+def test_samples_the_model_already_erased(
     client: TestClient, session: Session, model: dict[str, Any], dispatcher: RecordingDispatcher
 ) -> None:
     first = client.post("/deletion-requests", json={"model": "toy-model", "sample_ids": ["s1", "s2"]}).json()
-    datasets_service.mark_forgotten(session, model["dataset_id"], ["s1", "s2"], first["id"], utcnow())
-    session.commit()
+    erase(session, model, first["id"], ["s1", "s2"])
 
     again = client.post("/deletion-requests", json={"model": "toy-model", "sample_ids": ["s2", "s1"]})
     assert again.status_code == 200 and "location" not in again.headers
     request = again.json()
-    assert request["state"] == "completed" and request["job_id"] is None and request["completed_at"]
-    assert request["already_forgotten_count"] == 2
+    assert request["state"] == "completed" and request["completed_at"]
+    [erasure] = request["erasures"]
+    assert erasure["job_id"] is None and erasure["verdict"] == "already_erased"
+    assert erasure["already_erased_count"] == 2 and erasure["pending_count"] == 0
 
     partly = client.post("/deletion-requests", json={"model": "toy-model", "sample_ids": ["s1", "s3"]})
     assert partly.status_code == 202
-    assert partly.json()["sample_count"] == 2 and partly.json()["already_forgotten_count"] == 1
-    assert requests_repository.pending_sample_ids(session, partly.json()["id"]) == ["s3"]
-    assert len(dispatcher.dispatched) == 2
+    [erasure] = partly.json()["erasures"]
+    assert (erasure["pending_count"], erasure["already_erased_count"]) == (1, 1)
+    assert len(dispatcher.dispatched) == 1  # the first request's job took the third one too
+
+
+def erase(session: Session, model: dict[str, Any], request_id: str, sample_ids: list[str]) -> None:
+    """What a succeeded job records: the samples erased from the model since its active version."""
+    pks = [s.id for s in datasets_repository.find_samples(session, model["dataset_id"], sample_ids)]
+    version = model["active_version"]["id"]
+    erasures_repository.add_erased(session, model["id"], pks, version, request_id, utcnow())
+    session.commit()
 
 
 def test_idempotency_key_replays_the_first_answer(
@@ -180,13 +206,13 @@ def test_idempotency_key_replays_the_first_answer(
 def test_a_failed_dispatch_still_accepts_the_request(
     client: TestClient, session: Session, model: dict[str, Any], dispatcher: RecordingDispatcher
 ) -> None:
-    def broken(job_id: str) -> None:
+    def broken(job_id: str, delay_s: float = 0.0) -> None:
         raise ConnectionError("redis is down")
 
     dispatcher.dispatch = broken  # type: ignore[method-assign]
     response = client.post("/deletion-requests", json={"model": "toy-model", "sample_ids": ["s3"]})
     assert response.status_code == 202
-    job = session.get(Job, response.json()["job_id"])
+    job = session.get(Job, job_of(response.json()))
     assert job is not None and job.state == "queued"  # committed before dispatch: the sweeper re-sends it
 
 

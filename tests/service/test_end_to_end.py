@@ -28,12 +28,12 @@ from service.core.database import make_engine, make_session_factory
 from service.core.settings import Settings
 from service.dispatch import CeleryDispatcher
 from service.storage import LocalCheckpointStore
-from tests.service.conftest import RecordingDispatcher
+from tests.service.conftest import RecordingDispatcher, job_of
 from worker.datasets.builtin import load_dataset
 from worker.demo import (
     SAMPLES_PER_SUBJECT,
     dataset_body,
-    forgotten_sample_ids,
+    erased_sample_ids,
     train_initial_checkpoint,
     write_dataset,
 )
@@ -99,7 +99,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> I
     client.flushdb()
     settings = Settings(
         database_url=database_url, redis_url=redis_url, storage_dir=tmp / "checkpoints", dispatcher="celery",
-        audit_references=4, audit_level=1e-12, gate_max_class_drop=100.0,
+        audit_references=4, audit_level=1e-12, gate_max_class_drop=100.0, batch_wait_s=0,
     )  # fmt: skip
     worker_env = {
         **os.environ,
@@ -113,6 +113,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> I
         "LETHE_AUDIT_LEVEL": "1e-12",
         "LETHE_AUDIT_REFERENCES": "4",
         "OMP_NUM_THREADS": "1",
+        "LETHE_BATCH_WAIT_S": "0",
     }
     worker_log = tmp / "worker.log"
     with worker_log.open("wb") as log:
@@ -153,7 +154,7 @@ def test_requests_produce_a_lineage_of_active_versions(env: Env) -> None:
     [initial] = env.versions(model)
 
     first = env.request(model, "subject-0001")
-    job = env.wait_job(first["job_id"], _done)
+    job = env.wait_job(job_of(first), _done)
     assert job["state"] == "succeeded", job
     assert job["metrics"]["gate"]["passed"]
     v1, v2 = env.versions(model)
@@ -161,12 +162,12 @@ def test_requests_produce_a_lineage_of_active_versions(env: Env) -> None:
     assert v2["parent_id"] == initial["id"] and job["result_version_id"] == v2["id"]
     assert v2["covered_request_ids"] == [first["id"]]
     assert v2["metrics_before"]["audit_accuracy"] > 50  # the initial model learnt something
-    forgotten = forgotten_sample_ids(env.client, env.dataset_id, first["id"])
+    forgotten = erased_sample_ids(env.client, env.dataset_id, first["id"])
     assert len(forgotten) == first["sample_count"] == SAMPLES_PER_SUBJECT
     assert env.client.get(f"/deletion-requests/{first['id']}").json()["state"] == "completed"
 
     second = env.request(model, "subject-0002")
-    job = env.wait_job(second["job_id"], _done)
+    job = env.wait_job(job_of(second), _done)
     assert job["state"] == "succeeded", job
     assert job["base_version_id"] == v2["id"]
     _, v2_after, v3 = env.versions(model)
@@ -176,7 +177,7 @@ def test_requests_produce_a_lineage_of_active_versions(env: Env) -> None:
 def test_redelivered_message_for_a_finished_job_does_nothing(env: Env) -> None:
     model = env.register_model()
     request = env.request(model, "subject-0003")
-    job = env.wait_job(request["job_id"], _done)
+    job = env.wait_job(job_of(request), _done)
     assert job["state"] == "succeeded"
     versions = env.versions(model)
 
@@ -190,20 +191,20 @@ def test_redelivered_message_for_a_finished_job_does_nothing(env: Env) -> None:
     # The same code path, called directly: nothing to do.
     store = LocalCheckpointStore(env.settings.storage_dir)
     assert run_job(job["id"], session_factory=env.session_factory, store=store, settings=env.settings,
-                   worker_id="test") is None  # fmt: skip
+                   worker_id="test", dispatcher=env.dispatcher) is None  # fmt: skip
 
 
 def test_cancel_stops_a_running_job_and_registers_nothing(env: Env) -> None:
     model = env.register_model()
     request = env.request(model, "subject-0004", {"epochs": 10_000})
-    env.wait_job(request["job_id"], lambda job: (job["progress"] or {}).get("step", 0) > 0)
+    env.wait_job(job_of(request), lambda job: (job["progress"] or {}).get("step", 0) > 0)
 
-    answer = env.client.post(f"/jobs/{request['job_id']}/cancel")
+    answer = env.client.post(f"/jobs/{job_of(request)}/cancel")
     assert answer.status_code == 202 and answer.json()["cancel_requested"]
-    job = env.wait_job(request["job_id"], _done)
+    job = env.wait_job(job_of(request), _done)
     assert job["state"] == "canceled" and job["error"]["reason"] == "canceled"
     assert [v["status"] for v in env.versions(model)] == ["active"]
-    assert forgotten_sample_ids(env.client, env.dataset_id, request["id"]) == []
+    assert erased_sample_ids(env.client, env.dataset_id, request["id"]) == []
     assert env.client.get(f"/deletion-requests/{request['id']}").json()["state"] == "canceled"
 
 
@@ -218,19 +219,19 @@ def test_audit_gate_rejects_and_the_model_keeps_its_version(env: Env) -> None:
             "/deletion-requests", json={"model": model, "subject_id": "subject-0005", "config": FAST}
         )
         request = answer.json()
-        assert recording.dispatched == [request["job_id"]]
+        assert recording.dispatched == [job_of(request)]
         store = LocalCheckpointStore(strict.storage_dir)
-        state = run_job(request["job_id"], session_factory=env.session_factory, store=store, settings=strict,
-                        worker_id="test")  # fmt: skip
+        state = run_job(job_of(request), session_factory=env.session_factory, store=store, settings=strict,
+                        worker_id="test", dispatcher=recording)  # fmt: skip
     assert state == "rejected"
-    job = env.client.get(f"/jobs/{request['job_id']}").json()
+    job = env.client.get(f"/jobs/{job_of(request)}").json()
     assert job["state"] == "rejected" and job["error"]["reason"] == "audit_gate"
     assert not job["metrics"]["gate"]["passed"]
     initial, rejected = env.versions(model)
     assert (initial["status"], rejected["status"]) == ("active", "rejected")
     assert rejected["rejection_reason"] and rejected["parent_id"] == initial["id"]
     assert env.client.get(f"/models/{model}").json()["active_version"]["id"] == initial["id"]
-    assert forgotten_sample_ids(env.client, env.dataset_id, request["id"]) == []
+    assert erased_sample_ids(env.client, env.dataset_id, request["id"]) == []
     assert env.client.get(f"/deletion-requests/{request['id']}").json()["state"] == "rejected"
 
 
@@ -241,7 +242,7 @@ def test_sweeper_redispatches_a_queued_job_whose_message_is_lost(env: Env) -> No
         answer = api.post(
             "/deletion-requests", json={"model": model, "subject_id": "subject-0006", "config": FAST}
         )
-        job_id = answer.json()["job_id"]
+        job_id = job_of(answer.json())
     eager = env.settings.model_copy(update={"sweep_min_age_s": 0})
     swept = sweep(env.session_factory, env.redis, env.dispatcher, eager)
     assert job_id in swept

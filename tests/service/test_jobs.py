@@ -9,23 +9,29 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from service.core.clock import utcnow
-from service.datasets import service as datasets_service
-from service.deletion_requests.tables import DeletionRequest
+from service.core.settings import Settings
+from service.erasures import service as erasures_service
 from service.jobs import service as jobs_service
 from service.jobs.tables import Job
 from service.models import service as models_service
 from service.storage import StoredObject
-from tests.service.conftest import dataset_body, register_model, write_array
+from tests.service.conftest import RecordingDispatcher, dataset_body, job_of, register_model, write_array
 from tests.service.test_datasets import assert_problem
 from worker.engine.config import config_to_dict, make_config
 
 LEASE = timedelta(minutes=2)
 
 
-def submit(client: TestClient, *sample_ids: str, model: str = "toy-model") -> str:
-    response = client.post("/deletion-requests", json={"model": model, "sample_ids": list(sample_ids)})
+def submit(client: TestClient, *sample_ids: str, model: str = "toy-model", **extra: Any) -> str:
+    body = {"model": model, "sample_ids": list(sample_ids), **extra}
+    response = client.post("/deletion-requests", json=body)
     assert response.status_code == 202, response.text
-    return str(response.json()["job_id"])
+    return job_of(response.json())
+
+
+@pytest.fixture
+def one_request_per_job(settings: Settings) -> None:
+    settings.batch_max_samples = 1  # no coalescing: every request fills its own job
 
 
 @pytest.fixture
@@ -34,6 +40,7 @@ def second_model(client: TestClient, tmp_path: Path) -> dict[str, Any]:
     return register_model(client, tmp_path, other["id"], name="model-b")
 
 
+@pytest.mark.usefixtures("one_request_per_job")
 def test_jobs_are_listed_newest_first_with_cursor_pagination_and_filters(
     client: TestClient, model: dict[str, Any], second_model: dict[str, Any]
 ) -> None:
@@ -57,13 +64,15 @@ def test_jobs_are_listed_newest_first_with_cursor_pagination_and_filters(
     assert_problem(client.get("/jobs", params={"cursor": "WyJ4Il0"}), 422, "invalid-cursor")
 
 
+@pytest.mark.usefixtures("one_request_per_job")
 def test_cancel_semantics(client: TestClient, session: Session, model: dict[str, Any]) -> None:
     queued, running = submit(client, "s1"), submit(client, "s2", model="toy-model")
     canceled = client.post(f"/jobs/{queued}/cancel")
     assert canceled.status_code == 202 and canceled.json()["state"] == "canceled"
     assert canceled.json()["error"]["reason"] == "canceled"
-    request = session.get(DeletionRequest, canceled.json()["request_id"])
-    assert request is not None and request.state == "canceled"
+    [request_id] = canceled.json()["request_ids"]
+    request = client.get(f"/deletion-requests/{request_id}").json()
+    assert request["state"] == "canceled" and request["erasures"][0]["state"] == "canceled"
     assert_problem(client.post(f"/jobs/{queued}/cancel"), 409, "job-finished")
 
     assert isinstance(jobs_service.claim_job(session, running, "w1", LEASE), jobs_service.ClaimedJob)
@@ -81,6 +90,7 @@ def test_cancel_semantics(client: TestClient, session: Session, model: dict[str,
     assert_problem(client.post("/jobs/nope/cancel"), 404, "job-not-found")
 
 
+@pytest.mark.usefixtures("one_request_per_job")
 def test_claim_runs_a_job_once_and_serialises_jobs_of_one_model(
     client: TestClient, session: Session, model: dict[str, Any], second_model: dict[str, Any]
 ) -> None:
@@ -88,19 +98,59 @@ def test_claim_runs_a_job_once_and_serialises_jobs_of_one_model(
     other_model_job = submit(client, "s1", model="model-b")
 
     claimed = jobs_service.claim_job(session, first, "w1", LEASE)
-    assert isinstance(claimed, jobs_service.ClaimedJob)
+    assert isinstance(claimed, jobs_service.ClaimedJob) and claimed.job_id == first
     assert claimed.forget_sample_ids == ("s1", "s2") and claimed.state == "running"
     assert claimed.base_version.id == model["active_version"]["id"] and claimed.model_name == "toy-model"
     assert claimed.array_path.endswith("toy.npz") and claimed.config == config_to_dict(
         make_config("mixunlearn")
     )
     session.commit()
-    assert jobs_service.claim_job(session, first, "w2", LEASE) is None  # a redelivered message does nothing
-
-    busy = jobs_service.claim_job(session, second, "w2", LEASE)
-    assert busy == jobs_service.ModelBusy(model_id=model["id"], running_job_id=first)
+    # A message is a ticket: redelivered, it cannot run the job again; the second job's model is busy, so
+    # it takes the other model's job, which is ready.
+    taken = jobs_service.claim_job(session, first, "w2", LEASE)
+    assert isinstance(taken, jobs_service.ClaimedJob) and taken.job_id == other_model_job
+    session.commit()
     assert session.get(Job, second).state == "queued"  # type: ignore[union-attr]
-    assert isinstance(jobs_service.claim_job(session, other_model_job, "w3", LEASE), jobs_service.ClaimedJob)
+    waiting = jobs_service.claim_job(session, second, "w3", LEASE)
+    assert isinstance(waiting, jobs_service.NotReady) and 0 < waiting.retry_in <= 15
+    for job_id in (first, other_model_job):
+        jobs_service.finish(session, job_id, "failed", error_reason="test")
+    assert isinstance(jobs_service.claim_job(session, first, "w3", LEASE), jobs_service.ClaimedJob)
+    assert jobs_service.claim_job(session, first, "w3", LEASE) is None  # nothing left to do
+
+
+@pytest.mark.usefixtures("one_request_per_job")
+def test_workers_take_the_earliest_due_date_first(
+    client: TestClient, session: Session, model: dict[str, Any], second_model: dict[str, Any]
+) -> None:
+    later = submit(client, "s1")
+    soon = (utcnow() + timedelta(days=3)).isoformat()
+    urgent = submit(client, "s2", model="model-b", due_at=soon)
+    claimed = jobs_service.claim_job(session, later, "w1", LEASE)  # any message takes the most urgent job
+    assert isinstance(claimed, jobs_service.ClaimedJob) and claimed.job_id == urgent
+    assert client.get(f"/jobs/{urgent}").json()["due_at"].startswith(soon[:19])
+
+
+def test_requests_coalesce_until_the_job_is_full_or_claimed(
+    client: TestClient, session: Session, model: dict[str, Any], settings: Settings,
+    dispatcher: RecordingDispatcher,
+) -> None:  # fmt: skip
+    settings.batch_max_samples, settings.batch_wait_s = 4, 30
+    first = submit(client, "s1", "s2")
+    assert submit(client, "s3") == first and dispatcher.dispatched == [first] and dispatcher.delays == [30]
+    assert isinstance(jobs_service.claim_job(session, first, "w1", LEASE), jobs_service.NotReady)  # waiting
+    assert submit(client, "s4") == first  # full now: ready at once, a second message says so
+    assert dispatcher.dispatched == [first, first] and dispatcher.delays[-1] == 0
+    overflow = submit(client, "s5")  # a full job takes no more
+    assert overflow != first
+    job = client.get(f"/jobs/{first}").json()
+    assert (job["sample_count"], job["batch_open"], len(job["request_ids"])) == (4, False, 3)
+    claimed = jobs_service.claim_job(session, first, "w1", LEASE)
+    assert isinstance(claimed, jobs_service.ClaimedJob) and claimed.job_id == first
+    assert claimed.forget_sample_ids == ("s1", "s2", "s3", "s4") and len(claimed.targets) == 3
+    session.commit()
+    # A request that arrives while the model's job runs joins the next one.
+    assert submit(client, "s6") == overflow
 
 
 def test_a_job_runs_to_success_through_the_worker_api(
@@ -127,11 +177,13 @@ def test_a_job_runs_to_success_through_the_worker_api(
         activate=True,
         rejection_reason=None,
         job_id=job_id,
-        request_ids=[claimed.request_id],
+        request_ids=[claimed.targets[0].request_id],
     )
-    datasets_service.mark_forgotten(
-        session, claimed.dataset_id, claimed.forget_sample_ids, claimed.request_id, utcnow()
-    )
+    [target] = erasures_service.targets_of_job(session, job_id)
+    erasures_service.complete(
+        session, target, dataset_id=claimed.dataset_id, sample_ids=claimed.forget_sample_ids,
+        version_id=version.id, attempt={"job_id": job_id, "verdict": "forgotten"}, actor="w1",
+    )  # fmt: skip
     jobs_service.finish(
         session, job_id, "succeeded", metrics={"gate": "passed"}, result_version_id=version.id
     )
@@ -143,16 +195,18 @@ def test_a_job_runs_to_success_through_the_worker_api(
     )
     timings = job["timings"]
     assert timings["queued_seconds"] >= 0 and timings["running_seconds"] >= 0 and timings["finished_at"]
-    request = client.get(f"/deletion-requests/{claimed.request_id}").json()
+    request_id = claimed.targets[0].request_id
+    request = client.get(f"/deletion-requests/{request_id}").json()
     assert request["state"] == "completed" and request["completed_at"]
+    assert request["erasures"][0]["result_version"] == 2 and request["erasures"][0]["verdict"] == "forgotten"
     active = client.get("/models/toy-model").json()["active_version"]
-    assert active["number"] == 2 and active["covered_request_ids"] == [claimed.request_id]
-    assert active["created_by_job_id"] == job_id
+    assert active["number"] == 2 and active["covered_request_ids"] == [request_id]
+    assert active["created_by_job_id"] == job_id and active["erased_sample_count"] == 2
     samples = client.get(f"/datasets/{claimed.dataset_id}/samples").json()["items"]
-    assert {s["sample_id"] for s in samples if s["forgotten_by_request_id"] == claimed.request_id} == {
-        "s1",
-        "s2",
-    }
+    erased = {s["sample_id"]: s["erased_from"] for s in samples if s["erased_from"]}
+    assert erased.keys() == {"s1", "s2"}
+    assert all(e == [{**e[0], "model_id": model["id"], "version_id": version.id}] for e in erased.values())
+    assert all(s["erased_from_every_model"] for s in samples if s["erased_from"])
 
 
 def test_a_lapsed_lease_lets_another_worker_resume(
@@ -176,6 +230,7 @@ def test_a_lapsed_lease_lets_another_worker_resume(
         jobs_service.finish(session, job_id, "failed", error_reason="x", worker_id="dead")
 
 
+@pytest.mark.usefixtures("one_request_per_job")
 def test_stale_queued_jobs_are_found_for_the_sweeper(
     client: TestClient, session: Session, model: dict[str, Any]
 ) -> None:

@@ -14,6 +14,7 @@ from service.jobs import service as jobs_service
 from service.reports import commitment
 from service.reports.builder import canonical_bytes
 from service.reports.keys import KeyRing, sign, verify
+from tests.service.conftest import job_of
 
 
 def test_the_commitment_proves_one_id_included_without_listing_any() -> None:
@@ -47,7 +48,7 @@ def test_report_errors_are_problems(client: TestClient, model: dict[str, Any]) -
     assert client.get("/report-keys").json() == {"items": []}
     answer = client.post("/deletion-requests", json={"model": model["name"], "sample_ids": ["s4"]})
     request = answer.json()
-    assert client.post(f"/jobs/{request['job_id']}/cancel").status_code == 202
+    assert client.post(f"/jobs/{job_of(request)}/cancel").status_code == 202
     no_key = client.get(f"/deletion-requests/{request['id']}/report")
     assert no_key.status_code == 503 and no_key.json()["type"] == "/problems/no-signing-key"
 
@@ -75,11 +76,13 @@ def test_a_failed_request_has_a_report_that_says_what_failed(
     key = KeyRing(settings.report_key_dir).generate()
     request = client.post("/deletion-requests", json={"model": model["name"], "sample_ids": ["s5"]}).json()
     jobs_service.finish(
-        session, request["job_id"], "failed", error_reason="load_error", error_detail="disk gone"
+        session, job_of(request), "failed", error_reason="load_error", error_detail="disk gone"
     )
     session.commit()
     report = client.get(f"/deletion-requests/{request['id']}/report").json()
     assert report["request"]["state"] == "failed" and not report["request"]["due_date_met"]
-    assert report["outcome"]["error"] == {"reason": "load_error", "detail": "disk gone"}
-    assert report["outcome"]["verdict"] is None and not report["outcome"]["passed"]
+    [erasure] = report["erasures"]
+    assert erasure["state"] == "failed" and erasure["model"]["name"] == model["name"]
+    assert erasure["outcome"]["error"] == {"reason": "load_error", "detail": "disk gone"}
+    assert erasure["outcome"]["verdict"] is None and not erasure["outcome"]["passed"]
     assert report["signing"] == {"algorithm": "Ed25519", "key_id": key.key_id}

@@ -1,0 +1,252 @@
+"""Erasure per model: a request's targets (one per model it applies to), coalescing them into jobs, and
+settling them one by one; a request settles when its last target does. Never commits.
+
+Coalescing: a new target joins its model's open job of the same method and configuration (one that is still
+queued) unless that would take it past ``batch_max_samples``; otherwise it opens a new job, ready after
+``batch_wait_s``. A job that fills up is ready at once. Workers take ready jobs earliest due date first
+(``jobs.service.claim_job``), never two of one model at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.core.clock import utcnow
+from service.core.settings import Settings
+from service.datasets import repository as datasets_repository
+from service.deletion_requests import repository as requests_repository
+from service.deletion_requests.tables import DeletionRequest
+from service.erasures import repository
+from service.erasures.tables import ALREADY_ERASED, ErasureTarget
+from service.jobs import repository as jobs_repository
+from service.jobs.tables import Job
+from service.models import repository as models_repository
+from service.models.tables import Model
+from service.reports.generation import generate as generate_report
+from service.trail import service as trail
+
+# A request's final state when not every model completed: the first of these any of its targets ended in.
+_UNFULFILLED = ("rejected", "failed", "canceled")
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A job to hand to the workers once the transaction commits, after ``delay_s`` seconds."""
+
+    job_id: str
+    delay_s: float = 0.0
+
+
+def open_targets(
+    session: Session,
+    settings: Settings,
+    request: DeletionRequest,
+    models: Sequence[Model],
+    sample_pks: Sequence[int],
+    actor: str = "api",
+) -> list[Dispatch]:
+    """One target per model for the request's samples, each queued into its model's open job, or completed
+    at once when the model holds none of them. Settles the request when nothing is left pending."""
+    now = utcnow()
+    dispatches: list[Dispatch] = []
+    for model in models:
+        erased = repository.erased_pks(session, model.id, sample_pks)
+        target = ErasureTarget(
+            request_id=request.id, model_id=model.id, state="pending",
+            pending_count=len(sample_pks) - len(erased), already_erased_count=len(erased), attempts=[],
+            due_at=request.due_at,
+        )  # fmt: skip
+        repository.add_target(session, target)
+        if target.pending_count == 0:
+            _settle(session, target, "completed", now, actor, verdict=ALREADY_ERASED)
+        else:
+            dispatches += _enqueue(session, settings, target, request, coalesce=True, actor=actor)
+    settle_request_if_done(session, request, now, actor)
+    return dispatches
+
+
+def _enqueue(
+    session: Session,
+    settings: Settings,
+    target: ErasureTarget,
+    request: DeletionRequest,
+    *,
+    coalesce: bool,
+    actor: str,
+) -> list[Dispatch]:
+    """Put the target into its model's open job, or a new one; returns the jobs to dispatch."""
+    now = utcnow()
+    # The model's row lock serialises this with the claim: a job takes no target once a worker has it.
+    models_repository.lock_model(session, target.model_id)
+    count = target.pending_count
+    dispatches: list[Dispatch] = []
+    job = None
+    if coalesce:
+        for candidate in repository.open_batches(session, target.model_id, request.method):
+            if candidate.config != request.config:
+                continue
+            if candidate.sample_count + count <= settings.batch_max_samples:
+                job = candidate
+            else:
+                dispatches.append(_seal(candidate, now))
+            break
+    if job is None:
+        wait = settings.batch_wait_s if coalesce else 0.0
+        job = Job(
+            model_id=target.model_id, state="queued", method=request.method, config=request.config,
+            batch_open=coalesce, sample_count=0, ready_at=now + timedelta(seconds=wait), due_at=target.due_at,
+        )  # fmt: skip
+        jobs_repository.add(session, job)
+        dispatches.append(Dispatch(job.id, wait))
+    job.sample_count += count
+    job.due_at = min(job.due_at, target.due_at) if job.due_at is not None else target.due_at
+    if job.batch_open and job.sample_count >= settings.batch_max_samples:
+        dispatches.append(_seal(job, now))
+    target.job_id = job.id
+    session.flush()
+    trail.append(
+        session, "erasure.queued", actor=actor, subject_type="erasure", subject_id=target.id,
+        request_id=target.request_id,
+        data={"model_id": target.model_id, "job_id": job.id, "samples": count, "alone": not coalesce},
+    )  # fmt: skip
+    return dispatches
+
+
+def _seal(job: Job, now: datetime) -> Dispatch:
+    """Close a full job to more requests and make it ready now."""
+    job.batch_open = False
+    job.ready_at = min(job.ready_at, now) if job.ready_at is not None else now
+    return Dispatch(job.id)
+
+
+def retry_alone(
+    session: Session, settings: Settings, target: ErasureTarget, attempt: dict[str, Any], actor: str
+) -> list[Dispatch]:
+    """A target that failed its audit inside a batch: recorded, then queued again in a job of its own."""
+    target.attempts = [*target.attempts, attempt]
+    target.verdict = attempt.get("verdict")
+    request = requests_repository.get(session, target.request_id)
+    assert request is not None  # a foreign key
+    trail.append(
+        session, "erasure.retried", actor=actor, subject_type="erasure", subject_id=target.id,
+        request_id=target.request_id, data={"model_id": target.model_id, **attempt},
+    )  # fmt: skip
+    return _enqueue(session, settings, target, request, coalesce=False, actor=actor)
+
+
+def complete(
+    session: Session,
+    target: ErasureTarget,
+    *,
+    dataset_id: str,
+    sample_ids: Sequence[str],
+    version_id: str,
+    attempt: dict[str, Any],
+    actor: str,
+) -> int:
+    """The target's samples are erased from the model since ``version_id`` (activated in this
+    transaction); returns how many were newly recorded."""
+    now = utcnow()
+    pks = [sample.id for sample in datasets_repository.find_samples(session, dataset_id, sample_ids)]
+    erased = repository.add_erased(session, target.model_id, pks, version_id, target.request_id, now)
+    trail.append(
+        session, "samples.erased", actor=actor, subject_type="samples", subject_id=target.model_id,
+        request_id=target.request_id,
+        data={"model_id": target.model_id, "version_id": version_id, "named": len(pks), "erased": erased},
+    )  # fmt: skip
+    settle(session, target, "completed", actor, attempt=attempt, version_id=version_id)
+    return erased
+
+
+def settle(
+    session: Session,
+    target: ErasureTarget,
+    state: str,
+    actor: str,
+    *,
+    attempt: dict[str, Any] | None = None,
+    version_id: str | None = None,
+    verdict: str | None = None,
+) -> None:
+    """End a target (and its request, when it was the last one pending)."""
+    now = utcnow()
+    if attempt is not None:
+        target.attempts = [*target.attempts, attempt]
+    _settle(session, target, state, now, actor, verdict=verdict or (attempt or {}).get("verdict"),
+            version_id=version_id)  # fmt: skip
+    request = requests_repository.get(session, target.request_id)
+    assert request is not None
+    settle_request_if_done(session, request, now, actor)
+
+
+def settle_job(session: Session, job: Job, state: str, actor: str) -> None:
+    """A job ended without per-request outcomes (failed, canceled): its pending targets end the same way."""
+    for target in repository.targets_of_job(session, job.id, lock=True):
+        if target.state == "pending":
+            attempt = {"job_id": job.id, "state": state, "error_reason": job.error_reason}
+            settle(session, target, state, actor, attempt=attempt)
+
+
+def _settle(
+    session: Session,
+    target: ErasureTarget,
+    state: str,
+    when: datetime,
+    actor: str,
+    *,
+    verdict: str | None,
+    version_id: str | None = None,
+) -> None:
+    target.state = state
+    target.verdict = verdict
+    target.result_version_id = version_id
+    target.settled_at = when
+    session.flush()
+    trail.append(
+        session, f"erasure.{state}", actor=actor, subject_type="erasure", subject_id=target.id,
+        request_id=target.request_id,
+        data={"model_id": target.model_id, "verdict": verdict, "version_id": version_id,
+              "job_id": target.job_id},
+    )  # fmt: skip
+
+
+def settle_request_if_done(session: Session, request: DeletionRequest, when: datetime, actor: str) -> None:
+    """Close a processing request once no target is pending: completed only when every model completed."""
+    if request.state != "processing":
+        return
+    states = {target.state for target in repository.targets_of_request(session, request.id)}
+    if "pending" in states:
+        return
+    request.state = next((state for state in _UNFULFILLED if state in states), "completed")
+    request.completed_at = when
+    session.flush()
+    trail.append(
+        session, "request.settled", actor=actor, subject_type="request", subject_id=request.id,
+        request_id=request.id, data={"state": request.state, "completed_at": when.isoformat()},
+    )  # fmt: skip
+    generate_report(session, request, actor)
+
+
+def targets_of_request(session: Session, request_id: str) -> Sequence[ErasureTarget]:
+    return repository.targets_of_request(session, request_id)
+
+
+def targets_of_job(session: Session, job_id: str) -> Sequence[ErasureTarget]:
+    return repository.targets_of_job(session, job_id, lock=True)
+
+
+def request_ids_of_jobs(session: Session, job_ids: Sequence[str]) -> dict[str, list[str]]:
+    return repository.request_ids_of_jobs(session, job_ids) if job_ids else {}
+
+
+def pending_samples(
+    session: Session, targets: Sequence[ErasureTarget], model_id: str
+) -> dict[str, list[str]]:
+    """Per target id: the external ids of its request's samples the model still holds, by row."""
+    by_request = repository.pending_samples(session, [t.request_id for t in targets], model_id)
+    return {target.id: by_request[target.request_id] for target in targets}
