@@ -80,8 +80,8 @@ SessionFactory = sessionmaker[Session]
 
 
 class NothingReady(Exception):
-    """Queued jobs exist but none can be taken now (their models are busy, or their coalescing wait runs):
-    retry the message in ``retry_in`` seconds (it must not be dropped)."""
+    """The message's job is still in its coalescing wait (and no other job can be taken): retry the message
+    in ``retry_in`` seconds (it must not be dropped)."""
 
     def __init__(self, retry_in: float) -> None:
         super().__init__(f"no job can be taken now; retry in {retry_in:.1f} s")
@@ -146,7 +146,7 @@ def run_job(
     (a request retried alone) go to ``dispatcher`` once committed."""
     lease = timedelta(seconds=settings.job_lease_s)
     with session_factory.begin() as session:
-        claimed = jobs_service.claim_job(session, job_id, worker_id, lease, retry_s=settings.busy_retry_s)
+        claimed = jobs_service.claim_job(session, job_id, worker_id, lease)
     if claimed is None:
         log.info("message for job %s: nothing to do (finished, or held by another worker)", job_id)
         return None
@@ -155,7 +155,22 @@ def run_job(
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     job = _Job(claimed, session_factory, store, settings, runtime or Runtime.detect(), worker_id, dispatcher)
-    return job.run()
+    try:
+        return job.run()
+    finally:
+        _send_on(session_factory, dispatcher, claimed.model_id)
+
+
+def _send_on(session_factory: SessionFactory, dispatcher: JobDispatcher, model_id: str) -> None:
+    """A message for the model's next queued job: none is retried while the model is busy, so the worker
+    that ends a model's job hands the model on (the sweeper covers a worker that dies first)."""
+    try:
+        with session_factory() as session:
+            found = jobs_service.next_queued(session, model_id)
+        if found is not None:
+            dispatcher.dispatch(found[0], delay_s=found[1])
+    except Exception:
+        log.warning("could not send on model %s's next job; the sweeper will", model_id, exc_info=True)
 
 
 class _Heartbeat:

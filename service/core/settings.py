@@ -61,9 +61,6 @@ class Settings(BaseSettings):
     job_lease_s: int = 120
     job_visibility_timeout_s: int = 6 * 3600
     progress_interval_s: float = 1.0
-    # A worker that finds no job it can take (the ready ones are of models busy with another job) looks
-    # again after at most this long.
-    busy_retry_s: int = 15
     # The sweeper re-dispatches, every sweep_interval_s, jobs queued for over sweep_min_age_s whose message is
     # gone, and jobs whose lease lapsed.
     sweep_interval_s: int = 60

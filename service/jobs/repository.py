@@ -92,12 +92,15 @@ def ready_ids(session: Session, now: datetime, limit: int = 20) -> list[str]:
     )
 
 
-def earliest_queued_ready_at(session: Session) -> datetime | None:
-    """When the first queued job is (or was) ready; None when no job is queued."""
-    ready_at, created_at = session.execute(
-        select(func.min(Job.ready_at), func.min(Job.created_at)).where(Job.state == "queued")
-    ).one()
-    return ready_at or created_at
+def next_queued(session: Session, model_id: str) -> tuple[str, datetime | None] | None:
+    """The model's queued job that comes first (earliest due date, then oldest), and when it is ready."""
+    row = session.execute(
+        select(Job.id, Job.ready_at)
+        .where(Job.model_id == model_id, Job.state == "queued")
+        .order_by(Job.due_at.asc().nulls_last(), Job.created_at, Job.id)
+        .limit(1)
+    ).first()
+    return None if row is None else (row.id, row.ready_at)
 
 
 def stale_queued_ids(session: Session, older_than: datetime) -> list[str]:

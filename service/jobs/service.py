@@ -86,8 +86,8 @@ class ClaimedJob:
 
 @dataclass(frozen=True)
 class NotReady:
-    """No job can be taken now (the ready ones are of busy models, or none is ready yet): look again in
-    ``retry_in`` seconds."""
+    """The message came before its job's coalescing wait ended (and nothing else can be taken): deliver it
+    again in ``retry_in`` seconds."""
 
     retry_in: float
 
@@ -100,7 +100,7 @@ def get_job(session: Session, job_id: str) -> Job:
 
 
 def claim_job(
-    session: Session, job_id: str, worker_id: str, lease: timedelta, *, retry_s: float = 15.0
+    session: Session, job_id: str, worker_id: str, lease: timedelta
 ) -> ClaimedJob | NotReady | None:
     """Take a job for ``worker_id`` with a lease of ``lease``, from the message that names ``job_id``.
 
@@ -108,8 +108,10 @@ def claim_job(
     base version, ``resume`` holding what its earlier attempt committed. Otherwise the worker takes the most
     urgent ready job (earliest due date, then oldest), ``job_id`` or another: jobs of one model run one after
     another, each from the version the previous produced, and a message is a ticket to run one job.
-    Returns :class:`NotReady` while queued jobs exist that cannot be taken yet, None when there is nothing to
-    do (the message was redundant). Commit right after: the model's row stays locked until then.
+    Returns :class:`NotReady` when ``job_id`` is still in its coalescing wait, None when there is nothing to
+    do now: the message was redundant, or every ready job is of a busy model (the worker that ends a model's
+    job sends a message for the model's next one: :func:`next_queued`). Commit right after: the model's row
+    stays locked until then.
     """
     now = utcnow()
     named = repository.get(session, job_id)
@@ -121,10 +123,19 @@ def claim_job(
         claimed = _take(session, candidate, worker_id, lease, now)
         if claimed is not None:
             return claimed
-    waiting = repository.earliest_queued_ready_at(session)
-    if waiting is None:
+    if named is not None and named.state == "queued" and named.ready_at is not None and named.ready_at > now:
+        return NotReady(retry_in=max(0.1, (named.ready_at - now).total_seconds()))
+    return None
+
+
+def next_queued(session: Session, model_id: str) -> tuple[str, float] | None:
+    """The model's most urgent queued job and the seconds until it is ready: what a worker that has just
+    ended one of the model's jobs sends on (no message waits on a busy model)."""
+    found = repository.next_queued(session, model_id)
+    if found is None:
         return None
-    return NotReady(retry_in=min(retry_s, max(0.5, (waiting - now).total_seconds())))
+    job_id, ready_at = found
+    return job_id, max(0.0, (ready_at - utcnow()).total_seconds()) if ready_at is not None else 0.0
 
 
 def _take(

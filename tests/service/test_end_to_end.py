@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from service.app import create_app
 from service.core.database import make_engine, make_session_factory
 from service.core.settings import Settings
 from service.dispatch import CeleryDispatcher
+from service.jobs.tables import Job
 from service.storage import LocalCheckpointStore
 from tests.service.conftest import RecordingDispatcher, job_of
 from worker.datasets.builtin import load_dataset
@@ -59,6 +61,7 @@ class Env:
     dispatcher: CeleryDispatcher
     client: TestClient  # the API, dispatching to Celery
     worker_log: Path
+    worker_env: dict[str, str]
 
     def register_model(self) -> str:
         name = f"digits-{uuid.uuid4().hex[:8]}"
@@ -116,12 +119,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> I
         "LETHE_BATCH_WAIT_S": "0",
     }
     worker_log = tmp / "worker.log"
-    with worker_log.open("wb") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu", "-c", "1",
-             "--pool", "solo", "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
-            env=worker_env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    worker = start_worker(worker_env, worker_log, "w1")
     dataset = load_dataset("digits")
     array_path = tmp / "digits.npz"
     write_dataset(dataset, array_path)
@@ -136,13 +134,25 @@ def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> I
             assert answer.status_code == 201, answer.text
             dataset_id = answer.json()["id"]
             yield Env(
-                settings, session_factory, client, dataset_id, checkpoint_path, dispatcher, api, worker_log
-            )
+                settings, session_factory, client, dataset_id, checkpoint_path, dispatcher, api, worker_log,
+                worker_env,
+            )  # fmt: skip
     finally:
         worker.terminate()
         worker.wait(timeout=30)
         engine.dispose()
         client.flushdb()
+
+
+def start_worker(worker_env: dict[str, str], log_path: Path, name: str) -> subprocess.Popen[bytes]:
+    """A Celery worker process on the ``gpu`` queue taking one job at a time, as on one GPU."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu", "-c", "1",
+             "--pool", "solo", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+             "-n", f"{name}@%h"],
+            env=worker_env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
 
 
 def _done(job: dict[str, Any]) -> bool:
@@ -247,3 +257,58 @@ def test_sweeper_redispatches_a_queued_job_whose_message_is_lost(env: Env) -> No
     swept = sweep(env.session_factory, env.redis, env.dispatcher, eager)
     assert job_id in swept
     assert env.wait_job(job_id, _done)["state"] == "succeeded"
+
+
+def test_two_workers_run_two_models_in_parallel_and_one_models_jobs_in_turn(env: Env) -> None:
+    log = env.worker_log.with_name("worker-2.log")
+    second = start_worker(env.worker_env, log, "w2")
+    # Warmed up like a worker in service: its first message imports torch, which takes seconds here.
+    deadline = time.monotonic() + TIMEOUT_S
+    env.dispatcher.dispatch("warm-up")  # no such job: taken by one of the workers, nothing done
+    while "succeeded in" not in log.read_text():
+        assert time.monotonic() < deadline and second.poll() is None, log.read_text()[-4000:]
+        if "ready." in log.read_text() and not message_job_ids(env.redis, "gpu")[0]:
+            env.dispatcher.dispatch("warm-up")  # the first worker took it
+        time.sleep(0.5)
+    try:
+        models = [env.register_model(), env.register_model()]
+        # Different seeds: requests that do not coalesce, so each model has two jobs to run in turn.
+        requests = [env.request(model, f"subject-00{10 + 2 * i + j}", {"epochs": 50, "seed": j})
+                    for i, model in enumerate(models) for j in range(2)]  # fmt: skip
+        jobs = [env.wait_job(job_of(request), _done) for request in requests]
+    finally:
+        second.terminate()
+        second.wait(timeout=30)
+    assert all(job["state"] == "succeeded" for job in jobs), [job["error"] for job in jobs]
+
+    def interval(job: dict[str, Any]) -> tuple[datetime, datetime]:
+        timings = job["timings"]
+        return datetime.fromisoformat(timings["started_at"]), datetime.fromisoformat(timings["finished_at"])
+
+    def overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        (start_a, end_a), (start_b, end_b) = interval(a), interval(b)
+        return start_a < end_b and start_b < end_a
+
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for job in jobs:
+        by_model.setdefault(job["model_id"], []).append(job)
+    assert all(not overlap(*pair) for pair in by_model.values())  # one model: one job at a time
+    first, other = by_model.values()
+    assert any(overlap(a, b) for a in first for b in other)  # two models: side by side
+    workers = {job_row.worker_id for job_row in _job_rows(env, [job["id"] for job in jobs])}
+    assert len({worker.split("@")[0] for worker in workers}) == 2, workers
+    for model in by_model:
+        lineage = [
+            v["status"] for v in env.client.get(f"/models/{_name(env, model)}/versions").json()["items"]
+        ]
+        assert lineage == ["superseded", "superseded", "active"]
+
+
+def _job_rows(env: Env, job_ids: list[str]) -> list[Job]:
+    with env.session_factory() as session:
+        return [job for job_id in job_ids if (job := session.get(Job, job_id)) is not None]
+
+
+def _name(env: Env, model_id: str) -> str:
+    return next(m["name"] for m in env.client.get("/models", params={"limit": 500}).json()["items"]
+                if m["id"] == model_id)  # fmt: skip

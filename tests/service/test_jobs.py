@@ -111,8 +111,9 @@ def test_claim_runs_a_job_once_and_serialises_jobs_of_one_model(
     assert isinstance(taken, jobs_service.ClaimedJob) and taken.job_id == other_model_job
     session.commit()
     assert session.get(Job, second).state == "queued"  # type: ignore[union-attr]
-    waiting = jobs_service.claim_job(session, second, "w3", LEASE)
-    assert isinstance(waiting, jobs_service.NotReady) and 0 < waiting.retry_in <= 15
+    # Nothing else is ready: the message is dropped; ending the model's running job sends one on.
+    assert jobs_service.claim_job(session, second, "w3", LEASE) is None
+    assert jobs_service.next_queued(session, model["id"]) == (second, 0.0)
     for job_id in (first, other_model_job):
         jobs_service.finish(session, job_id, "failed", error_reason="test")
     assert isinstance(jobs_service.claim_job(session, first, "w3", LEASE), jobs_service.ClaimedJob)

@@ -1,0 +1,244 @@
+"""Erasure per model and coalescing, through the real Postgres and the worker pipeline (run in-process) on the
+memorised digits: a request erases from the model it names only; a dataset-wide one fans out to every model
+and completes when the last one has; a model registered later gets the erasure queued; a batch of requests is
+one job, one version, one verdict and one report per request; a request that fails its audit inside a batch is
+retried alone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+import worker.pipeline as pipeline
+from service.app import create_app
+from service.core.database import make_engine, make_session_factory
+from service.core.settings import Settings
+from service.deletion_requests import repository as requests_repository
+from service.reports.keys import KeyRing
+from service.storage import LocalCheckpointStore
+from tests.audit.memorised import RECIPE, SPEC, MemorisedCase, memorised_case
+from tests.service.conftest import RecordingDispatcher, job_of
+from tests.service.test_audit_pipeline import _dataset_body
+from worker.checkpoints import state_dict_to_bytes
+from worker.demo import erased_sample_ids
+
+pytestmark = pytest.mark.slow
+
+RETRAIN = {"method": "retrain", "config": {"epochs": RECIPE.epochs, "lr": RECIPE.lr, "seed": 12345}}
+
+
+@dataclass
+class Env:
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    client: TestClient
+    dispatcher: RecordingDispatcher
+    case: MemorisedCase
+    dataset_id: str
+    tmp: Path
+    next_row: int = 0
+
+    def register(self, name: str, **extra: Any) -> dict[str, Any]:
+        body = {"name": name, "dataset_id": self.dataset_id, "spec": SPEC.to_dict(),
+                "checkpoint_path": str(self.tmp / "initial.safetensors"), "training_recipe": asdict(RECIPE),
+                **extra}  # fmt: skip
+        answer = self.client.post("/models", json=body)
+        assert answer.status_code == 201, answer.text
+        return dict(answer.json())
+
+    def samples(self, count: int = 5) -> list[str]:
+        """Train samples no test has used yet (5 of them: a data subject's worth)."""
+        rows = self.case.remaining_rows[self.next_row : self.next_row + count]
+        self.next_row += count
+        return [self.case.dataset.sample_ids[r] for r in rows]
+
+    def post(self, scope: dict[str, str], sample_ids: list[str], **extra: Any) -> dict[str, Any]:
+        answer = self.client.post("/deletion-requests", json={**scope, "sample_ids": sample_ids, **extra})
+        assert answer.status_code == 202, answer.text
+        return dict(answer.json())
+
+    def run(self, job_id: str) -> str:
+        """Work as a worker would until ``job_id`` has ended (a message takes the most urgent ready job,
+        which may be another one); its final state."""
+        store = LocalCheckpointStore(self.settings.storage_dir)
+        while (state := self.client.get(f"/jobs/{job_id}").json()["state"]) in (
+            "queued",
+            "running",
+            "evaluating",
+        ):
+            pipeline.run_job(job_id, session_factory=self.session_factory, store=store,
+                             settings=self.settings, worker_id="test",
+                             dispatcher=self.dispatcher)  # fmt: skip
+        return str(state)
+
+    def get(self, request: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.client.get(f"/deletion-requests/{request['id']}").json())
+
+    def erased_everywhere(self) -> int:
+        return int(
+            self.client.get(f"/datasets/{self.dataset_id}").json()["samples"]["erased_from_every_model"]
+        )
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("erasures")
+    settings = Settings(
+        database_url=module_database_url, storage_dir=tmp / "checkpoints", audit_references=4,
+        report_key_dir=tmp / "report-keys", batch_wait_s=0,
+        # What is tested here is where erasures go, not the audit's utility bounds (tests/audit has those).
+        # A level no chance result reaches: only the test below that forces a failure sees one.
+        gate_max_audit_drop=100.0, gate_max_class_drop=100.0, audit_level=1e-12,
+    )  # fmt: skip
+    KeyRing(settings.report_key_dir).generate()
+    case = memorised_case()
+    np.savez(tmp / "digits.npz", x=case.dataset.x)
+    (tmp / "initial.safetensors").write_bytes(state_dict_to_bytes(case.initial))
+    engine = make_engine(module_database_url)
+    dispatcher = RecordingDispatcher()
+    try:
+        factory = make_session_factory(engine)
+        with TestClient(create_app(settings, dispatcher, session_factory=factory)) as client:
+            dataset = client.post("/datasets", json=_dataset_body(case, tmp / "digits.npz"))
+            assert dataset.status_code == 201, dataset.text
+            environment = Env(settings, factory, client, dispatcher, case, dataset.json()["id"], tmp)
+            environment.register("model-a")
+            environment.register("model-b")
+            yield environment
+    finally:
+        engine.dispose()
+
+
+def test_erasure_from_one_model_leaves_the_other_holding_the_data(env: Env) -> None:
+    ids = env.samples()
+    first = env.post({"model": "model-a"}, ids, **RETRAIN)
+    assert env.run(job_of(first)) == "succeeded", env.client.get(f"/jobs/{job_of(first)}").json()["error"]
+    assert env.get(first)["state"] == "completed"
+    assert env.erased_everywhere() == 0  # model-b still holds them
+    # The same erasure for model-b is work for model-b: a job, not "already done".
+    second = env.post({"model": "model-b"}, ids, **RETRAIN)
+    [erasure] = second["erasures"]
+    assert erasure["model"] == "model-b" and erasure["pending_count"] == len(ids) and erasure["job_id"]
+    assert env.run(job_of(second)) == "succeeded"
+    assert env.get(second)["state"] == "completed"
+    assert env.erased_everywhere() == len(ids)
+    a = env.client.get("/models/model-a").json()["active_version"]
+    b = env.client.get("/models/model-b").json()["active_version"]
+    assert a["covered_request_ids"] == [first["id"]] and b["covered_request_ids"] == [second["id"]]
+    assert a["erased_sample_count"] == b["erased_sample_count"] == len(ids)
+
+
+def test_a_dataset_wide_request_fans_out_and_completes_when_every_model_has(env: Env) -> None:
+    request = env.post({"dataset_id": env.dataset_id}, env.samples(), **RETRAIN)
+    assert request["scope"] == "dataset" and request["model"] is None
+    assert [e["model"] for e in request["erasures"]] == ["model-a", "model-b"]
+    job_a, job_b = job_of(request, "model-a"), job_of(request, "model-b")
+    assert job_a != job_b and set(env.dispatcher.dispatched) >= {job_a, job_b}
+    assert env.run(job_a) == "succeeded"
+    halfway = env.get(request)
+    assert halfway["state"] == "processing" and halfway["completed_at"] is None
+    assert [e["state"] for e in halfway["erasures"]] == ["completed", "pending"]
+    assert env.client.get(f"/deletion-requests/{request['id']}/report").status_code == 404  # not settled
+    assert env.run(job_b) == "succeeded"
+    settled = env.get(request)
+    assert settled["state"] == "completed" and [e["verdict"] for e in settled["erasures"]] != [None, None]
+    report = env.client.get(f"/deletion-requests/{request['id']}/report").json()
+    assert [e["model"]["name"] for e in report["erasures"]] == ["model-a", "model-b"]
+    assert all(e["outcome"]["passed"] for e in report["erasures"])
+
+
+def test_a_model_registered_later_gets_the_erasure_queued(env: Env) -> None:
+    ids = env.samples()
+    earlier = env.post({"dataset_id": env.dataset_id}, ids, **RETRAIN)
+    for job_id in {e["job_id"] for e in earlier["erasures"]}:
+        assert env.run(job_id) == "succeeded"
+    assert env.get(earlier)["state"] == "completed"
+
+    late = env.register("model-late")
+    notice = late["training_data"]
+    assert notice["erasure_requested_samples_included"] >= len(ids)
+    queued = [env.client.get(f"/deletion-requests/{rid}").json() for rid in notice["queued_request_ids"]]
+    [carried] = [request for request in queued if request["origin_request_id"] == earlier["id"]]
+    carried_id = carried["id"]
+    assert carried["scope"] == "model" and carried["model"] == "model-late"
+    assert carried["due_at"] == earlier["due_at"] and carried["sample_count"] == len(ids)
+    assert env.run(job_of(carried)) == "succeeded"
+    assert env.get(carried)["state"] == "completed"
+    assert set(ids) <= set(erased_sample_ids(env.client, env.dataset_id, carried_id))
+
+    # A model declared trained without those samples has nothing to erase: nothing is queued for it.
+    trained_on = [env.case.dataset.sample_ids[r] for r in env.case.dataset.train_rows
+                  if env.case.dataset.sample_ids[r] not in set(ids)]  # fmt: skip
+    clean = env.register("model-clean", training_sample_ids=trained_on)
+    assert earlier["id"] not in [
+        env.client.get(f"/deletion-requests/{rid}").json()["origin_request_id"]
+        for rid in clean["training_data"]["queued_request_ids"]
+    ]
+    assert clean["training_data"]["declared_training_samples"] == len(trained_on)
+
+
+def test_a_batch_of_requests_is_one_job_one_version_and_a_verdict_each(env: Env) -> None:
+    requests = [env.post({"model": "model-a"}, env.samples(), **RETRAIN) for _ in range(4)]
+    [job_id] = {job_of(request) for request in requests}  # coalesced
+    job = env.client.get(f"/jobs/{job_id}").json()
+    assert job["request_ids"] == sorted(r["id"] for r in requests) or len(job["request_ids"]) == 4
+    assert env.run(job_id) == "succeeded"
+    job = env.client.get(f"/jobs/{job_id}").json()
+    assert set(job["metrics"]["audits"]) == {r["id"] for r in requests}
+    versions = env.client.get("/models/model-a/versions").json()["items"]
+    made = [v for v in versions if v["created_by_job_id"] == job_id]
+    assert len(made) == 1 and set(made[0]["covered_request_ids"]) == {r["id"] for r in requests}
+    for request in requests:
+        settled = env.get(request)
+        assert (
+            settled["state"] == "completed" and settled["erasures"][0]["result_version"] == made[0]["number"]
+        )
+        assert (
+            settled["erasures"][0]["audit"]["verdict"] == job["metrics"]["audits"][request["id"]]["verdict"]
+        )
+        report = env.client.get(f"/deletion-requests/{request['id']}/report").json()
+        assert report["erasures"][0]["job"]["requests_in_job"] == 4
+        assert report["samples"]["count"] == 5
+
+
+def test_a_request_that_fails_in_a_batch_is_retried_alone(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    failing, passing = (env.post({"model": "model-b"}, env.samples(), **RETRAIN) for _ in range(2))
+    real_audit = pipeline.audit_unlearning
+
+    def audit_failing_one(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        audit = real_audit(*args, **kwargs)
+        if set(kwargs["forget_sample_ids"]) <= set(failing_ids):
+            audit["verdict"] = "residual_membership"
+            audit["gate"] = {**audit["gate"], "passed": False, "failures": ["residual membership (forced)"]}
+        return audit
+
+    failing_ids = named_samples(env, failing)
+    monkeypatch.setattr(pipeline, "audit_unlearning", audit_failing_one)
+    batch = job_of(failing)
+    assert job_of(passing) == batch
+    assert env.run(batch) == "succeeded"  # the version goes live for the request that passed
+    assert env.get(passing)["state"] == "completed"
+    retried = env.get(failing)
+    [erasure] = retried["erasures"]
+    assert retried["state"] == "processing" and erasure["state"] == "pending" and erasure["job_id"] != batch
+    assert [a["verdict"] for a in erasure["attempts"]] == ["residual_membership"]
+    alone = env.client.get(f"/jobs/{erasure['job_id']}").json()
+    assert alone["request_ids"] == [failing["id"]] and not alone["batch_open"]
+    assert env.run(erasure["job_id"]) == "rejected"  # alone it fails again: rejected, and reported
+    final = env.get(failing)
+    assert final["state"] == "rejected" and len(final["erasures"][0]["attempts"]) == 2
+    assert erased_sample_ids(env.client, env.dataset_id, failing["id"]) == []
+    report = env.client.get(f"/deletion-requests/{failing['id']}/report").json()
+    assert len(report["erasures"][0]["attempts"]) == 2 and not report["erasures"][0]["outcome"]["passed"]
+
+
+def named_samples(env: Env, request: dict[str, Any]) -> list[str]:
+    with env.session_factory() as session:
+        return requests_repository.all_sample_ids(session, request["id"])
