@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-audit install
+.PHONY: demo test lint bench bench-audit bench-coalescing install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,6 @@ bench: $(STAMP)
 bench-audit: $(STAMP)
 	$(BIN)/python -m worker.bench.audit_calibration --seed 1 --ways retrain,noop,mixunlearn,mixunlearn-lr1e-3 \
 		--json results/audit-calibration.json
+
+bench-coalescing: $(STAMP)
+	$(BIN)/python -m worker.bench.coalescing --requests 100 --over 60 --json results/bench-coalescing.json

@@ -52,17 +52,19 @@ def write_dataset(dataset: BuiltinDataset, path: Path) -> None:
     np.savez(path, x=dataset.x)
 
 
-def subject_of_rows(dataset: BuiltinDataset) -> dict[int, str]:
-    """Each train row's data subject: SAMPLES_PER_SUBJECT rows each, drawn by a seeded permutation (the arrays
+def subject_of_rows(dataset: BuiltinDataset, per_subject: int = SAMPLES_PER_SUBJECT) -> dict[int, str]:
+    """Each train row's data subject: ``per_subject`` rows each, drawn by a seeded permutation (the arrays
     are sorted by class; a real person's data spans classes)."""
     order = np.random.default_rng(SEED).permutation(dataset.train_rows)
-    return {int(row): f"subject-{position // SAMPLES_PER_SUBJECT:04d}" for position, row in enumerate(order)}
+    return {int(row): f"subject-{position // per_subject:04d}" for position, row in enumerate(order)}
 
 
-def dataset_body(dataset: BuiltinDataset, array_path: Path) -> dict[str, Any]:
-    """POST /datasets: builtin train rows are the train split (SAMPLES_PER_SUBJECT per data subject, see
+def dataset_body(
+    dataset: BuiltinDataset, array_path: Path, per_subject: int = SAMPLES_PER_SUBJECT
+) -> dict[str, Any]:
+    """POST /datasets: builtin train rows are the train split (``per_subject`` rows per data subject, see
     :func:`subject_of_rows`), builtin held-out rows the audit split."""
-    subjects = subject_of_rows(dataset)
+    subjects = subject_of_rows(dataset, per_subject)
     samples = [
         {
             "sample_id": dataset.sample_ids[row],

@@ -20,12 +20,13 @@ lapses, another worker claims it again) and a crash never leaves half-written st
 
 A ``build_references`` job (``POST /models/{name}/audit-references``) runs step 2 alone, on demand.
 
-A request whose audit failed is never dropped. In a job with other requests it is queued again in a job of
-its own (same method: a batch's failure can come from the batch, e.g. a class-level utility drop that the
-whole forget set caused); alone, it is rejected: the model keeps its samples (they are not recorded as
-erased, and the next job of the model trains on them as remaining data), the request is NOT fulfilled, its
-due date keeps running and a new request (another method, or retrain) is needed. A rejected version and its
-checkpoint stay in the registry as evidence of the attempt.
+A request whose audit failed is never dropped. In a job with other requests it is retried once: the failures
+of one batch together in a job of ``escalation_method`` (default: exact retraining with the model's recipe,
+which cannot leave membership behind), or each alone with its own method when there is no escalation (a
+label-free dataset, or ``LETHE_ESCALATION_METHOD=""``). Alone, or failing its retry, it is rejected: the model
+keeps its samples (they are not recorded as erased, and the next job of the model trains on them as remaining
+data), the request is NOT fulfilled, its due date keeps running and a new request (another method, or retrain)
+is needed. A rejected version and its checkpoint stay in the registry as evidence of the attempt.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ from worker.audit import AuditRules, LabelledRows, ReferenceSet, audit_unlearnin
 from worker.audit.population import label_splits, population_metrics
 from worker.checkpoints import CheckpointMismatch, load_state_dict, state_dict_to_bytes
 from worker.engine.api import unlearn
-from worker.engine.config import ConfigError, TrainingConfig, config_to_dict, make_config
+from worker.engine.config import METHODS, ConfigError, TrainingConfig, config_to_dict, make_config
 from worker.engine.data import TensorSplit
 from worker.engine.progress import CancellationToken, ProgressEvent, UnlearningCancelled
 from worker.engine.runtime import Runtime
@@ -372,7 +373,7 @@ class _Job:
             },
             "environment": self.runtime.describe(),
         }  # fmt: skip
-        return self._register(stored, config_to_dict(config), metrics)
+        return self._register(stored, config_to_dict(config), metrics, labelled=sets.forget.y is not None)
 
     def _nothing_left(self) -> str:
         """Every request of the job was erased from the model meanwhile (another request named the same
@@ -464,7 +465,26 @@ class _Job:
             claimed.forget_sample_ids, eval_remaining_rows=self.settings.eval_remaining_rows, seed=seed,
         )  # fmt: skip
 
-    def _register(self, stored: StoredObject, config: dict[str, Any], metrics: dict[str, Any]) -> str:
+    def _escalation(self, labelled: bool) -> tuple[str, dict[str, Any]] | None:
+        """The method (and full configuration) failures of a batch are retried with; None: alone, as they
+        were."""
+        method = self.settings.escalation_method
+        if not method or (method in METHODS and METHODS[method].label_aware and not labelled):
+            return None
+        recipe = self.claimed.training_recipe or {}
+        try:
+            fields = {f.name for f in dataclasses.fields(make_config(method))}
+            overrides = {key: value for key, value in recipe.items() if key in fields}
+            # A fresh draw, not the original model's initialisation stream.
+            seed = int(self.claimed.config.get("seed", 0)) + 1
+            return method, config_to_dict(make_config(method, {**overrides, "seed": seed}))
+        except ConfigError:
+            log.warning("escalation method %r is not usable; retrying alone", method, exc_info=True)
+            return None
+
+    def _register(
+        self, stored: StoredObject, config: dict[str, Any], metrics: dict[str, Any], *, labelled: bool
+    ) -> str:
         """One version for the whole job; each request settled by its own audit (see the module docstring)."""
         claimed = self.claimed
         audits = metrics["audits"]
@@ -477,6 +497,7 @@ class _Job:
         rejection = None if activate else "; ".join(failures)
         alone = len(claimed.targets) == 1
         follow_ups: list[Dispatch] = []
+        failed: list[tuple[Any, dict[str, Any]]] = []
         try:
             with self.session_factory.begin() as session:
                 version = models_service.register_version(
@@ -506,20 +527,22 @@ class _Job:
                             version_id=claimed.base_version.id,
                         )  # fmt: skip
                         continue
-                    attempt = {"job_id": claimed.job_id, "verdict": audit["verdict"],
-                               "passed": audit["gate"]["passed"], "version_id": version.id,
-                               "requests_in_job": len(claimed.targets)}  # fmt: skip
+                    attempt = {"job_id": claimed.job_id, "method": claimed.method,
+                               "verdict": audit["verdict"], "passed": audit["gate"]["passed"],
+                               "version_id": version.id, "requests_in_job": len(claimed.targets)}  # fmt: skip
                     if audit["gate"]["passed"]:
                         erasures_service.complete(
                             session, row, dataset_id=claimed.dataset_id, sample_ids=target.sample_ids,
                             version_id=version.id, attempt=attempt, actor=self.worker_id,
                         )  # fmt: skip
-                    elif alone:
+                    elif alone or row.attempts:  # alone, or already retried once
                         erasures_service.settle(session, row, "rejected", self.worker_id, attempt=attempt)
                     else:
-                        follow_ups += erasures_service.retry_alone(
-                            session, self.settings, row, attempt, self.worker_id
-                        )
+                        failed.append((row, attempt))
+                if failed:
+                    follow_ups = erasures_service.retry(
+                        session, self.settings, failed, self.worker_id, escalate_to=self._escalation(labelled)
+                    )
                 jobs_service.finish(
                     session, claimed.job_id, state,
                     metrics=metrics,
@@ -535,9 +558,9 @@ class _Job:
             except Exception:
                 log.exception("dispatch of job %s failed; it stays queued for the sweeper", follow_up.job_id)
         log.info(
-            "job %s %s: version %s of %s; %d of %d requests erased, %d retried alone",
+            "job %s %s: version %s of %s; %d of %d requests erased, %d retried",
             claimed.job_id, state, version.number, claimed.model_name, len(passed), len(claimed.targets),
-            len(follow_ups),
+            len(failed),
         )  # fmt: skip
         return state
 

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     # arriving while the model's job runs join the next one. batch_max_samples=1: one job per request.
     batch_max_samples: Annotated[int, Field(ge=1)] = 10_000
     batch_wait_s: Annotated[float, Field(ge=0)] = 30.0
+    # A request that fails its audit inside a batch is retried once: with the failures of its batch in one job
+    # of this method (exact retraining, with the model's recipe; for a label-free dataset, or set to ""),
+    # else alone with its own method. One that fails again, or fails alone, is rejected.
+    escalation_method: str = "retrain"
     gdpr_due_days: int = 30
     # Hint sent with 202 answers: how long a client should wait before polling the job.
     retry_after_seconds: int = 5

@@ -79,42 +79,57 @@ def _enqueue(
     coalesce: bool,
     actor: str,
 ) -> list[Dispatch]:
-    """Put the target into its model's open job, or a new one; returns the jobs to dispatch."""
+    """Put the target into its model's open job of the request's method and configuration, or a new one;
+    returns the jobs to dispatch."""
     now = utcnow()
     # The model's row lock serialises this with the claim: a job takes no target once a worker has it.
     models_repository.lock_model(session, target.model_id)
-    count = target.pending_count
     dispatches: list[Dispatch] = []
     job = None
     if coalesce:
         for candidate in repository.open_batches(session, target.model_id, request.method):
             if candidate.config != request.config:
                 continue
-            if candidate.sample_count + count <= settings.batch_max_samples:
+            if candidate.sample_count + target.pending_count <= settings.batch_max_samples:
                 job = candidate
             else:
                 dispatches.append(_seal(candidate, now))
             break
     if job is None:
         wait = settings.batch_wait_s if coalesce else 0.0
-        job = Job(
-            model_id=target.model_id, state="queued", method=request.method, config=request.config,
-            batch_open=coalesce, sample_count=0, ready_at=now + timedelta(seconds=wait), due_at=target.due_at,
-        )  # fmt: skip
-        jobs_repository.add(session, job)
+        job = _new_job(session, target, request.method, request.config, open_for=wait if coalesce else None)
         dispatches.append(Dispatch(job.id, wait))
-    job.sample_count += count
-    job.due_at = min(job.due_at, target.due_at) if job.due_at is not None else target.due_at
+    _attach(session, job, target, actor)
     if job.batch_open and job.sample_count >= settings.batch_max_samples:
         dispatches.append(_seal(job, now))
+    return dispatches
+
+
+def _new_job(
+    session: Session, target: ErasureTarget, method: str, config: dict[str, Any], *, open_for: float | None
+) -> Job:
+    """A queued job of the target's model; it takes more requests for ``open_for`` seconds (None: none)."""
+    now = utcnow()
+    job = Job(
+        model_id=target.model_id, state="queued", method=method, config=config,
+        batch_open=open_for is not None, sample_count=0, ready_at=now + timedelta(seconds=open_for or 0.0),
+        due_at=target.due_at,
+    )  # fmt: skip
+    jobs_repository.add(session, job)
+    return job
+
+
+def _attach(session: Session, job: Job, target: ErasureTarget, actor: str) -> None:
+    job.sample_count += target.pending_count
+    job.due_at = min(job.due_at, target.due_at) if job.due_at is not None else target.due_at
     target.job_id = job.id
     session.flush()
     trail.append(
         session, "erasure.queued", actor=actor, subject_type="erasure", subject_id=target.id,
         request_id=target.request_id,
-        data={"model_id": target.model_id, "job_id": job.id, "samples": count, "alone": not coalesce},
+        data={"model_id": target.model_id, "job_id": job.id, "samples": target.pending_count,
+              "method": job.method, "batch_open": job.batch_open},
     )  # fmt: skip
-    return dispatches
 
 
 def _seal(job: Job, now: datetime) -> Dispatch:
@@ -124,19 +139,36 @@ def _seal(job: Job, now: datetime) -> Dispatch:
     return Dispatch(job.id)
 
 
-def retry_alone(
-    session: Session, settings: Settings, target: ErasureTarget, attempt: dict[str, Any], actor: str
+def retry(
+    session: Session,
+    settings: Settings,
+    failed: Sequence[tuple[ErasureTarget, dict[str, Any]]],
+    actor: str,
+    *,
+    escalate_to: tuple[str, dict[str, Any]] | None,
 ) -> list[Dispatch]:
-    """A target that failed its audit inside a batch: recorded, then queued again in a job of its own."""
-    target.attempts = [*target.attempts, attempt]
-    target.verdict = attempt.get("verdict")
-    request = requests_repository.get(session, target.request_id)
-    assert request is not None  # a foreign key
-    trail.append(
-        session, "erasure.retried", actor=actor, subject_type="erasure", subject_id=target.id,
-        request_id=target.request_id, data={"model_id": target.model_id, **attempt},
-    )  # fmt: skip
-    return _enqueue(session, settings, target, request, coalesce=False, actor=actor)
+    """Targets that failed their audit inside a batch, each with the attempt that failed: recorded, then
+    queued again: together in one job of ``escalate_to`` (method, full configuration), or, without one, each
+    alone in a job of its request's method (a batch's failure can come from the batch itself)."""
+    dispatches: list[Dispatch] = []
+    escalation: Job | None = None
+    for target, attempt in failed:
+        target.attempts = [*target.attempts, attempt]
+        target.verdict = attempt.get("verdict")
+        request = requests_repository.get(session, target.request_id)
+        assert request is not None  # a foreign key
+        trail.append(
+            session, "erasure.retried", actor=actor, subject_type="erasure", subject_id=target.id,
+            request_id=target.request_id, data={"model_id": target.model_id, **attempt},
+        )  # fmt: skip
+        if escalate_to is None:
+            dispatches += _enqueue(session, settings, target, request, coalesce=False, actor=actor)
+            continue
+        if escalation is None:
+            escalation = _new_job(session, target, *escalate_to, open_for=None)
+            dispatches.append(Dispatch(escalation.id))
+        _attach(session, escalation, target, actor)
+    return dispatches
 
 
 def complete(

@@ -132,6 +132,8 @@ def _erasure(
             "training_recipe": model.training_recipe,
         },
         "state": target.state,
+        # The method of the job that settled it: a batch's failures are retried with exact retraining.
+        "method": job.method if job is not None else None,
         "samples_held": target.pending_count,
         "already_erased": target.already_erased_count,
         "base_version": _version(base),

@@ -208,35 +208,73 @@ def test_a_batch_of_requests_is_one_job_one_version_and_a_verdict_each(env: Env)
         assert report["samples"]["count"] == 5
 
 
-def test_a_request_that_fails_in_a_batch_is_retried_alone(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    failing, passing = (env.post({"model": "model-b"}, env.samples(), **RETRAIN) for _ in range(2))
+def _force_failure(monkeypatch: pytest.MonkeyPatch, sample_ids: set[str]) -> None:
+    """The audit of a request whose samples are all in ``sample_ids`` fails (residual membership)."""
     real_audit = pipeline.audit_unlearning
 
-    def audit_failing_one(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        audit = real_audit(*args, **kwargs)
-        if set(kwargs["forget_sample_ids"]) <= set(failing_ids):
-            audit["verdict"] = "residual_membership"
-            audit["gate"] = {**audit["gate"], "passed": False, "failures": ["residual membership (forced)"]}
-        return audit
+    def audit(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        result = real_audit(*args, **kwargs)
+        if set(kwargs["forget_sample_ids"]) <= sample_ids:
+            result["verdict"] = "residual_membership"
+            result["gate"] = {**result["gate"], "passed": False, "failures": ["residual membership (forced)"]}
+        return result
 
-    failing_ids = named_samples(env, failing)
-    monkeypatch.setattr(pipeline, "audit_unlearning", audit_failing_one)
-    batch = job_of(failing)
-    assert job_of(passing) == batch
+    monkeypatch.setattr(pipeline, "audit_unlearning", audit)
+
+
+def test_failures_in_a_batch_are_retried_together_by_exact_retraining(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finetune = {"method": "finetune", "config": {"epochs": 1}}
+    failing = [env.post({"model": "model-b"}, env.samples(), **finetune) for _ in range(2)]
+    passing = env.post({"model": "model-b"}, env.samples(), **finetune)
+    _force_failure(monkeypatch, {s for request in failing for s in named_samples(env, request)})
+    batch = job_of(passing)
+    assert {job_of(request) for request in failing} == {batch}
     assert env.run(batch) == "succeeded"  # the version goes live for the request that passed
     assert env.get(passing)["state"] == "completed"
-    retried = env.get(failing)
-    [erasure] = retried["erasures"]
-    assert retried["state"] == "processing" and erasure["state"] == "pending" and erasure["job_id"] != batch
-    assert [a["verdict"] for a in erasure["attempts"]] == ["residual_membership"]
+    retried = [env.get(request) for request in failing]
+    assert all(r["state"] == "processing" and r["erasures"][0]["state"] == "pending" for r in retried)
+    assert all(
+        [a["verdict"] for a in r["erasures"][0]["attempts"]] == ["residual_membership"] for r in retried
+    )
+    [escalation] = {r["erasures"][0]["job_id"] for r in retried}  # one job for the batch's failures
+    job = env.client.get(f"/jobs/{escalation}").json()
+    assert sorted(job["request_ids"]) == sorted(r["id"] for r in failing) and not job["batch_open"]
+    # Exact retraining with the model's own recipe, from a fresh initialisation.
+    assert job["method"] == "retrain" and job["config"]["epochs"] == RECIPE.epochs
+    assert job["config"]["seed"] == 1
+    assert env.run(escalation) == "rejected"  # the forced failure again: retried once, then rejected
+    for request in failing:
+        final = env.get(request)
+        assert final["state"] == "rejected" and len(final["erasures"][0]["attempts"]) == 2
+        assert erased_sample_ids(env.client, env.dataset_id, request["id"]) == []
+        report = env.client.get(f"/deletion-requests/{request['id']}/report").json()
+        attempts = report["erasures"][0]["attempts"]
+        assert [a["method"] for a in attempts] == ["finetune", "retrain"]
+        assert not report["erasures"][0]["outcome"]["passed"]
+
+
+def test_without_escalation_a_failure_in_a_batch_is_retried_alone(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(env.settings, "escalation_method", "")
+    finetune = {"method": "finetune", "config": {"epochs": 1}}
+    failing, passing = (env.post({"model": "model-a"}, env.samples(), **finetune) for _ in range(2))
+    _force_failure(monkeypatch, set(named_samples(env, failing)))
+    batch = job_of(failing)
+    assert job_of(passing) == batch and env.run(batch) == "succeeded"
+    [erasure] = env.get(failing)["erasures"]
     alone = env.client.get(f"/jobs/{erasure['job_id']}").json()
-    assert alone["request_ids"] == [failing["id"]] and not alone["batch_open"]
-    assert env.run(erasure["job_id"]) == "rejected"  # alone it fails again: rejected, and reported
+    assert (
+        alone["request_ids"] == [failing["id"]] and alone["method"] == "finetune" and not alone["batch_open"]
+    )
+    monkeypatch.undo()  # alone it passes
+    assert env.run(erasure["job_id"]) == "succeeded"
     final = env.get(failing)
-    assert final["state"] == "rejected" and len(final["erasures"][0]["attempts"]) == 2
-    assert erased_sample_ids(env.client, env.dataset_id, failing["id"]) == []
-    report = env.client.get(f"/deletion-requests/{failing['id']}/report").json()
-    assert len(report["erasures"][0]["attempts"]) == 2 and not report["erasures"][0]["outcome"]["passed"]
+    assert final["state"] == "completed" and [a["passed"] for a in final["erasures"][0]["attempts"]] == [
+        False, True
+    ]  # fmt: skip
 
 
 def named_samples(env: Env, request: dict[str, Any]) -> list[str]:
