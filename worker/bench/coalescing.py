@@ -218,10 +218,13 @@ def run_scenario(
         "models": len(models),
         "posted_within_s": round(posted_s, 1),
         "last_completed_after_s": round(last - start, 1),
+        "last_completed_after_last_post_s": round(last - start - posted_s, 1),
         "states": dict(Counter(r["state"] for r in settled)),
         "verdicts": dict(Counter(e["verdict"] for r in settled for e in r["erasures"])),
         "jobs": len(unlearn_jobs),
         "job_states": dict(Counter(j["state"] for j in unlearn_jobs)),
+        "job_methods": dict(Counter(j["method"] for j in unlearn_jobs)),
+        "rejections": sorted({j["error"]["detail"][:300] for j in unlearn_jobs if j["state"] == "rejected"}),
         "requests_per_job": sorted(len(j["request_ids"]) for j in unlearn_jobs),
         "job_running_s": {
             "median": running[len(running) // 2] if running else None,
@@ -303,8 +306,9 @@ def run(requests: int, over_s: float, timeout_s: float) -> dict[str, Any]:
     single_job_s = alone["job_running_s"]["median"]
     results["ratios"] = {
         "single_request_job_s": single_job_s,
-        "coalesced_last_completed_over_5x_single_job_plus_wait": round(
-            coalesced["last_completed_after_s"] / (5 * single_job_s + 30.0), 3
+        # The last request is posted about a minute after the first: the bound is read from the last POST.
+        "coalesced_after_last_post_over_5x_single_job_plus_wait": round(
+            coalesced["last_completed_after_last_post_s"] / (5 * single_job_s + 30.0), 3
         ),
         "last_completed_one_job_per_request_over_coalesced": round(
             alone["last_completed_after_s"] / coalesced["last_completed_after_s"], 2
