@@ -6,7 +6,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     LETHE_API_HOST=0.0.0.0 \
     LETHE_API_PORT=8000 \
-    LETHE_STORAGE_DIR=/data/checkpoints
+    LETHE_STORAGE_DIR=/data/checkpoints \
+    LETHE_DATA_DIR=/data/inputs
 
 WORKDIR /app
 

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.audit.routes import router as audit_router
 from service.core.database import make_engine, make_session_factory
+from service.core.limits import BodyLimit
 from service.core.problems import install_problem_handlers
 from service.core.settings import Settings
 from service.datasets.routes import router as datasets_router
@@ -55,6 +56,7 @@ def create_app(
         dispatcher if dispatcher is not None else build_dispatcher(settings, session_factory)
     )
     install_problem_handlers(app)
+    app.add_middleware(BodyLimit, settings=settings)
     routers = (
         datasets_router,
         models_router,

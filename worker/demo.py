@@ -303,6 +303,7 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
         report_key_dir=workdir / "report-keys",
         # One request at a time here: no reason to wait for others to coalesce with.
         batch_wait_s=0,
+        data_dir=workdir,  # the dataset's array file and the initial checkpoint are written here
     )
     KeyRing(settings.report_key_dir).generate()  # the demo's own signing key, under var/ (never committed)
     say(f"Lethe demo: SQLite and checkpoints under {workdir}/, in-process worker, API over real HTTP.\n")

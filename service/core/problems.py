@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "/problems/"
+PAYLOAD_TOO_LARGE = "payload-too-large"
 
 
 class ProblemError(Exception):
@@ -65,6 +66,10 @@ class NotFound(ProblemError):
 
 class Conflict(ProblemError):
     status = HTTPStatus.CONFLICT
+
+
+class PayloadTooLarge(ProblemError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
 class NotAcceptable(ProblemError):
@@ -117,7 +122,11 @@ async def _handle_validation(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _handle_http(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    slug = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "-")
+    slug = (
+        PAYLOAD_TOO_LARGE
+        if exc.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+        else HTTPStatus(exc.status_code).phrase.lower().replace(" ", "-")
+    )
     return problem_response(exc.status_code, slug, str(exc.detail), headers=exc.headers)
 
 

@@ -18,6 +18,14 @@ class Settings(BaseSettings):
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/lethe"
     redis_url: str = "redis://127.0.0.1:6379/0"
     storage_dir: Path = Path("var/checkpoints")
+    # Paths in request bodies (checkpoint_path, array_path) must name regular files inside this directory
+    # (relative to it, or absolute); checkpoints are read at most max_checkpoint_bytes (also the multipart
+    # upload limit), array files are refused above max_array_bytes (only their header is read). JSON and
+    # other bodies: at most max_body_bytes (413 beyond).
+    data_dir: Path = Path("var/data")
+    max_checkpoint_bytes: Annotated[int, Field(gt=0)] = 2 * 1024**3
+    max_array_bytes: Annotated[int, Field(gt=0)] = 64 * 1024**3
+    max_body_bytes: Annotated[int, Field(gt=0)] = 64 * 1024**2
     dispatcher: Literal["celery", "inprocess"] = "celery"
 
     # Architectures the workers can build: the engine's built-ins plus any a deployment registers with

@@ -33,9 +33,11 @@ def _dataset_out(session: Session, dataset: Dataset) -> DatasetOut:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
-def register_dataset(body: DatasetCreate, session: SessionDep, response: Response) -> DatasetOut:
+def register_dataset(
+    body: DatasetCreate, session: SessionDep, settings: SettingsDep, response: Response
+) -> DatasetOut:
     """Register a dataset and its samples (bulk). The array file is read for its header only."""
-    dataset = service.register_dataset(session, body)
+    dataset = service.register_dataset(session, settings, body)
     session.commit()
     response.headers["Location"] = f"/datasets/{dataset.id}"
     return _dataset_out(session, dataset)

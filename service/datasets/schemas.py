@@ -24,7 +24,8 @@ class DatasetCreate(BaseModel):
     name: Identifier
     array_path: Text = Field(
         min_length=1,
-        description="server-side path to an .npz whose array x is float32 (N, C, H, W), already normalised",
+        description="an .npz inside the server's data directory (LETHE_DATA_DIR; relative to it, or "
+        "absolute) whose array x is float32 (N, C, H, W), already normalised",
     )
     num_classes: int | None = Field(
         default=None, ge=2, description="required when samples carry labels; omit for a label-free dataset"

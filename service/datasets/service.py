@@ -6,14 +6,16 @@ import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from numpy.lib import format as npy_format
 from sqlalchemy.orm import Session
 
+from service.core.files import inside_root, open_data_file
 from service.core.pagination import Page, decode_cursor, page_from_rows
 from service.core.problems import Conflict, InvalidInput, NotFound, listed_problem
+from service.core.settings import Settings
 from service.datasets import repository
 from service.datasets.schemas import DatasetCreate
 from service.datasets.tables import Dataset, Sample
@@ -47,45 +49,46 @@ class ResolvedSets:
     audit: SampleSet  # the held-out split, never trained on
 
 
-def read_array_header(path: Path) -> ArrayHeader:
-    """Shape and dtype of ``x`` in an ``.npz``, reading only the member's npy header, not its data."""
+def read_array_header(handle: BinaryIO) -> ArrayHeader:
+    """Shape and dtype of ``x`` in an open ``.npz``, reading only the member's npy header, not its data
+    (nothing is unpickled: an object array's header says ``object`` and is refused by the caller)."""
     try:
-        with zipfile.ZipFile(path) as archive, archive.open("x.npy") as member:
+        with zipfile.ZipFile(handle) as archive, archive.open("x.npy") as member:
             version = npy_format.read_magic(member)
             reader = (
                 npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
             )
             shape, _fortran_order, dtype = reader(member)
-    except FileNotFoundError as exc:
-        raise InvalidInput("invalid-array-file", f"{path}: no such file", array_path=str(path)) from exc
     except KeyError as exc:
-        raise InvalidInput(
-            "invalid-array-file", f"{path}: the archive has no array 'x'", array_path=str(path)
-        ) from exc
+        raise InvalidInput("invalid-array-file", "the archive has no array 'x'", field="array_path") from exc
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise InvalidInput(
-            "invalid-array-file", f"{path}: not a readable .npz ({exc})", array_path=str(path)
-        ) from exc
+        raise InvalidInput("invalid-array-file", f"not a readable .npz ({exc})", field="array_path") from exc
     return ArrayHeader(shape=tuple(shape), dtype=dtype)
 
 
-def register_dataset(session: Session, data: DatasetCreate) -> Dataset:
-    """Validate the array file and every sample, then insert the dataset and its samples in bulk."""
+def register_dataset(session: Session, settings: Settings, data: DatasetCreate) -> Dataset:
+    """Validate the array file (a regular file inside the data root) and every sample, then insert the
+    dataset, with the array file's real path, and its samples in bulk."""
     if repository.dataset_name_taken(session, data.name):
         raise Conflict("dataset-name-taken", f"a dataset named {data.name!r} exists", name=data.name)
-    header = read_array_header(Path(data.array_path))
+    array_path = inside_root(settings.data_dir, data.array_path, "array_path")
+    with open_data_file(settings.data_dir, data.array_path, "array_path", settings.max_array_bytes) as (
+        handle,
+        _size,
+    ):
+        header = read_array_header(handle)
     if header.dtype != np.float32 or len(header.shape) != 4:
         raise InvalidInput(
             "invalid-array-file",
             f"x must be float32 with shape (N, C, H, W); got {header.dtype} {header.shape}",
-            array_path=data.array_path,
+            field="array_path",
         )
     _validate_samples(data, num_rows=header.shape[0])
     dataset = repository.add_dataset(
         session,
         Dataset(
             name=data.name,
-            array_path=data.array_path,
+            array_path=str(array_path),
             num_rows=header.shape[0],
             sample_shape=list(header.shape[1:]),
             num_classes=data.num_classes,

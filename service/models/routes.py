@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, File, Form, Response, UploadFile, status
@@ -10,7 +9,8 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from service.core.fields import Identifier
-from service.core.problems import InvalidInput
+from service.core.files import read_data_file
+from service.core.problems import PAYLOAD_TOO_LARGE, InvalidInput, PayloadTooLarge
 from service.core.settings import Settings
 from service.deletion_requests.routes import dispatch_all
 from service.dependencies import (
@@ -111,14 +111,9 @@ def register_model(
 
     Erasures requested dataset-wide before it existed are queued for it at once (``training_data`` says
     which), unless ``training_sample_ids`` shows it was not trained on those samples."""
-    try:
-        checkpoint = Path(body.checkpoint_path).read_bytes()
-    except OSError as exc:
-        raise InvalidInput(
-            "invalid-checkpoint",
-            f"cannot read {body.checkpoint_path}: {exc.strerror}",
-            field="checkpoint_path",
-        ) from exc
+    checkpoint = read_data_file(
+        settings.data_dir, body.checkpoint_path, "checkpoint_path", settings.max_checkpoint_bytes
+    )
     return _create(
         session,
         settings,
@@ -165,9 +160,20 @@ def upload_model(
         name=name,
         dataset_id=dataset_id,
         spec=spec_dict,
-        checkpoint=checkpoint.file.read(),
+        checkpoint=_read_upload(checkpoint, settings.max_checkpoint_bytes),
         training_recipe=recipe,
     )
+
+
+def _read_upload(upload: UploadFile, max_bytes: int) -> bytes:
+    data = upload.file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(
+            PAYLOAD_TOO_LARGE,
+            f"the checkpoint is larger than the limit of {max_bytes} bytes",
+            limit=max_bytes,
+        )
+    return data
 
 
 def _json_object(text: str, field: str, problem: str) -> dict[str, Any]:

@@ -19,7 +19,11 @@ class ModelCreate(BaseModel):
     spec: dict[str, Any] = Field(
         description="ModelSpec: architecture, num_classes, input_shape, feature_layer"
     )
-    checkpoint_path: Text = Field(min_length=1, description="server-side path to a .safetensors file")
+    checkpoint_path: Text = Field(
+        min_length=1,
+        description="a .safetensors file inside the server's data directory (LETHE_DATA_DIR): relative to "
+        "it, or absolute",
+    )
     training_recipe: dict[str, Any] | None = Field(
         default=None,
         description="how the model was trained (epochs, lr, batch_size, weight_decay); the audit's "

@@ -34,7 +34,13 @@ def test_every_method_accepts_its_own_defaults_back(method: str) -> None:
         ("mixunlearn", {"seed": 2**64}, "mixunlearn.seed must be at most"),
         ("mixunlearn", {"use_mix_loss": False, "use_real_loss": False}, "cannot both be off"),
         ("ugradsl", {"p": 1.5}, "ugradsl.p must be in [0, 1]"),
-        ("ugradsl", {"loop_over": "both"}, "ugradsl.loop_over must be one of 'forget', 'retain'"),
+        ("ugradsl", {"smoothing": 0.9}, "ugradsl.smoothing must be < 0"),
+        ("ugradsl", {"smoothing": 1.5}, "ugradsl.smoothing must be < 0"),
+        ("ugradsl", {"loop_over": "retain"}, "ugradsl.loop_over defines the method and cannot be set"),
+        ("ugradsl-plus", {"loop_over": "forget"}, "ugradsl-plus.loop_over defines the method"),
+        ("mixunlearn-agnostic", {"label_agnostic": False}, "mixunlearn-agnostic.label_agnostic defines"),
+        ("mixunlearn", {"label_agnostic": True}, "mixunlearn.label_agnostic defines the method"),
+        ("ugradsl", {"loop_over": "both"}, "ugradsl.loop_over defines the method"),
         ("retrain", {"batch_size": [32]}, "retrain.batch_size must be an integer"),
     ],
 )
@@ -42,6 +48,11 @@ def test_bad_values_are_named(method: str, overrides: dict[str, Any], message: s
     with pytest.raises(ConfigError) as raised:
         make_config(method, overrides)
     assert message in str(raised.value)
+
+
+def test_a_methods_own_defining_value_is_accepted_back() -> None:
+    assert make_config("mixunlearn-agnostic", {"label_agnostic": True}).label_agnostic  # type: ignore[attr-defined]
+    assert make_config("ugradsl-plus", {"loop_over": "retain"}).loop_over == "retain"  # type: ignore[attr-defined]
 
 
 def test_integers_are_accepted_for_float_fields() -> None:

@@ -78,7 +78,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> I
     database_url = module_database_url
     settings = Settings(
         database_url=database_url, storage_dir=tmp / "checkpoints", audit_references=REFERENCES,
-        report_key_dir=tmp / "report-keys", batch_wait_s=0,
+        report_key_dir=tmp / "report-keys", batch_wait_s=0, data_dir=tmp_path_factory.getbasetemp(),
     )  # fmt: skip
     KeyRing(settings.report_key_dir).generate()
     case = memorised_case()

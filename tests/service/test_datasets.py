@@ -71,7 +71,7 @@ def _mutations(tmp_path: Path) -> list[tuple[str, Any, str, str | None]]:
         (
             "missing array",
             lambda b: b.update(array_path=str(tmp_path / "nope.npz")) or b,
-            "invalid-array-file",
+            "file-not-found",
             None,
         ),
         (
@@ -80,7 +80,12 @@ def _mutations(tmp_path: Path) -> list[tuple[str, Any, str, str | None]]:
             "invalid-array-file",
             None,
         ),
-        ("not an npz", lambda b: b.update(array_path=__file__) or b, "invalid-array-file", None),
+        (
+            "not an npz",
+            lambda b: b.update(array_path=str(tmp_path / "toy.npz.txt")) or b,
+            "invalid-array-file",
+            None,
+        ),
         ("bad split", lambda b: sample(b, 0, split="test"), "invalid-request", None),
         ("negative row", lambda b: sample(b, 0, row=-1), "invalid-request", None),
         ("no samples", lambda b: b.update(samples=[]) or b, "invalid-request", None),
@@ -94,6 +99,7 @@ def test_invalid_datasets_are_refused_and_write_nothing(
     client: TestClient, session: Session, tmp_path: Path
 ) -> None:
     array = write_array(tmp_path / "toy.npz", 10)
+    (tmp_path / "toy.npz.txt").write_text("not an archive")
     for case, mutate, slug, key in _mutations(tmp_path):
         response = client.post("/datasets", json=mutate(dataset_body(array)))
         problem = assert_problem(response, 422, slug)

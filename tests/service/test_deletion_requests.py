@@ -87,6 +87,12 @@ def test_a_request_is_accepted_with_its_job_queued_and_dispatched(
         ({"sample_ids": ["s1"], "config": {"epochs": 0}}, "invalid-method-config", None),
         ({"sample_ids": ["s1"], "config": {"seed": "7"}}, "invalid-method-config", None),
         ({"sample_ids": ["s1"], "config": {"batchnorm": "frozen"}}, "invalid-method-config", None),
+        # The label-aware method under the agnostic name: a method's defining field is not a setting.
+        (
+            {"sample_ids": ["s1"], "method": "mixunlearn-agnostic", "config": {"label_agnostic": False}},
+            "invalid-method-config",
+            None,
+        ),
         ({"sample_ids": ["s1\x00"]}, "invalid-request", None),
         ({"sample_ids": ["s1"], "reason": "GDPR\x00"}, "invalid-request", None),
         ({"sample_ids": ["s1"], "sampleIds": ["s1"]}, "invalid-request", None),

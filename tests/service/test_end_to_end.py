@@ -102,7 +102,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> I
     client.flushdb()
     settings = Settings(
         database_url=database_url, redis_url=redis_url, storage_dir=tmp / "checkpoints", dispatcher="celery",
-        audit_references=4, audit_level=1e-12, gate_max_class_drop=100.0, batch_wait_s=0,
+        audit_references=4, audit_level=1e-12, gate_max_class_drop=100.0, batch_wait_s=0, data_dir=tmp,
     )  # fmt: skip
     worker_env = {
         **os.environ,

@@ -92,7 +92,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> I
     tmp = tmp_path_factory.mktemp("erasures")
     settings = Settings(
         database_url=module_database_url, storage_dir=tmp / "checkpoints", audit_references=4,
-        report_key_dir=tmp / "report-keys", batch_wait_s=0,
+        report_key_dir=tmp / "report-keys", batch_wait_s=0, data_dir=tmp,
         # What is tested here is where erasures go, not the audit's utility bounds (tests/audit has those).
         # A level no chance result reaches: only the test below that forces a failure sees one.
         gate_max_audit_drop=100.0, gate_max_class_drop=100.0, audit_level=1e-12,

@@ -54,7 +54,7 @@ def test_invalid_models_are_refused_and_write_nothing(
     base = {"name": "m", "dataset_id": dataset["id"], "spec": spec(), "checkpoint_path": str(good)}
     cases: list[tuple[dict[str, Any], str]] = [
         ({"checkpoint_path": str(pickled)}, "invalid-checkpoint"),
-        ({"checkpoint_path": str(tmp_path / "missing")}, "invalid-checkpoint"),
+        ({"checkpoint_path": str(tmp_path / "missing")}, "file-not-found"),
         ({"dataset_id": "nope"}, "unknown-dataset"),
         ({"spec": {"architecture": "mnist_cnn"}}, "invalid-spec"),
         ({"spec": spec(input_shape=[3, 32, 32])}, "spec-dataset-mismatch"),

@@ -168,12 +168,13 @@ def run(rate: float, duration: float, max_requests: int, repeats: int) -> dict[s
                 redis_url=REDIS_URL,
                 storage_dir=Path(tmp) / "store",
                 batch_wait_s=0,
+                data_dir=Path(tmp),
             )
             _array, checkpoint_path, dataset_body = _fixture_files(Path(tmp))
             port = _free_port()
             env = {**os.environ, "LETHE_DATABASE_URL": database_url, "LETHE_REDIS_URL": REDIS_URL,
                    "LETHE_STORAGE_DIR": str(settings.storage_dir), "LETHE_DISPATCHER": "celery",
-                   "LETHE_BATCH_WAIT_S": "0"}  # fmt: skip
+                   "LETHE_BATCH_WAIT_S": "0", "LETHE_DATA_DIR": tmp}  # fmt: skip
             server = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],

@@ -177,10 +177,27 @@ def make_config(method: str, overrides: dict[str, Any] | None = None) -> Unlearn
     info = METHODS.get(method)
     if info is None:
         raise ConfigError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
+    defaults = dataclasses.asdict(info.config_type())
+    # A method's defining fields (those a sibling method sets otherwise) are not settings: the name says what
+    # runs. Its own value is accepted back (a stored full configuration holds it).
+    for name in sorted(defining_fields(info) & set(overrides or {})):
+        own = info.preset.get(name, defaults[name])
+        if (overrides or {})[name] != own:
+            raise ConfigError(
+                f"{method}.{name} defines the method and cannot be set (it is {own!r} for {method}); "
+                f"choose the method that has the value you want"
+            )
     config = checked_config(info.config_type, {**info.preset, **(overrides or {})}, owner=method)
     if isinstance(config, MixUnlearnConfig) and not (config.use_mix_loss or config.use_real_loss):
         raise ConfigError("use_mix_loss and use_real_loss cannot both be off")
     return config
+
+
+def defining_fields(info: MethodInfo) -> set[str]:
+    """The fields whose value tells apart the methods that share ``info``'s configuration type."""
+    return {
+        name for other in METHODS.values() if other.config_type is info.config_type for name in other.preset
+    }
 
 
 C = TypeVar("C")
@@ -192,6 +209,8 @@ _POSITIVE = {
 }  # fmt: skip
 _NON_NEGATIVE = {"min_steps", "seed", "weight_decay", "retain_weight", "omega", "distance_threshold"}
 _UNIT_INTERVAL = {"p"}
+# UGradSL's rate: negative label smoothing (the paper's alpha < 0; a positive rate is plain label smoothing).
+_NEGATIVE = {"smoothing"}
 _MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 
 
@@ -234,6 +253,8 @@ def _check_value(owner: str, name: str, value: Any, expected: Any) -> None:
         raise ConfigError(f"{label} must be >= 0, got {value!r}")
     if name in _UNIT_INTERVAL and not 0 <= value <= 1:
         raise ConfigError(f"{label} must be in [0, 1], got {value!r}")
+    if name in _NEGATIVE and not value < 0:
+        raise ConfigError(f"{label} must be < 0 (negative label smoothing), got {value!r}")
     if name == "seed" and value > _MAX_SEED:
         raise ConfigError(f"{label} must be at most {_MAX_SEED}, got {value!r}")
 
