@@ -65,7 +65,9 @@ def open_targets(
         if target.pending_count == 0:
             _settle(session, target, "completed", now, actor, verdict=ALREADY_ERASED)
         else:
-            dispatches += _enqueue(session, settings, target, request, coalesce=True, actor=actor)
+            dispatches += _enqueue(
+                session, settings, target, request.method, request.config, coalesce=True, actor=actor
+            )
     settle_request_if_done(session, request, now, actor)
     return dispatches
 
@@ -74,21 +76,22 @@ def _enqueue(
     session: Session,
     settings: Settings,
     target: ErasureTarget,
-    request: DeletionRequest,
+    method: str,
+    config: dict[str, Any],
     *,
     coalesce: bool,
     actor: str,
 ) -> list[Dispatch]:
-    """Put the target into its model's open job of the request's method and configuration, or a new one;
-    returns the jobs to dispatch."""
+    """Put the target into its model's open job of this method and configuration, or a new one (one of its
+    own when not ``coalesce``); returns the jobs to dispatch."""
     now = utcnow()
     # The model's row lock serialises this with the claim: a job takes no target once a worker has it.
     models_repository.lock_model(session, target.model_id)
     dispatches: list[Dispatch] = []
     job = None
     if coalesce:
-        for candidate in repository.open_batches(session, target.model_id, request.method):
-            if candidate.config != request.config:
+        for candidate in repository.open_batches(session, target.model_id, method):
+            if candidate.config != config:
                 continue
             if candidate.sample_count + target.pending_count <= settings.batch_max_samples:
                 job = candidate
@@ -97,7 +100,7 @@ def _enqueue(
             break
     if job is None:
         wait = settings.batch_wait_s if coalesce else 0.0
-        job = _new_job(session, target, request.method, request.config, open_for=wait if coalesce else None)
+        job = _new_job(session, target, method, config, open_for=wait if coalesce else None)
         dispatches.append(Dispatch(job.id, wait))
     _attach(session, job, target, actor)
     if job.batch_open and job.sample_count >= settings.batch_max_samples:
@@ -148,10 +151,10 @@ def retry(
     escalate_to: tuple[str, dict[str, Any]] | None,
 ) -> list[Dispatch]:
     """Targets that failed their audit inside a batch, each with the attempt that failed: recorded, then
-    queued again: together in one job of ``escalate_to`` (method, full configuration), or, without one, each
-    alone in a job of its request's method (a batch's failure can come from the batch itself)."""
+    queued again: into the model's open job of ``escalate_to`` (method, full configuration), which the
+    failures of the model's next batches join too (exact retraining has no batch effects to fear), or,
+    without one, each alone in a job of its request's method (a batch's failure can come from the batch)."""
     dispatches: list[Dispatch] = []
-    escalation: Job | None = None
     for target, attempt in failed:
         target.attempts = [*target.attempts, attempt]
         target.verdict = attempt.get("verdict")
@@ -161,13 +164,10 @@ def retry(
             session, "erasure.retried", actor=actor, subject_type="erasure", subject_id=target.id,
             request_id=target.request_id, data={"model_id": target.model_id, **attempt},
         )  # fmt: skip
-        if escalate_to is None:
-            dispatches += _enqueue(session, settings, target, request, coalesce=False, actor=actor)
-            continue
-        if escalation is None:
-            escalation = _new_job(session, target, *escalate_to, open_for=None)
-            dispatches.append(Dispatch(escalation.id))
-        _attach(session, escalation, target, actor)
+        method, config = escalate_to or (request.method, request.config)
+        dispatches += _enqueue(
+            session, settings, target, method, config, coalesce=escalate_to is not None, actor=actor
+        )
     return dispatches
 
 
