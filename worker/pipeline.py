@@ -23,10 +23,11 @@ A ``build_references`` job (``POST /models/{name}/audit-references``) runs step 
 A request whose audit failed is never dropped. In a job with other requests it is retried once: the failures
 of the model's batches together in a coalescing job of ``escalation_method`` (default: exact retraining with
 the model's recipe, which cannot leave membership behind), or each alone with its own method when there is
-no escalation (a label-free dataset, or ``LETHE_ESCALATION_METHOD=""``). Alone, or failing its retry, it is rejected: the model
-keeps its samples (they are not recorded as erased, and the next job of the model trains on them as remaining
-data), the request is NOT fulfilled, its due date keeps running and a new request (another method, or retrain)
-is needed. A rejected version and its checkpoint stay in the registry as evidence of the attempt.
+no escalation (a label-free dataset, or ``LETHE_ESCALATION_METHOD=""``). Alone, or failing its retry, it is
+rejected: the model keeps its samples (they are not recorded as erased, and the next job of the model trains
+on them as remaining data), the request is NOT fulfilled, its due date keeps running and a new request
+(another method, or retrain) is needed. A rejected version and its checkpoint stay in the registry as
+evidence of the attempt.
 """
 
 from __future__ import annotations
