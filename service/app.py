@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.audit.routes import router as audit_router
 from service.core.database import make_engine, make_session_factory
 from service.core.limits import BodyLimit
-from service.core.problems import install_problem_handlers
+from service.core.problems import PROBLEM_RESPONSES, Problem, install_problem_handlers
 from service.core.settings import Settings
 from service.datasets.routes import router as datasets_router
 from service.deletion_requests.routes import router as deletion_requests_router
@@ -48,7 +50,22 @@ def create_app(
         summary="GDPR deletion requests in, audited unlearned model versions out.",
         version="0.1.0",
         lifespan=lifespan,
+        responses=PROBLEM_RESPONSES,
     )
+
+    def openapi() -> dict[str, Any]:
+        # The problem responses every operation documents point at one Problem schema.
+        if app.openapi_schema is None:
+            document = get_openapi(
+                title=app.title, version=app.version, summary=app.summary, routes=app.routes
+            )
+            document.setdefault("components", {}).setdefault("schemas", {})["Problem"] = (
+                Problem.model_json_schema()
+            )
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.session_factory = session_factory
     app.state.checkpoint_store = LocalCheckpointStore(settings.storage_dir)

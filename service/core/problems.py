@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import DataError, IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -25,6 +26,36 @@ logger = logging.getLogger(__name__)
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "/problems/"
 PAYLOAD_TOO_LARGE = "payload-too-large"
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, with machine-readable extension members (e.g. ``sample_ids``, ``field``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+# Documented on every operation: what any of them may answer, always as application/problem+json.
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    int(status): {
+        "description": description,
+        "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+    for status, description in (
+        (HTTPStatus.BAD_REQUEST, "the body cannot be decoded (not UTF-8 JSON)"),
+        (HTTPStatus.NOT_FOUND, "unknown resource"),
+        (HTTPStatus.NOT_ACCEPTABLE, "no representation for the Accept header"),
+        (HTTPStatus.CONFLICT, "conflicts with the current state"),
+        (HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "the body is over its limit"),
+        (HTTPStatus.UNPROCESSABLE_ENTITY, "invalid input: the members say which"),
+        (HTTPStatus.INTERNAL_SERVER_ERROR, "the server's own fault, logged"),
+        (HTTPStatus.SERVICE_UNAVAILABLE, "the server cannot answer as configured"),
+    )
+}
 
 
 class ProblemError(Exception):
