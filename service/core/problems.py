@@ -18,7 +18,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -180,6 +180,18 @@ async def _handle_data(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _handle_database_down(request: Request, exc: Exception) -> JSONResponse:
+    # The database is unreachable (restarting, failing over): nothing was written, the client retries.
+    logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    retry_after = getattr(request.app.state.settings, "retry_after_seconds", 5)
+    return problem_response(
+        HTTPStatus.SERVICE_UNAVAILABLE,
+        "database-unavailable",
+        "the database cannot be reached right now; nothing was recorded: retry after the given delay",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
@@ -193,4 +205,6 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _handle_http)
     app.add_exception_handler(IntegrityError, _handle_integrity)
     app.add_exception_handler(DataError, _handle_data)
+    app.add_exception_handler(OperationalError, _handle_database_down)
+    app.add_exception_handler(InterfaceError, _handle_database_down)
     app.add_exception_handler(Exception, _handle_unexpected)

@@ -1,0 +1,78 @@
+"""Fault tests start and stop their own Postgres cluster (initdb + pg_ctl on a spare port, as the postgres
+user), never the machine's shared one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+BIN = next(Path("/usr/lib/postgresql").glob("*/bin"), None)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _as_postgres(*command: str) -> list[str]:
+    """Postgres refuses to run as root: the commands run as the postgres user when this process is root."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else list(command)
+
+
+@dataclass
+class Cluster:
+    directory: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run(_as_postgres(str(BIN / "pg_ctl"), "-D", str(self.directory / "data"), *args),
+                       check=True, capture_output=True, timeout=60)  # fmt: skip
+
+    def start(self) -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.directory}"
+        self._ctl("-o", options, "-l", str(self.directory / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._ctl("-m", "fast", "-w", "stop")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    if BIN is None or (shutil.which("runuser") is None and os.geteuid() == 0):
+        pytest.fail("the fault tests need PostgreSQL's initdb and pg_ctl (and runuser when run as root)")
+    directory = Path(tempfile.mkdtemp(prefix="lethe-faults-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(directory, "postgres", "postgres")
+    initdb = [
+        str(BIN / "initdb"),
+        "-D",
+        str(directory / "data"),
+        "-U",
+        "postgres",
+        "--auth=trust",
+        "-E",
+        "UTF8",
+    ]
+    subprocess.run(_as_postgres(*initdb), check=True, capture_output=True, timeout=120)
+    instance = Cluster(directory, _free_port())
+    instance.start()
+    try:
+        yield instance
+    finally:
+        try:
+            instance.stop()
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
