@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -14,13 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from worker.bench.common import free_port
+
 BIN = next(Path("/usr/lib/postgresql").glob("*/bin"), None)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _as_postgres(*command: str) -> list[str]:
@@ -67,7 +62,7 @@ def cluster() -> Iterator[Cluster]:
         "UTF8",
     ]
     subprocess.run(_as_postgres(*initdb), check=True, capture_output=True, timeout=120)
-    instance = Cluster(directory, _free_port())
+    instance = Cluster(directory, free_port())
     instance.start()
     try:
         yield instance

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +37,7 @@ from service.core.database import make_engine, make_session_factory, migrate
 from service.core.settings import Settings
 from service.dispatch import CeleryDispatcher
 from service.storage import LocalCheckpointStore
+from worker.bench.common import free_port, write_result
 from worker.checkpoints import state_dict_to_bytes
 from worker.engine.models import build_model
 from worker.engine.progress import UnlearningCancelled
@@ -47,12 +46,6 @@ from worker.engine.spec import mnist_cnn_spec
 ADMIN_DSN = os.environ.get("LETHE_BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("LETHE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 ROWS, TRAIN_ROWS, PER_SUBJECT = 5_000, 4_000, 10
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _fixture_files(directory: Path) -> tuple[Path, Path, dict[str, Any]]:
@@ -171,7 +164,7 @@ def run(rate: float, duration: float, max_requests: int, repeats: int) -> dict[s
                 data_dir=Path(tmp),
             )
             _array, checkpoint_path, dataset_body = _fixture_files(Path(tmp))
-            port = _free_port()
+            port = free_port()
             env = {**os.environ, "LETHE_DATABASE_URL": database_url, "LETHE_REDIS_URL": REDIS_URL,
                    "LETHE_STORAGE_DIR": str(settings.storage_dir), "LETHE_DISPATCHER": "celery",
                    "LETHE_BATCH_WAIT_S": "0", "LETHE_DATA_DIR": tmp}  # fmt: skip
@@ -232,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("results/bench-api.json"))
     args = parser.parse_args(argv)
     result = run(args.rate, args.duration, args.max_requests, args.repeats)
-    print(json.dumps(result, indent=2))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.json)
     return 0
 
 

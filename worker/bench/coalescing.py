@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ import torch
 from service.audit import service as audit_service
 from service.core.database import make_engine, make_session_factory, migrate
 from service.storage import StoredObject
+from worker.bench.common import free_port, write_result
 from worker.datasets.builtin import load_dataset
 from worker.demo import dataset_body, train_initial_checkpoint, write_dataset
 from worker.engine.config import TrainingConfig
@@ -58,12 +58,6 @@ MODELS = 4
 RECIPE = TrainingConfig(epochs=10)  # the demo's recipe: converged, so exact retraining keeps utility
 REFERENCES = 4
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -102,7 +96,7 @@ def stack(base_env: dict[str, str], tmp: Path, name: str, workers: int, **settin
     """The API and ``workers`` Celery workers with these ``LETHE_*`` settings; every worker warmed up (its
     first message imports torch) before it is handed over."""
     env = {**base_env, **{f"LETHE_{key.upper()}": str(value) for key, value in settings.items()}}
-    port = _free_port()
+    port = free_port()
     api = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "warning", "--no-access-log"],
@@ -364,9 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("results/bench-coalescing.json"))
     args = parser.parse_args(argv)
     result = run(args.requests, args.over, args.timeout)
-    print(json.dumps(result, indent=2))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.json)
     return 0
 
 
