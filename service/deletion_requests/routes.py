@@ -110,12 +110,13 @@ def create_deletion_request(
         else {}
     )
     status_code = status.HTTP_202_ACCEPTED if pending else status.HTTP_200_OK
-    if idempotency_key is not None:
-        idempotency.remember_answer(session, idempotency_key, fingerprint, status_code, payload, headers)
     try:
+        if idempotency_key is not None:
+            idempotency.remember_answer(session, idempotency_key, fingerprint, status_code, payload, headers)
         session.commit()
     except IntegrityError:
-        # A concurrent request with the same key committed first: answer as it did.
+        # A concurrent request with the same key committed first (its row is seen when this one inserts or
+        # commits): answer as it did.
         session.rollback()
         record = idempotency.find_answer(session, idempotency_key, fingerprint) if idempotency_key else None
         if record is None:

@@ -107,6 +107,11 @@ def add_request(
     actor: str,
 ) -> list[Dispatch]:
     """Insert a validated request with its samples and open its targets; returns the jobs to dispatch."""
+    # Every model's lock first, in one order, before anything takes the trail's head: the claim and the
+    # registration of versions take a model's lock, then the head; taking them the other way round here
+    # would deadlock concurrent requests with them and with each other.
+    for model in sorted(models, key=lambda m: m.id):
+        models_repository.lock_model(session, model.id)
     repository.add(session, request)
     repository.add_samples(session, request.id, pks)
     trail.append(

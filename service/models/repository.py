@@ -24,8 +24,11 @@ def get_model_by_name(session: Session, name: str) -> Model | None:
 
 
 def lock_model(session: Session, model_id: str) -> Model | None:
-    """Take the model's row lock (no-op on SQLite, which serialises writers): the per-model mutex."""
-    return session.get(Model, model_id, with_for_update=True, populate_existing=True)
+    """Take the model's row lock (no-op on SQLite, which serialises writers): the per-model mutex.
+
+    ``FOR NO KEY UPDATE``: exclusive among lockers, but it does not wait on the key-share locks that inserting
+    a row referencing the model takes (a deletion request, a job), so those never join a lock cycle."""
+    return session.get(Model, model_id, with_for_update={"key_share": True}, populate_existing=True)
 
 
 def list_models(session: Session, after_name: str | None, limit: int) -> Sequence[Model]:

@@ -1,0 +1,106 @@
+"""The same erasure posted many times at once, over real HTTP against one uvicorn process on Postgres: with
+one Idempotency-Key it is one request and one job; without a key it is many requests, but they share one job
+and the subject's samples are unlearned once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.app import create_app
+from service.core.database import make_engine, make_session_factory, migrate
+from service.core.settings import Settings
+from service.deletion_requests.tables import DeletionRequest
+from service.jobs import service as jobs_service
+from service.jobs.tables import Job
+from tests.faults.conftest import Cluster
+from tests.service.conftest import RecordingDispatcher, checkpoint_bytes, dataset_body, spec, write_array
+from worker.demo import LocalServer
+
+CONCURRENT = 20
+
+
+@pytest.fixture
+def api(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[httpx.Client, sessionmaker[Session]]]:
+    migrate(cluster.url)
+    settings = Settings(
+        database_url=cluster.url, storage_dir=tmp_path / "store", data_dir=tmp_path, batch_wait_s=60
+    )
+    engine = make_engine(cluster.url, pool_size=CONCURRENT)
+    factory = make_session_factory(engine)
+    name = f"m-{tmp_path.name}"[-60:]
+    try:
+        app = create_app(settings, RecordingDispatcher(), session_factory=factory)
+        with LocalServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+            dataset = client.post(
+                "/datasets", json=dataset_body(write_array(tmp_path / "toy.npz", 10), name=name)
+            ).json()
+            (tmp_path / "m.safetensors").write_bytes(checkpoint_bytes())
+            body = {
+                "name": name,
+                "dataset_id": dataset["id"],
+                "spec": spec(),
+                "checkpoint_path": "m.safetensors",
+            }
+            assert client.post("/models", json=body).status_code == 201
+            client.headers["X-Model"] = name
+            yield client, factory
+    finally:
+        engine.dispose()
+
+
+def _post_at_once(client: httpx.Client, key: str | None) -> list[httpx.Response]:
+    body = {"model": client.headers["X-Model"], "subject_id": "alice"}
+    headers = {"Idempotency-Key": key} if key else {}
+    with ThreadPoolExecutor(CONCURRENT) as pool:
+        return list(
+            pool.map(
+                lambda _: client.post("/deletion-requests", json=body, headers=headers), range(CONCURRENT)
+            )
+        )
+
+
+def _count(factory: sessionmaker[Session], table: Any, model_id: str) -> int:
+    """Rows of ``table`` (requests, jobs) of the model: the cluster is shared by this module's tests."""
+    with factory() as session:
+        return int(session.scalar(select(func.count()).where(table.model_id == model_id)) or 0)
+
+
+def test_one_key_posted_twenty_times_at_once_is_one_request_and_one_job(
+    api: tuple[httpx.Client, sessionmaker[Session]],
+) -> None:
+    client, factory = api
+    answers = _post_at_once(client, "erasure-ticket-1")
+    assert {answer.status_code for answer in answers} == {202}, {a.status_code: a.text for a in answers}
+    assert len({answer.json()["id"] for answer in answers}) == 1
+    assert sum(answer.headers.get("idempotent-replayed") == "true" for answer in answers) == CONCURRENT - 1
+    model_id = client.get(f"/models/{client.headers['X-Model']}").json()["id"]
+    assert _count(factory, DeletionRequest, model_id) == 1 and _count(factory, Job, model_id) == 1
+
+
+def test_twenty_requests_for_one_subject_share_one_job_and_unlearn_its_samples_once(
+    api: tuple[httpx.Client, sessionmaker[Session]],
+) -> None:
+    client, factory = api
+    answers = _post_at_once(client, None)
+    assert {answer.status_code for answer in answers} == {202}
+    assert len({answer.json()["id"] for answer in answers}) == CONCURRENT  # each a request of its own
+    assert len({answer.json()["erasures"][0]["job_id"] for answer in answers}) == 1  # one job for all
+    job_id = answers[0].json()["erasures"][0]["job_id"]
+    with factory.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.ready_at = None  # end the coalescing wait now
+    with factory.begin() as session:
+        claimed = jobs_service.claim_job(session, job_id, "w1", timedelta(minutes=1))
+    assert isinstance(claimed, jobs_service.ClaimedJob)
+    assert len(claimed.targets) == CONCURRENT
+    assert claimed.forget_sample_ids == ("s0", "s1", "s2")  # alice's train samples, each once
