@@ -8,46 +8,32 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import text
-from sqlalchemy.orm import Session, sessionmaker
 
-from service.app import create_app
 from service.cli import main as lethe
-from service.core.database import make_engine, make_session_factory
-from service.core.settings import Settings
 from service.reports.keys import KeyRing
-from service.storage import LocalCheckpointStore
-from tests.audit.memorised import RECIPE, REFERENCES, SPEC, SUBJECT, MemorisedCase, memorised_case
-from tests.service.conftest import RecordingDispatcher, job_of
+from tests.audit.memorised import RECIPE, REFERENCES, SPEC, SUBJECT
+from tests.service.conftest import job_of
+from tests.service.memorised_service import MemorisedService, memorised_dataset_body, memorised_service
 from worker.checkpoints import state_dict_to_bytes
 from worker.demo import erased_sample_ids
-from worker.pipeline import run_job
 
 pytestmark = pytest.mark.slow
 
 
-@dataclass
-class Env:
-    settings: Settings
-    session_factory: sessionmaker[Session]
-    client: TestClient
-    dispatcher: RecordingDispatcher
-    case: MemorisedCase
-    dataset_id: str
-    model: str
+MODEL = "memorised"
+
+
+class Env(MemorisedService):
+    model = MODEL
 
     def run_dispatched(self) -> str | None:
-        job_id = self.dispatcher.dispatched.pop()
-        store = LocalCheckpointStore(self.settings.storage_dir)
-        return run_job(job_id, session_factory=self.session_factory, store=store, settings=self.settings,
-                       worker_id="test", dispatcher=self.dispatcher)  # fmt: skip
+        return self.run_job(self.dispatcher.dispatched.pop())
 
     def erase(self, method: str, config: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
         answer = self.client.post(
@@ -58,57 +44,16 @@ class Env:
         return answer.json(), self.run_dispatched()
 
 
-def _dataset_body(case: MemorisedCase, array_path: Path) -> dict[str, Any]:
-    data = case.dataset
-    subject = set(case.subject_rows.tolist())
-    samples = [
-        {"sample_id": data.sample_ids[r], "row": int(r), "label": int(data.y[r]), "split": "train",
-         "subject_id": SUBJECT if int(r) in subject else None}
-        for r in data.train_rows
-    ] + [
-        {"sample_id": data.sample_ids[r], "row": int(r), "label": int(data.y[r]), "split": "audit"}
-        for r in data.heldout_rows
-    ]  # fmt: skip
-    return {"name": data.name, "array_path": str(array_path), "num_classes": 10, "samples": samples}
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("audit")
-    database_url = module_database_url
-    settings = Settings(
-        database_url=database_url, storage_dir=tmp / "checkpoints", audit_references=REFERENCES,
-        report_key_dir=tmp / "report-keys", batch_wait_s=0, data_dir=tmp_path_factory.getbasetemp(),
-    )  # fmt: skip
-    KeyRing(settings.report_key_dir).generate()
-    case = memorised_case()
-    np.savez(tmp / "digits.npz", x=case.dataset.x)
-    (tmp / "initial.safetensors").write_bytes(state_dict_to_bytes(case.initial))
-    engine = make_engine(database_url)
-    dispatcher = RecordingDispatcher()
-    try:
-        with TestClient(
-            create_app(settings, dispatcher, session_factory=make_session_factory(engine))
-        ) as client:
-            dataset = client.post("/datasets", json=_dataset_body(case, tmp / "digits.npz"))
-            assert dataset.status_code == 201, dataset.text
-            body = {"name": "memorised", "dataset_id": dataset.json()["id"], "spec": SPEC.to_dict(),
-                    "checkpoint_path": str(tmp / "initial.safetensors"),
-                    "training_recipe": asdict(RECIPE)}  # fmt: skip
-            model = client.post("/models", json=body)
-            assert model.status_code == 201, model.text
-            assert model.json()["training_recipe"]["lr"] == RECIPE.lr
-            yield Env(
-                settings,
-                make_session_factory(engine),
-                client,
-                dispatcher,
-                case,
-                dataset.json()["id"],
-                "memorised",
-            )
-    finally:
-        engine.dispose()
+    # Files of later tests lie in their own tmp_path: the data root is the session's base.
+    with memorised_service(
+        tmp, module_database_url, audit_references=REFERENCES, data_dir=tmp_path_factory.getbasetemp()
+    ) as service:
+        model = service.register_model(MODEL)
+        assert model["training_recipe"]["lr"] == RECIPE.lr
+        yield Env(**vars(service))
 
 
 def test_a_no_op_is_rejected_and_marks_nothing_forgotten(env: Env) -> None:
@@ -195,7 +140,7 @@ def test_a_label_free_dataset_is_audited_against_the_base_models_predictions(
 ) -> None:
     case = env.case
     np.savez(tmp_path / "free.npz", x=case.dataset.x)
-    body = _dataset_body(case, tmp_path / "free.npz")
+    body = memorised_dataset_body(case, tmp_path / "free.npz")
     body.update(name="digits-label-free", num_classes=None)
     for sample in body["samples"]:
         sample["label"] = None

@@ -7,51 +7,25 @@ retried alone."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from fastapi.testclient import TestClient
-from sqlalchemy.orm import Session, sessionmaker
 
 import worker.pipeline as pipeline
-from service.app import create_app
-from service.core.database import make_engine, make_session_factory
-from service.core.settings import Settings
 from service.deletion_requests import repository as requests_repository
-from service.reports.keys import KeyRing
-from service.storage import LocalCheckpointStore
-from tests.audit.memorised import RECIPE, SPEC, MemorisedCase, memorised_case
-from tests.service.conftest import RecordingDispatcher, job_of
-from tests.service.test_audit_pipeline import _dataset_body
-from worker.checkpoints import state_dict_to_bytes
+from tests.audit.memorised import RECIPE
+from tests.service.conftest import job_of
+from tests.service.memorised_service import MemorisedService, memorised_service
 from worker.demo import erased_sample_ids
 
 pytestmark = pytest.mark.slow
 
+ACTIVE = ("queued", "running", "evaluating")
 RETRAIN = {"method": "retrain", "config": {"epochs": RECIPE.epochs, "lr": RECIPE.lr, "seed": 12345}}
 
 
-@dataclass
-class Env:
-    settings: Settings
-    session_factory: sessionmaker[Session]
-    client: TestClient
-    dispatcher: RecordingDispatcher
-    case: MemorisedCase
-    dataset_id: str
-    tmp: Path
-    next_row: int = 0
-
-    def register(self, name: str, **extra: Any) -> dict[str, Any]:
-        body = {"name": name, "dataset_id": self.dataset_id, "spec": SPEC.to_dict(),
-                "checkpoint_path": str(self.tmp / "initial.safetensors"), "training_recipe": asdict(RECIPE),
-                **extra}  # fmt: skip
-        answer = self.client.post("/models", json=body)
-        assert answer.status_code == 201, answer.text
-        return dict(answer.json())
+class Env(MemorisedService):
+    next_row = 0
 
     def samples(self, count: int = 5) -> list[str]:
         """Train samples no test has used yet (5 of them: a data subject's worth)."""
@@ -67,15 +41,8 @@ class Env:
     def run(self, job_id: str) -> str:
         """Work as a worker would until ``job_id`` has ended (a message takes the most urgent ready job,
         which may be another one); its final state."""
-        store = LocalCheckpointStore(self.settings.storage_dir)
-        while (state := self.client.get(f"/jobs/{job_id}").json()["state"]) in (
-            "queued",
-            "running",
-            "evaluating",
-        ):
-            pipeline.run_job(job_id, session_factory=self.session_factory, store=store,
-                             settings=self.settings, worker_id="test",
-                             dispatcher=self.dispatcher)  # fmt: skip
+        while (state := self.client.get(f"/jobs/{job_id}").json()["state"]) in ACTIVE:
+            self.run_job(job_id)
         return str(state)
 
     def get(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -89,31 +56,16 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> Iterator[Env]:
-    tmp = tmp_path_factory.mktemp("erasures")
-    settings = Settings(
-        database_url=module_database_url, storage_dir=tmp / "checkpoints", audit_references=4,
-        report_key_dir=tmp / "report-keys", batch_wait_s=0, data_dir=tmp,
-        # What is tested here is where erasures go, not the audit's utility bounds (tests/audit has those).
-        # A level no chance result reaches: only the test below that forces a failure sees one.
+    # What is tested here is where erasures go, not the audit's utility bounds (tests/audit has those); the
+    # audit level is one no chance result reaches: only the test that forces a failure sees one.
+    with memorised_service(
+        tmp_path_factory.mktemp("erasures"), module_database_url, audit_references=4,
         gate_max_audit_drop=100.0, gate_max_class_drop=100.0, audit_level=1e-12,
-    )  # fmt: skip
-    KeyRing(settings.report_key_dir).generate()
-    case = memorised_case()
-    np.savez(tmp / "digits.npz", x=case.dataset.x)
-    (tmp / "initial.safetensors").write_bytes(state_dict_to_bytes(case.initial))
-    engine = make_engine(module_database_url)
-    dispatcher = RecordingDispatcher()
-    try:
-        factory = make_session_factory(engine)
-        with TestClient(create_app(settings, dispatcher, session_factory=factory)) as client:
-            dataset = client.post("/datasets", json=_dataset_body(case, tmp / "digits.npz"))
-            assert dataset.status_code == 201, dataset.text
-            environment = Env(settings, factory, client, dispatcher, case, dataset.json()["id"], tmp)
-            environment.register("model-a")
-            environment.register("model-b")
-            yield environment
-    finally:
-        engine.dispose()
+    ) as service:  # fmt: skip
+        environment = Env(**vars(service))
+        environment.register_model("model-a")
+        environment.register_model("model-b")
+        yield environment
 
 
 def test_erasure_from_one_model_leaves_the_other_holding_the_data(env: Env) -> None:
@@ -161,7 +113,7 @@ def test_a_model_registered_later_gets_the_erasure_queued(env: Env) -> None:
         assert env.run(job_id) == "succeeded"
     assert env.get(earlier)["state"] == "completed"
 
-    late = env.register("model-late")
+    late = env.register_model("model-late")
     notice = late["training_data"]
     assert notice["erasure_requested_samples_included"] >= len(ids)
     queued = [env.client.get(f"/deletion-requests/{rid}").json() for rid in notice["queued_request_ids"]]
@@ -176,7 +128,7 @@ def test_a_model_registered_later_gets_the_erasure_queued(env: Env) -> None:
     # A model declared trained without those samples has nothing to erase: nothing is queued for it.
     trained_on = [env.case.dataset.sample_ids[r] for r in env.case.dataset.train_rows
                   if env.case.dataset.sample_ids[r] not in set(ids)]  # fmt: skip
-    clean = env.register("model-clean", training_sample_ids=trained_on)
+    clean = env.register_model("model-clean", training_sample_ids=trained_on)
     assert earlier["id"] not in [
         env.client.get(f"/deletion-requests/{rid}").json()["origin_request_id"]
         for rid in clean["training_data"]["queued_request_ids"]

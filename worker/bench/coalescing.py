@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -38,20 +37,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
-import redis
 import torch
 
 from service.audit import service as audit_service
-from service.core.database import make_engine, make_session_factory, migrate
+from service.core.database import make_engine, make_session_factory
 from service.storage import StoredObject
-from worker.bench.common import free_port, write_result
+from worker.bench.common import bench_backends, free_port, machine, write_result
 from worker.datasets.builtin import load_dataset
 from worker.demo import dataset_body, train_initial_checkpoint, write_dataset
 from worker.engine.config import TrainingConfig
 from worker.engine.spec import mnist_cnn_spec
 
-ADMIN_DSN = os.environ.get("LETHE_BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("LETHE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 PER_SUBJECT = 5
 MODELS = 4
@@ -232,71 +228,61 @@ def run_scenario(
 
 def run(requests: int, over_s: float, timeout_s: float) -> dict[str, Any]:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    database = f"lethe_bench_coalescing_{os.getpid()}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{database}"')
-    database_url = ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    database_url = f"{database_url}/{database}"
-    queue = redis.Redis.from_url(REDIS_URL)
-    queue.flushdb()
     results: dict[str, Any] = {}  # scenario -> its figures
-    try:
-        migrate(database_url)
-        with tempfile.TemporaryDirectory(prefix="lethe-bench-coalescing-") as directory:
-            tmp = Path(directory)
-            dataset = load_dataset("mnist5k")
-            array_path = tmp / "mnist5k.npz"
-            write_dataset(dataset, array_path)
-            spec = mnist_cnn_spec(dataset.num_classes, dataset.input_shape)
-            checkpoint = tmp / "initial.safetensors"
-            checkpoint.write_bytes(train_initial_checkpoint(dataset, spec, RECIPE))
-            base_env = {
-                **os.environ, "LETHE_DATABASE_URL": database_url, "LETHE_REDIS_URL": REDIS_URL,
-                "LETHE_STORAGE_DIR": str(tmp / "store"), "LETHE_DISPATCHER": "celery",
-                "LETHE_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "LETHE_AUDIT_REFERENCES": str(REFERENCES),
-                "LETHE_DATA_DIR": str(tmp),
-            }  # fmt: skip
-            models = [f"mnist-cnn-{i}" for i in range(MODELS)]
-            with (
-                stack(base_env, tmp, "setup", workers=1) as setup,
-                httpx.Client(base_url=setup.url) as client,
-            ):
-                body = dataset_body(dataset, array_path, per_subject=PER_SUBJECT)
-                dataset_id = client.post("/datasets", json=body, timeout=120).raise_for_status().json()["id"]
-                for name in models:
-                    client.post("/models", json={
-                        "name": name, "dataset_id": dataset_id, "spec": spec.to_dict(),
-                        "checkpoint_path": str(checkpoint), "training_recipe": {"epochs": RECIPE.epochs},
-                    }).raise_for_status()  # fmt: skip
-                built = time.monotonic()
-                job = client.post(f"/models/{models[0]}/audit-references", json={"references": REFERENCES})
-                job_id = job.raise_for_status().json()["id"]
-                _wait_for(lambda: client.get(f"/jobs/{job_id}").json()["done"], "reference build", 1800)
-                results["reference_build_s"] = round(time.monotonic() - built, 1)
-            _share_references(database_url, models)
-            subjects = iter(range(0, len(dataset.train_rows) // PER_SUBJECT, requests))
-            scenarios: dict[str, tuple[int, list[str], dict[str, float]]] = {
-                "coalesced": (1, [models[0]], {}),
-                "one_job_per_request": (1, [models[0]], {"batch_max_samples": 1, "batch_wait_s": 0}),
-                "four_models_one_worker": (1, models, {}),
-                "four_models_two_workers": (2, models, {}),
-            }
-            for name, (workers, targets, settings) in scenarios.items():
-                first = next(subjects)
-                with stack(base_env, tmp, name, workers, **settings) as running:
-                    results[name] = run_scenario(
-                        running, targets, range(first, first + requests), over_s, timeout_s
-                    )
-                    results[name]["workers"] = workers
-                    results[name]["settings"] = settings or {  # the defaults
-                        "batch_wait_s": 30.0,
-                        "batch_max_samples": 10_000,
-                    }
-                print(json.dumps({name: results[name]}, indent=2), flush=True)
-    finally:
-        queue.flushdb()
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    with (
+        bench_backends("lethe_bench_coalescing", REDIS_URL) as database_url,
+        tempfile.TemporaryDirectory(prefix="lethe-bench-coalescing-") as directory,
+    ):
+        tmp = Path(directory)
+        dataset = load_dataset("mnist5k")
+        array_path = tmp / "mnist5k.npz"
+        write_dataset(dataset, array_path)
+        spec = mnist_cnn_spec(dataset.num_classes, dataset.input_shape)
+        checkpoint = tmp / "initial.safetensors"
+        checkpoint.write_bytes(train_initial_checkpoint(dataset, spec, RECIPE))
+        base_env = {
+            **os.environ, "LETHE_DATABASE_URL": database_url, "LETHE_REDIS_URL": REDIS_URL,
+            "LETHE_STORAGE_DIR": str(tmp / "store"), "LETHE_DISPATCHER": "celery",
+            "LETHE_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "LETHE_AUDIT_REFERENCES": str(REFERENCES),
+            "LETHE_DATA_DIR": str(tmp),
+        }  # fmt: skip
+        models = [f"mnist-cnn-{i}" for i in range(MODELS)]
+        with (
+            stack(base_env, tmp, "setup", workers=1) as setup,
+            httpx.Client(base_url=setup.url) as client,
+        ):
+            body = dataset_body(dataset, array_path, per_subject=PER_SUBJECT)
+            dataset_id = client.post("/datasets", json=body, timeout=120).raise_for_status().json()["id"]
+            for name in models:
+                client.post("/models", json={
+                    "name": name, "dataset_id": dataset_id, "spec": spec.to_dict(),
+                    "checkpoint_path": str(checkpoint), "training_recipe": {"epochs": RECIPE.epochs},
+                }).raise_for_status()  # fmt: skip
+            built = time.monotonic()
+            job = client.post(f"/models/{models[0]}/audit-references", json={"references": REFERENCES})
+            job_id = job.raise_for_status().json()["id"]
+            _wait_for(lambda: client.get(f"/jobs/{job_id}").json()["done"], "reference build", 1800)
+            results["reference_build_s"] = round(time.monotonic() - built, 1)
+        _share_references(database_url, models)
+        subjects = iter(range(0, len(dataset.train_rows) // PER_SUBJECT, requests))
+        scenarios: dict[str, tuple[int, list[str], dict[str, float]]] = {
+            "coalesced": (1, [models[0]], {}),
+            "one_job_per_request": (1, [models[0]], {"batch_max_samples": 1, "batch_wait_s": 0}),
+            "four_models_one_worker": (1, models, {}),
+            "four_models_two_workers": (2, models, {}),
+        }
+        for name, (workers, targets, settings) in scenarios.items():
+            first = next(subjects)
+            with stack(base_env, tmp, name, workers, **settings) as running:
+                results[name] = run_scenario(
+                    running, targets, range(first, first + requests), over_s, timeout_s
+                )
+                results[name]["workers"] = workers
+                results[name]["settings"] = settings or {  # the defaults
+                    "batch_wait_s": 30.0,
+                    "batch_max_samples": 10_000,
+                }
+            print(json.dumps({name: results[name]}, indent=2), flush=True)
     coalesced, alone = results["coalesced"], results["one_job_per_request"]
     single_job_s = alone["job_running_s"]["median"]
     results["ratios"] = {
@@ -321,8 +307,7 @@ def run(requests: int, over_s: float, timeout_s: float) -> dict[str, Any]:
         "dataset": "mnist5k", "samples_per_subject": PER_SUBJECT, "requests_per_scenario": requests,
         "posted_over_s": over_s, "method": "mixunlearn (default)", "audit_references": REFERENCES,
         "initial_model": f"mnist_cnn, {RECIPE.epochs} epochs", "worker": "celery --pool solo, 1 torch thread",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "machine": machine(),
     }  # fmt: skip
     return results
 
