@@ -14,6 +14,7 @@ from service.audit.routes import router as audit_router
 from service.core.database import make_engine, make_session_factory
 from service.core.limits import BodyLimit
 from service.core.problems import PROBLEM_RESPONSES, Problem, install_problem_handlers
+from service.core.rate_limits import RateLimiter
 from service.core.settings import Settings
 from service.datasets.routes import router as datasets_router
 from service.deletion_requests.routes import router as deletion_requests_router
@@ -69,6 +70,7 @@ def create_app(
     app.state.settings = settings
     app.state.session_factory = session_factory
     app.state.checkpoint_store = LocalCheckpointStore(settings.storage_dir)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage_url)
     app.state.dispatcher = (
         dispatcher if dispatcher is not None else build_dispatcher(settings, session_factory)
     )

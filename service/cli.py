@@ -14,6 +14,7 @@ from collections.abc import Sequence
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "service.commands",
     "service.reports.cli",
+    "service.clients.cli",
     "worker.bench.cli",
     "worker.audit_command",
 )

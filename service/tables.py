@@ -1,6 +1,7 @@
 """Imports every table module so ``Base.metadata`` is complete (for Alembic and the mapper registry)."""
 
 from service.audit import tables as audit_tables
+from service.clients import tables as clients_tables
 from service.datasets import tables as datasets_tables
 from service.deletion_requests import tables as deletion_requests_tables
 from service.erasures import tables as erasures_tables
@@ -12,6 +13,7 @@ from service.trail import tables as trail_tables
 
 __all__ = [
     "audit_tables",
+    "clients_tables",
     "datasets_tables",
     "deletion_requests_tables",
     "erasures_tables",

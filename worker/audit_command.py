@@ -1,8 +1,9 @@
 """``lethe audit``: the membership audit as a command, on the registry's models and store.
 
-    lethe audit build-references MODEL [--references K] [--no-wait]
+    lethe audit build-references MODEL [--tenant T] [--references K] [--no-wait]
     lethe audit verify-chain
-    lethe audit run --model M (--version V | --checkpoint FILE) [--base-version B] --forget-ids F --json OUT
+    lethe audit run --model M [--tenant T] (--version V | --checkpoint FILE) [--base-version B]
+                    --forget-ids F --json OUT
 
 ``run`` audits a version of a model, or a safetensors checkpoint of it unlearned elsewhere, against a base
 version (default: the version's parent; for a checkpoint, the active version) with the model's reference set
@@ -20,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from service.clients.service import DEFAULT_TENANT
+
 
 def add_parser(subparsers: Any) -> None:
     audit = subparsers.add_parser("audit", help="the per-sample membership audit: reference sets, audits")
@@ -29,6 +32,9 @@ def add_parser(subparsers: Any) -> None:
         "build-references", help="(re)build a model's audit reference set: a worker job, with progress"
     )
     build.add_argument("model", help="the model's name")
+    build.add_argument(
+        "--tenant", default=DEFAULT_TENANT, help=f"the model's tenant (default {DEFAULT_TENANT})"
+    )
     build.add_argument(
         "--references", type=int, default=None, help="K (even); default LETHE_AUDIT_REFERENCES"
     )
@@ -44,6 +50,9 @@ def add_parser(subparsers: Any) -> None:
         "run", help="audit version V of a model (or a checkpoint) against base version B"
     )
     run.add_argument("--model", required=True)
+    run.add_argument(
+        "--tenant", default=DEFAULT_TENANT, help=f"the model's tenant (default {DEFAULT_TENANT})"
+    )
     audited = run.add_mutually_exclusive_group(required=True)
     audited.add_argument("--version", type=int, help="the version to audit (its number)")
     audited.add_argument("--checkpoint", type=Path, help="a .safetensors checkpoint unlearned elsewhere")
@@ -89,12 +98,14 @@ def _build_references(args: argparse.Namespace) -> int:
     from service.core.settings import Settings
     from service.dispatch import build_dispatcher
     from service.jobs import repository as jobs_repository
+    from service.models import service as models_service
 
     settings = Settings()
     session_factory = make_session_factory(make_engine(settings.database_url))
     try:
         with session_factory.begin() as session:
-            job, created = audit_service.request_build(session, settings, args.model, args.references)
+            model = models_service.get_model(session, args.model, args.tenant)
+            job, created = audit_service.request_build(session, settings, model, args.references)
             job_id = job.id
     except ProblemError as exc:
         return _fail(exc.detail)
@@ -155,9 +166,9 @@ def _run(args: argparse.Namespace) -> int:
     store = LocalCheckpointStore(settings.storage_dir)
     session_factory = make_session_factory(make_engine(settings.database_url))
     with session_factory() as session:
-        model = models_repository.get_model_by_name(session, args.model)
+        model = models_repository.get_model_by_name(session, args.tenant, args.model)
         if model is None:
-            return _fail(f"no model named {args.model!r}")
+            return _fail(f"tenant {args.tenant!r} has no model named {args.model!r}")
         version = None
         if args.version is not None:
             version = models_repository.get_version_by_number(session, model.id, args.version)

@@ -13,7 +13,6 @@ from service.core.problems import InvalidInput, NotFound
 from service.core.settings import Settings
 from service.jobs import repository as jobs_repository
 from service.jobs.tables import Job
-from service.models import service as models_service
 from service.models.tables import Model
 from service.storage import StoredObject
 
@@ -33,11 +32,10 @@ def check_reference_count(references: int) -> int:
 
 
 def request_build(
-    session: Session, settings: Settings, model_name: str, references: int | None
+    session: Session, settings: Settings, model: Model, references: int | None
 ) -> tuple[Job, bool]:
     """A queued build of the model's reference set; an unfinished build is returned as it stands. The
     second value says whether the job is new (the caller commits, then dispatches it)."""
-    model = models_service.get_model(session, model_name)
     pending = jobs_repository.unfinished_of_kind(session, model.id, BUILD_KIND)
     if pending is not None:
         return pending, False
@@ -54,17 +52,16 @@ def current_set(session: Session, model_id: str) -> AuditReferenceSet | None:
     return repository.latest(session, model_id)
 
 
-def get_current_set(session: Session, model_name: str) -> tuple[Model, AuditReferenceSet]:
-    model = models_service.get_model(session, model_name)
+def get_current_set(session: Session, model: Model) -> AuditReferenceSet:
     found = repository.latest(session, model.id)
     if found is None:
         raise NotFound(
             "reference-set-not-found",
-            f"model {model_name!r} has no audit reference set yet: its first deletion request builds one, "
-            f"or POST /models/{model_name}/audit-references",
-            model=model_name,
+            f"model {model.name!r} has no audit reference set yet: its first deletion request builds one, "
+            f"or POST /models/{model.name}/audit-references",
+            model=model.name,
         )
-    return model, found
+    return found
 
 
 def register_set(

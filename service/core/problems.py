@@ -47,11 +47,14 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     }
     for status, description in (
         (HTTPStatus.BAD_REQUEST, "the body cannot be decoded (not UTF-8 JSON)"),
-        (HTTPStatus.NOT_FOUND, "unknown resource"),
+        (HTTPStatus.UNAUTHORIZED, "no bearer token, or one that names no live client"),
+        (HTTPStatus.FORBIDDEN, "the client lacks the operation's scope"),
+        (HTTPStatus.NOT_FOUND, "unknown resource (another tenant's is unknown too)"),
         (HTTPStatus.NOT_ACCEPTABLE, "no representation for the Accept header"),
         (HTTPStatus.CONFLICT, "conflicts with the current state"),
         (HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "the body is over its limit"),
         (HTTPStatus.UNPROCESSABLE_ENTITY, "invalid input: the members say which"),
+        (HTTPStatus.TOO_MANY_REQUESTS, "the client's rate limit is spent: retry after Retry-After seconds"),
         (HTTPStatus.INTERNAL_SERVER_ERROR, "the server's own fault, logged"),
         (HTTPStatus.SERVICE_UNAVAILABLE, "the server cannot answer as configured"),
     )
@@ -63,10 +66,13 @@ class ProblemError(Exception):
 
     status: int = HTTPStatus.BAD_REQUEST
 
-    def __init__(self, slug: str, detail: str, **extensions: Any) -> None:
+    def __init__(
+        self, slug: str, detail: str, *, headers: Mapping[str, str] | None = None, **extensions: Any
+    ) -> None:
         super().__init__(detail)
         self.slug = slug
         self.detail = detail
+        self.headers = headers
         self.extensions = extensions
 
 
@@ -82,13 +88,22 @@ def listed_problem(
     slug: str, detail: str, key: str, values: Sequence[object], **extensions: Any
 ) -> InvalidInput:
     """A 422 problem listing the offending values under ``key`` (e.g. ``sample_ids``), with their count."""
-    return InvalidInput(
-        slug,
-        f"{len(values)} {detail}",
-        **{key: list(values[:MAX_LISTED_VALUES])},
-        count=len(values),
-        **extensions,
-    )
+    members: dict[str, Any] = {key: list(values[:MAX_LISTED_VALUES]), "count": len(values), **extensions}
+    return InvalidInput(slug, f"{len(values)} {detail}", **members)
+
+
+class Unauthenticated(ProblemError):
+    """No credentials, or credentials that name no live client (RFC 6750: with ``WWW-Authenticate``)."""
+
+    status = HTTPStatus.UNAUTHORIZED
+
+
+class Forbidden(ProblemError):
+    status = HTTPStatus.FORBIDDEN
+
+
+class TooManyRequests(ProblemError):
+    status = HTTPStatus.TOO_MANY_REQUESTS
 
 
 class NotFound(ProblemError):
@@ -134,7 +149,7 @@ def problem_response(
 
 async def _handle_problem(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ProblemError)
-    return problem_response(exc.status, exc.slug, exc.detail, **exc.extensions)
+    return problem_response(exc.status, exc.slug, exc.detail, headers=exc.headers, **exc.extensions)
 
 
 async def _handle_validation(_request: Request, exc: Exception) -> JSONResponse:

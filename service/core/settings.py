@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     max_array_bytes: Annotated[int, Field(gt=0)] = 64 * 1024**3
     max_body_bytes: Annotated[int, Field(gt=0)] = 64 * 1024**2
     dispatcher: Literal["celery", "inprocess"] = "celery"
+    # Per API client, on POST requests (the `limits` library's notation; "" turns limits off): beyond them a
+    # 429 problem with Retry-After. Counted in process memory (memory://, one API process) or in Redis
+    # (redis://host:port/db: several API processes share one count).
+    rate_limit: str = "20/second;600/minute"
+    rate_limit_storage_url: str = "memory://"
 
     # Architectures the workers can build: the engine's built-ins plus any a deployment registers with
     # worker.engine.models.register_architecture. A model naming another is refused at registration.

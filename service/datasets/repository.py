@@ -32,8 +32,10 @@ def get_dataset(session: Session, dataset_id: str) -> Dataset | None:
     return session.get(Dataset, dataset_id)
 
 
-def dataset_name_taken(session: Session, name: str) -> bool:
-    return session.scalar(select(Dataset.id).where(Dataset.name == name)) is not None
+def dataset_name_taken(session: Session, tenant: str, name: str) -> bool:
+    return (
+        session.scalar(select(Dataset.id).where(Dataset.tenant == tenant, Dataset.name == name)) is not None
+    )
 
 
 def insert_samples(session: Session, dataset_id: str, samples: Iterable[SampleValues]) -> None:
@@ -80,12 +82,19 @@ def find_samples(session: Session, dataset_id: str, sample_ids: Sequence[str]) -
     return found
 
 
-def sample_ids_in_other_datasets(session: Session, dataset_id: str, sample_ids: Sequence[str]) -> set[str]:
+def sample_ids_in_other_datasets(session: Session, dataset: Dataset, sample_ids: Sequence[str]) -> set[str]:
+    """Which of ``sample_ids`` are samples of the tenant's other datasets."""
     found: set[str] = set()
     for chunk in _chunks(sample_ids):
         found.update(
             session.scalars(
-                select(Sample.sample_id).where(Sample.dataset_id != dataset_id, Sample.sample_id.in_(chunk))
+                select(Sample.sample_id)
+                .join(Dataset, Dataset.id == Sample.dataset_id)
+                .where(
+                    Dataset.tenant == dataset.tenant,
+                    Sample.dataset_id != dataset.id,
+                    Sample.sample_id.in_(chunk),
+                )
             )
         )
     return found

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Response, status
 from sqlalchemy.orm import Session
 
+from service.clients.security import requires
+from service.clients.service import Principal
 from service.datasets import service
 from service.datasets.schemas import (
     DatasetCreate,
@@ -34,28 +38,37 @@ def _dataset_out(session: Session, dataset: Dataset) -> DatasetOut:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
 def register_dataset(
-    body: DatasetCreate, session: SessionDep, settings: SettingsDep, response: Response
+    body: DatasetCreate,
+    caller: Annotated[Principal, requires("datasets:write")],
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
 ) -> DatasetOut:
-    """Register a dataset and its samples (bulk). The array file is read for its header only."""
-    dataset = service.register_dataset(session, settings, body)
+    """Register a dataset of the caller's tenant and its samples (bulk). The array file is read for its
+    header only."""
+    dataset = service.register_dataset(session, settings, body, caller.tenant)
     session.commit()
     response.headers["Location"] = f"/datasets/{dataset.id}"
     return _dataset_out(session, dataset)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut)
-def get_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
-    return _dataset_out(session, service.get_dataset(session, dataset_id))
+def get_dataset(
+    dataset_id: str, caller: Annotated[Principal, requires("datasets:read")], session: SessionDep
+) -> DatasetOut:
+    return _dataset_out(session, service.get_dataset(session, dataset_id, caller.tenant))
 
 
 @router.get("/{dataset_id}/samples", response_model=SamplePage)
 def list_samples(
     dataset_id: str,
+    caller: Annotated[Principal, requires("datasets:read")],
     session: SessionDep,
     settings: SettingsDep,
     cursor: CursorQuery = None,
     limit: LimitQuery = None,
 ) -> SamplePage:
+    service.get_dataset(session, dataset_id, caller.tenant)
     page = service.list_samples(session, dataset_id, cursor, page_size(settings, limit))
     erasures, model_count = service.sample_erasures(session, dataset_id, [sample.id for sample in page.items])
     items = []

@@ -66,10 +66,10 @@ def read_array_header(handle: BinaryIO) -> ArrayHeader:
     return ArrayHeader(shape=tuple(shape), dtype=dtype)
 
 
-def register_dataset(session: Session, settings: Settings, data: DatasetCreate) -> Dataset:
+def register_dataset(session: Session, settings: Settings, data: DatasetCreate, tenant: str) -> Dataset:
     """Validate the array file (a regular file inside the data root) and every sample, then insert the
-    dataset, with the array file's real path, and its samples in bulk."""
-    if repository.dataset_name_taken(session, data.name):
+    tenant's dataset, with the array file's real path, and its samples in bulk."""
+    if repository.dataset_name_taken(session, tenant, data.name):
         raise Conflict("dataset-name-taken", f"a dataset named {data.name!r} exists", name=data.name)
     array_path = inside_root(settings.data_dir, data.array_path, "array_path")
     with open_data_file(settings.data_dir, data.array_path, "array_path", settings.max_array_bytes) as (
@@ -87,6 +87,7 @@ def register_dataset(session: Session, settings: Settings, data: DatasetCreate) 
     dataset = repository.add_dataset(
         session,
         Dataset(
+            tenant=tenant,
             name=data.name,
             array_path=str(array_path),
             num_rows=header.shape[0],
@@ -134,9 +135,10 @@ def _reject_duplicates(key: str, values: Sequence[str | int]) -> None:
         raise listed_problem(f"duplicate-{key.replace('_', '-')}", f"{key} values repeat", key, duplicates)
 
 
-def get_dataset(session: Session, dataset_id: str) -> Dataset:
+def get_dataset(session: Session, dataset_id: str, tenant: str) -> Dataset:
+    """The tenant's dataset; another tenant's is as unknown as a missing one."""
     dataset = repository.get_dataset(session, dataset_id)
-    if dataset is None:
+    if dataset is None or dataset.tenant != tenant:
         raise NotFound("dataset-not-found", f"no dataset {dataset_id!r}", dataset_id=dataset_id)
     return dataset
 
@@ -159,7 +161,6 @@ def sample_erasures(
 
 
 def list_samples(session: Session, dataset_id: str, cursor: str | None, limit: int) -> Page[Sample]:
-    get_dataset(session, dataset_id)
     after_pk = int(decode_cursor(cursor, 1)[0]) if cursor else None
     rows = repository.list_samples(session, dataset_id, after_pk, limit + 1)
     return page_from_rows(rows, limit, key_of=lambda sample: (sample.id,))
@@ -173,7 +174,9 @@ def resolve_sets(
     The remaining set excludes every sample the model erased so far (or was never trained on) and this job's
     forget set, so successive jobs never train on data an earlier request removed.
     """
-    dataset = get_dataset(session, dataset_id)
+    dataset = repository.get_dataset(session, dataset_id)
+    if dataset is None:
+        raise NotFound("dataset-not-found", f"no dataset {dataset_id!r}", dataset_id=dataset_id)
     forget_ids = set(forget_sample_ids)
     train = repository.split_rows(session, dataset_id, "train")
     forget = [r for r in train if r.sample_id in forget_ids]

@@ -12,12 +12,15 @@ SPLITS = ("train", "audit")
 
 
 class Dataset(Base):
-    """A training dataset: one ``.npz`` array file on the server plus the registry of its samples."""
+    """A training dataset: one ``.npz`` array file on the server plus the registry of its samples. It belongs
+    to a tenant, as do the models trained on it and the requests filed against it."""
 
     __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("tenant", "name"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    tenant: Mapped[str] = mapped_column(String(100))
+    name: Mapped[str] = mapped_column(String(200))
     array_path: Mapped[str] = mapped_column(Text)
     num_rows: Mapped[int] = mapped_column(Integer)  # rows in the array file, not registered samples
     sample_shape: Mapped[list[int]] = mapped_column(JSONType)  # (C, H, W) from the array's header

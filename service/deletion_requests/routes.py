@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.clients.security import requires
+from service.clients.service import Principal
 from service.deletion_requests import service
 from service.deletion_requests.schemas import (
     AuditOutcome,
@@ -82,6 +84,7 @@ def _replay(record: IdempotencyRecord) -> JSONResponse:
 )
 def create_deletion_request(
     body: DeletionRequestCreate,
+    caller: Annotated[Principal, requires("deletions:write")],
     session: SessionDep,
     settings: SettingsDep,
     dispatcher: DispatcherDep,
@@ -91,14 +94,14 @@ def create_deletion_request(
     ``Location`` of the request (its ``erasures`` list each model's job), ``Retry-After``.
 
     Every check runs before anything is written. With an ``Idempotency-Key`` a retry of the same body replays
-    the first answer (a different body with the same key is 422).
+    the first answer (a different body with the same key is 422); keys are the calling client's own.
     """
     fingerprint = idempotency.fingerprint("POST", "/deletion-requests", body.model_dump(mode="json"))
     if idempotency_key is not None:
-        record = idempotency.find_answer(session, idempotency_key, fingerprint)
+        record = idempotency.find_answer(session, caller.client_id, idempotency_key, fingerprint)
         if record is not None:
             return _replay(record)
-    created = service.create_request(session, settings, body)
+    created = service.create_request(session, settings, body, caller)
     payload: dict[str, Any] = jsonable_encoder(request_out(session, created.request))
     pending = created.request.state == "processing"
     headers = (
@@ -112,13 +115,19 @@ def create_deletion_request(
     status_code = status.HTTP_202_ACCEPTED if pending else status.HTTP_200_OK
     try:
         if idempotency_key is not None:
-            idempotency.remember_answer(session, idempotency_key, fingerprint, status_code, payload, headers)
+            idempotency.remember_answer(
+                session, caller.client_id, idempotency_key, fingerprint, status_code, payload, headers
+            )
         session.commit()
     except IntegrityError:
         # A concurrent request with the same key committed first (its row is seen when this one inserts or
         # commits): answer as it did.
         session.rollback()
-        record = idempotency.find_answer(session, idempotency_key, fingerprint) if idempotency_key else None
+        record = (
+            idempotency.find_answer(session, caller.client_id, idempotency_key, fingerprint)
+            if idempotency_key
+            else None
+        )
         if record is None:
             raise
         return _replay(record)
@@ -136,5 +145,7 @@ def dispatch_all(dispatcher: JobDispatcher, dispatches: Sequence[Dispatch]) -> N
 
 
 @router.get("/{request_id}", response_model=DeletionRequestOut)
-def get_deletion_request(request_id: str, session: SessionDep) -> DeletionRequestOut:
-    return request_out(session, service.get_request(session, request_id))
+def get_deletion_request(
+    request_id: str, caller: Annotated[Principal, requires("deletions:read")], session: SessionDep
+) -> DeletionRequestOut:
+    return request_out(session, service.get_request(session, request_id, caller.tenant))

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from service.clients.service import Principal
 from service.core.clock import utcnow
 from service.core.problems import InvalidInput, NotFound, listed_problem
 from service.core.settings import Settings
@@ -46,9 +47,12 @@ class CreatedRequest:
     dispatches: list[Dispatch]  # the jobs to hand to the workers once committed; none when settled at once
 
 
-def create_request(session: Session, settings: Settings, data: DeletionRequestCreate) -> CreatedRequest:
+def create_request(
+    session: Session, settings: Settings, data: DeletionRequestCreate, caller: Principal
+) -> CreatedRequest:
     """Validate a deletion request completely, then add it, its samples and one erasure target per model it
-    applies to (the named model, or every model of the named dataset), each queued into its model's open job.
+    applies to (the caller's tenant's named model, or every model of its named dataset), each queued into its
+    model's open job.
 
     Nothing is written unless every check passes. A model that no longer holds any of the samples (erased by
     an earlier request, or never trained on them) completes its target at once; when every model does, the
@@ -57,7 +61,7 @@ def create_request(session: Session, settings: Settings, data: DeletionRequestCr
     if (data.model is None) == (data.dataset_id is None):
         raise InvalidInput("model-or-dataset", "give exactly one of model and dataset_id")
     if data.model is not None:
-        model = models_repository.get_model_by_name(session, data.model)
+        model = models_repository.get_model_by_name(session, caller.tenant, data.model)
         if model is None:
             raise InvalidInput(
                 "unknown-model", f"no model named {data.model!r}", field="model", model=data.model
@@ -68,7 +72,7 @@ def create_request(session: Session, settings: Settings, data: DeletionRequestCr
     else:
         assert data.dataset_id is not None
         found = datasets_repository.get_dataset(session, data.dataset_id)
-        if found is None:
+        if found is None or found.tenant != caller.tenant:
             raise InvalidInput(
                 "unknown-dataset",
                 f"no dataset {data.dataset_id!r}",
@@ -94,7 +98,7 @@ def create_request(session: Session, settings: Settings, data: DeletionRequestCr
         completed_at=None,
     )
     pks = [sample.id for sample in samples]
-    return CreatedRequest(request, add_request(session, settings, request, models, pks, actor="api"))
+    return CreatedRequest(request, add_request(session, settings, request, models, pks, actor=caller.actor))
 
 
 def add_request(
@@ -190,7 +194,7 @@ def _named_samples(
     found = {sample.sample_id for sample in samples}
     missing = [sample_id for sample_id in sample_ids if sample_id not in found]
     if missing:
-        foreign = datasets_repository.sample_ids_in_other_datasets(session, dataset.id, missing)
+        foreign = datasets_repository.sample_ids_in_other_datasets(session, dataset, missing)
         unknown = [sample_id for sample_id in missing if sample_id not in foreign]
         if unknown:
             raise listed_problem(
@@ -227,9 +231,11 @@ def _check_size(settings: Settings, count: int) -> None:
         )
 
 
-def get_request(session: Session, request_id: str) -> DeletionRequest:
+def get_request(session: Session, request_id: str, tenant: str) -> DeletionRequest:
+    """The tenant's request (another tenant's is as unknown as a missing one)."""
     request = repository.get(session, request_id)
-    if request is None:
+    dataset = datasets_repository.get_dataset(session, request.dataset_id) if request else None
+    if request is None or dataset is None or dataset.tenant != tenant:
         raise NotFound(
             "deletion-request-not-found", f"no deletion request {request_id!r}", request_id=request_id
         )

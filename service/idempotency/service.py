@@ -24,9 +24,11 @@ def fingerprint(method: str, path: str, payload: Any) -> str:
     return hashlib.sha256(f"{method} {path}\n{canonical}".encode()).hexdigest()
 
 
-def find_answer(session: Session, key: str, request_fingerprint: str) -> IdempotencyRecord | None:
-    """The stored answer for ``key``; a key reused with a different request is a 422."""
-    record = repository.get(session, key)
+def find_answer(
+    session: Session, client_id: str, key: str, request_fingerprint: str
+) -> IdempotencyRecord | None:
+    """The client's stored answer for ``key``; a key reused with a different request is a 422."""
+    record = repository.get(session, client_id, key)
     if record is not None and record.fingerprint != request_fingerprint:
         raise InvalidInput(
             "idempotency-key-reused",
@@ -37,11 +39,22 @@ def find_answer(session: Session, key: str, request_fingerprint: str) -> Idempot
 
 
 def remember_answer(
-    session: Session, key: str, request_fingerprint: str, status_code: int, body: Any, headers: dict[str, str]
+    session: Session,
+    client_id: str,
+    key: str,
+    request_fingerprint: str,
+    status_code: int,
+    body: Any,
+    headers: dict[str, str],
 ) -> None:
     repository.add(
         session,
         IdempotencyRecord(
-            key=key, fingerprint=request_fingerprint, status_code=status_code, body=body, headers=headers
+            client_id=client_id,
+            key=key,
+            fingerprint=request_fingerprint,
+            status_code=status_code,
+            body=body,
+            headers=headers,
         ),
     )

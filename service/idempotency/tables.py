@@ -15,7 +15,8 @@ class IdempotencyRecord(Base):
 
     __tablename__ = "idempotency_keys"
 
-    # Without client authentication the scope is the key itself (see docs/architecture.md).
+    # Keys are per client: two clients may use the same key for different requests.
+    client_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(64))  # SHA-256 of method, path and body
     status_code: Mapped[int] = mapped_column(Integer)

@@ -9,6 +9,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.jobs.tables import ACTIVE_STATES, Job
+from service.models.tables import Model
 
 
 def add(session: Session, job: Job) -> None:
@@ -56,13 +57,21 @@ def save_progress(
 def list_jobs(
     session: Session,
     *,
+    tenant: str,
     model_id: str | None,
     state: str | None,
     before: tuple[datetime, str] | None,
     limit: int,
 ) -> Sequence[Job]:
-    """Newest first, ties broken by id: a stable order for keyset pagination (``before`` = last key seen)."""
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    """The tenant's jobs newest first, ties broken by id: a stable order for keyset pagination (``before`` =
+    last key seen)."""
+    query = (
+        select(Job)
+        .join(Model, Model.id == Job.model_id)
+        .where(Model.tenant == tenant)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(limit)
+    )
     if model_id is not None:
         query = query.where(Job.model_id == model_id)
     if state is not None:

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 from fastapi import APIRouter, status
 from sqlalchemy.orm import Session
 
+from service.clients.security import requires
+from service.clients.service import Principal
 from service.core.clock import utcnow
 from service.dependencies import CursorQuery, LimitQuery, SessionDep, SettingsDep, page_size
 from service.jobs import service
@@ -22,6 +25,7 @@ def jobs_out(session: Session, jobs: Sequence[Job]) -> list[JobOut]:
 
 @router.get("", response_model=JobPage)
 def list_jobs(
+    caller: Annotated[Principal, requires("jobs:read")],
     session: SessionDep,
     settings: SettingsDep,
     model: str | None = None,
@@ -29,21 +33,28 @@ def list_jobs(
     cursor: CursorQuery = None,
     limit: LimitQuery = None,
 ) -> JobPage:
-    """Jobs newest first; filter by model name and state; page with the opaque ``next_cursor``."""
+    """The tenant's jobs newest first; filter by model name and state; page with ``next_cursor``."""
     page = service.list_jobs(
-        session, model_name=model, state=state, cursor=cursor, limit=page_size(settings, limit)
+        session,
+        tenant=caller.tenant,
+        model_name=model,
+        state=state,
+        cursor=cursor,
+        limit=page_size(settings, limit),
     )
     return JobPage(items=jobs_out(session, page.items), next_cursor=page.next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, session: SessionDep) -> JobOut:
-    return jobs_out(session, [service.get_job(session, job_id)])[0]
+def get_job(job_id: str, caller: Annotated[Principal, requires("jobs:read")], session: SessionDep) -> JobOut:
+    return jobs_out(session, [service.get_job(session, job_id, caller.tenant)])[0]
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
-def cancel_job(job_id: str, session: SessionDep) -> JobOut:
+def cancel_job(
+    job_id: str, caller: Annotated[Principal, requires("jobs:write")], session: SessionDep
+) -> JobOut:
     """Queued: canceled at once. Running: ``cancel_requested``, the worker stops cooperatively. Done: 409."""
-    job = service.request_cancel(session, job_id)
+    job = service.request_cancel(session, job_id, caller.tenant, caller.actor)
     session.commit()
     return jobs_out(session, [job])[0]

@@ -92,9 +92,17 @@ class NotReady:
     retry_in: float
 
 
-def get_job(session: Session, job_id: str) -> Job:
-    job = repository.get(session, job_id)
+def _of_tenant(session: Session, job: Job | None, tenant: str) -> bool:
     if job is None:
+        return False
+    model = models_repository.get_model(session, job.model_id)
+    return model is not None and model.tenant == tenant
+
+
+def get_job(session: Session, job_id: str, tenant: str) -> Job:
+    """The tenant's job (another tenant's is as unknown as a missing one)."""
+    job = repository.get(session, job_id)
+    if job is None or not _of_tenant(session, job, tenant):
         raise NotFound("job-not-found", f"no job {job_id!r}", job_id=job_id)
     return job
 
@@ -303,11 +311,12 @@ def record_metrics(session: Session, job_id: str, entries: dict[str, Any], worke
     return job
 
 
-def request_cancel(session: Session, job_id: str) -> Job:
-    """Cancel a queued job at once; flag a running one for the worker to stop cooperatively.
+def request_cancel(session: Session, job_id: str, tenant: str, actor: str) -> Job:
+    """Cancel the tenant's queued job at once; flag a running one for the worker to stop cooperatively.
 
     A job already in a terminal state is a :class:`~service.core.problems.Conflict` (409).
     """
+    get_job(session, job_id, tenant)
     job = repository.lock(session, job_id)
     if job is None:
         raise NotFound("job-not-found", f"no job {job_id!r}", job_id=job_id)
@@ -319,7 +328,7 @@ def request_cancel(session: Session, job_id: str) -> Job:
         )
     job.cancel_requested = True
     session.flush()
-    _record(session, job, "job.cancel_requested", "api")
+    _record(session, job, "job.cancel_requested", actor)
     return job
 
 
@@ -329,12 +338,18 @@ def list_abandoned(session: Session) -> list[str]:
 
 
 def list_jobs(
-    session: Session, *, model_name: str | None, state: str | None, cursor: str | None, limit: int
+    session: Session,
+    *,
+    tenant: str,
+    model_name: str | None,
+    state: str | None,
+    cursor: str | None,
+    limit: int,
 ) -> Page[Job]:
-    """Jobs newest first, optionally of one model (by name) and in one state."""
+    """The tenant's jobs newest first, optionally of one model (by name) and in one state."""
     model_id = None
     if model_name is not None:
-        model = models_repository.get_model_by_name(session, model_name)
+        model = models_repository.get_model_by_name(session, tenant, model_name)
         if model is None:
             raise InvalidInput(
                 "unknown-model", f"no model named {model_name!r}", field="model", model=model_name
@@ -351,7 +366,9 @@ def list_jobs(
             raise InvalidInput(
                 "invalid-cursor", "the cursor is not one this API issued", cursor=cursor
             ) from exc
-    rows = repository.list_jobs(session, model_id=model_id, state=state, before=before, limit=limit + 1)
+    rows = repository.list_jobs(
+        session, tenant=tenant, model_id=model_id, state=state, before=before, limit=limit + 1
+    )
     return page_from_rows(rows, limit, key_of=lambda job: (job.created_at.isoformat(), job.id))
 
 

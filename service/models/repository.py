@@ -19,8 +19,8 @@ def get_model(session: Session, model_id: str) -> Model | None:
     return session.get(Model, model_id)
 
 
-def get_model_by_name(session: Session, name: str) -> Model | None:
-    return session.scalar(select(Model).where(Model.name == name))
+def get_model_by_name(session: Session, tenant: str, name: str) -> Model | None:
+    return session.scalar(select(Model).where(Model.tenant == tenant, Model.name == name))
 
 
 def lock_model(session: Session, model_id: str) -> Model | None:
@@ -31,8 +31,8 @@ def lock_model(session: Session, model_id: str) -> Model | None:
     return session.get(Model, model_id, with_for_update={"key_share": True}, populate_existing=True)
 
 
-def list_models(session: Session, after_name: str | None, limit: int) -> Sequence[Model]:
-    query = select(Model).order_by(Model.name).limit(limit)
+def list_models(session: Session, tenant: str, after_name: str | None, limit: int) -> Sequence[Model]:
+    query = select(Model).where(Model.tenant == tenant).order_by(Model.name).limit(limit)
     if after_name is not None:
         query = query.where(Model.name > after_name)
     return session.scalars(query).all()

@@ -8,6 +8,8 @@ from fastapi import APIRouter, File, Form, Response, UploadFile, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
+from service.clients.security import requires
+from service.clients.service import Principal
 from service.core.fields import Identifier
 from service.core.files import read_data_file
 from service.core.problems import PAYLOAD_TOO_LARGE, InvalidInput, PayloadTooLarge
@@ -74,6 +76,7 @@ def _create(
     dispatcher: JobDispatcher,
     response: Response,
     *,
+    tenant: str,
     name: str,
     dataset_id: str,
     spec: dict[str, Any],
@@ -85,6 +88,7 @@ def _create(
         session,
         store,
         settings,
+        tenant=tenant,
         name=name,
         dataset_id=dataset_id,
         spec=spec,
@@ -101,6 +105,7 @@ def _create(
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelOut)
 def register_model(
     body: ModelCreate,
+    caller: Annotated[Principal, requires("models:write")],
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
@@ -120,6 +125,7 @@ def register_model(
         store,
         dispatcher,
         response,
+        tenant=caller.tenant,
         name=body.name,
         dataset_id=body.dataset_id,
         spec=body.spec,
@@ -131,6 +137,7 @@ def register_model(
 
 @router.post("/upload", status_code=status.HTTP_201_CREATED, response_model=ModelOut)
 def upload_model(
+    caller: Annotated[Principal, requires("models:write")],
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
@@ -157,6 +164,7 @@ def upload_model(
         store,
         dispatcher,
         response,
+        tenant=caller.tenant,
         name=name,
         dataset_id=dataset_id,
         spec=spec_dict,
@@ -188,27 +196,38 @@ def _json_object(text: str, field: str, problem: str) -> dict[str, Any]:
 
 @router.get("", response_model=ModelPage)
 def list_models(
-    session: SessionDep, settings: SettingsDep, cursor: CursorQuery = None, limit: LimitQuery = None
+    caller: Annotated[Principal, requires("models:read")],
+    session: SessionDep,
+    settings: SettingsDep,
+    cursor: CursorQuery = None,
+    limit: LimitQuery = None,
 ) -> ModelPage:
-    page = service.list_models(session, cursor, page_size(settings, limit))
+    """The caller's tenant's models, by name."""
+    page = service.list_models(session, caller.tenant, cursor, page_size(settings, limit))
     return ModelPage(items=[_model_out(session, model) for model in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/{name}", response_model=ModelOut)
-def get_model(name: str, session: SessionDep) -> ModelOut:
-    return _model_out(session, service.get_model(session, name))
+def get_model(
+    name: str, caller: Annotated[Principal, requires("models:read")], session: SessionDep
+) -> ModelOut:
+    return _model_out(session, service.get_model(session, name, caller.tenant))
 
 
 @router.get("/{name}/versions", response_model=VersionList)
-def list_versions(name: str, session: SessionDep) -> VersionList:
-    model = service.get_model(session, name)
-    return VersionList(items=_versions_out(session, model, service.list_versions(session, name)))
+def list_versions(
+    name: str, caller: Annotated[Principal, requires("models:read")], session: SessionDep
+) -> VersionList:
+    model = service.get_model(session, name, caller.tenant)
+    return VersionList(items=_versions_out(session, model, service.list_versions(session, model)))
 
 
 @router.get("/{name}/versions/{number}", response_model=VersionOut)
-def get_version(name: str, number: int, session: SessionDep) -> VersionOut:
-    model = service.get_model(session, name)
-    [version] = _versions_out(session, model, [service.get_version(session, name, number)])
+def get_version(
+    name: str, number: int, caller: Annotated[Principal, requires("models:read")], session: SessionDep
+) -> VersionOut:
+    model = service.get_model(session, name, caller.tenant)
+    [version] = _versions_out(session, model, [service.get_version(session, model, number)])
     return version
 
 
@@ -217,9 +236,16 @@ def get_version(name: str, number: int, session: SessionDep) -> VersionOut:
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-def download_checkpoint(name: str, number: int, session: SessionDep, store: StoreDep) -> StreamingResponse:
+def download_checkpoint(
+    name: str,
+    number: int,
+    caller: Annotated[Principal, requires("models:read")],
+    session: SessionDep,
+    store: StoreDep,
+) -> StreamingResponse:
     """The version's safetensors file, verified against its SHA-256 before streaming."""
-    version = service.get_version(session, name, number)
+    model = service.get_model(session, name, caller.tenant)
+    version = service.get_version(session, model, number)
     handle = service.open_checkpoint(store, version)
     return StreamingResponse(
         _stream(handle),

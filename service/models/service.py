@@ -37,8 +37,9 @@ class VersionConflict(Conflict):
     """The version a job started from is no longer the active one: its result must not be activated."""
 
 
-def get_model(session: Session, name: str) -> Model:
-    model = repository.get_model_by_name(session, name)
+def get_model(session: Session, name: str, tenant: str) -> Model:
+    """The tenant's model of that name (another tenant's is as unknown as a missing one)."""
+    model = repository.get_model_by_name(session, tenant, name)
     if model is None:
         raise NotFound("model-not-found", f"no model named {name!r}", model=name)
     return model
@@ -49,6 +50,7 @@ def register_model(
     store: CheckpointStore,
     settings: Settings,
     *,
+    tenant: str,
     name: str,
     dataset_id: str,
     spec: dict[str, Any],
@@ -56,7 +58,8 @@ def register_model(
     training_recipe: dict[str, Any] | None = None,
     training_sample_ids: Sequence[str] | None = None,
 ) -> tuple[Model, ModelVersion, list[Dispatch]]:
-    """Register a model trained on ``dataset_id`` with its first (active) version holding ``checkpoint``.
+    """Register a tenant's model trained on its dataset ``dataset_id``, with its first (active) version
+    holding ``checkpoint``.
 
     Its spec must name one of ``settings.architectures`` (those the workers build) and fit the dataset. It
     was trained on every train sample of the dataset unless ``training_sample_ids`` says which; erasures
@@ -66,10 +69,10 @@ def register_model(
     The checkpoint must be a safetensors file (a pickle is refused: loading one runs code). It is stored
     before the rows are committed; if the commit fails, the content-addressed object is merely unreferenced.
     """
-    if repository.get_model_by_name(session, name) is not None:
+    if repository.get_model_by_name(session, tenant, name) is not None:
         raise Conflict("model-name-taken", f"a model named {name!r} exists", model=name)
     dataset = datasets_repository.get_dataset(session, dataset_id)
-    if dataset is None:
+    if dataset is None or dataset.tenant != tenant:
         raise InvalidInput("unknown-dataset", f"no dataset {dataset_id!r}", dataset_id=dataset_id)
     try:
         model_spec = ModelSpec.from_dict(spec)
@@ -106,7 +109,9 @@ def register_model(
     except NotSafetensors as exc:
         raise InvalidInput("invalid-checkpoint", str(exc), field="checkpoint") from exc
     stored = store.put(checkpoint)
-    model = Model(name=name, dataset_id=dataset.id, spec=model_spec.to_dict(), training_recipe=recipe)
+    model = Model(
+        tenant=tenant, name=name, dataset_id=dataset.id, spec=model_spec.to_dict(), training_recipe=recipe
+    )
     repository.add(session, model)
     version = register_version(
         session,
@@ -130,9 +135,9 @@ def register_model(
     return model, version, dispatches
 
 
-def list_models(session: Session, cursor: str | None, limit: int) -> Page[Model]:
+def list_models(session: Session, tenant: str, cursor: str | None, limit: int) -> Page[Model]:
     after_name = str(decode_cursor(cursor, 1)[0]) if cursor else None
-    rows = repository.list_models(session, after_name, limit + 1)
+    rows = repository.list_models(session, tenant, after_name, limit + 1)
     return page_from_rows(rows, limit, key_of=lambda model: (model.name,))
 
 
@@ -143,8 +148,8 @@ def active_version(session: Session, model: Model) -> ModelVersion:
     return version
 
 
-def list_versions(session: Session, name: str) -> Sequence[ModelVersion]:
-    return repository.list_versions(session, get_model(session, name).id)
+def list_versions(session: Session, model: Model) -> Sequence[ModelVersion]:
+    return repository.list_versions(session, model.id)
 
 
 def covered_request_ids(session: Session, versions: Sequence[ModelVersion]) -> dict[str, list[str]]:
@@ -176,12 +181,14 @@ def open_checkpoint(store: CheckpointStore, version: ModelVersion) -> BinaryIO:
         ) from exc
 
 
-def get_version(session: Session, name: str, number: int) -> ModelVersion:
-    model = get_model(session, name)
+def get_version(session: Session, model: Model, number: int) -> ModelVersion:
     version = repository.get_version_by_number(session, model.id, number)
     if version is None:
         raise NotFound(
-            "version-not-found", f"model {name!r} has no version {number}", model=name, number=number
+            "version-not-found",
+            f"model {model.name!r} has no version {number}",
+            model=model.name,
+            number=number,
         )
     return version
 

@@ -24,12 +24,15 @@ VERSION_STATUSES = ("candidate", "active", "rejected", "superseded")
 
 
 class Model(Base):
-    """A registered model: its architecture spec and the dataset it was trained on. Referenced by its name."""
+    """A registered model: its architecture spec and the dataset it was trained on. Referenced by its name,
+    unique within its tenant (its dataset's)."""
 
     __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("tenant", "name"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    name: Mapped[str] = mapped_column(String(100), unique=True)
+    tenant: Mapped[str] = mapped_column(String(100))
+    name: Mapped[str] = mapped_column(String(100))
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
     # How the model was trained (TrainingConfig fields: epochs, lr, batch_size, weight_decay); the audit's

@@ -33,10 +33,10 @@ class SignedReport:
         return cls(row.request_id, row.content, row.sha256, row.key_id, row.signature)
 
 
-def get_or_sign(session: Session, settings: Settings, request_id: str) -> SignedReport:
+def get_or_sign(session: Session, settings: Settings, request_id: str, tenant: str) -> SignedReport:
     """The request's signed report. Its facts were generated when the request settled; the first download
     signs them with the active key (named inside the signed bytes), and later downloads serve those bytes."""
-    request = requests_service.get_request(session, request_id)
+    request = requests_service.get_request(session, request_id, tenant)
     report = session.get(ErasureReport, request_id, with_for_update=True)
     if request.state == "processing":
         raise NotFound(
@@ -71,10 +71,12 @@ def signature_document(report: SignedReport) -> dict[str, str]:
             "signed_sha256": report.sha256}  # fmt: skip
 
 
-def record_download(session: Session, report: SignedReport, what: str, client: str | None) -> None:
-    """Every download is an event of the trail (who, when, which form)."""
+def record_download(
+    session: Session, report: SignedReport, what: str, actor: str, address: str | None
+) -> None:
+    """Every download is an event of the trail (who, from where, when, which form)."""
     trail.append(
-        session, "report.downloaded", actor=f"api client {client or 'unknown'}", subject_type="report",
+        session, "report.downloaded", actor=actor, subject_type="report",
         subject_id=report.request_id, request_id=report.request_id,
-        data={"form": what, "sha256": report.sha256},
+        data={"form": what, "sha256": report.sha256, "address": address},
     )  # fmt: skip

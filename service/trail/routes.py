@@ -1,10 +1,12 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 from sqlalchemy import select
 
+from service.clients.security import requires
+from service.clients.service import Principal
 from service.deletion_requests import service as requests_service
 from service.dependencies import SessionDep
 from service.trail import service
@@ -14,15 +16,18 @@ router = APIRouter(tags=["audit trail"])
 
 
 @router.get("/audit-trail/verification")
-def verify_trail(session: SessionDep) -> dict[str, Any]:
-    """Recompute the whole chain: ``valid``, how many events, and the first broken link (its ``seq``)."""
+def verify_trail(_caller: Annotated[Principal, requires("admin")], session: SessionDep) -> dict[str, Any]:
+    """Recompute the whole chain (every tenant's events: one chain): ``valid``, how many events, and the first
+    broken link (its ``seq``)."""
     return service.verify_chain(session).to_dict()
 
 
 @router.get("/deletion-requests/{request_id}/trail")
-def request_trail(request_id: str, session: SessionDep) -> dict[str, Any]:
+def request_trail(
+    request_id: str, caller: Annotated[Principal, requires("deletions:read")], session: SessionDep
+) -> dict[str, Any]:
     """The request's events in order (who did what, when), each with its place in the chain."""
-    requests_service.get_request(session, request_id)
+    requests_service.get_request(session, request_id, caller.tenant)
     events = session.scalars(
         select(TrailEvent).where(TrailEvent.request_id == request_id).order_by(TrailEvent.seq)
     ).all()

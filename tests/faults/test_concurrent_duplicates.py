@@ -22,7 +22,14 @@ from service.deletion_requests.tables import DeletionRequest
 from service.jobs import service as jobs_service
 from service.jobs.tables import Job
 from tests.faults.conftest import Cluster
-from tests.service.conftest import RecordingDispatcher, checkpoint_bytes, dataset_body, spec, write_array
+from tests.service.conftest import (
+    RecordingDispatcher,
+    authorize,
+    checkpoint_bytes,
+    dataset_body,
+    spec,
+    write_array,
+)
 from worker.demo import LocalServer
 
 CONCURRENT = 20
@@ -32,7 +39,8 @@ CONCURRENT = 20
 def api(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[httpx.Client, sessionmaker[Session]]]:
     migrate(cluster.url)
     settings = Settings(
-        database_url=cluster.url, storage_dir=tmp_path / "store", data_dir=tmp_path, batch_wait_s=60
+        database_url=cluster.url, storage_dir=tmp_path / "store", data_dir=tmp_path, batch_wait_s=60,
+        rate_limit="",  # twenty at once: this test is about idempotency, not rate limits
     )
     engine = make_engine(cluster.url, pool_size=CONCURRENT)
     factory = make_session_factory(engine)
@@ -40,6 +48,7 @@ def api(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[httpx.Client, sessio
     try:
         app = create_app(settings, RecordingDispatcher(), session_factory=factory)
         with LocalServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+            authorize(client, factory)
             dataset = client.post(
                 "/datasets", json=dataset_body(write_array(tmp_path / "toy.npz", 10), name=name)
             ).json()

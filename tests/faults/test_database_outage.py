@@ -13,7 +13,14 @@ from service.app import create_app
 from service.core.database import make_engine, make_session_factory, migrate
 from service.core.settings import Settings
 from tests.faults.conftest import Cluster
-from tests.service.conftest import RecordingDispatcher, checkpoint_bytes, dataset_body, spec, write_array
+from tests.service.conftest import (
+    RecordingDispatcher,
+    authorize,
+    checkpoint_bytes,
+    dataset_body,
+    spec,
+    write_array,
+)
 from tests.service.test_datasets import assert_problem
 
 
@@ -30,6 +37,7 @@ def test_a_database_restart_is_a_503_with_retry_after_then_service_resumes(
         with TestClient(
             create_app(settings, dispatcher, session_factory=make_session_factory(engine))
         ) as client:
+            authorize(client)
             dataset = client.post(
                 "/datasets", json=dataset_body(write_array(tmp_path / "toy.npz", 10))
             ).json()

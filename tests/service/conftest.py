@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.app import create_app
+from service.clients.service import create_client
 from service.core.database import make_engine, migrate
 from service.core.settings import Settings
 
@@ -34,6 +36,29 @@ class RecordingDispatcher:
     def dispatch(self, job_id: str, delay_s: float = 0.0) -> None:
         self.dispatched.append(job_id)
         self.delays.append(delay_s)
+
+
+def issue_token(
+    factory: sessionmaker[Session], *, tenant: str = "acme", scopes: Iterable[str] = ("admin",)
+) -> str:
+    """A new API client's bearer token (a client of its own per call)."""
+    with factory() as session:
+        issued = create_client(session, f"test-{uuid.uuid4().hex[:12]}", tenant, scopes)
+        session.commit()
+    return issued.token
+
+
+def authorize(
+    client: Any,
+    factory: sessionmaker[Session] | None = None,
+    *,
+    tenant: str = "acme",
+    scopes: Iterable[str] = ("admin",),
+) -> str:
+    """Make ``client`` (a TestClient or an httpx.Client) send a new client's token; returns the token."""
+    token = issue_token(factory or client.app.state.session_factory, tenant=tenant, scopes=scopes)
+    client.headers["Authorization"] = f"Bearer {token}"
+    return token
 
 
 def job_of(request: dict[str, Any], model: str | None = None) -> str:
@@ -133,6 +158,7 @@ def client(
 ) -> Iterator[TestClient]:
     app = create_app(settings, dispatcher, session_factory=session_factory)
     with TestClient(app, raise_server_exceptions=False) as client:
+        authorize(client)
         yield client
 
 

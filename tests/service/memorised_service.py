@@ -19,7 +19,7 @@ from service.core.settings import Settings
 from service.reports.keys import KeyRing
 from service.storage import LocalCheckpointStore
 from tests.audit.memorised import RECIPE, SPEC, SUBJECT, MemorisedCase, memorised_case
-from tests.service.conftest import RecordingDispatcher
+from tests.service.conftest import RecordingDispatcher, authorize
 from worker.checkpoints import state_dict_to_bytes
 from worker.pipeline import run_job
 
@@ -82,6 +82,7 @@ def memorised_service(tmp: Path, database_url: str, **settings: Any) -> Iterator
     try:
         factory = make_session_factory(engine)
         with TestClient(create_app(merged, dispatcher, session_factory=factory)) as client:
+            authorize(client)
             dataset = client.post("/datasets", json=memorised_dataset_body(case, tmp / "digits.npz"))
             assert dataset.status_code == 201, dataset.text
             yield MemorisedService(merged, factory, client, dispatcher, case, dataset.json()["id"], tmp)

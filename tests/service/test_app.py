@@ -19,6 +19,7 @@ from service.core.settings import Settings
 from service.jobs import service as jobs_service
 from tests.service.conftest import (
     RecordingDispatcher,
+    authorize,
     checkpoint_bytes,
     create_database,
     dataset_body,
@@ -100,6 +101,7 @@ def test_the_same_api_runs_on_sqlite(tmp_path: Path) -> None:
     settings = Settings(database_url=url, storage_dir=tmp_path / "store", batch_wait_s=0, data_dir=tmp_path)
     dispatcher = RecordingDispatcher()
     with TestClient(create_app(settings, dispatcher)) as client:
+        authorize(client)
         dataset = client.post("/datasets", json=dataset_body(write_array(tmp_path / "x.npz", 10))).json()
         checkpoint = tmp_path / "m.safetensors"
         checkpoint.write_bytes(checkpoint_bytes())

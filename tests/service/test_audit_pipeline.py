@@ -101,12 +101,13 @@ def test_lethe_audit_run_fails_the_base_version_against_itself(
     ids = tmp_path / "forget.txt"
     ids.write_text("\n".join(env.case.dataset.sample_ids[r] for r in env.case.subject_rows))
     out = tmp_path / "audit.json"
-    assert lethe(["audit", "run", "--model", env.model, "--version", "1", "--base-version", "1",
+    model = ["--model", env.model, "--tenant", "acme"]
+    assert lethe(["audit", "run", *model, "--version", "1", "--base-version", "1",
                   "--forget-ids", str(ids), "--json", str(out)]) == 1  # fmt: skip
     assert json.loads(out.read_text())["verdict"] == "unchanged"
     versions = env.client.get(f"/models/{env.model}/versions").json()["items"]
     retrained = next(v for v in versions if v["method"] == "retrain")
-    assert lethe(["audit", "run", "--model", env.model, "--version", str(retrained["number"]),
+    assert lethe(["audit", "run", *model, "--version", str(retrained["number"]),
                   "--forget-ids", str(ids), "--json", str(out)]) == 0  # fmt: skip
     assert json.loads(out.read_text())["verdict"] == "forgotten"
     # A checkpoint unlearned elsewhere (here: that version's bytes) is audited the same way.
@@ -114,7 +115,7 @@ def test_lethe_audit_run_fails_the_base_version_against_itself(
     checkpoint.write_bytes(
         env.client.get(f"/models/{env.model}/versions/{retrained['number']}/checkpoint").content
     )
-    assert lethe(["audit", "run", "--model", env.model, "--checkpoint", str(checkpoint),
+    assert lethe(["audit", "run", *model, "--checkpoint", str(checkpoint),
                   "--base-version", "1", "--forget-ids", str(ids), "--json", str(out)]) == 0  # fmt: skip
     assert json.loads(out.read_text())["audited"] == str(checkpoint)
     assert lethe(["audit", "run", "--model", "nope", "--version", "1", "--forget-ids", str(ids),
@@ -173,7 +174,7 @@ def test_lethe_audit_build_references_runs_a_build_job_and_follows_it(
     monkeypatch.setenv("LETHE_STORAGE_DIR", str(env.settings.storage_dir))
     monkeypatch.setenv("LETHE_DISPATCHER", "inprocess")  # the job runs in this process, on the same pipeline
     before = env.client.get(f"/models/{env.model}/audit-references").json()
-    assert lethe(["audit", "build-references", env.model, "--references", "2"]) == 0
+    assert lethe(["audit", "build-references", env.model, "--tenant", "acme", "--references", "2"]) == 0
     out = capsys.readouterr().out
     assert "queued" in out and "succeeded" in out
     after = env.client.get(f"/models/{env.model}/audit-references").json()

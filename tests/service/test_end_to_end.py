@@ -30,7 +30,7 @@ from service.core.settings import Settings
 from service.dispatch import CeleryDispatcher
 from service.jobs.tables import Job
 from service.storage import LocalCheckpointStore
-from tests.service.conftest import RecordingDispatcher, job_of
+from tests.service.conftest import RecordingDispatcher, authorize, job_of
 from worker.datasets.builtin import load_dataset
 from worker.demo import (
     SAMPLES_PER_SUBJECT,
@@ -130,6 +130,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> I
     try:
         dispatcher = CeleryDispatcher(redis_url)
         with TestClient(create_app(settings, dispatcher, session_factory=session_factory)) as api:
+            authorize(api)
             answer = api.post("/datasets", json=dataset_body(dataset, array_path))
             assert answer.status_code == 201, answer.text
             dataset_id = answer.json()["id"]
@@ -224,6 +225,7 @@ def test_audit_gate_rejects_and_the_model_keeps_its_version(env: Env) -> None:
     strict = env.settings.model_copy(update={"gate_max_audit_drop": -100.0})
     recording = RecordingDispatcher()
     with TestClient(create_app(strict, recording, session_factory=env.session_factory)) as api:
+        api.headers["Authorization"] = env.client.headers["Authorization"]
         model = env.register_model()
         answer = api.post(
             "/deletion-requests", json={"model": model, "subject_id": "subject-0005", "config": FAST}
@@ -248,6 +250,7 @@ def test_audit_gate_rejects_and_the_model_keeps_its_version(env: Env) -> None:
 def test_sweeper_redispatches_a_queued_job_whose_message_is_lost(env: Env) -> None:
     recording = RecordingDispatcher()  # the API "loses" the message: nothing reaches Redis
     with TestClient(create_app(env.settings, recording, session_factory=env.session_factory)) as api:
+        api.headers["Authorization"] = env.client.headers["Authorization"]
         model = env.register_model()
         answer = api.post(
             "/deletion-requests", json={"model": model, "subject_id": "subject-0006", "config": FAST}
