@@ -29,8 +29,9 @@ USER lethe
 VOLUME ["/data"]
 EXPOSE 8000
 
-# The API's readiness (it reads the database). The worker's service overrides it in docker-compose.yml.
+# The API's readiness (database at the migration head, broker, store; no token needed). The worker's service
+# overrides it in docker-compose.yml.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['LETHE_API_PORT'] + '/models?limit=1', timeout=4)"
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['LETHE_API_PORT'] + '/readyz', timeout=4)"
 
 CMD ["lethe", "api"]

@@ -19,6 +19,7 @@ from service.core.settings import Settings
 from service.datasets.routes import router as datasets_router
 from service.deletion_requests.routes import router as deletion_requests_router
 from service.dispatch import JobDispatcher, build_dispatcher
+from service.health.routes import router as health_router
 from service.jobs.routes import router as jobs_router
 from service.models.routes import router as models_router
 from service.reports.routes import router as reports_router
@@ -84,6 +85,7 @@ def create_app(
         reports_router,
         trail_router,
         jobs_router,
+        health_router,
     )
     for router in routers:
         app.include_router(router)

@@ -19,9 +19,11 @@ import httpx
 import numpy as np
 import torch
 import uvicorn
+from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
 from service.app import create_app
+from service.clients.service import create_client
 from service.core.database import make_engine, make_session_factory, migrate
 from service.core.settings import Settings
 from service.dispatch import InProcessDispatcher
@@ -289,6 +291,26 @@ def erased_sample_ids(client: httpx.Client, dataset_id: str, request_id: str) ->
         params["cursor"] = page["next_cursor"]
 
 
+# The demo's two API clients, in its own tenant: the product backend files requests, the compliance officer
+# reads their outcome and downloads the signed reports.
+DEMO_TENANT = "demo"
+DEMO_CLIENTS = {
+    "demo-backend": ("datasets:write", "datasets:read", "models:write", "models:read", "deletions:write",
+                     "deletions:read", "jobs:read"),
+    "demo-compliance": ("deletions:read", "jobs:read", "reports:read"),
+}  # fmt: skip
+
+
+def demo_tokens(session_factory: sessionmaker[Session]) -> dict[str, str]:
+    """Create the demo's clients (what ``lethe clients create`` does) and return their tokens."""
+    tokens = {}
+    with session_factory.begin() as session:
+        for name, scopes in DEMO_CLIENTS.items():
+            tokens[name] = create_client(session, name, DEMO_TENANT, scopes).token
+            say(f"   lethe clients create {name} --tenant {DEMO_TENANT} --scopes {','.join(scopes)}")
+    return tokens
+
+
 def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
     started = time.monotonic()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -330,11 +352,17 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
     checkpoint_path.write_bytes(checkpoint)
 
     session_factory = make_session_factory(make_engine(settings.database_url))
+    say("3. Create the API's clients (bearer tokens, shown once; only their SHA-256 is stored):")
+    tokens = demo_tokens(session_factory)
     dispatcher = InProcessDispatcher(session_factory, settings)
     app = create_app(settings, dispatcher, session_factory=session_factory)
-    with LocalServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+    with (
+        LocalServer(app) as server,
+        httpx.Client(base_url=server.url, timeout=60, headers=_bearer(tokens["demo-backend"])) as client,
+        httpx.Client(base_url=server.url, timeout=60, headers=_bearer(tokens["demo-compliance"])) as officer,
+    ):
         say(
-            f"3. API up at {server.url}. Register the dataset "
+            f"4. API up at {server.url}. As demo-backend, register the dataset "
             f"(5,000 samples; {SAMPLES_PER_SUBJECT} per data subject) ..."
         )
         registered = (
@@ -353,7 +381,7 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
         )
 
         subject = "subject-0008"
-        say(f"4. A data subject asks for erasure: POST /deletion-requests for {subject!r} ...")
+        say(f"5. A data subject asks for erasure: POST /deletion-requests for {subject!r} ...")
         # Default method (MixUnlearn) and config; any method and field of worker.engine.config can be set.
         body = {"model": model["name"], "subject_id": subject, "reason": "GDPR Art. 17"}
         job = _erase(client, body, model, first=True)
@@ -365,17 +393,22 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
             )
             retrain = {"epochs": initial_epochs, "seed": SEED + 1}
             job = _erase(client, {**body, "method": "retrain", "config": retrain}, model, first=False)
-        download_reports(client, server.url, workdir)
+        download_reports(officer, server.url, workdir)
     say(f"\nDemo finished in {time.monotonic() - started:.0f} s.")
     return 0 if job["state"] in ("succeeded", "rejected") else 1
 
 
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def download_reports(client: httpx.Client, url: str, workdir: Path) -> None:
-    """Every settled request's signed report: downloaded, then verified against the API's public key the
-    way a compliance officer would (``lethe report verify``)."""
+    """Every settled request's signed report: downloaded by the compliance officer's client, then verified
+    against the API's public key (``lethe report verify``; the key list needs no token)."""
     from service.cli import main as lethe
 
-    say("\nErasure reports (signed canonical JSON and its PDF; verified with `lethe report verify --url`):")
+    say("\nErasure reports, as demo-compliance (signed canonical JSON and its PDF; verified with "
+        "`lethe report verify --url`):")  # fmt: skip
     jobs = client.get("/jobs").raise_for_status().json()["items"]
     for request_id in [request_id for job in reversed(jobs) for request_id in job["request_ids"]]:
         issued = time.monotonic()

@@ -88,6 +88,15 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+def head_revision() -> str:
+    """The newest migration's revision: what a database must be at for this code to run on it."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head
+
+
 def new_id() -> str:
     """Primary keys of resources the API exposes: random UUIDs, as text so SQLite and Postgres agree."""
     return str(uuid.uuid4())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from service.core.database import make_engine, make_session_factory
 from service.core.settings import Settings
 from service.dispatch import CeleryDispatcher
 from service.storage import LocalCheckpointStore
-from worker.bench.common import bench_backends, free_port, machine, write_result
+from worker.bench.common import bench_backends, bench_headers, free_port, machine, write_result
 from worker.checkpoints import state_dict_to_bytes
 from worker.engine.models import build_model
 from worker.engine.progress import UnlearningCancelled
@@ -42,6 +43,7 @@ from worker.engine.spec import mnist_cnn_spec
 
 REDIS_URL = os.environ.get("LETHE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 ROWS, TRAIN_ROWS, PER_SUBJECT = 5_000, 4_000, 10
+MAX_ATTEMPTS = 5  # sends of one POST (same Idempotency-Key) before it counts as lost
 
 
 def _fixture_files(directory: Path) -> tuple[Path, Path, dict[str, Any]]:
@@ -62,19 +64,58 @@ def _fixture_files(directory: Path) -> tuple[Path, Path, dict[str, Any]]:
     return array_path, checkpoint_path, body
 
 
-async def _load(url: str, model: str, rate: float, count: int) -> dict[str, Any]:
+# Where a POST's time goes: py-spy samples of the API process, each attributed to the first phase (service
+# module) its stack passes through, and separately to the library its innermost frame is in.
+PHASES = (
+    ("authentication", "service/clients/"),
+    ("rate limit", "service/core/rate_limits.py"),
+    ("idempotency record", "service/idempotency/"),
+    ("audit trail append", "service/trail/"),
+    ("erasure targets and job (coalescing)", "service/erasures/"),
+    ("request validation and insert", "service/deletion_requests/service.py"),
+    ("dispatch (Celery publish)", "service/deletion_requests/routes.py:dispatch_all"),
+    ("response building", "service/deletion_requests/routes.py"),
+)
+LAYERS = (
+    ("Postgres driver (psycopg)", "psycopg"),
+    ("SQLAlchemy", "sqlalchemy"),
+    ("Celery, kombu, redis client", ("kombu", "celery", "redis")),
+    ("pydantic, JSON", ("pydantic", "json", "fastapi/encoders")),
+    ("HTTP server and framework", ("uvicorn", "starlette", "fastapi", "anyio", "h11", "httptools")),
+    ("Lethe's own code", "/service/"),
+)
+
+
+async def _load(url: str, headers: dict[str, str], model: str, rate: float, count: int) -> dict[str, Any]:
+    """``count`` POSTs at ``rate``/s, each with its own Idempotency-Key, retried with that key (after a
+    transport error, a 503 or a 429) until answered: the accepted ids are what the database must hold."""
     subjects = TRAIN_ROWS // PER_SUBJECT
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    accepted: dict[int, str] = {}
+    retries = [0]
 
     async def one(client: httpx.AsyncClient, i: int, scheduled: float) -> None:
         body = {"model": model, "subject_id": f"subject-{i % subjects:04d}", "config": {"epochs": 1}}
-        answer = await client.post("/deletion-requests", json=body)
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                answer = await client.post(
+                    "/deletion-requests", json=body, headers={"Idempotency-Key": f"load-{i}"}
+                )
+            except httpx.TransportError:
+                answer = None
+            if answer is not None and answer.status_code not in (429, 503):
+                break
+            retries[0] += 1
+            await asyncio.sleep(0.2 * (attempt + 1))
         latencies.append(time.perf_counter() - scheduled)
-        statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
+        code = answer.status_code if answer is not None else 0
+        statuses[code] = statuses.get(code, 0) + 1
+        if answer is not None and answer.status_code in (200, 202):
+            accepted[i] = answer.json()["id"]
 
     limits = httpx.Limits(max_connections=64)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30, limits=limits) as client:
         start = time.perf_counter()
         tasks = []
         for i in range(count):
@@ -88,6 +129,8 @@ async def _load(url: str, model: str, rate: float, count: int) -> dict[str, Any]
         "offered_rate_per_s": rate,
         "requests": count,
         "statuses": {str(code): n for code, n in sorted(statuses.items())},
+        "retried_sends": retries[0],
+        "accepted_ids": accepted,
         "elapsed_s": round(elapsed, 3),
         "throughput_per_s": round(count / elapsed, 1),
         "latency_ms": {
@@ -97,6 +140,88 @@ async def _load(url: str, model: str, rate: float, count: int) -> dict[str, Any]
             "mean": round(1000 * statistics.fmean(ordered), 1),
         },
     }
+
+
+def _ledger(database_url: str, model: str, accepted: dict[int, str], sent: int) -> dict[str, int]:
+    """Lost: sent but never accepted, or accepted but not in the database. Duplicated: rows beyond one per
+    sent POST (a retry recorded twice)."""
+    from sqlalchemy import select
+
+    from service.deletion_requests.tables import DeletionRequest
+    from service.models.tables import Model
+
+    engine = make_engine(database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            rows = list(session.scalars(
+                select(DeletionRequest.id).join(Model, Model.id == DeletionRequest.model_id)
+                .where(Model.name == model)
+            ))  # fmt: skip
+    finally:
+        engine.dispose()
+    stored = set(rows)
+    return {
+        "sent": sent,
+        "accepted": len(accepted),
+        "rows": len(rows),
+        "lost": sent - len(accepted) + sum(1 for rid in accepted.values() if rid not in stored),
+        "duplicated": len(rows) - len(set(accepted.values()) & stored),
+    }
+
+
+def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the API process (every thread) for ``seconds``; None where py-spy is missing."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return None
+    return subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
+         "--format", "raw", "--output", str(out), "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+OUTSIDE = "outside the POST handler (HTTP parsing, routing, event loop)"
+
+
+def _in_phase(frame: str, needle: str) -> bool:
+    """``needle``: a file, or ``file:function``."""
+    path, _, function = needle.partition(":")
+    return path in frame and (not function or frame.startswith(f"{function} "))
+
+
+def _matches(frame: str, needles: str | tuple[str, ...]) -> bool:
+    return any(needle in frame for needle in ((needles,) if isinstance(needles, str) else needles))
+
+
+def where_time_goes(stacks_file: Path) -> dict[str, Any]:
+    """Shares (%) of the API's busy samples by phase of the POST path and by innermost library."""
+    phases: dict[str, int] = {}
+    layers: dict[str, int] = {}
+    unplaced: dict[str, int] = {}  # innermost frames of "other": what to look at next
+    total = 0
+    for line in stacks_file.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        phase = next(
+            (name for name, needle in PHASES if any(_in_phase(frame, needle) for frame in frames)), OUTSIDE
+        )
+        phases[phase] = phases.get(phase, 0) + count
+        layer = next((name for name, needles in LAYERS if _matches(frames[-1], needles)), "other")
+        layers[layer] = layers.get(layer, 0) + count
+        if layer == "other":
+            unplaced[frames[-1]] = unplaced.get(frames[-1], 0) + count
+
+    def shares(counts: dict[str, int]) -> dict[str, float]:
+        return {k: round(100 * v / total, 1) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+    top_other = dict(sorted(shares(unplaced).items(), key=lambda kv: -kv[1])[:8])
+    return {"samples": total, "by_phase_pct": shares(phases), "by_innermost_library_pct": shares(layers),
+            "other_innermost_frames_pct": top_other}  # fmt: skip
 
 
 def _pickup_to_first_step(
@@ -147,7 +272,7 @@ def _pickup_to_first_step(
             "median_s": round(statistics.median(seconds), 3)}  # fmt: skip
 
 
-def run(rate: float, duration: float, max_requests: int, repeats: int) -> dict[str, Any]:
+def run(rate: float, duration: float, max_requests: int, repeats: int, profile: bool) -> dict[str, Any]:
     torch.set_num_threads(1)
     server = None
     with (
@@ -166,14 +291,17 @@ def run(rate: float, duration: float, max_requests: int, repeats: int) -> dict[s
             port = free_port()
             env = {**os.environ, "LETHE_DATABASE_URL": database_url, "LETHE_REDIS_URL": REDIS_URL,
                    "LETHE_STORAGE_DIR": str(settings.storage_dir), "LETHE_DISPATCHER": "celery",
-                   "LETHE_BATCH_WAIT_S": "0", "LETHE_DATA_DIR": tmp}  # fmt: skip
+                   "LETHE_BATCH_WAIT_S": "0", "LETHE_DATA_DIR": tmp,
+                   # The limiter runs (its cost is measured) but does not cap the offered load.
+                   "LETHE_RATE_LIMIT": "1000000/minute"}  # fmt: skip
             server = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],
                 env=env,
             )  # fmt: skip
             url = f"http://127.0.0.1:{port}"
-            with httpx.Client(base_url=url, timeout=60) as client:
+            headers = bench_headers(database_url)
+            with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
                 _wait_ready(client)
                 dataset_id = client.post("/datasets", json=dataset_body).raise_for_status().json()["id"]
                 model = {"name": "bench-cnn", "dataset_id": dataset_id, "spec": mnist_cnn_spec().to_dict(),
@@ -181,7 +309,13 @@ def run(rate: float, duration: float, max_requests: int, repeats: int) -> dict[s
                          "training_recipe": {"epochs": 1}}  # fmt: skip
                 client.post("/models", json=model).raise_for_status()
                 count = min(max_requests, int(rate * duration))
-                load = asyncio.run(_load(url, "bench-cnn", rate, count))
+                stacks = Path(tmp) / "api-stacks.txt"
+                spy = _profile(server.pid, count / rate, stacks) if profile else None
+                load = asyncio.run(_load(url, headers, "bench-cnn", rate, count))
+                ledger = _ledger(database_url, "bench-cnn", load.pop("accepted_ids"), count)
+                if spy is not None:
+                    spy.wait(timeout=120)
+                    load["profile"] = where_time_goes(stacks)
                 pickup = _pickup_to_first_step(client, "bench-cnn", settings, repeats)
         finally:
             if server is not None:
@@ -192,6 +326,7 @@ def run(rate: float, duration: float, max_requests: int, repeats: int) -> dict[s
         "dataset_samples": ROWS,
         "samples_per_request": PER_SUBJECT,
         "post_deletion_requests": load,
+        "ledger": ledger,
         "pickup_to_first_step": pickup,
         "machine": machine(),
     }
@@ -201,7 +336,7 @@ def _wait_ready(client: httpx.Client, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            client.get("/models").raise_for_status()
+            client.get("/openapi.json").raise_for_status()
             return
         except httpx.HTTPError:
             if time.monotonic() > deadline:
@@ -212,12 +347,13 @@ def _wait_ready(client: httpx.Client, timeout_s: float = 30) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rate", type=float, default=50.0, help="requests per second (open loop)")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load")
-    parser.add_argument("--max-requests", type=int, default=2_000)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
+    parser.add_argument("--max-requests", type=int, default=20_000)
+    parser.add_argument("--profile", action="store_true", help="sample the API with py-spy during the load")
     parser.add_argument("--repeats", type=int, default=3, help="jobs timed from pick-up to first step")
     parser.add_argument("--json", type=Path, default=Path("results/bench-api.json"))
     args = parser.parse_args(argv)
-    result = run(args.rate, args.duration, args.max_requests, args.repeats)
+    result = run(args.rate, args.duration, args.max_requests, args.repeats, args.profile)
     write_result(result, args.json)
     return 0
 

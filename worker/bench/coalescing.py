@@ -42,7 +42,7 @@ import torch
 from service.audit import service as audit_service
 from service.core.database import make_engine, make_session_factory
 from service.storage import StoredObject
-from worker.bench.common import bench_backends, free_port, machine, write_result
+from worker.bench.common import BENCH_TENANT, bench_backends, bench_headers, free_port, machine, write_result
 from worker.datasets.builtin import load_dataset
 from worker.demo import dataset_body, train_initial_checkpoint, write_dataset
 from worker.engine.config import TrainingConfig
@@ -65,6 +65,7 @@ def _cpu_seconds(pid: int) -> float:
 @dataclass
 class Stack:
     url: str
+    headers: dict[str, str]  # an admin client's token
     workers: list[subprocess.Popen[bytes]]
     logs: list[Path]
 
@@ -82,7 +83,7 @@ def _wait_for(predicate: Any, what: str, timeout_s: float = 120) -> None:
 
 def _api_up(url: str) -> bool:
     try:
-        return httpx.get(f"{url}/models", timeout=2).status_code == 200
+        return httpx.get(f"{url}/openapi.json", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -142,7 +143,7 @@ def stack(base_env: dict[str, str], tmp: Path, name: str, workers: int, **settin
             while "succeeded in" not in log.read_text():
                 dispatcher.dispatch("warm-up")
                 time.sleep(1.0)
-        yield Stack(url, processes, logs)
+        yield Stack(url, bench_headers(env["LETHE_DATABASE_URL"], f"bench-{name}"), processes, logs)
     finally:
         for process in [api, *processes]:
             process.send_signal(signal.SIGTERM)
@@ -183,7 +184,7 @@ def _settle(client: httpx.Client, ids: list[str], timeout_s: float) -> list[dict
 def run_scenario(
     stack_: Stack, models: list[str], subjects: range, over_s: float, timeout_s: float
 ) -> dict[str, Any]:
-    with httpx.Client(base_url=stack_.url, timeout=60) as client:
+    with httpx.Client(base_url=stack_.url, headers=stack_.headers, timeout=60) as client:
         jobs_before = {j["id"] for j in client.get("/jobs", params={"limit": 500}).json()["items"]}
         bodies = [
             {"model": models[i % len(models)], "subject_id": f"subject-{subject:04d}"}
@@ -249,7 +250,7 @@ def run(requests: int, over_s: float, timeout_s: float) -> dict[str, Any]:
         models = [f"mnist-cnn-{i}" for i in range(MODELS)]
         with (
             stack(base_env, tmp, "setup", workers=1) as setup,
-            httpx.Client(base_url=setup.url) as client,
+            httpx.Client(base_url=setup.url, headers=setup.headers) as client,
         ):
             body = dataset_body(dataset, array_path, per_subject=PER_SUBJECT)
             dataset_id = client.post("/datasets", json=body, timeout=120).raise_for_status().json()["id"]
@@ -319,13 +320,13 @@ def _share_references(database_url: str, models: list[str]) -> None:
     engine = make_engine(database_url)
     try:
         with make_session_factory(engine).begin() as session:
-            first = models_repository.get_model_by_name(session, models[0])
+            first = models_repository.get_model_by_name(session, BENCH_TENANT, models[0])
             assert first is not None
             row = audit_service.current_set(session, first.id)
             assert row is not None, "the reference build did not register a set"
             stored = StoredObject(sha256=row.checkpoint_sha256, size=row.size, uri=row.storage_uri)
             for name in models[1:]:
-                model = models_repository.get_model_by_name(session, name)
+                model = models_repository.get_model_by_name(session, BENCH_TENANT, name)
                 assert model is not None
                 audit_service.register_set(
                     session, model_id=model.id, dataset_id=row.dataset_id, job_id=str(row.job_id),

@@ -1,5 +1,5 @@
-"""What the service benchmarks share: a database and a Redis index of their own, a free loopback port, the
-machine's description, and writing a result where the README says."""
+"""What the service benchmarks share: a database and a Redis index of their own, an API client's token, a
+free loopback port, the machine's description, and writing a result where the README says."""
 
 from __future__ import annotations
 
@@ -15,9 +15,22 @@ from typing import Any
 import psycopg
 import redis
 
-from service.core.database import migrate
+from service.clients.service import ADMIN, create_client
+from service.core.database import make_engine, make_session_factory, migrate
 
 ADMIN_DSN = os.environ.get("LETHE_BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+BENCH_TENANT = "bench"
+
+
+def bench_headers(database_url: str, name: str = "bench") -> dict[str, str]:
+    """The Authorization header of a new admin client of the bench's tenant."""
+    engine = make_engine(database_url)
+    try:
+        with make_session_factory(engine).begin() as session:
+            token = create_client(session, name, BENCH_TENANT, [ADMIN]).token
+    finally:
+        engine.dispose()
+    return {"Authorization": f"Bearer {token}"}
 
 
 @contextlib.contextmanager
