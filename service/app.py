@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.audit.routes import router as audit_router
@@ -21,6 +22,9 @@ from service.deletion_requests.routes import router as deletion_requests_router
 from service.dispatch import JobDispatcher, build_dispatcher
 from service.health.routes import router as health_router
 from service.jobs.routes import router as jobs_router
+from service.metrics.collector import StateCollector
+from service.metrics.http import HttpMetrics
+from service.metrics.routes import router as metrics_router
 from service.models.routes import router as models_router
 from service.reports.routes import router as reports_router
 from service.storage import LocalCheckpointStore
@@ -77,6 +81,10 @@ def create_app(
     )
     install_problem_handlers(app)
     app.add_middleware(BodyLimit, settings=settings)
+    # One registry per app (tests build many apps in one process).
+    app.state.metrics_registry = registry = CollectorRegistry()
+    registry.register(StateCollector(session_factory))
+    app.add_middleware(HttpMetrics, registry=registry)
     routers = (
         datasets_router,
         models_router,
@@ -86,6 +94,7 @@ def create_app(
         trail_router,
         jobs_router,
         health_router,
+        metrics_router,
     )
     for router in routers:
         app.include_router(router)

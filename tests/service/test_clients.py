@@ -33,8 +33,9 @@ from tests.service.conftest import (
 )
 from tests.service.test_datasets import assert_problem
 
-# The report keys: anyone handed a report must be able to fetch the keys that verify it. Health: probes.
-PUBLIC = {("GET", "/report-keys"), ("GET", "/healthz"), ("GET", "/readyz")}
+# The report keys: anyone handed a report must be able to fetch the keys that verify it. Health and metrics:
+# probes and scrapers.
+PUBLIC = {("GET", "/report-keys"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
 
 
 def _operations(client: TestClient) -> list[tuple[str, str, list[str]]]:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import worker.pipeline as pipeline
 from service.deletion_requests import repository as requests_repository
@@ -233,3 +234,39 @@ def test_without_escalation_a_failure_in_a_batch_is_retried_alone(
 def named_samples(env: Env, request: dict[str, Any]) -> list[str]:
     with env.session_factory() as session:
         return requests_repository.all_sample_ids(session, request["id"])
+
+
+def _scrape(env: Env) -> dict[str, float]:
+    """Every sample of ``GET /metrics`` (no token: a scraper's view), keyed by name and labels."""
+    answer = env.client.get("/metrics", headers={"Authorization": ""})
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+    return {
+        sample.name + "".join(f",{k}={v}" for k, v in sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_follow_a_request_through_its_job(env: Env) -> None:
+    before = _scrape(env)
+    request = env.post({"model": "model-a"}, env.samples(), **RETRAIN)
+    queued = _scrape(env)
+
+    def moved(after: dict[str, float], key: str, since: dict[str, float] = before) -> float:
+        return after.get(key, 0.0) - since.get(key, 0.0)
+
+    assert moved(queued, "lethe_queue_depth") == 1 and queued["lethe_queue_oldest_age_seconds"] >= 0
+    assert moved(queued, "lethe_deletion_requests,state=processing") == 1
+    assert moved(queued, "lethe_open_requests_by_days_left,days_left=14-30") == 1  # due in 30 days
+    post = "lethe_http_requests_total,method=POST,route=/deletion-requests,status=202"
+    assert moved(queued, post) == 1
+    assert env.run(job_of(request)) == "succeeded"
+    after = _scrape(env)
+    assert moved(after, "lethe_queue_depth") == 0 and moved(after, "lethe_jobs,state=succeeded") == 1
+    assert moved(after, "lethe_deletion_requests,state=processing") == 0
+    assert moved(after, "lethe_deletion_requests,state=completed") == 1
+    assert moved(after, "lethe_open_requests_by_days_left,days_left=14-30") == 0
+    verdicts = [key for key in after if key.startswith("lethe_audit_verdicts,")]
+    assert sum(moved(after, key) for key in verdicts) == 1
+    latency = "lethe_http_request_duration_seconds_count,method=POST,route=/deletion-requests"
+    assert moved(after, latency) == 1
