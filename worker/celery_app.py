@@ -8,6 +8,7 @@ worker -Q gpu -c 1 --pool solo``).
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import worker_init
 
 from service.core.settings import Settings
 from service.dispatch import GPU_QUEUE, RUN_JOB_TASK
@@ -39,3 +40,11 @@ def create_celery(settings: Settings) -> Celery:
 
 
 app = create_celery(Settings())
+
+
+@worker_init.connect
+def _serve_metrics(**_kwargs: object) -> None:
+    """The worker's own series (job phases, outcomes) on LETHE_WORKER_METRICS_PORT, when set."""
+    from worker.metrics import serve
+
+    serve(Settings().worker_metrics_port)

@@ -75,6 +75,7 @@ from worker.engine.progress import CancellationToken, ProgressEvent, UnlearningC
 from worker.engine.runtime import Runtime
 from worker.engine.spec import ModelSpec
 from worker.evaluation.metrics import ScoredModel
+from worker.metrics import PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +248,29 @@ class _Job:
         self.runtime = runtime
         self.worker_id = worker_id
         self.lease = timedelta(seconds=settings.job_lease_s)
+        self.phases = PhaseTimer(claimed.kind, claimed.method)
         self.step = "load"
 
+    @property
+    def step(self) -> str:
+        """The pipeline step the job is in: names the error if it breaks there, and times its phases."""
+        return self._step
+
+    @step.setter
+    def step(self, name: str) -> None:
+        self.phases.enter(name)
+        self._step = name
+
     def run(self) -> str | None:
+        outcome = "interrupted"  # the database went away: the lease lapses, the job resumes elsewhere
+        try:
+            state = self._run()
+            outcome = state or "left_alone"
+            return state
+        finally:
+            self.phases.ended(outcome)
+
+    def _run(self) -> str | None:
         job_id = self.claimed.job_id
         try:
             with _Heartbeat(self) as heartbeat:

@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     # gone, and jobs whose lease lapsed.
     sweep_interval_s: int = 60
     sweep_min_age_s: int = 120
+    # A worker serves its Prometheus series (job phases, outcomes) on this port (0: not served).
+    worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
     # Intra-op CPU threads per job (0: torch's default, one per core).
     torch_threads: int = 0
     # Rows of the remaining set the job evaluates (all of it when smaller).

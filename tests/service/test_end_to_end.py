@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -31,6 +32,7 @@ from service.dispatch import CeleryDispatcher
 from service.jobs.tables import Job
 from service.storage import LocalCheckpointStore
 from tests.service.conftest import RecordingDispatcher, authorize, job_of
+from worker.bench.common import free_port
 from worker.datasets.builtin import load_dataset
 from worker.demo import (
     SAMPLES_PER_SUBJECT,
@@ -117,6 +119,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> I
         "LETHE_AUDIT_REFERENCES": "4",
         "OMP_NUM_THREADS": "1",
         "LETHE_BATCH_WAIT_S": "0",
+        "LETHE_WORKER_METRICS_PORT": str(free_port()),
     }
     worker_log = tmp / "worker.log"
     worker = start_worker(worker_env, worker_log, "w1")
@@ -175,6 +178,13 @@ def test_requests_produce_a_lineage_of_active_versions(env: Env) -> None:
     assert v2["metrics_before"]["audit_accuracy"] > 50  # the initial model learnt something
     forgotten = erased_sample_ids(env.client, env.dataset_id, first["id"])
     assert len(forgotten) == first["sample_count"] == SAMPLES_PER_SUBJECT
+    # The worker's own series, on its metrics port: the job's phases and its outcome.
+    scraped = httpx.get(f"http://127.0.0.1:{env.worker_env['LETHE_WORKER_METRICS_PORT']}/metrics").text
+    for phase in ("load", "unlearn", "audit", "register"):
+        assert (
+            f'lethe_job_phase_seconds_count{{kind="unlearn",method="mixunlearn",phase="{phase}"}}' in scraped
+        )
+    assert 'lethe_worker_jobs_total{kind="unlearn",method="mixunlearn",state="succeeded"}' in scraped
     assert env.client.get(f"/deletion-requests/{first['id']}").json()["state"] == "completed"
 
     second = env.request(model, "subject-0002")
@@ -264,7 +274,7 @@ def test_sweeper_redispatches_a_queued_job_whose_message_is_lost(env: Env) -> No
 
 def test_two_workers_run_two_models_in_parallel_and_one_models_jobs_in_turn(env: Env) -> None:
     log = env.worker_log.with_name("worker-2.log")
-    second = start_worker(env.worker_env, log, "w2")
+    second = start_worker({**env.worker_env, "LETHE_WORKER_METRICS_PORT": "0"}, log, "w2")
     # Warmed up like a worker in service: its first message imports torch, which takes seconds here.
     deadline = time.monotonic() + TIMEOUT_S
     env.dispatcher.dispatch("warm-up")  # no such job: taken by one of the workers, nothing done
