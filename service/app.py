@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.audit.routes import router as audit_router
 from service.core.database import make_engine, make_session_factory
 from service.core.limits import BodyLimit
+from service.core.logs import RequestIds
 from service.core.problems import PROBLEM_RESPONSES, Problem, install_problem_handlers
 from service.core.rate_limits import RateLimiter
 from service.core.settings import Settings
@@ -85,6 +86,7 @@ def create_app(
     app.state.metrics_registry = registry = CollectorRegistry()
     registry.register(StateCollector(session_factory))
     app.add_middleware(HttpMetrics, registry=registry)
+    app.add_middleware(RequestIds)  # outermost: every line of the request, errors included, has its id
     routers = (
         datasets_router,
         models_router,

@@ -30,10 +30,19 @@ def _api(_args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.core.logs import configure
     from service.core.settings import Settings
 
     settings = Settings()
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port)
+    configure(settings.log_format, settings.log_level)
+    # The app writes its own access line (with the request id); uvicorn keeps the root logger's format.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+        access_log=False,
+    )
     return 0
 
 

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.core.logs import current_context
 from service.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class JobDispatcher(Protocol):
 
 GPU_QUEUE = "gpu"
 RUN_JOB_TASK = "lethe.run_job"
+REQUEST_ID_MESSAGE_HEADER = "lethe_request_id"  # the HTTP request id that queued the job
 
 
 class CeleryDispatcher:
@@ -45,9 +47,12 @@ class CeleryDispatcher:
         self._app = Celery("lethe-dispatch", broker=redis_url)
 
     def dispatch(self, job_id: str, delay_s: float = 0.0) -> None:
+        # The HTTP request that queued the job travels with its message, into the worker's log lines.
+        request_id = current_context().get("request_id")
         self._app.send_task(
-            RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE, task_id=job_id, countdown=delay_s or None
-        )
+            RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE, task_id=job_id, countdown=delay_s or None,
+            headers={REQUEST_ID_MESSAGE_HEADER: request_id} if request_id else None,
+        )  # fmt: skip
 
 
 class InProcessDispatcher:

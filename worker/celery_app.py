@@ -8,7 +8,7 @@ worker -Q gpu -c 1 --pool solo``).
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import setup_logging, worker_init
 
 from service.core.settings import Settings
 from service.dispatch import GPU_QUEUE, RUN_JOB_TASK
@@ -40,6 +40,15 @@ def create_celery(settings: Settings) -> Celery:
 
 
 app = create_celery(Settings())
+
+
+@setup_logging.connect
+def _configure_logging(**_kwargs: object) -> None:
+    """The worker logs as the API does (LETHE_LOG_FORMAT): Celery leaves the root logger alone."""
+    from service.core.logs import configure
+
+    settings = Settings()
+    configure(settings.log_format, settings.log_level)
 
 
 @worker_init.connect

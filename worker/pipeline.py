@@ -53,6 +53,7 @@ from torch import nn
 
 from service.audit import service as audit_service
 from service.audit.service import BUILD_KIND
+from service.core.logs import log_context
 from service.core.problems import ProblemError
 from service.core.settings import Settings
 from service.datasets import service as datasets_service
@@ -147,6 +148,23 @@ def run_job(
     ``jobs.service.claim_job``), run it to a terminal state and return that state; None when there was
     nothing to do. Raises :class:`NothingReady` when the message must be retried later. Jobs the run queues
     (a request retried alone) go to ``dispatcher`` once committed."""
+    with log_context(message_job_id=job_id):
+        return _claim_and_run(
+            job_id, session_factory=session_factory, store=store, settings=settings, runtime=runtime,
+            worker_id=worker_id, dispatcher=dispatcher,
+        )  # fmt: skip
+
+
+def _claim_and_run(
+    job_id: str,
+    *,
+    session_factory: SessionFactory,
+    store: CheckpointStore,
+    settings: Settings,
+    runtime: Runtime | None,
+    worker_id: str,
+    dispatcher: JobDispatcher,
+) -> str | None:
     lease = timedelta(seconds=settings.job_lease_s)
     with session_factory.begin() as session:
         claimed = jobs_service.claim_job(session, job_id, worker_id, lease)
@@ -158,10 +176,13 @@ def run_job(
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     job = _Job(claimed, session_factory, store, settings, runtime or Runtime.detect(), worker_id, dispatcher)
-    try:
-        return job.run()
-    finally:
-        _send_on(session_factory, dispatcher, claimed.model_id)
+    # Every line of the job's life names it, its model and the deletion requests it holds.
+    request_ids = [target.request_id for target in claimed.targets]
+    with log_context(job_id=claimed.job_id, model=claimed.model_name, deletion_request_ids=request_ids):
+        try:
+            return job.run()
+        finally:
+            _send_on(session_factory, dispatcher, claimed.model_id)
 
 
 def _send_on(session_factory: SessionFactory, dispatcher: JobDispatcher, model_id: str) -> None:

@@ -28,8 +28,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.clock import utcnow
 from service.core.database import make_engine, make_session_factory
+from service.core.logs import log_context
 from service.core.settings import Settings
-from service.dispatch import GPU_QUEUE, RUN_JOB_TASK, CeleryDispatcher, JobDispatcher
+from service.dispatch import (
+    GPU_QUEUE,
+    REQUEST_ID_MESSAGE_HEADER,
+    RUN_JOB_TASK,
+    CeleryDispatcher,
+    JobDispatcher,
+)
 from service.jobs import service as jobs_service
 from service.storage import LocalCheckpointStore
 from worker.celery_app import app
@@ -64,14 +71,15 @@ def run_job(self: Task, job_id: str) -> str | None:
 
     settings, session_factory, store, dispatcher = _job_resources()
     try:
-        return run_pipeline(
-            job_id,
-            session_factory=session_factory,
-            store=store,
-            settings=settings,
-            worker_id=f"{self.request.hostname or socket.gethostname()}:{os.getpid()}",
-            dispatcher=dispatcher,
-        )
+        with log_context(request_id=self.request.get(REQUEST_ID_MESSAGE_HEADER)):
+            return run_pipeline(
+                job_id,
+                session_factory=session_factory,
+                store=store,
+                settings=settings,
+                worker_id=f"{self.request.hostname or socket.gethostname()}:{os.getpid()}",
+                dispatcher=dispatcher,
+            )
     except NothingReady as exc:
         raise self.retry(countdown=exc.retry_in, exc=exc) from exc
 

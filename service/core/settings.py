@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     # Erasure reports: the directory of Ed25519 signing keys (`lethe report keygen`), read by the API only.
     report_key_dir: Path = Path("var/report-keys")
 
+    # Logs: one JSON object a line (json), or plain text (text), from every process.
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+
     # `lethe api`.
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -8,6 +8,7 @@ rejection runs the same pipeline in-process with impossible thresholds.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -77,7 +78,7 @@ class Env:
             "/deletion-requests", json={"model": model, "subject_id": subject, "config": config}
         )
         assert answer.status_code == 202, answer.text
-        return dict(answer.json())
+        return {**answer.json(), "http_request_id": answer.headers["x-request-id"]}
 
     def wait_job(self, job_id: str, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
         deadline = time.monotonic() + TIMEOUT_S
@@ -185,6 +186,11 @@ def test_requests_produce_a_lineage_of_active_versions(env: Env) -> None:
             f'lethe_job_phase_seconds_count{{kind="unlearn",method="mixunlearn",phase="{phase}"}}' in scraped
         )
     assert 'lethe_worker_jobs_total{kind="unlearn",method="mixunlearn",state="succeeded"}' in scraped
+    # The worker's JSON log lines of the job carry the HTTP request id that queued it, with the job's ids.
+    lines = [json.loads(line) for line in env.worker_log.read_text().splitlines() if line.startswith("{")]
+    job_lines = [line for line in lines if line.get("job_id") == job["id"]]
+    assert job_lines and all(line["request_id"] == first["http_request_id"] for line in job_lines)
+    assert all(line["deletion_request_ids"] == [first["id"]] for line in job_lines)
     assert env.client.get(f"/deletion-requests/{first['id']}").json()["state"] == "completed"
 
     second = env.request(model, "subject-0002")

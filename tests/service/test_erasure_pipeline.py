@@ -6,6 +6,9 @@ retried alone."""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import worker.pipeline as pipeline
+from service.core import logs
 from service.deletion_requests import repository as requests_repository
 from tests.audit.memorised import RECIPE
 from tests.service.conftest import job_of
@@ -270,3 +274,37 @@ def test_metrics_follow_a_request_through_its_job(env: Env) -> None:
     assert sum(moved(after, key) for key in verdicts) == 1
     latency = "lethe_http_request_duration_seconds_count,method=POST,route=/deletion-requests"
     assert moved(after, latency) == 1
+
+
+def test_log_lines_follow_a_request_from_the_api_into_its_job(env: Env) -> None:
+    """JSON lines: the API's carry the request id (kept from X-Request-ID, echoed back), the job's carry its
+    id, model and deletion requests."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(logs._AddContext())
+    handler.setFormatter(logs.JsonFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        answer = env.client.post(
+            "/deletion-requests", json={"model": "model-a", "sample_ids": env.samples(), **RETRAIN},
+            headers={"X-Request-ID": "backend-req-42"},
+        )  # fmt: skip
+        assert answer.status_code == 202 and answer.headers["x-request-id"] == "backend-req-42"
+        generated = env.client.get("/jobs", headers={"X-Request-ID": "bad id with spaces"})
+        assert generated.headers["x-request-id"] != "bad id with spaces"
+        assert env.run(job_of(answer.json())) == "succeeded"
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    access = [line for line in lines if line["logger"] == "lethe.access" and line["method"] == "POST"]
+    assert access and access[0]["request_id"] == "backend-req-42" and access[0]["status"] == 202
+    job_lines = [line for line in lines if line.get("job_id") == job_of(answer.json())]
+    assert any(line["logger"] == "worker.pipeline" for line in job_lines), lines[-5:]
+    assert all(
+        line["model"] == "model-a" and line["deletion_request_ids"] == [answer.json()["id"]]
+        for line in job_lines
+    )
