@@ -1,5 +1,5 @@
 """Fault tests start and stop their own Postgres cluster (initdb + pg_ctl on a spare port, as the postgres
-user), never the machine's shared one."""
+user) and their own Redis server (a spare port, nothing persisted), never the machine's shared ones."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from worker.bench.common import free_port
 
@@ -33,6 +35,7 @@ class Cluster:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
     def _ctl(self, *args: str) -> None:
+        assert BIN is not None  # the fixture checked
         subprocess.run(_as_postgres(str(BIN / "pg_ctl"), "-D", str(self.directory / "data"), *args),
                        check=True, capture_output=True, timeout=60)  # fmt: skip
 
@@ -71,3 +74,53 @@ def cluster() -> Iterator[Cluster]:
             instance.stop()
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+@dataclass
+class RedisServer:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A ``redis-server`` of the module's own on a spare port: nothing saved, nothing appended, so FLUSHALL
+    and a stop lose everything, as a Redis restart without persistence would."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("the fault tests need redis-server")
+    directory = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", str(directory)]  # fmt: skip
+    with (directory / "log").open("ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    server = RedisServer(port, process)
+    client = server.client()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"redis-server did not start: {(directory / 'log').read_text()[-2000:]}")
+            time.sleep(0.05)
+    try:
+        yield server
+    finally:
+        client.close()
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

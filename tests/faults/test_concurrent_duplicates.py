@@ -39,7 +39,10 @@ CONCURRENT = 20
 def api(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[httpx.Client, sessionmaker[Session]]]:
     migrate(cluster.url)
     settings = Settings(
-        database_url=cluster.url, storage_dir=tmp_path / "store", data_dir=tmp_path, batch_wait_s=60,
+        database_url=cluster.url,
+        storage_dir=tmp_path / "store",
+        data_dir=tmp_path,
+        batch_wait_s=60,
         rate_limit="",  # twenty at once: this test is about idempotency, not rate limits
     )
     engine = make_engine(cluster.url, pool_size=CONCURRENT)
