@@ -6,7 +6,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     LETHE_API_HOST=0.0.0.0 \
     LETHE_API_PORT=8000 \
-    LETHE_STORAGE_DIR=/data/checkpoints \
+    LETHE_STORAGE_URL=/data/store \
+    LETHE_CACHE_DIR=/data/cache \
     LETHE_DATA_DIR=/data/inputs
 
 WORKDIR /app
@@ -23,7 +24,8 @@ COPY worker ./worker
 COPY migrations ./migrations
 RUN pip install ".[worker]"
 
-# Non-root. /data holds the checkpoint store and the datasets' array files; api and worker share it.
+# Non-root. /data: the inputs a request may name by path, and the object store when it is a local directory
+# (one machine). Across machines LETHE_STORAGE_URL names a bucket (docker-compose.yml) and nothing is shared.
 RUN useradd --create-home --uid 10001 lethe && mkdir -p /data && chown lethe:lethe /data
 USER lethe
 VOLUME ["/data"]

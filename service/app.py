@@ -28,8 +28,9 @@ from service.metrics.http import HttpMetrics
 from service.metrics.routes import router as metrics_router
 from service.models.routes import router as models_router
 from service.reports.routes import router as reports_router
-from service.storage import LocalCheckpointStore
+from service.storage import open_store
 from service.trail.routes import router as trail_router
+from service.webhooks.routes import router as webhooks_router
 
 
 def create_app(
@@ -75,7 +76,7 @@ def create_app(
     app.openapi = openapi  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.session_factory = session_factory
-    app.state.checkpoint_store = LocalCheckpointStore(settings.storage_dir)
+    app.state.store = open_store(settings.storage_url)
     app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage_url)
     app.state.dispatcher = (
         dispatcher if dispatcher is not None else build_dispatcher(settings, session_factory)
@@ -95,6 +96,7 @@ def create_app(
         reports_router,
         trail_router,
         jobs_router,
+        webhooks_router,
         health_router,
         metrics_router,
     )

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from service.core.settings import Settings
 from service.dispatch import JobDispatcher
-from service.storage import CheckpointStore
+from service.storage import ObjectStore
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -24,8 +24,8 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-def get_store(request: Request) -> CheckpointStore:
-    store: CheckpointStore = request.app.state.checkpoint_store
+def get_store(request: Request) -> ObjectStore:
+    store: ObjectStore = request.app.state.store
     return store
 
 
@@ -36,7 +36,7 @@ def get_dispatcher(request: Request) -> JobDispatcher:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[CheckpointStore, Depends(get_store)]
+StoreDep = Annotated[ObjectStore, Depends(get_store)]
 DispatcherDep = Annotated[JobDispatcher, Depends(get_dispatcher)]
 CursorQuery = Annotated[str | None, Query(description="opaque cursor from a previous page's next_cursor")]
 LimitQuery = Annotated[int | None, Query(ge=1, description="page size; capped at the server's maximum")]

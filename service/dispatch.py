@@ -79,10 +79,11 @@ class InProcessDispatcher:
         self._jobs.join()
 
     def _work(self) -> None:
-        from service.storage import LocalCheckpointStore
+        from service.storage import worker_store
         from worker.pipeline import NothingReady, run_job  # torch loads on this thread, on first use
 
-        store = LocalCheckpointStore(self._settings.storage_dir)
+        settings = self._settings
+        store = worker_store(settings.storage_url, settings.cache_dir, settings.cache_max_bytes)
         while True:
             job_id = self._jobs.get()
             try:

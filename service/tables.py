@@ -10,6 +10,7 @@ from service.jobs import tables as jobs_tables
 from service.models import tables as models_tables
 from service.reports import tables as reports_tables
 from service.trail import tables as trail_tables
+from service.webhooks import tables as webhooks_tables
 
 __all__ = [
     "audit_tables",
@@ -22,4 +23,5 @@ __all__ = [
     "models_tables",
     "reports_tables",
     "trail_tables",
+    "webhooks_tables",
 ]

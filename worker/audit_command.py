@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     from service.core.settings import Settings
     from service.datasets import repository as datasets_repository
     from service.models import repository as models_repository
-    from service.storage import LocalCheckpointStore
+    from service.storage import worker_store
     from worker.audit import ReferenceSet, audit_unlearning
     from worker.checkpoints import CheckpointMismatch, load_state_dict
     from worker.engine.runtime import Runtime
@@ -163,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
     if not forget_ids:
         return _fail(f"{args.forget_ids} names no sample")
     settings = Settings()
-    store = LocalCheckpointStore(settings.storage_dir)
+    store = worker_store(settings.storage_url, settings.cache_dir, settings.cache_max_bytes)
     session_factory = make_session_factory(make_engine(settings.database_url))
     with session_factory() as session:
         model = models_repository.get_model_by_name(session, args.tenant, args.model)
@@ -190,11 +190,11 @@ def _run(args: argparse.Namespace) -> int:
         audited_at = (version.storage_uri, version.checkpoint_sha256) if version else None
         base_at = (base.storage_uri, base.checkpoint_sha256)
         references_at = (reference_row.storage_uri, reference_row.checkpoint_sha256)
-        array_path, dataset_id, model_id, base_number = dataset.array_path, dataset.id, model.id, base.number
+        array_uri, dataset_id, model_id, base_number = dataset.array_uri, dataset.id, model.id, base.number
     runtime = Runtime.detect()
     try:
         sets = load_sets(
-            session_factory, dataset_id, model_id, array_path, forget_ids,
+            session_factory, store, dataset_id, model_id, array_uri, forget_ids,
             eval_remaining_rows=settings.eval_remaining_rows, seed=0,
         )  # fmt: skip
         if audited_at is not None:

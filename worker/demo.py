@@ -318,7 +318,8 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
     workdir.mkdir(parents=True)
     settings = Settings(
         database_url=f"sqlite:///{(workdir / 'lethe.db').resolve()}",
-        storage_dir=workdir / "checkpoints",
+        storage_url=str(workdir / "store"),
+        cache_dir=workdir / "cache",
         dispatcher="inprocess",
         # Half the service's default of 16 reference models, to stay within a few minutes on 2 cores.
         audit_references=DEMO_REFERENCES,

@@ -65,7 +65,8 @@ from service.erasures.tables import ALREADY_ERASED
 from service.jobs import service as jobs_service
 from service.jobs.service import ClaimedJob, InvalidTransition
 from service.models import service as models_service
-from service.storage import CheckpointNotFound, CheckpointStore, CorruptCheckpoint, StoredObject
+from service.storage import CorruptObject, ObjectNotFound, ObjectStore, StoredObject
+from service.storage.objects import LOCAL_SCHEME, S3_SCHEME
 from worker.audit import AuditRules, LabelledRows, ReferenceSet, audit_unlearning, build_reference_set
 from worker.audit.population import label_splits, population_metrics
 from worker.checkpoints import CheckpointMismatch, load_state_dict, state_dict_to_bytes
@@ -138,7 +139,7 @@ def run_job(
     job_id: str,
     *,
     session_factory: SessionFactory,
-    store: CheckpointStore,
+    store: ObjectStore,
     settings: Settings,
     runtime: Runtime | None = None,
     worker_id: str,
@@ -159,7 +160,7 @@ def _claim_and_run(
     job_id: str,
     *,
     session_factory: SessionFactory,
-    store: CheckpointStore,
+    store: ObjectStore,
     settings: Settings,
     runtime: Runtime | None,
     worker_id: str,
@@ -255,7 +256,7 @@ class _Job:
         self,
         claimed: ClaimedJob,
         session_factory: SessionFactory,
-        store: CheckpointStore,
+        store: ObjectStore,
         settings: Settings,
         runtime: Runtime,
         worker_id: str,
@@ -504,7 +505,7 @@ class _Job:
     def _load_sets(self, seed: int) -> JobSets:
         claimed = self.claimed
         return load_sets(
-            self.session_factory, claimed.dataset_id, claimed.model_id, claimed.array_path,
+            self.session_factory, self.store, claimed.dataset_id, claimed.model_id, claimed.array_uri,
             claimed.forget_sample_ids, eval_remaining_rows=self.settings.eval_remaining_rows, seed=seed,
         )  # fmt: skip
 
@@ -608,18 +609,18 @@ class _Job:
         return state
 
 
-def read_verified(store: CheckpointStore, uri: str, sha256: str) -> bytes:
+def read_verified(store: ObjectStore, uri: str, sha256: str) -> bytes:
     """An object's bytes, checked against the SHA-256 the registry recorded for it."""
     try:
         data = store.read(uri)
-    except (CheckpointNotFound, CorruptCheckpoint) as exc:
+    except (ObjectNotFound, CorruptObject) as exc:
         raise JobFailed("checkpoint_integrity", str(exc)) from exc
     if hashlib.sha256(data).hexdigest() != sha256:
         raise JobFailed("checkpoint_integrity", f"{uri} does not hash to {sha256}, the digest recorded")
     return data
 
 
-def load_checkpoint(store: CheckpointStore, uri: str, sha256: str, spec: ModelSpec) -> nn.Module:
+def load_checkpoint(store: ObjectStore, uri: str, sha256: str, spec: ModelSpec) -> nn.Module:
     data = read_verified(store, uri, sha256)
     try:
         return load_state_dict(data, spec)
@@ -629,25 +630,29 @@ def load_checkpoint(store: CheckpointStore, uri: str, sha256: str, spec: ModelSp
 
 def load_sets(
     session_factory: SessionFactory,
+    store: ObjectStore,
     dataset_id: str,
     model_id: str,
-    array_path: str,
+    array_uri: str,
     forget_sample_ids: Sequence[str],
     *,
     eval_remaining_rows: int,
     seed: int,
 ) -> JobSets:
     """The forget set, the remaining train set (and the seeded sample of it evaluation reads) and the audit
-    split of a dataset, as tensors read from its array file."""
+    split of a dataset, as tensors read from its array: memory-mapped from the store's local file (on a
+    worker of an S3 store, its cache: fetched once per machine)."""
     try:
         with session_factory() as session:
             resolved = datasets_service.resolve_sets(session, dataset_id, model_id, forget_sample_ids)
-        x = open_rows(Path(array_path))
+        x = open_rows(_array_file(store, array_uri))
         remaining = _tensor_split(x, resolved.remaining)
     except ProblemError as exc:  # unknown samples or dataset
         raise JobFailed("dataset_error", exc.detail) from exc
+    except (ObjectNotFound, CorruptObject) as exc:
+        raise JobFailed("dataset_integrity", str(exc)) from exc
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise JobFailed("dataset_error", f"{array_path}: {exc}") from exc
+        raise JobFailed("dataset_error", f"{array_uri}: {exc}") from exc
     sample = remaining
     if len(remaining) > eval_remaining_rows:
         rows = torch.randperm(len(remaining), generator=torch.Generator().manual_seed(seed))
@@ -681,6 +686,14 @@ def _config(method: str, overrides: dict[str, Any]) -> Any:
         return make_config(method, overrides)
     except ConfigError as exc:
         raise JobFailed("invalid_config", str(exc)) from exc
+
+
+def _array_file(store: ObjectStore, array_uri: str) -> Path:
+    """The array's local file: the store's (verified), or a server path of a dataset registered before the
+    store held arrays."""
+    if array_uri.startswith((LOCAL_SCHEME, S3_SCHEME)):
+        return store.local_path(array_uri)
+    return Path(array_uri)
 
 
 def open_rows(path: Path) -> np.ndarray:

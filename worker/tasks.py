@@ -24,6 +24,7 @@ from typing import Any
 import redis
 from celery import Task
 from celery.signals import worker_ready
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.clock import utcnow
@@ -38,7 +39,8 @@ from service.dispatch import (
     JobDispatcher,
 )
 from service.jobs import service as jobs_service
-from service.storage import LocalCheckpointStore
+from service.storage import ObjectStore, worker_store
+from worker import webhooks
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -52,13 +54,13 @@ _UNACKED = "unacked"
 
 
 @functools.cache
-def _job_resources() -> tuple[Settings, sessionmaker[Session], LocalCheckpointStore, CeleryDispatcher]:
+def _job_resources() -> tuple[Settings, sessionmaker[Session], ObjectStore, CeleryDispatcher]:
     """Built once per process that runs jobs (after any fork), on first use."""
     settings = Settings()
     return (
         settings,
         make_session_factory(make_engine(settings.database_url)),
-        LocalCheckpointStore(settings.storage_dir),
+        worker_store(settings.storage_url, settings.cache_dir, settings.cache_max_bytes),
         CeleryDispatcher(settings.redis_url),
     )
 
@@ -82,6 +84,10 @@ def run_job(self: Task, job_id: str) -> str | None:
             )
     except NothingReady as exc:
         raise self.retry(countdown=exc.retry_in, exc=exc) from exc
+    except (OperationalError, InterfaceError) as exc:
+        # The database is unreachable (restarting, failing over): the message is sent again later rather
+        # than acknowledged, so the job does not wait for the sweeper once the database is back.
+        raise self.retry(countdown=settings.retry_after_seconds, exc=exc) from exc
 
 
 def message_job_ids(client: redis.Redis, queue: str) -> tuple[set[str], set[str]]:
@@ -138,3 +144,9 @@ def _sweep_forever(settings: Settings) -> None:
 @worker_ready.connect
 def _start_sweeper(**_kwargs: Any) -> None:
     threading.Thread(target=_sweep_forever, args=(Settings(),), name="lethe-sweeper", daemon=True).start()
+
+
+@worker_ready.connect
+def _start_webhooks(**_kwargs: Any) -> None:
+    """Webhook delivery beside the sweeper, in every worker (worker/webhooks.py)."""
+    webhooks.start(Settings())

@@ -35,6 +35,8 @@ SCOPES: dict[str, str] = {
     "jobs:read": "read jobs",
     "jobs:write": "cancel jobs",
     "reports:read": "download erasure reports and their signatures",
+    "webhooks:read": "read webhook endpoints and their deliveries",
+    "webhooks:write": "register and delete webhook endpoints",
     ADMIN: "every scope above, and verification of the whole audit trail",
 }
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")

@@ -65,15 +65,3 @@ def open_data_file(root: Path, given: str, field: str, max_bytes: int) -> Iterat
     os.set_blocking(descriptor, True)
     with os.fdopen(descriptor, "rb") as handle:
         yield handle, info.st_size
-
-
-def read_data_file(root: Path, given: str, field: str, max_bytes: int) -> bytes:
-    """The bytes of the regular file ``given`` names inside ``root``, never more than ``max_bytes``."""
-    with open_data_file(root, given, field, max_bytes) as (handle, _size):
-        data = handle.read(max_bytes + 1)
-    if len(data) > max_bytes:  # it grew after the check
-        raise InvalidInput(
-            "file-too-large", f"the file is larger than the limit of {max_bytes} bytes",
-            field=field, limit=max_bytes,
-        )  # fmt: skip
-    return data

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.engine.spec import BUILTIN_ARCHITECTURES
@@ -17,7 +17,12 @@ class Settings(BaseSettings):
     # Postgres is the source of truth; the demo overrides this with a SQLite file.
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/lethe"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    storage_dir: Path = Path("var/checkpoints")
+    # The object store of checkpoints, dataset arrays and audit reference sets: a local directory (one
+    # machine), or s3://bucket/prefix (endpoint and credentials the usual way: AWS_ENDPOINT_URL,
+    # AWS_ACCESS_KEY_ID, ...). A worker keeps what it reads from S3 in cache_dir, at most cache_max_bytes.
+    storage_url: Annotated[str, BeforeValidator(str)] = "var/store"
+    cache_dir: Path = Path("var/cache")
+    cache_max_bytes: Annotated[int, Field(gt=0)] = 50 * 1024**3
     # Paths in request bodies (checkpoint_path, array_path) must name regular files inside this directory
     # (relative to it, or absolute); checkpoints are read at most max_checkpoint_bytes (also the multipart
     # upload limit), array files are refused above max_array_bytes (only their header is read). JSON and
@@ -92,3 +97,19 @@ class Settings(BaseSettings):
     torch_threads: int = 0
     # Rows of the remaining set the job evaluates (all of it when smaller).
     eval_remaining_rows: int = 2_000
+
+    # Webhooks (service/webhooks, worker/webhooks.py). An event is retried with exponential backoff (doubling
+    # from webhook_initial_backoff_s up to webhook_max_backoff_s, with jitter) until webhook_retry_window_s
+    # after it was written, then its delivery is failed. Each attempt waits at most webhook_timeout_s for
+    # connect, each read and write; each worker sends up to webhook_concurrency at once and looks for due
+    # deliveries every webhook_poll_interval_s. deletion_request.due_soon: an open request within
+    # webhook_due_soon_days of its due date (0: never), checked every webhook_due_soon_interval_s by one
+    # worker.
+    webhook_due_soon_days: Annotated[int, Field(ge=0)] = 7
+    webhook_retry_window_s: Annotated[float, Field(gt=0)] = 24 * 3600.0
+    webhook_initial_backoff_s: Annotated[float, Field(gt=0)] = 5.0
+    webhook_max_backoff_s: Annotated[float, Field(gt=0)] = 3600.0
+    webhook_timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
+    webhook_concurrency: Annotated[int, Field(ge=1, le=64)] = 8
+    webhook_poll_interval_s: Annotated[float, Field(gt=0)] = 2.0
+    webhook_due_soon_interval_s: Annotated[int, Field(ge=1)] = 300

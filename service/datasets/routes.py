@@ -17,7 +17,7 @@ from service.datasets.schemas import (
     SamplePage,
 )
 from service.datasets.tables import Dataset
-from service.dependencies import CursorQuery, LimitQuery, SessionDep, SettingsDep, page_size
+from service.dependencies import CursorQuery, LimitQuery, SessionDep, SettingsDep, StoreDep, page_size
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -26,7 +26,7 @@ def _dataset_out(session: Session, dataset: Dataset) -> DatasetOut:
     return DatasetOut(
         id=dataset.id,
         name=dataset.name,
-        array_path=dataset.array_path,
+        array_uri=dataset.array_uri,
         num_rows=dataset.num_rows,
         sample_shape=dataset.sample_shape,
         num_classes=dataset.num_classes,
@@ -42,11 +42,12 @@ def register_dataset(
     caller: Annotated[Principal, requires("datasets:write")],
     session: SessionDep,
     settings: SettingsDep,
+    store: StoreDep,
     response: Response,
 ) -> DatasetOut:
-    """Register a dataset of the caller's tenant and its samples (bulk). The array file is read for its
-    header only."""
-    dataset = service.register_dataset(session, settings, body, caller.tenant)
+    """Register a dataset of the caller's tenant and its samples (bulk). The array is checked by its header,
+    then copied into the object store (streamed, content-addressed), where workers read it."""
+    dataset = service.register_dataset(session, settings, store, body, caller.tenant)
     session.commit()
     response.headers["Location"] = f"/datasets/{dataset.id}"
     return _dataset_out(session, dataset)

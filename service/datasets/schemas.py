@@ -22,10 +22,17 @@ class DatasetCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Identifier
-    array_path: Text = Field(
+    array_path: Text | None = Field(
+        default=None,
         min_length=1,
         description="an .npz inside the server's data directory (LETHE_DATA_DIR; relative to it, or "
-        "absolute) whose array x is float32 (N, C, H, W), already normalised",
+        "absolute) whose array x is float32 (N, C, H, W), already normalised; or give array_object",
+    )
+    array_object: Text | None = Field(
+        default=None,
+        min_length=1,
+        description="instead of array_path: the key of such an .npz that the client put in the object store, "
+        "under its inputs/ prefix (e.g. 'team/mnist.npz' for s3://bucket/prefix/inputs/team/mnist.npz)",
     )
     num_classes: int | None = Field(
         default=None, ge=2, description="required when samples carry labels; omit for a label-free dataset"
@@ -47,7 +54,7 @@ class DatasetOut(BaseModel):
 
     id: str
     name: str
-    array_path: str
+    array_uri: str = Field(description="the array's object in the store; its key is the SHA-256 of its bytes")
     num_rows: int
     sample_shape: list[int]
     num_classes: int | None

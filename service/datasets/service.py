@@ -12,7 +12,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 from sqlalchemy.orm import Session
 
-from service.core.files import inside_root, open_data_file
+from service.core.files import open_data_file
 from service.core.pagination import Page, decode_cursor, page_from_rows
 from service.core.problems import Conflict, InvalidInput, NotFound, listed_problem
 from service.core.settings import Settings
@@ -21,6 +21,7 @@ from service.datasets.schemas import DatasetCreate
 from service.datasets.tables import Dataset, Sample
 from service.erasures import repository as erasures_repository
 from service.erasures.tables import ErasedSample
+from service.storage import InvalidInputKey, ObjectNotFound, ObjectStore
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class ResolvedSets:
     audit: SampleSet  # the held-out split, never trained on
 
 
-def read_array_header(handle: BinaryIO) -> ArrayHeader:
+def read_array_header(handle: BinaryIO, field: str = "array_path") -> ArrayHeader:
     """Shape and dtype of ``x`` in an open ``.npz``, reading only the member's npy header, not its data
     (nothing is unpickled: an object array's header says ``object`` and is refused by the caller)."""
     try:
@@ -60,36 +61,55 @@ def read_array_header(handle: BinaryIO) -> ArrayHeader:
             )
             shape, _fortran_order, dtype = reader(member)
     except KeyError as exc:
-        raise InvalidInput("invalid-array-file", "the archive has no array 'x'", field="array_path") from exc
+        raise InvalidInput("invalid-array-file", "the archive has no array 'x'", field=field) from exc
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise InvalidInput("invalid-array-file", f"not a readable .npz ({exc})", field="array_path") from exc
+        raise InvalidInput("invalid-array-file", f"not a readable .npz ({exc})", field=field) from exc
     return ArrayHeader(shape=tuple(shape), dtype=dtype)
 
 
-def register_dataset(session: Session, settings: Settings, data: DatasetCreate, tenant: str) -> Dataset:
-    """Validate the array file (a regular file inside the data root) and every sample, then insert the
-    tenant's dataset, with the array file's real path, and its samples in bulk."""
+def register_dataset(
+    session: Session, settings: Settings, store: ObjectStore, data: DatasetCreate, tenant: str
+) -> Dataset:
+    """Validate the array (a regular file inside the data root, or an input object of the store) by its
+    header and every sample, copy the array into the store (streamed; content-addressed), then insert the
+    tenant's dataset and its samples in bulk. Nothing is written when a check fails; a copy whose insert
+    then fails is merely an unreferenced object."""
+    if (data.array_path is None) == (data.array_object is None):
+        raise InvalidInput("array-path-or-object", "give exactly one of array_path and array_object")
     if repository.dataset_name_taken(session, tenant, data.name):
         raise Conflict("dataset-name-taken", f"a dataset named {data.name!r} exists", name=data.name)
-    array_path = inside_root(settings.data_dir, data.array_path, "array_path")
-    with open_data_file(settings.data_dir, data.array_path, "array_path", settings.max_array_bytes) as (
-        handle,
-        _size,
-    ):
-        header = read_array_header(handle)
-    if header.dtype != np.float32 or len(header.shape) != 4:
-        raise InvalidInput(
-            "invalid-array-file",
-            f"x must be float32 with shape (N, C, H, W); got {header.dtype} {header.shape}",
-            field="array_path",
-        )
-    _validate_samples(data, num_rows=header.shape[0])
+    if data.array_path is not None:
+        limit = settings.max_array_bytes
+        with open_data_file(settings.data_dir, data.array_path, "array_path", limit) as (handle, _size):
+            header = _checked_header(handle, "array_path")
+            _validate_samples(data, num_rows=header.shape[0])
+            stored = store.put_stream(handle)
+    else:
+        assert data.array_object is not None
+        key = data.array_object
+        try:
+            size = store.input_size(key)
+        except InvalidInputKey as exc:
+            raise InvalidInput("invalid-object-key", str(exc), field="array_object") from exc
+        except ObjectNotFound as exc:
+            raise InvalidInput(
+                "object-not-found", "no such input object in the store", field="array_object"
+            ) from exc
+        if size > settings.max_array_bytes:
+            raise InvalidInput(
+                "file-too-large", f"the object is larger than the limit of {settings.max_array_bytes} bytes",
+                field="array_object", limit=settings.max_array_bytes,
+            )  # fmt: skip
+        with store.open_input(key) as handle:
+            header = _checked_header(handle, "array_object")
+        _validate_samples(data, num_rows=header.shape[0])
+        stored = store.adopt_input(key)
     dataset = repository.add_dataset(
         session,
         Dataset(
             tenant=tenant,
             name=data.name,
-            array_path=str(array_path),
+            array_uri=stored.uri,
             num_rows=header.shape[0],
             sample_shape=list(header.shape[1:]),
             num_classes=data.num_classes,
@@ -99,6 +119,17 @@ def register_dataset(session: Session, settings: Settings, data: DatasetCreate, 
         session, dataset.id, ((s.sample_id, s.row, s.label, s.split, s.subject_id) for s in data.samples)
     )
     return dataset
+
+
+def _checked_header(handle: BinaryIO, field: str) -> ArrayHeader:
+    header = read_array_header(handle, field)
+    if header.dtype != np.float32 or len(header.shape) != 4:
+        raise InvalidInput(
+            "invalid-array-file",
+            f"x must be float32 with shape (N, C, H, W); got {header.dtype} {header.shape}",
+            field=field,
+        )
+    return header
 
 
 def _validate_samples(data: DatasetCreate, num_rows: int) -> None:

@@ -12,8 +12,8 @@ SPLITS = ("train", "audit")
 
 
 class Dataset(Base):
-    """A training dataset: one ``.npz`` array file on the server plus the registry of its samples. It belongs
-    to a tenant, as do the models trained on it and the requests filed against it."""
+    """A training dataset: one ``.npz`` array, an object of the store, plus the registry of its samples. It
+    belongs to a tenant, as do the models trained on it and the requests filed against it."""
 
     __tablename__ = "datasets"
     __table_args__ = (UniqueConstraint("tenant", "name"),)
@@ -21,7 +21,9 @@ class Dataset(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     tenant: Mapped[str] = mapped_column(String(100))
     name: Mapped[str] = mapped_column(String(200))
-    array_path: Mapped[str] = mapped_column(Text)
+    # The array's object URI in the store (content-addressed: its SHA-256 is in the key). A dataset registered
+    # before the store held arrays has a server path here, which only a worker sharing that disk can read.
+    array_uri: Mapped[str] = mapped_column(Text)
     num_rows: Mapped[int] = mapped_column(Integer)  # rows in the array file, not registered samples
     sample_shape: Mapped[list[int]] = mapped_column(JSONType)  # (C, H, W) from the array's header
     num_classes: Mapped[int | None] = mapped_column(Integer)  # None: the dataset carries no labels

@@ -29,6 +29,7 @@ from service.models import repository as models_repository
 from service.models.tables import Model
 from service.reports.generation import generate as generate_report
 from service.trail import service as trail
+from service.webhooks import service as webhooks
 
 # A request's final state when not every model completed: the first of these any of its targets ended in.
 _UNFULFILLED = ("rejected", "failed", "canceled")
@@ -262,6 +263,8 @@ def settle_request_if_done(session: Session, request: DeletionRequest, when: dat
         request_id=request.id, data={"state": request.state, "completed_at": when.isoformat()},
     )  # fmt: skip
     generate_report(session, request, actor)
+    # The outbox row of the settled event, in this transaction: sent only if the settlement commits.
+    webhooks.request_settled(session, request, when)
 
 
 def targets_of_request(session: Session, request_id: str) -> Sequence[ErasureTarget]:

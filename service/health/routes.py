@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.core.problems import problem_response
-from service.dependencies import SessionDep, SettingsDep
+from service.dependencies import SessionDep, SettingsDep, StoreDep
 from service.health import service
 
 router = APIRouter(tags=["health"])
@@ -23,13 +23,13 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"description": "a dependency is not ready; ``checks`` say which"}})
-def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
+def readyz(session: SessionDep, settings: SettingsDep, store: StoreDep) -> JSONResponse:
     """Readiness: the database is reachable and at the migration head, the broker answers, the checkpoint
     store is writable. 503 (a problem with the same ``checks``) when one is not: send no traffic here."""
     checks = {
         "database": service.database(session),
         "broker": service.broker(settings),
-        "store": service.store(settings.storage_dir),
+        "store": service.store(store),
     }
     body: dict[str, Any] = {name: {"ok": c.ok, "detail": c.detail} for name, c in checks.items()}
     if all(check.ok for check in checks.values()):

@@ -3,17 +3,15 @@ wrong and never raises."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from service.core.database import head_revision
 from service.core.settings import Settings
+from service.storage import ObjectStore
 
 BROKER_TIMEOUT_S = 1.0
 
@@ -60,13 +58,10 @@ def broker(settings: Settings) -> Check:
     return Check(True, "answers PING")
 
 
-def store(root: Path) -> Check:
-    """The checkpoint store's directory takes a file."""
+def store(objects: ObjectStore) -> Check:
+    """The object store takes (and drops) a probe object."""
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=root, prefix=".readyz-")
-        os.close(fd)
-        os.unlink(name)
-    except OSError as exc:
-        return Check(False, f"not writable ({exc.strerror or type(exc).__name__})")
+        objects.check_writable()
+    except Exception as exc:  # a directory's OSError, or an S3 client's error
+        return Check(False, f"not writable ({getattr(exc, 'strerror', None) or type(exc).__name__})")
     return Check(True, "writable")

@@ -76,7 +76,7 @@ class ClaimedJob:
     training_recipe: dict[str, Any] | None  # how the model was trained (None: the engine's default)
     base_version: VersionRef  # the active version at claim time: the parent of the result
     dataset_id: str
-    array_path: str
+    array_uri: str  # the dataset's array in the store (a server path for datasets registered before)
     method: str
     config: dict[str, Any]  # the full configuration (defaults included), for make_config(method, config)
     forget_sample_ids: tuple[str, ...]  # the union of the targets' samples, by row
@@ -194,7 +194,7 @@ def _take(
         training_recipe=dict(model.training_recipe) if model.training_recipe is not None else None,
         base_version=VersionRef(base.id, base.number, base.checkpoint_sha256, base.storage_uri),
         dataset_id=dataset.id,
-        array_path=dataset.array_path,
+        array_uri=dataset.array_uri,
         method=job.method,
         config=dict(job.config),
         # Requests may share samples (one subject asked twice): each is unlearned once.

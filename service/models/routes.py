@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from typing import Annotated, Any, BinaryIO
+from typing import IO, Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, File, Form, Response, UploadFile, status
 from fastapi.responses import StreamingResponse
@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from service.clients.security import requires
 from service.clients.service import Principal
 from service.core.fields import Identifier
-from service.core.files import read_data_file
+from service.core.files import open_data_file
 from service.core.problems import PAYLOAD_TOO_LARGE, InvalidInput, PayloadTooLarge
 from service.core.settings import Settings
 from service.deletion_requests.routes import dispatch_all
@@ -35,7 +35,7 @@ from service.models.schemas import (
     VersionOut,
 )
 from service.models.tables import Model, ModelVersion
-from service.storage import CheckpointStore
+from service.storage import ObjectStore
 
 router = APIRouter(prefix="/models", tags=["models"])
 _STREAM_CHUNK = 1 << 20
@@ -72,7 +72,7 @@ def _model_out(session: Session, model: Model) -> ModelOut:
 def _create(
     session: Session,
     settings: Settings,
-    store: CheckpointStore,
+    store: ObjectStore,
     dispatcher: JobDispatcher,
     response: Response,
     *,
@@ -80,7 +80,8 @@ def _create(
     name: str,
     dataset_id: str,
     spec: dict[str, Any],
-    checkpoint: bytes,
+    checkpoint: IO[bytes],
+    checkpoint_size: int,
     training_recipe: dict[str, Any] | None,
     training_sample_ids: list[str] | None = None,
 ) -> ModelOut:
@@ -93,6 +94,7 @@ def _create(
         dataset_id=dataset_id,
         spec=spec,
         checkpoint=checkpoint,
+        checkpoint_size=checkpoint_size,
         training_recipe=training_recipe,
         training_sample_ids=training_sample_ids,
     )
@@ -116,23 +118,24 @@ def register_model(
 
     Erasures requested dataset-wide before it existed are queued for it at once (``training_data`` says
     which), unless ``training_sample_ids`` shows it was not trained on those samples."""
-    checkpoint = read_data_file(
+    with open_data_file(
         settings.data_dir, body.checkpoint_path, "checkpoint_path", settings.max_checkpoint_bytes
-    )
-    return _create(
-        session,
-        settings,
-        store,
-        dispatcher,
-        response,
-        tenant=caller.tenant,
-        name=body.name,
-        dataset_id=body.dataset_id,
-        spec=body.spec,
-        checkpoint=checkpoint,
-        training_recipe=body.training_recipe,
-        training_sample_ids=body.training_sample_ids,
-    )
+    ) as (checkpoint, size):
+        return _create(
+            session,
+            settings,
+            store,
+            dispatcher,
+            response,
+            tenant=caller.tenant,
+            name=body.name,
+            dataset_id=body.dataset_id,
+            spec=body.spec,
+            checkpoint=checkpoint,
+            checkpoint_size=size,
+            training_recipe=body.training_recipe,
+            training_sample_ids=body.training_sample_ids,
+        )
 
 
 @router.post("/upload", status_code=status.HTTP_201_CREATED, response_model=ModelOut)
@@ -168,20 +171,25 @@ def upload_model(
         name=name,
         dataset_id=dataset_id,
         spec=spec_dict,
-        checkpoint=_read_upload(checkpoint, settings.max_checkpoint_bytes),
+        checkpoint=checkpoint.file,
+        checkpoint_size=_upload_size(checkpoint, settings.max_checkpoint_bytes),
         training_recipe=recipe,
     )
 
 
-def _read_upload(upload: UploadFile, max_bytes: int) -> bytes:
-    data = upload.file.read(max_bytes + 1)
-    if len(data) > max_bytes:
+def _upload_size(upload: UploadFile, max_bytes: int) -> int:
+    """The upload's size. The form parser spooled it to a temporary file (beyond 1 MB), so it is read from
+    there in chunks, never held in memory whole."""
+    upload.file.seek(0, 2)
+    size = upload.file.tell()
+    upload.file.seek(0)
+    if size > max_bytes:
         raise PayloadTooLarge(
             PAYLOAD_TOO_LARGE,
             f"the checkpoint is larger than the limit of {max_bytes} bytes",
             limit=max_bytes,
         )
-    return data
+    return size
 
 
 def _json_object(text: str, field: str, problem: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from sqlalchemy.orm import Session
 
@@ -19,12 +19,12 @@ from service.erasures.service import Dispatch
 from service.models import repository
 from service.models.tables import Model, ModelVersion
 from service.storage import (
-    CheckpointNotFound,
-    CheckpointStore,
-    CorruptCheckpoint,
+    CorruptObject,
     NotSafetensors,
+    ObjectNotFound,
+    ObjectStore,
     StoredObject,
-    parse_safetensors_header,
+    read_safetensors_header,
 )
 from service.trail import service as trail
 from worker.engine.config import ConfigError, TrainingConfig, checked_config
@@ -47,19 +47,20 @@ def get_model(session: Session, name: str, tenant: str) -> Model:
 
 def register_model(
     session: Session,
-    store: CheckpointStore,
+    store: ObjectStore,
     settings: Settings,
     *,
     tenant: str,
     name: str,
     dataset_id: str,
     spec: dict[str, Any],
-    checkpoint: bytes,
+    checkpoint: IO[bytes],
+    checkpoint_size: int,
     training_recipe: dict[str, Any] | None = None,
     training_sample_ids: Sequence[str] | None = None,
 ) -> tuple[Model, ModelVersion, list[Dispatch]]:
     """Register a tenant's model trained on its dataset ``dataset_id``, with its first (active) version
-    holding ``checkpoint``.
+    holding ``checkpoint`` (a seekable file of ``checkpoint_size`` bytes, read in chunks: never held whole).
 
     Its spec must name one of ``settings.architectures`` (those the workers build) and fit the dataset. It
     was trained on every train sample of the dataset unless ``training_sample_ids`` says which; erasures
@@ -105,10 +106,10 @@ def register_model(
         except ConfigError as exc:
             raise InvalidInput("invalid-training-recipe", str(exc), field="training_recipe") from exc
     try:
-        parse_safetensors_header(checkpoint)
+        read_safetensors_header(checkpoint, checkpoint_size)
     except NotSafetensors as exc:
         raise InvalidInput("invalid-checkpoint", str(exc), field="checkpoint") from exc
-    stored = store.put(checkpoint)
+    stored = store.put_stream(checkpoint)
     model = Model(
         tenant=tenant, name=name, dataset_id=dataset.id, spec=model_spec.to_dict(), training_recipe=recipe
     )
@@ -168,11 +169,11 @@ def erased_sample_counts(session: Session, model: Model) -> dict[str, int]:
     return counts
 
 
-def open_checkpoint(store: CheckpointStore, version: ModelVersion) -> BinaryIO:
+def open_checkpoint(store: ObjectStore, version: ModelVersion) -> BinaryIO:
     """The version's checkpoint, hash-verified; a missing or corrupt object is a server fault (500)."""
     try:
         return store.open(version.storage_uri)
-    except (CheckpointNotFound, CorruptCheckpoint) as exc:
+    except (ObjectNotFound, CorruptObject) as exc:
         logger.error("checkpoint of version %s unreadable: %s", version.id, exc)
         raise ServerFault(
             "checkpoint-unavailable",

@@ -58,8 +58,8 @@ class ObjectStore(Protocol):
         """Store ``data`` (idempotent: the same bytes give the same object)."""
         ...
 
-    def put_file(self, path: Path) -> StoredObject:
-        """Store a file's bytes, read in chunks (memory stays bounded)."""
+    def put_stream(self, handle: IO[bytes]) -> StoredObject:
+        """Store the bytes of a seekable file, read in chunks (memory stays bounded)."""
         ...
 
     def read(self, uri: str) -> bytes:
@@ -173,13 +173,13 @@ class LocalStore:
             _atomic_copy(io.BytesIO(data), path)
         return StoredObject(sha256=sha256, size=len(data), uri=LOCAL_SCHEME + object_key(sha256))
 
-    def put_file(self, path: Path) -> StoredObject:
-        with path.open("rb") as handle:
-            sha256, size = hash_file(handle)
-            target = self.root / object_key(sha256)
-            if not target.exists():
-                handle.seek(0)
-                _atomic_copy(handle, target)
+    def put_stream(self, handle: IO[bytes]) -> StoredObject:
+        handle.seek(0)
+        sha256, size = hash_file(handle)
+        target = self.root / object_key(sha256)
+        if not target.exists():
+            handle.seek(0)
+            _atomic_copy(handle, target)
         return StoredObject(sha256=sha256, size=size, uri=LOCAL_SCHEME + object_key(sha256))
 
     def read(self, uri: str) -> bytes:
@@ -213,7 +213,8 @@ class LocalStore:
             yield handle
 
     def adopt_input(self, key: str) -> StoredObject:
-        return self.put_file(self._input(key))
+        with self._input(key).open("rb") as handle:
+            return self.put_stream(handle)
 
     def check_writable(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -266,10 +267,16 @@ class S3Store:
 
     def __init__(self, bucket: str, prefix: str = "", client: Any = None) -> None:
         import boto3
+        from boto3.s3.transfer import TransferConfig
 
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self._client = client or boto3.client("s3")
+        # Parts of 8 MB, at most 4 in flight and 4 read ahead: a transfer holds about 32 MB, whatever the
+        # object's size (the library's defaults buffer 10 parts).
+        self._transfer = TransferConfig(multipart_chunksize=8 << 20, max_concurrency=4)
+        self._transfer.max_in_memory_upload_chunks = 4
+        self._transfer.max_in_memory_download_chunks = 4
 
     def _key(self, key: str) -> str:
         return self.prefix + key
@@ -291,12 +298,13 @@ class S3Store:
             self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
         return StoredObject(sha256=sha256, size=len(data), uri=S3_SCHEME + key)
 
-    def put_file(self, path: Path) -> StoredObject:
-        with path.open("rb") as handle:
-            sha256, size = hash_file(handle)
+    def put_stream(self, handle: IO[bytes]) -> StoredObject:
+        handle.seek(0)
+        sha256, size = hash_file(handle)
         key = object_key(sha256)
         if self._exists(key) is None:
-            self._client.upload_file(str(path), self.bucket, self._key(key))
+            handle.seek(0)
+            self._client.upload_fileobj(handle, self.bucket, self._key(key), Config=self._transfer)
         return StoredObject(sha256=sha256, size=size, uri=S3_SCHEME + key)
 
     def read(self, uri: str) -> bytes:
@@ -318,7 +326,9 @@ class S3Store:
 
         expected = _parse_uri(uri, S3_SCHEME)
         try:
-            self._client.download_fileobj(self.bucket, self._key(object_key(expected)), handle)
+            self._client.download_fileobj(
+                self.bucket, self._key(object_key(expected)), handle, Config=self._transfer
+            )
         except ClientError as exc:
             raise ObjectNotFound(uri) from exc
         handle.seek(0)
@@ -350,7 +360,9 @@ class S3Store:
         sha256 = digest.hexdigest()
         target = object_key(sha256)
         if self._exists(target) is None:  # a server-side copy: the bytes do not pass through here again
-            self._client.copy({"Bucket": self.bucket, "Key": source}, self.bucket, self._key(target))
+            self._client.copy(
+                {"Bucket": self.bucket, "Key": source}, self.bucket, self._key(target), Config=self._transfer
+            )
         return StoredObject(sha256=sha256, size=size, uri=S3_SCHEME + target)
 
     def check_writable(self) -> None:
@@ -371,8 +383,8 @@ class CachedStore:
     def put(self, data: bytes) -> StoredObject:
         return self.inner.put(data)
 
-    def put_file(self, path: Path) -> StoredObject:
-        return self.inner.put_file(path)
+    def put_stream(self, handle: IO[bytes]) -> StoredObject:
+        return self.inner.put_stream(handle)
 
     def input_size(self, key: str) -> int:
         return self.inner.input_size(key)

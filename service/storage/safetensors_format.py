@@ -6,10 +6,11 @@ Checkpoints are only ever accepted in this format: a pickle (``torch.save``) exe
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
-from typing import Any
+from typing import IO, Any
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
 _DTYPE_BYTES = {
@@ -26,13 +27,19 @@ class NotSafetensors(ValueError):
 
 def parse_safetensors_header(data: bytes) -> dict[str, Any]:
     """The tensor table of ``data`` (name -> {dtype, shape, data_offsets}); raises :class:`NotSafetensors`."""
-    if len(data) < 8:
+    return read_safetensors_header(io.BytesIO(data), len(data))
+
+
+def read_safetensors_header(handle: IO[bytes], size: int) -> dict[str, Any]:
+    """The tensor table of a safetensors file of ``size`` bytes, reading only its header."""
+    if size < 8:
         raise NotSafetensors("file is shorter than the 8-byte safetensors header length")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(_MAX_HEADER_BYTES, len(data) - 8):
+    handle.seek(0)
+    (header_len,) = struct.unpack("<Q", handle.read(8))
+    if header_len > min(_MAX_HEADER_BYTES, size - 8):
         raise NotSafetensors("not a safetensors file (its header length is out of range; a pickle, perhaps)")
     try:
-        header = json.loads(data[8 : 8 + header_len])
+        header = json.loads(handle.read(header_len))
     except (UnicodeDecodeError, ValueError) as exc:
         raise NotSafetensors("not a safetensors file (its header is not JSON)") from exc
     if not isinstance(header, dict):
@@ -40,7 +47,7 @@ def parse_safetensors_header(data: bytes) -> dict[str, Any]:
     header.pop("__metadata__", None)
     if not header:
         raise NotSafetensors("safetensors file holds no tensors")
-    payload = len(data) - 8 - header_len
+    payload = size - 8 - header_len
     end = 0
     for name, entry in header.items():
         _check_entry(name, entry, payload)

@@ -451,7 +451,7 @@ def test_a_postgres_restart_under_load_loses_no_accepted_request_and_the_running
             assert job_row(stack, running).state == "running"  # the outage starts under a running job
             cluster.stop()
             wait_until(
-                lambda: f"Task lethe.run_job[{running}] raised unexpected: OperationalError" in worker.text(),
+                lambda: f"Task lethe.run_job[{running}] retry: Retry in" in worker.text(),
                 "the running job meeting the outage at a commit", workers, timeout=60,
             )  # fmt: skip
             wait_until(lambda: poster.count(503) >= 3, "three requests refused", workers, timeout=30)

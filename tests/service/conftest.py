@@ -140,7 +140,7 @@ def session(session_factory: sessionmaker[Session]) -> Iterator[Session]:
 def settings(database_url: str, tmp_path: Path) -> Settings:
     return Settings(
         database_url=database_url,
-        storage_dir=tmp_path / "checkpoints",
+        storage_url=tmp_path / "checkpoints",
         report_key_dir=tmp_path / "report-keys",
         batch_wait_s=0,  # a job is ready at once; coalescing tests set their own wait
         data_dir=tmp_path,  # the files tests register are written under tmp_path

@@ -17,7 +17,7 @@ from service.app import create_app
 from service.core.database import make_engine, make_session_factory
 from service.core.settings import Settings
 from service.reports.keys import KeyRing
-from service.storage import LocalCheckpointStore
+from service.storage import open_store
 from tests.audit.memorised import RECIPE, SPEC, SUBJECT, MemorisedCase, memorised_case
 from tests.service.conftest import RecordingDispatcher, authorize
 from worker.checkpoints import state_dict_to_bytes
@@ -62,7 +62,7 @@ class MemorisedService:
 
     def run_job(self, job_id: str) -> str | None:
         """One message for ``job_id``, handled as a worker would (it may take a more urgent job)."""
-        store = LocalCheckpointStore(self.settings.storage_dir)
+        store = open_store(self.settings.storage_url)
         return run_job(job_id, session_factory=self.session_factory, store=store, settings=self.settings,
                        worker_id="test", dispatcher=self.dispatcher)  # fmt: skip
 
@@ -70,7 +70,7 @@ class MemorisedService:
 @contextlib.contextmanager
 def memorised_service(tmp: Path, database_url: str, **settings: Any) -> Iterator[MemorisedService]:
     """The API with the memorised digits registered; ``settings`` override the service's for the module."""
-    defaults = {"database_url": database_url, "storage_dir": tmp / "checkpoints",
+    defaults = {"database_url": database_url, "storage_url": tmp / "checkpoints",
                 "report_key_dir": tmp / "report-keys", "batch_wait_s": 0, "data_dir": tmp}  # fmt: skip
     merged = Settings(**{**defaults, **settings})
     KeyRing(merged.report_key_dir).generate()

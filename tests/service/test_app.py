@@ -98,7 +98,7 @@ def test_the_same_api_runs_on_sqlite(tmp_path: Path) -> None:
     """The demo's database: foreign keys on, bulk insert and the claim without row locks."""
     url = f"sqlite:///{tmp_path / 'demo.db'}"
     migrate(url)
-    settings = Settings(database_url=url, storage_dir=tmp_path / "store", batch_wait_s=0, data_dir=tmp_path)
+    settings = Settings(database_url=url, storage_url=tmp_path / "store", batch_wait_s=0, data_dir=tmp_path)
     dispatcher = RecordingDispatcher()
     with TestClient(create_app(settings, dispatcher)) as client:
         authorize(client)

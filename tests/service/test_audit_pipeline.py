@@ -97,7 +97,7 @@ def test_lethe_audit_run_fails_the_base_version_against_itself(
     env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LETHE_DATABASE_URL", env.settings.database_url)
-    monkeypatch.setenv("LETHE_STORAGE_DIR", str(env.settings.storage_dir))
+    monkeypatch.setenv("LETHE_STORAGE_URL", env.settings.storage_url)
     ids = tmp_path / "forget.txt"
     ids.write_text("\n".join(env.case.dataset.sample_ids[r] for r in env.case.subject_rows))
     out = tmp_path / "audit.json"
@@ -171,7 +171,7 @@ def test_lethe_audit_build_references_runs_a_build_job_and_follows_it(
     env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("LETHE_DATABASE_URL", env.settings.database_url)
-    monkeypatch.setenv("LETHE_STORAGE_DIR", str(env.settings.storage_dir))
+    monkeypatch.setenv("LETHE_STORAGE_URL", env.settings.storage_url)
     monkeypatch.setenv("LETHE_DISPATCHER", "inprocess")  # the job runs in this process, on the same pipeline
     before = env.client.get(f"/models/{env.model}/audit-references").json()
     assert lethe(["audit", "build-references", env.model, "--tenant", "acme", "--references", "2"]) == 0

@@ -219,7 +219,7 @@ def test_lethe_clients_commands(
     assert lethe(["clients", "create", name, "--tenant", "acme", "--scopes", "jobs:read,models:read",
                   "--token-only"]) == 0  # fmt: skip
     token = capsys.readouterr().out.strip()
-    settings = Settings(database_url=database_url, storage_dir=tmp_path / "s", data_dir=tmp_path)
+    settings = Settings(database_url=database_url, storage_url=tmp_path / "s", data_dir=tmp_path)
     with TestClient(create_app(settings, RecordingDispatcher())) as client:
         assert _call(client, "GET", "/jobs", token).status_code == 200
         assert lethe(["clients", "list"]) == 0

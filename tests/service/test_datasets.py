@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -7,15 +8,25 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from service.app import create_app
 from service.core.clock import utcnow
 from service.core.problems import InvalidInput
+from service.core.settings import Settings
 from service.datasets import repository as datasets_repository
 from service.datasets import service as datasets_service
 from service.datasets.tables import Dataset, Sample
 from service.erasures import repository as erasures_repository
-from tests.service.conftest import count_rows, dataset_body, register_model, write_array
+from service.storage import S3Store, open_store
+from tests.service.conftest import (
+    RecordingDispatcher,
+    authorize,
+    count_rows,
+    dataset_body,
+    register_model,
+    write_array,
+)
 
 
 def assert_problem(response: Any, status: int, slug: str) -> dict[str, Any]:
@@ -109,7 +120,7 @@ def test_invalid_datasets_are_refused_and_write_nothing(
 
 
 def test_dataset_names_are_unique(client: TestClient, dataset: dict[str, Any], tmp_path: Path) -> None:
-    response = client.post("/datasets", json=dataset_body(Path(dataset["array_path"])))
+    response = client.post("/datasets", json=dataset_body(tmp_path / "toy.npz"))
     assert_problem(response, 409, "dataset-name-taken")
 
 
@@ -181,3 +192,47 @@ def test_bulk_registration_of_100k_samples(client: TestClient, session: Session,
     }
     print(f"\nregistered {rows} samples over HTTP in {elapsed:.2f} s")
     assert count_rows(session, Sample) == rows
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_dataset_registered_by_its_key_in_the_store(
+    store: str,
+    request: pytest.FixtureRequest,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    tmp_path: Path,
+) -> None:
+    """The client puts the array in the store under inputs/ and names its key; the API reads the header by
+    range, then adopts the object under its SHA-256. Keys are held to the data-root rule."""
+    storage_url = request.getfixturevalue("s3_url") if store == "s3" else str(tmp_path / "objects")
+    app_settings = settings.model_copy(update={"storage_url": storage_url, "max_array_bytes": 10_000})
+    objects = open_store(storage_url)
+    array = write_array(tmp_path / "toy.npz", 10)
+    if isinstance(objects, S3Store):
+        objects._client.upload_file(str(array), objects.bucket, f"{objects.prefix}inputs/team/toy.npz")
+    else:
+        (tmp_path / "objects" / "inputs" / "team").mkdir(parents=True)
+        shutil.copy(array, tmp_path / "objects" / "inputs" / "team" / "toy.npz")
+    with TestClient(
+        create_app(app_settings, RecordingDispatcher(), session_factory=session_factory)
+    ) as client:
+        authorize(client)
+        body = {k: v for k, v in dataset_body(array).items() if k != "array_path"}
+        answer = client.post("/datasets", json={**body, "array_object": "team/toy.npz"})
+        assert answer.status_code == 201, answer.text
+        registered = answer.json()
+        assert registered["num_rows"] == 10 and registered["sample_shape"] == [1, 4, 4]
+        assert objects.read(registered["array_uri"]) == array.read_bytes()
+        for key, slug in (("../outside.npz", "invalid-object-key"), ("/abs.npz", "invalid-object-key"),
+                          ("team/missing.npz", "object-not-found")):  # fmt: skip
+            problem = assert_problem(
+                client.post("/datasets", json={**body, "name": "other", "array_object": key}), 422, slug
+            )
+            assert problem["field"] == "array_object"
+        both = {**body, "name": "other", "array_object": "team/toy.npz", "array_path": str(array)}
+        assert_problem(client.post("/datasets", json=both), 422, "array-path-or-object")
+        small = app_settings.model_copy(update={"max_array_bytes": 100})
+        with TestClient(create_app(small, RecordingDispatcher(), session_factory=session_factory)) as tight:
+            tight.headers["Authorization"] = client.headers["Authorization"]
+            answer = tight.post("/datasets", json={**body, "name": "big", "array_object": "team/toy.npz"})
+            assert_problem(answer, 422, "file-too-large")

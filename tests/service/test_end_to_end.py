@@ -31,9 +31,9 @@ from service.core.database import make_engine, make_session_factory
 from service.core.settings import Settings
 from service.dispatch import CeleryDispatcher
 from service.jobs.tables import Job
-from service.storage import LocalCheckpointStore
+from service.storage import ObjectStore, S3Store, open_store, worker_store
 from tests.service.conftest import RecordingDispatcher, authorize, job_of
-from worker.bench.common import free_port
+from worker.bench.common import free_port, new_bucket_url
 from worker.datasets.builtin import load_dataset
 from worker.demo import (
     SAMPLES_PER_SUBJECT,
@@ -65,13 +65,36 @@ class Env:
     client: TestClient  # the API, dispatching to Celery
     worker_log: Path
     worker_env: dict[str, str]
+    store: str  # "local": one directory for all; "s3": nothing shared but the bucket
+    tmp: Path
 
     def register_model(self) -> str:
         name = f"digits-{uuid.uuid4().hex[:8]}"
-        body = {"name": name, "dataset_id": self.dataset_id, "spec": SPEC.to_dict(),
-                "checkpoint_path": str(self.checkpoint_path), "training_recipe": {"epochs": 2}}  # fmt: skip
-        assert self.client.post("/models", json=body).status_code == 201
+        if self.store == "s3":  # uploaded: the API never reads a path the client names
+            form = {"name": name, "dataset_id": self.dataset_id, "spec": json.dumps(SPEC.to_dict()),
+                    "training_recipe": json.dumps({"epochs": 2})}  # fmt: skip
+            files = {"checkpoint": ("initial.safetensors", self.checkpoint_path.read_bytes())}
+            answer = self.client.post("/models/upload", data=form, files=files)
+        else:
+            body = {"name": name, "dataset_id": self.dataset_id, "spec": SPEC.to_dict(),
+                    "checkpoint_path": str(self.checkpoint_path),
+                    "training_recipe": {"epochs": 2}}  # fmt: skip
+            answer = self.client.post("/models", json=body)
+        assert answer.status_code == 201, answer.text
         return name
+
+    def job_store(self, settings: Settings) -> ObjectStore:
+        """The store as a worker in this process reads it (an S3 store through a cache of its own)."""
+        return worker_store(settings.storage_url, self.tmp / "test-cache", settings.cache_max_bytes)
+
+    def start_worker(self, name: str, **env: str) -> tuple[subprocess.Popen[bytes], Path]:
+        """A worker process; with S3, in an empty directory of its own (its cwd and cache), sharing no path
+        with the API or another worker."""
+        directory = self.tmp / f"worker-{name}"
+        directory.mkdir()
+        worker_env = {**self.worker_env, "LETHE_CACHE_DIR": str(directory / "cache"), **env}
+        log = self.tmp / f"worker-{name}.log"
+        return start_worker(worker_env, log, name, cwd=directory), log
 
     def request(self, model: str, subject: str, config: dict[str, Any] = FAST) -> dict[str, Any]:
         answer = self.client.post(
@@ -95,23 +118,30 @@ class Env:
         return list(self.client.get(f"/models/{model}/versions").json()["items"])
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> Iterator[Env]:
-    tmp = tmp_path_factory.mktemp("e2e")
+@pytest.fixture(scope="module", params=["local", "s3"])
+def env(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, module_database_url: str
+) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp(f"e2e-{request.param}")
+    if request.param == "s3":
+        request.getfixturevalue("s3_endpoint")
+        storage_url = new_bucket_url()
+    else:
+        storage_url = str(tmp / "store")
     database_url = module_database_url
     # A Redis database of its own, so parallel runs and other users of this Redis do not share the queue.
     redis_url = f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}"
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
     settings = Settings(
-        database_url=database_url, redis_url=redis_url, storage_dir=tmp / "checkpoints", dispatcher="celery",
+        database_url=database_url, redis_url=redis_url, storage_url=storage_url, dispatcher="celery",
         audit_references=4, audit_level=1e-12, gate_max_class_drop=100.0, batch_wait_s=0, data_dir=tmp,
     )  # fmt: skip
     worker_env = {
         **os.environ,
         "LETHE_DATABASE_URL": database_url,
         "LETHE_REDIS_URL": redis_url,
-        "LETHE_STORAGE_DIR": str(settings.storage_dir),
+        "LETHE_STORAGE_URL": settings.storage_url,
         "LETHE_TORCH_THREADS": "1",
         "LETHE_PROGRESS_INTERVAL_S": "0.2",
         "LETHE_GATE_MAX_AUDIT_DROP": "100",
@@ -122,8 +152,6 @@ def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> I
         "LETHE_BATCH_WAIT_S": "0",
         "LETHE_WORKER_METRICS_PORT": str(free_port()),
     }
-    worker_log = tmp / "worker.log"
-    worker = start_worker(worker_env, worker_log, "w1")
     dataset = load_dataset("digits")
     array_path = tmp / "digits.npz"
     write_dataset(dataset, array_path)
@@ -134,29 +162,40 @@ def env(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> I
     try:
         dispatcher = CeleryDispatcher(redis_url)
         with TestClient(create_app(settings, dispatcher, session_factory=session_factory)) as api:
-            authorize(api)
-            answer = api.post("/datasets", json=dataset_body(dataset, array_path))
+            authorize(api, tenant=f"e2e-{request.param}")  # one tenant per store: the database is shared
+            body = dataset_body(dataset, array_path)
+            if request.param == "s3":  # by its key in the bucket, where the client put it
+                store = open_store(storage_url)
+                assert isinstance(store, S3Store)
+                store._client.upload_file(str(array_path), store.bucket, f"{store.prefix}inputs/digits.npz")
+                body = {**{k: v for k, v in body.items() if k != "array_path"}, "array_object": "digits.npz"}
+            answer = api.post("/datasets", json=body)
             assert answer.status_code == 201, answer.text
-            dataset_id = answer.json()["id"]
-            yield Env(
-                settings, session_factory, client, dataset_id, checkpoint_path, dispatcher, api, worker_log,
-                worker_env,
+            environment = Env(
+                settings, session_factory, client, answer.json()["id"], checkpoint_path, dispatcher, api,
+                tmp / "worker-w1.log", worker_env, request.param, tmp,
             )  # fmt: skip
+            worker, _log = environment.start_worker("w1")
+            try:
+                yield environment
+            finally:
+                worker.terminate()
+                worker.wait(timeout=30)
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
         engine.dispose()
         client.flushdb()
 
 
-def start_worker(worker_env: dict[str, str], log_path: Path, name: str) -> subprocess.Popen[bytes]:
+def start_worker(
+    worker_env: dict[str, str], log_path: Path, name: str, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     """A Celery worker process on the ``gpu`` queue taking one job at a time, as on one GPU."""
     with log_path.open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu", "-c", "1",
              "--pool", "solo", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
              "-n", f"{name}@%h"],
-            env=worker_env, stdout=log, stderr=subprocess.STDOUT,
+            env=worker_env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
         )  # fmt: skip
 
 
@@ -216,7 +255,7 @@ def test_redelivered_message_for_a_finished_job_does_nothing(env: Env) -> None:
     assert env.client.get(f"/jobs/{job['id']}").json() == job
     assert env.versions(model) == versions
     # The same code path, called directly: nothing to do.
-    store = LocalCheckpointStore(env.settings.storage_dir)
+    store = env.job_store(env.settings)
     assert run_job(job["id"], session_factory=env.session_factory, store=store, settings=env.settings,
                    worker_id="test", dispatcher=env.dispatcher) is None  # fmt: skip
 
@@ -248,7 +287,7 @@ def test_audit_gate_rejects_and_the_model_keeps_its_version(env: Env) -> None:
         )
         request = answer.json()
         assert recording.dispatched == [job_of(request)]
-        store = LocalCheckpointStore(strict.storage_dir)
+        store = env.job_store(strict)
         state = run_job(job_of(request), session_factory=env.session_factory, store=store, settings=strict,
                         worker_id="test", dispatcher=recording)  # fmt: skip
     assert state == "rejected"
@@ -279,8 +318,7 @@ def test_sweeper_redispatches_a_queued_job_whose_message_is_lost(env: Env) -> No
 
 
 def test_two_workers_run_two_models_in_parallel_and_one_models_jobs_in_turn(env: Env) -> None:
-    log = env.worker_log.with_name("worker-2.log")
-    second = start_worker({**env.worker_env, "LETHE_WORKER_METRICS_PORT": "0"}, log, "w2")
+    second, log = env.start_worker("w2", LETHE_WORKER_METRICS_PORT="0")
     # Warmed up like a worker in service: its first message imports torch, which takes seconds here.
     deadline = time.monotonic() + TIMEOUT_S
     env.dispatcher.dispatch("warm-up")  # no such job: taken by one of the workers, nothing done

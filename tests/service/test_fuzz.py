@@ -36,7 +36,7 @@ EXAMPLES_PER_OPERATION = 20
 def api_schema(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> Iterator[Any]:
     tmp: Path = tmp_path_factory.mktemp("fuzz")
     app_settings = Settings(
-        database_url=module_database_url, storage_dir=tmp / "store", report_key_dir=tmp / "keys",
+        database_url=module_database_url, storage_url=tmp / "store", report_key_dir=tmp / "keys",
         data_dir=tmp, batch_wait_s=0, rate_limit="",  # rate limits have their own test
     )  # fmt: skip
     engine = make_engine(module_database_url)

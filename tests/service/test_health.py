@@ -32,7 +32,7 @@ def test_readyz_names_what_is_not_ready(
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     broken = settings.model_copy(
-        update={"redis_url": f"redis://127.0.0.1:{free_port()}/0", "storage_dir": blocked / "store"}
+        update={"redis_url": f"redis://127.0.0.1:{free_port()}/0", "storage_url": str(blocked / "store")}
     )
     with TestClient(create_app(broken, RecordingDispatcher(), session_factory=session_factory)) as client:
         answer = client.get("/readyz")
@@ -48,7 +48,7 @@ def test_readyz_refuses_a_database_behind_the_migration_head(tmp_path: Path) -> 
     url = create_database(name)
     try:
         settings = Settings(
-            database_url=url, storage_dir=tmp_path / "s", data_dir=tmp_path, dispatcher="inprocess"
+            database_url=url, storage_url=tmp_path / "s", data_dir=tmp_path, dispatcher="inprocess"
         )
         with TestClient(create_app(settings, RecordingDispatcher())) as client:
             problem = assert_problem(client.get("/readyz"), 503, "not-ready")

@@ -101,7 +101,7 @@ def test_claim_runs_a_job_once_and_serialises_jobs_of_one_model(
     assert isinstance(claimed, jobs_service.ClaimedJob) and claimed.job_id == first
     assert claimed.forget_sample_ids == ("s1", "s2") and claimed.state == "running"
     assert claimed.base_version.id == model["active_version"]["id"] and claimed.model_name == "toy-model"
-    assert claimed.array_path.endswith("toy.npz") and claimed.config == config_to_dict(
+    assert claimed.array_uri.startswith("local:sha256/") and claimed.config == config_to_dict(
         make_config("mixunlearn")
     )
     session.commit()

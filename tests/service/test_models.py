@@ -72,7 +72,10 @@ def test_invalid_models_are_refused_and_write_nothing(
     )
     assert_problem(upload, 422, "invalid-checkpoint")
     assert count_rows(session, Model) == 0 and count_rows(session, ModelVersion) == 0
-    assert not any(path.is_file() for path in settings.storage_dir.rglob("*"))
+    stored = [path for path in Path(settings.storage_url).rglob("*") if path.is_file()]
+    assert [str(path) for path in stored] == [
+        f"{settings.storage_url}/{dataset['array_uri'].removeprefix('local:')}"
+    ]
 
 
 def test_unknown_models_and_versions_are_404_problems(client: TestClient, model: dict[str, Any]) -> None:
@@ -85,7 +88,7 @@ def test_a_corrupt_stored_checkpoint_is_never_served(
     client: TestClient, model: dict[str, Any], settings: Any
 ) -> None:
     uri = model["active_version"]["storage_uri"]
-    (settings.storage_dir / uri.removeprefix("local:")).write_bytes(b"tampered")
+    (Path(settings.storage_url) / uri.removeprefix("local:")).write_bytes(b"tampered")
     response = client.get("/models/toy-model/versions/1/checkpoint")
     problem = assert_problem(response, 500, "checkpoint-unavailable")
     assert (

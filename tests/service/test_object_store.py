@@ -41,7 +41,8 @@ def test_objects_are_content_addressed_and_verified(store: LocalStore | S3Store,
     first, second = store.put(data), store.put(data)
     assert first == second and first.size == len(data)
     (tmp_path / "f.bin").write_bytes(data)
-    assert store.put_file(tmp_path / "f.bin") == first
+    with (tmp_path / "f.bin").open("rb") as handle:
+        assert store.put_stream(handle) == first
     assert store.read(first.uri) == data
     with store.open(first.uri) as handle:
         assert handle.read() == data

@@ -34,7 +34,7 @@ import worker.pipeline as pipeline
 from service.core.database import make_engine, make_session_factory
 from service.core.settings import Settings
 from service.dispatch import CeleryDispatcher
-from service.storage import LocalCheckpointStore
+from service.storage import open_store
 from worker.bench.common import bench_backends, bench_headers, free_port, machine, write_result
 from worker.checkpoints import state_dict_to_bytes
 from worker.engine.models import build_model
@@ -228,7 +228,7 @@ def _pickup_to_first_step(
     client: httpx.Client, model: str, settings: Settings, repeats: int
 ) -> dict[str, Any]:
     session_factory = make_session_factory(make_engine(settings.database_url))
-    store = LocalCheckpointStore(settings.storage_dir)
+    store = open_store(settings.storage_url)
     engine_unlearn = pipeline.unlearn
     first_step: list[float] = []
 
@@ -283,14 +283,14 @@ def run(rate: float, duration: float, max_requests: int, repeats: int, profile: 
             settings = Settings(
                 database_url=database_url,
                 redis_url=REDIS_URL,
-                storage_dir=Path(tmp) / "store",
+                storage_url=str(Path(tmp) / "store"),
                 batch_wait_s=0,
                 data_dir=Path(tmp),
             )
             _array, checkpoint_path, dataset_body = _fixture_files(Path(tmp))
             port = free_port()
             env = {**os.environ, "LETHE_DATABASE_URL": database_url, "LETHE_REDIS_URL": REDIS_URL,
-                   "LETHE_STORAGE_DIR": str(settings.storage_dir), "LETHE_DISPATCHER": "celery",
+                   "LETHE_STORAGE_URL": settings.storage_url, "LETHE_DISPATCHER": "celery",
                    "LETHE_BATCH_WAIT_S": "0", "LETHE_DATA_DIR": tmp,
                    # The limiter runs (its cost is measured) but does not cap the offered load.
                    "LETHE_RATE_LIMIT": "1000000/minute"}  # fmt: skip

@@ -243,7 +243,7 @@ def run(requests: int, over_s: float, timeout_s: float) -> dict[str, Any]:
         checkpoint.write_bytes(train_initial_checkpoint(dataset, spec, RECIPE))
         base_env = {
             **os.environ, "LETHE_DATABASE_URL": database_url, "LETHE_REDIS_URL": REDIS_URL,
-            "LETHE_STORAGE_DIR": str(tmp / "store"), "LETHE_DISPATCHER": "celery",
+            "LETHE_STORAGE_URL": str(tmp / "store"), "LETHE_DISPATCHER": "celery",
             "LETHE_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "LETHE_AUDIT_REFERENCES": str(REFERENCES),
             "LETHE_DATA_DIR": str(tmp),
         }  # fmt: skip

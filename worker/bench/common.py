@@ -8,6 +8,10 @@ import json
 import os
 import platform
 import socket
+import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,54 @@ def bench_backends(prefix: str, redis_url: str) -> Iterator[str]:
         queue.flushdb()
         with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def s3_server(directory: Path) -> Iterator[dict[str, str]]:
+    """An S3-compatible server of one's own (moto's standalone server, a dev dependency) on a spare port;
+    ``os.environ`` holds the S3 client settings that reach it while it runs (child processes inherit them)."""
+    port = free_port()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    previous = {key: os.environ.get(key) for key in env}
+    log = directory / "moto.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    os.environ.update(env)
+    try:
+        import boto3
+
+        client = boto3.client("s3")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.list_buckets()
+                break
+            except Exception:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.2)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def new_bucket_url() -> str:
+    """``s3://bucket/store`` of a new bucket on the S3 server the environment names."""
+    import boto3
+
+    bucket = f"lethe-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/store"
 
 
 def machine() -> dict[str, Any]:
