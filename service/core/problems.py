@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,19 @@ async def _handle_database_down(request: Request, exc: Exception) -> JSONRespons
     )
 
 
+async def _handle_busy(request: Request, exc: Exception) -> JSONResponse:
+    # Every database connection of this process is in use (more requests than it can serve): nothing was
+    # written; the client retries later instead of piling on.
+    logger.warning("no database connection free on %s %s: %s", request.method, request.url.path, exc)
+    retry_after = getattr(request.app.state.settings, "retry_after_seconds", 5)
+    return problem_response(
+        HTTPStatus.SERVICE_UNAVAILABLE,
+        "server-busy",
+        "the server is at capacity; nothing was recorded: retry after the given delay",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
@@ -222,4 +236,5 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DataError, _handle_data)
     app.add_exception_handler(OperationalError, _handle_database_down)
     app.add_exception_handler(InterfaceError, _handle_database_down)
+    app.add_exception_handler(PoolTimeout, _handle_busy)
     app.add_exception_handler(Exception, _handle_unexpected)

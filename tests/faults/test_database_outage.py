@@ -1,6 +1,7 @@
 """Postgres goes away under the API and comes back: during the outage every request is answered at once with a
-503 problem carrying Retry-After (nothing recorded, no hang, no 500); afterwards the API works again without a
-restart, and what was accepted before the outage is all there."""
+503 problem carrying Retry-After (nothing recorded, no hang, no 500) and /readyz says the database is not
+ready; afterwards the API works again without a restart, /readyz is 200, and what was accepted before the
+outage is all there."""
 
 from __future__ import annotations
 
@@ -52,7 +53,11 @@ def test_a_database_restart_is_a_503_with_retry_after_then_service_resumes(
             before = client.post("/deletion-requests", json={"model": "m", "sample_ids": ["s1"]})
             assert before.status_code == 202
 
+            assert client.get("/readyz").status_code == 200
             cluster.stop()
+            down = client.get("/readyz")
+            problem = assert_problem(down, 503, "not-ready")
+            assert not problem["checks"]["database"]["ok"] and problem["checks"]["store"]["ok"]
             for attempt in (
                 lambda: client.post("/deletion-requests", json={"model": "m", "sample_ids": ["s2"]}),
                 lambda: client.get(f"/deletion-requests/{before.json()['id']}"),
@@ -65,6 +70,7 @@ def test_a_database_restart_is_a_503_with_retry_after_then_service_resumes(
                 assert int(answer.headers["retry-after"]) == settings.retry_after_seconds
 
             cluster.start()
+            assert client.get("/readyz").status_code == 200  # ready again, without a restart
             after = client.post("/deletion-requests", json={"model": "m", "sample_ids": ["s2"]})
             assert after.status_code == 202, after.text
             # Accepted before the outage: still there; both joined the same queued job (coalescing).

@@ -107,7 +107,9 @@ async def _load(url: str, headers: dict[str, str], model: str, rate: float, coun
             if answer is not None and answer.status_code not in (429, 503):
                 break
             retries[0] += 1
-            await asyncio.sleep(0.2 * (attempt + 1))
+            # As a client should: the server's Retry-After when it gives one, else a growing pause.
+            hint = answer.headers.get("retry-after") if answer is not None else None
+            await asyncio.sleep(float(hint) if hint else 0.5 * (attempt + 1))
         latencies.append(time.perf_counter() - scheduled)
         code = answer.status_code if answer is not None else 0
         statuses[code] = statuses.get(code, 0) + 1
@@ -143,29 +145,43 @@ async def _load(url: str, headers: dict[str, str], model: str, rate: float, coun
 
 
 def _ledger(database_url: str, model: str, accepted: dict[int, str], sent: int) -> dict[str, int]:
-    """Lost: sent but never accepted, or accepted but not in the database. Duplicated: rows beyond one per
-    sent POST (a retry recorded twice)."""
+    """What the database holds against what the client was told. Lost: a 2xx answer whose request is not
+    in the database. Duplicated: requests beyond one per POST (each POST has its own Idempotency-Key, whose
+    stored answer names its request). Unanswered: POSTs the client gave up on after its retries, and how many
+    of those the service recorded anyway (a retry with the same key would be answered with them)."""
     from sqlalchemy import select
 
     from service.deletion_requests.tables import DeletionRequest
+    from service.idempotency.tables import IdempotencyRecord
     from service.models.tables import Model
 
     engine = make_engine(database_url)
     try:
         with make_session_factory(engine)() as session:
-            rows = list(session.scalars(
+            rows = set(session.scalars(
                 select(DeletionRequest.id).join(Model, Model.id == DeletionRequest.model_id)
                 .where(Model.name == model)
             ))  # fmt: skip
+            keyed = {
+                record.key: record.body["id"]
+                for record in session.scalars(
+                    select(IdempotencyRecord).where(IdempotencyRecord.key.like("load-%"))
+                )
+            }
     finally:
         engine.dispose()
-    stored = set(rows)
+    unanswered = [i for i in range(sent) if i not in accepted]
     return {
         "sent": sent,
         "accepted": len(accepted),
-        "rows": len(rows),
-        "lost": sent - len(accepted) + sum(1 for rid in accepted.values() if rid not in stored),
-        "duplicated": len(rows) - len(set(accepted.values()) & stored),
+        "requests_in_database": len(rows),
+        "lost": sum(1 for request_id in accepted.values() if request_id not in rows),
+        "duplicated": len(rows) - len(set(keyed.values()) & rows),
+        "accepted_not_matching_their_key": sum(
+            1 for i, rid in accepted.items() if keyed.get(f"load-{i}") != rid
+        ),
+        "unanswered": len(unanswered),
+        "unanswered_but_recorded": sum(1 for i in unanswered if f"load-{i}" in keyed),
     }
 
 
@@ -175,7 +191,9 @@ def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | N
     if not Path(spy).exists():
         return None
     return subprocess.Popen(
-        [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
+        # A low rate: py-spy walks every thread's stack at each sample (uvicorn's pool has 40), and at 200 Hz it
+        # took most of a core from the server it measured.
+        [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "20",
          "--format", "raw", "--output", str(out), "--nonblocking"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
