@@ -191,8 +191,8 @@ def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | N
     if not Path(spy).exists():
         return None
     return subprocess.Popen(
-        # A low rate: py-spy walks every thread's stack at each sample (uvicorn's pool has 40), and at 200 Hz it
-        # took most of a core from the server it measured.
+        # A low rate: py-spy walks every thread's stack at each sample (uvicorn's pool has 40), and at
+        # 200 Hz it took most of a core from the server it measured.
         [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "20",
          "--format", "raw", "--output", str(out), "--nonblocking"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
