@@ -1,5 +1,5 @@
-"""The baseline methods (Retrain, Fine-tune, NegGrad, RandLabel, L-Mix, UGradSL/UGradSL+) behind ``unlearn``,
-on sklearn's 8x8 digits with the MNIST CNN architecture."""
+"""The baseline methods (Retrain, Fine-tune, NegGrad, RandLabel, randlabel-mixup, UGradSL/UGradSL+) behind
+``unlearn``, on sklearn's 8x8 digits with the MNIST CNN architecture."""
 
 from __future__ import annotations
 
@@ -15,7 +15,12 @@ from worker.engine.api import unlearn
 from worker.engine.config import TrainingConfig, UnlearnConfig, make_config
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
-from worker.engine.methods.ugradsl import adaptive_smoothing, smoothed_cross_entropy
+from worker.engine.methods.ugradsl import (
+    adaptive_smoothing,
+    cosine_distances,
+    median,
+    smoothed_cross_entropy,
+)
 from worker.engine.models import build_model, known_architectures
 from worker.engine.progress import CancellationToken, ProgressEvent, UnlearningCancelled
 from worker.engine.runtime import Runtime
@@ -24,8 +29,8 @@ from worker.engine.training import train
 from worker.evaluation import accuracy
 
 SPEC = mnist_cnn_spec(10, (1, 8, 8))
-BASELINES = ("retrain", "finetune", "neggrad", "randlabel", "lmix", "ugradsl", "ugradsl-plus")
-LABEL_AGNOSTIC = ("randlabel", "lmix")
+BASELINES = ("retrain", "finetune", "neggrad", "randlabel", "randlabel-mixup", "ugradsl", "ugradsl-plus")
+LABEL_AGNOSTIC = ("randlabel", "randlabel-mixup")
 # Tiny runs: one epoch over 40 forget samples (or, for Retrain / Fine-tune / UGradSL+, over the 200 retained).
 SMALL = {"epochs": 1, "batch_size": 20}
 
@@ -105,7 +110,7 @@ def test_label_aware_methods_refuse_unlabelled_data(digits: Digits, method: str)
         unlearn(digits.model, SPEC, TensorSplit(digits.forget.x), digits.retain, _config(method))
 
 
-@pytest.mark.parametrize("method", ["neggrad", "lmix", "ugradsl-plus", "retrain"])
+@pytest.mark.parametrize("method", ["neggrad", "randlabel-mixup", "ugradsl-plus", "retrain"])
 def test_cancellation_raises_and_leaves_model(digits: Digits, method: str) -> None:
     token = CancellationToken()
     seen: list[ProgressEvent] = []
@@ -155,19 +160,51 @@ def test_retrain_ignores_input_weights_and_global_rng(digits: Digits) -> None:
     assert _same(_state(a), _state(b))
 
 
-def test_adaptive_ugradsl_runs_and_reports_its_rate(digits: Digits) -> None:
+@pytest.mark.parametrize("threshold", [None, 0.25])
+def test_adaptive_ugradsl_runs_and_reports_its_rate(digits: Digits, threshold: float | None) -> None:
     events: list[ProgressEvent] = []
-    config = _config("ugradsl", adaptive=True, distance_threshold=0.5)
+    config = _config("ugradsl", adaptive=True, distance_threshold=threshold)
     unlearn(digits.model, SPEC, digits.forget, digits.retain, config, progress=events.append)
     assert all(-0.5 <= e.losses["smoothing"] <= 0.0 for e in events)
 
 
-def test_adaptive_rate_scales_with_the_close_retain_fraction() -> None:
-    forget = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    retain = torch.tensor([[1.0, 0.1], [2.0, 0.0], [1.0, 0.05], [0.0, 3.0]])
-    rate = adaptive_smoothing(forget, retain, smoothing=-0.8, threshold=0.1)
+def test_adaptive_ugradsl_defaults_to_the_median_threshold() -> None:
+    config = make_config("ugradsl", {"adaptive": True})
+    assert config.distance_threshold is None  # type: ignore[attr-defined]
+
+
+# Forget features f1 = (1, 0), f2 = (0, 1); retain r1 = (1, 0), r2 = (3, 1), r3 = (2, 1), r4 = (-1, -1).
+# cos(f1, r) = 1, 3/sqrt(10), 2/sqrt(5), -1/sqrt(2); cos(f2, r) = 0, 1/sqrt(10), 1/sqrt(5), -1/sqrt(2).
+_F = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+_R = torch.tensor([[1.0, 0.0], [3.0, 1.0], [2.0, 1.0], [-1.0, -1.0]])
+
+
+def test_ugradsl_distance_is_the_papers_rescaled_cosine_distance() -> None:
+    cos = torch.tensor([[1, 3 / 10**0.5, 2 / 5**0.5, -(2**-0.5)], [0, 1 / 10**0.5, 1 / 5**0.5, -(2**-0.5)]])
+    # D.4's code: cos_dist = (1 - cos_sim) / 2, in [0, 1]; e.g. d(f1, r2) = 0.02566, d(f2, r4) = 0.85355.
+    assert torch.allclose(cosine_distances(_F, _R), (1 - cos) / 2)
+    assert cosine_distances(_F, _R)[0, 1].item() == pytest.approx(0.025658, abs=1e-6)
+    assert cosine_distances(_F, _R)[1, 3].item() == pytest.approx(0.853553, abs=1e-6)
+
+
+def test_adaptive_rate_with_the_median_threshold_by_hand() -> None:
+    # The eight distances, sorted: 0, 0.0257, 0.0528, 0.2764, 0.3419, 0.5, 0.8536, 0.8536. Their median is
+    # the mean of the 4th and 5th, (0.2764 + 0.3419) / 2 = 0.3091 (D.5: beta = median of all pairwise
+    # distances). Close to f1: r1, r2, r3 (c = 3); close to f2: r3 only (d = 0.2764; c = 1).
+    # a_j = smoothing * c_j / |B| with |B| = 4.
+    expected = ((1 - 5**-0.5) / 2 + (1 - 10**-0.5) / 2) / 2  # 0.30914
+    assert median(cosine_distances(_F, _R)).item() == pytest.approx(expected, abs=1e-6)
+    rate = adaptive_smoothing(_F, _R, smoothing=-0.8, threshold=None)
     assert torch.allclose(rate, torch.tensor([-0.8 * 3 / 4, -0.8 * 1 / 4]))
-    far = adaptive_smoothing(forget, -retain.abs() - 5, smoothing=-0.8, threshold=0.1)
+    assert median(torch.tensor([3.0, 1.0, 2.0])).item() == 2.0  # odd count: the middle value
+
+
+def test_adaptive_rate_with_a_fixed_threshold_by_hand() -> None:
+    # beta = 0.1 on (1 - cos) / 2: f1 has r1 (0), r2 (0.0257), r3 (0.0528) below it; f2 none (nearest 0.2764).
+    # On 1 - cos (the old formula) r3 would be at 0.1056, above 0.1: this pins the / 2.
+    rate = adaptive_smoothing(_F, _R, smoothing=-0.8, threshold=0.1)
+    assert torch.allclose(rate, torch.tensor([-0.8 * 3 / 4, 0.0]))
+    far = adaptive_smoothing(_F, -_R.abs() - 5, smoothing=-0.8, threshold=0.1)
     assert torch.equal(far, torch.zeros(2))
 
 

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from service.cli import main
-from worker.bench.methods import method_config
-from worker.bench.report import summarise
+from worker.bench import runner
+from worker.bench.methods import initial_training_config, method_config
+from worker.bench.report import format_text, summarise
 from worker.bench.setups import build_setup, class_setup, data_setup, noisy_setup, random_setup
 from worker.datasets import BuiltinDataset, load_dataset
-from worker.engine.config import MixUnlearnConfig
+from worker.engine.config import ConfigError, MixUnlearnConfig
+from worker.engine.methods import retrain as retrain_method
+from worker.engine.runtime import CPU
+from worker.engine.spec import mnist_cnn_spec
 
 RECORD_FIELDS = {"method", "setup", "seed", "dataset", "forget_frac", "forget_size", "metrics", "wall_s"}
-RECORD_FIELDS |= {"time_ratio", "config", "asr_parts"}
+RECORD_FIELDS |= {"time_ratio", "config", "asr_parts", "shadow_asr_parts", "feature_layer"}
+METRIC_KEYS = {"train_r", "train_f", "test", "test_r", "test_f", "asr", "shadow_asr"}
 
 
 @pytest.fixture(scope="module")
@@ -125,18 +133,21 @@ def test_cli_tiny_run_writes_documented_records(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = ["bench", "--dataset", "digits", "--methods", "original,retrain", "--seeds", "1"]
     args += ["--set", "initial.epochs=1", "--set", "retrain.epochs=1", "--cache-dir", str(tmp_path / "cache")]
+    args += ["--shadow-models", "2"]
     assert main([*args, "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     assert [r["method"] for r in records] == ["original", "retrain"]
     for record in records:
+        assert record["feature_layer"] == "features.block2"
         assert set(record) == RECORD_FIELDS
-        assert set(record["metrics"]) == {"train_r", "train_f", "test", "test_r", "test_f", "asr"}
+        assert set(record["metrics"]) == METRIC_KEYS
         assert record["setup"] == "class" and record["dataset"] == "digits" and record["seed"] == 0
         assert record["forget_size"] == 125  # class 0's training rows
-        parts = record["asr_parts"]
-        assert record["metrics"]["asr"] == pytest.approx(
-            (parts["forget_called_member"] + parts["heldout_called_nonmember"]) / 2
-        )
+        for key in ("asr", "shadow_asr"):
+            parts = record[f"{key}_parts"]
+            assert record["metrics"][key] == pytest.approx(
+                (parts["forget_called_member"] + parts["heldout_called_nonmember"]) / 2
+            )
     original, retrain = records
     assert retrain["time_ratio"] == 1.0 and retrain["config"]["epochs"] == 1
     assert original["config"]["epochs"] == 1 and original["wall_s"] == 0.0
@@ -181,6 +192,9 @@ def test_cli_first_seed_runs_disjoint_seeds(tmp_path: Path) -> None:
         (["--set", "mixunlearn.omega=1", "--methods", "retrain"], "not among --methods"),
         (["--set", "retrain.nope=1", "--methods", "retrain"], "unknown config field"),
         (["--first-seed", "-1"], "--first-seed must be at least 0"),
+        (["--shadow-models", "-1"], "--shadow-models must be at least 0"),
+        (["--feature-layer", "classifier"], "invalid choice: 'classifier'"),
+        (["--methods", "original,lmix"], "'lmix' was renamed 'randlabel-mixup'"),
     ],
 )
 def test_cli_rejects_bad_arguments(
@@ -189,3 +203,108 @@ def test_cli_rejects_bad_arguments(
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--dataset", "digits", *extra])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_shadow_models_zero_skips_the_shadow_attack(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["bench", "--dataset", "digits", "--methods", "original", "--seeds", "1", "--shadow-models", "0"]
+    args += ["--set", "initial.epochs=1", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
+    assert main(args) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["metrics"]["shadow_asr"] is None and record["shadow_asr_parts"] is None
+    assert record["metrics"]["asr"] is not None
+
+
+def test_feature_layer_option_reaches_the_mixblock(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["bench", "--dataset", "digits", "--methods", "mixunlearn", "--seeds", "1", "--shadow-models", "0"]
+    args += [
+        "--feature-layer",
+        "features.block1",
+        "--set",
+        "initial.epochs=1",
+        "--set",
+        "mixunlearn.epochs=1",
+    ]
+    args += ["--set", "mixunlearn.min_steps=1", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
+    assert main(args) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["feature_layer"] == "features.block1" and record["metrics"]["test"] is not None
+
+
+def test_report_names_the_attacks_and_the_renamed_method() -> None:
+    metrics = dict(train_r=99.0, train_f=0.0, test=90.0, test_r=98.0, test_f=0.0, asr=30.0)
+    records = [
+        dict(method=name, setup="class", seed=0, dataset="d", forget_size=5, metrics=metrics, wall_s=1.0)
+        for name in ("retrain", "lmix")  # "lmix": a record written before the rename
+    ]
+    (group,) = summarise(records)
+    assert [m.method for m in group.methods] == ["retrain", "randlabel-mixup"]
+    text = format_text([group])
+    assert "pop-MIA ASR" in text and "shadow-MIA ASR" not in text  # no record has the shadow attack
+    with_shadow = [{**r, "metrics": {**metrics, "shadow_asr": 55.0}} for r in records]
+    assert "shadow-MIA ASR" in format_text(summarise(with_shadow))
+
+
+def test_bench_refuses_the_old_lmix_name() -> None:
+    with pytest.raises(ConfigError, match="'lmix' was renamed 'randlabel-mixup'"):
+        method_config("lmix", {}, seed=0)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_retrain_draws_its_own_initialisation_in_the_bench_flow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bench seeds the initial model with the run's seed and hands Retrain the same seed: Retrain's fresh
+    model must still start from other weights (its own stream), the same ones on every run of that seed."""
+    dataset = load_dataset("digits")
+    spec = mnist_cnn_spec(dataset.num_classes, dataset.input_shape)
+    plan = runner.BenchPlan(
+        dataset="digits", setups=("class",), methods=("original", "retrain"), seeds=1,
+        overrides={"retrain": {"epochs": 1}}, cache_dir=tmp_path, shadow_models=0,
+    )  # fmt: skip
+    run = runner._Run(
+        plan=plan, dataset=dataset, x=torch.from_numpy(dataset.x), spec=spec,
+        initial_config=initial_training_config({"epochs": 1}), runtime=CPU,
+        printer=runner.ProgressPrinter(io.StringIO()),
+    )  # fmt: skip
+    starts: dict[str, list[dict[str, torch.Tensor]]] = {"initial": [], "retrain": []}
+
+    def spy(key: str, real: Any) -> Any:
+        def wrapped(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            starts[key].append(_state(model))  # the weights training starts from
+            return real(model, *args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(runner, "train", spy("initial", runner.train))
+    monkeypatch.setattr(retrain_method, "train", spy("retrain", retrain_method.train))
+    seed = 3
+    setup = build_setup("class", dataset.y, dataset.train_rows, dataset.num_classes, seed=seed)
+    initial = run.initial_model(setup, seed)
+    first, _, config = run._unlearn(initial, setup, "retrain", seed, "test")
+    second, _, _ = run._unlearn(initial, setup, "retrain", seed, "test")
+    assert config["seed"] == seed  # Retrain is handed the run's seed ...
+    (initial_start,) = starts["initial"]
+    retrain_start, retrain_again = starts["retrain"]
+    assert _same(initial_start, _state(runner.untrained_initial_model(spec, seed)))
+    assert not _same(retrain_start, initial_start)  # ... and still starts elsewhere
+    assert _same(retrain_start, retrain_again) and _same(_state(first), _state(second))  # deterministic
+    assert _same(retrain_start, _state(retrain_method.fresh_model(spec, seed)))
+
+
+def test_retrain_streams_differ_from_every_nearby_original_seed() -> None:
+    spec = mnist_cnn_spec(10, (1, 8, 8))
+    originals = [_state(runner.untrained_initial_model(spec, s)) for s in range(6)]
+    for seed in range(5):
+        fresh = _state(retrain_method.fresh_model(spec, seed))
+        assert not any(_same(fresh, original) for original in originals)  # seed + 1 included
+    assert retrain_method.retrain_seed(0) == retrain_method.retrain_seed(0) != 0
+    assert len({retrain_method.retrain_seed(s) for s in range(100)} & set(range(100))) == 0

@@ -42,6 +42,9 @@ def test_every_method_accepts_its_own_defaults_back(method: str) -> None:
         ("mixunlearn", {"label_agnostic": True}, "mixunlearn.label_agnostic defines the method"),
         ("ugradsl", {"loop_over": "both"}, "ugradsl.loop_over defines the method"),
         ("retrain", {"batch_size": [32]}, "retrain.batch_size must be an integer"),
+        ("ugradsl", {"distance_threshold": 1.5}, "ugradsl.distance_threshold must be in [0, 1]"),
+        ("ugradsl", {"distance_threshold": "median"}, "must be a finite number, got 'median' (or null"),
+        ("lmix", {}, "method 'lmix' was renamed 'randlabel-mixup'"),
     ],
 )
 def test_bad_values_are_named(method: str, overrides: dict[str, Any], message: str) -> None:
@@ -57,3 +60,18 @@ def test_a_methods_own_defining_value_is_accepted_back() -> None:
 
 def test_integers_are_accepted_for_float_fields() -> None:
     assert make_config("mixunlearn", {"lr": 1, "omega": 0}).lr == 1
+
+
+def test_the_old_lmix_name_is_refused_with_the_new_one() -> None:
+    with pytest.raises(ConfigError) as raised:
+        make_config("lmix", {"alpha": 0.75})
+    message = str(raised.value)
+    assert "use 'randlabel-mixup'" in message and "not the paper's L-Mix" in message
+    assert "lmix" not in METHODS and make_config("randlabel-mixup").alpha == 0.75  # type: ignore[attr-defined]
+
+
+def test_ugradsl_threshold_takes_null_for_the_median_or_a_distance() -> None:
+    assert make_config("ugradsl", {"distance_threshold": None}).distance_threshold is None  # type: ignore[attr-defined]
+    assert make_config("ugradsl", {"distance_threshold": 0}).distance_threshold == 0  # type: ignore[attr-defined]
+    # A stored configuration from before the change (a fixed 0.5) is still accepted.
+    assert make_config("ugradsl-plus", {"distance_threshold": 0.5, "adaptive": True}).adaptive  # type: ignore[attr-defined]

@@ -1,5 +1,7 @@
 """Population metrics of a job, for comparison with the literature (never the verdict alone): the paper's
-accuracies on forgotten, remaining and never-seen samples, and the lineage's membership attack (ASR)."""
+accuracies on forgotten, remaining and never-seen samples, and the LAF-style population membership attack (the
+paper's "ASR"; not Shokri et al.'s shadow-model attack: worker/evaluation/metrics.py). Its key stays
+``attack_success_rate`` so metrics stored before the rename keep their meaning; ``attack`` names it."""
 
 from __future__ import annotations
 
@@ -57,7 +59,11 @@ def population_metrics(
         "forget_accuracy": _rounded(paper["train_f"]),
         "remaining_accuracy": _rounded(paper["train_r"]),
         "attack_success_rate": _rounded(paper["asr"]),
-        "attack": "population attack of the LAF lineage (sorted softmax, gradient boosting); not the verdict",
+        "attack": (
+            "LAF-style population membership attack (sorted softmax, gradient boosting, balanced "
+            "forgotten vs never-seen evaluation; not the shadow-model attack of Shokri et al.); "
+            "not the verdict"
+        ),
         "sizes": {"forget": len(forget), "remaining": len(splits.remaining), "audit": len(audit)},
     }
 

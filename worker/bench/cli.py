@@ -24,7 +24,8 @@ from worker.bench.methods import (
 from worker.bench.report import format_markdown, format_text, summarise
 from worker.bench.setups import DEFAULT_FORGET_FRAC, SETUPS
 from worker.datasets import DATASETS
-from worker.engine.config import ConfigError
+from worker.engine.config import RENAMED_METHODS, ConfigError, renamed_message
+from worker.engine.spec import MNIST_CNN_FEATURE_LAYER, MNIST_CNN_FEATURE_LAYERS
 
 # Both built-in datasets have ten classes.
 _NUM_CLASSES = 10
@@ -74,6 +75,20 @@ def add_parser(subparsers: Any) -> None:
         metavar="METHOD.FIELD=VALUE",
         help=f"repeatable config override, e.g. mixunlearn.omega=10 ('{INITIAL}.epochs=2': initial model)",
     )
+    parser.add_argument(
+        "--shadow-models",
+        type=int,
+        default=8,
+        help="shadow models of the shadow-model attack (the shadow-MIA ASR column), trained once per seed on "
+        "half of the held-out set; 0 skips that attack (default: 8)",
+    )
+    parser.add_argument(
+        "--feature-layer",
+        choices=MNIST_CNN_FEATURE_LAYERS,
+        default=None,
+        help=f"the CNN layer MixUnlearn's MixBlock reads (default: {MNIST_CNN_FEATURE_LAYER}); changing it "
+        "also retrains (identically) the cached initial models, whose cache key includes the spec",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     parser.add_argument("--cache-dir", type=Path, default=Path("results/cache"), help="initial-model cache")
     parser.add_argument(
@@ -120,6 +135,9 @@ def _parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str
 
 def _methods(text: str) -> list[str]:
     methods = list(DEFAULT_METHODS) if text.strip() == "all" else _comma_list(text)
+    renamed = [m for m in methods if m in RENAMED_METHODS]
+    if renamed:
+        raise ValueError("; ".join(renamed_message(m) for m in renamed))
     unknown = [m for m in methods if m not in KNOWN_METHODS]
     if unknown or not methods:
         raise ValueError(
@@ -155,6 +173,8 @@ def _plan_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     if args.first_seed < 0:
         raise ValueError(f"--first-seed must be at least 0, got {args.first_seed}")
+    if args.shadow_models < 0:
+        raise ValueError(f"--shadow-models must be at least 0, got {args.shadow_models}")
     if args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.forget_class is not None:
@@ -173,6 +193,8 @@ def _plan_args(args: argparse.Namespace) -> dict[str, Any]:
         "forget_fracs": _fractions(args.forget_frac, setups),
         "overrides": _parse_overrides(args.overrides, methods),
         "cache_dir": args.cache_dir,
+        "shadow_models": args.shadow_models,
+        "feature_layer": args.feature_layer,
     }
 
 

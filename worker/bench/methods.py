@@ -8,11 +8,13 @@ from typing import Any
 
 from worker.engine.config import (
     METHODS,
+    RENAMED_METHODS,
     ConfigError,
     TrainingConfig,
     UnlearnConfig,
     checked_config,
     make_config,
+    renamed_message,
 )
 
 ORIGINAL = "original"
@@ -40,6 +42,8 @@ def engine_method(name: str) -> str:
         return ABLATION_BASE
     if name in METHODS:
         return name
+    if name in RENAMED_METHODS:
+        raise ConfigError(renamed_message(name))
     raise ConfigError(f"unknown method {name!r}; known: {', '.join(KNOWN_METHODS)}")
 
 

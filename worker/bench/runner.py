@@ -2,6 +2,12 @@
 
 Timing covers the ``unlearn`` call only (evaluation excluded); ``time_ratio`` divides it by Retrain's wall
 clock in the same seed and setup, so it is null when Retrain is not among the methods.
+
+Two membership attacks score every model: ``asr``, the LAF-style population attack the engine and the
+service report (``worker.evaluation.metrics.population_attack``; the key keeps the paper's column name), and
+``shadow_asr``, Shokri et al.'s shadow-model attack (``worker.evaluation.shadow``; its shadow models train
+once per seed on half of the held-out set, with the initial model's recipe). ``shadow_models=0`` skips the
+latter (``shadow_asr`` is then null).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from torch import nn
 
 from worker.bench.methods import INITIAL, ORIGINAL, initial_training_config, is_label_aware, method_config
-from worker.bench.report import RETRAIN
+from worker.bench.report import RETRAIN, column_label
 from worker.bench.setups import DEFAULT_FORGET_FRAC, Setup, build_setup
 from worker.checkpoints import load_state_dict, state_dict_to_bytes
 from worker.datasets import BuiltinDataset, load_dataset
@@ -37,7 +43,8 @@ from worker.engine.progress import ProgressCallback, ProgressEvent
 from worker.engine.runtime import Runtime
 from worker.engine.spec import ModelSpec, mnist_cnn_spec
 from worker.engine.training import train
-from worker.evaluation.metrics import membership_attack, paper_metrics
+from worker.evaluation.metrics import MembershipAttack, paper_metrics, population_attack
+from worker.evaluation.shadow import ShadowAttack, fit_shadow_attack, shadow_seed
 
 Record = dict[str, Any]
 
@@ -55,6 +62,10 @@ class BenchPlan:
     # bench method name (or "initial") -> config field overrides
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     cache_dir: Path = Path("results/cache")
+    # Shadow models of the shadow-model attack (shadow_asr), trained once per seed; 0 skips that attack.
+    shadow_models: int = 8
+    # The layer MixUnlearn's MixBlock reads (None: the spec's default, features.block2, 32 x 7 x 7).
+    feature_layer: str | None = None
 
     def variants(self) -> list[tuple[str, float | None]]:
         """(setup, forget_frac) pairs: the random setup once per fraction, the others once."""
@@ -118,6 +129,14 @@ def _labels_hash(spec: ModelSpec, rows: np.ndarray, labels: np.ndarray, config: 
     return digest.hexdigest()[:12]
 
 
+def untrained_initial_model(spec: ModelSpec, seed: int) -> nn.Module:
+    """The initial model before training: built right after ``torch.manual_seed(seed)`` (the run's seed, on
+    the global RNG). Retrain's fresh model comes from its own stream derived from the same seed
+    (``worker.engine.methods.retrain.retrain_seed``), so it never starts from these weights."""
+    torch.manual_seed(seed)
+    return build_model(spec)
+
+
 @dataclass
 class _Run:
     """What every (seed, setup) of one plan shares."""
@@ -129,6 +148,7 @@ class _Run:
     initial_config: TrainingConfig
     runtime: Runtime
     printer: ProgressPrinter
+    shadows: dict[int, ShadowAttack] = field(default_factory=dict)
 
     def initial_model(self, setup: Setup, seed: int) -> nn.Module:
         """The model trained on every training row with the setup's labels; cached as safetensors (never
@@ -138,14 +158,36 @@ class _Run:
         if path.exists():
             self.printer.note(f"initial model: cached {path}")
             return load_state_dict(path.read_bytes(), self.spec).to(self.runtime.device)
-        torch.manual_seed(seed)
-        model = build_model(self.spec)
+        model = untrained_initial_model(self.spec, seed)
         progress = self.printer.callback(f"initial model seed {seed}")
         ctx = RunContext(runtime=self.runtime, progress=progress, seed=seed)
         train(model, _split(self.x, self.dataset.train_rows, setup.train_labels), self.initial_config, ctx)
         _atomic_write(path, state_dict_to_bytes(model))
         self.printer.note(f"initial model: trained and cached at {path}")
         return model
+
+    def shadow_attack(self, seed: int, test: TensorSplit) -> ShadowAttack | None:
+        """The shadow-model attack of this seed (``test``: the held-out split), fitted on first use; every
+        setup and method of the seed is scored with it (it depends on the held-out data and recipe only)."""
+        if self.plan.shadow_models < 1:
+            return None
+        if seed not in self.shadows:
+            started = time.perf_counter()
+
+            def train_shadow(data: TensorSplit, index: int) -> nn.Module:
+                own = shadow_seed(seed, index)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(own)
+                    model = build_model(self.spec)
+                return train(model, data, self.initial_config, RunContext(runtime=self.runtime, seed=own))
+
+            self.shadows[seed] = fit_shadow_attack(
+                test, train_shadow, num_shadows=self.plan.shadow_models, seed=seed, runtime=self.runtime
+            )
+            elapsed = time.perf_counter() - started
+            count = self.plan.shadow_models
+            self.printer.note(f"shadow attack seed {seed}: {count} shadow models trained in {elapsed:.1f} s")
+        return self.shadows[seed]
 
     def _unlearn(
         self, initial: nn.Module, setup: Setup, method: str, seed: int, prefix: str
@@ -169,14 +211,16 @@ class _Run:
         forget = _split(self.x, setup.forget_rows, setup.train_labels)
         retain = _split(self.x, setup.retain_rows, setup.train_labels)
         test = _split(self.x, self.dataset.heldout_rows, self.dataset.y)
+        shadow = self.shadow_attack(seed, test)
         records: list[Record] = []
         for method in self.plan.methods:
             if method == ORIGINAL:
                 model, wall, config = initial, 0.0, dataclasses.asdict(self.initial_config)
             else:
                 model, wall, config = self._unlearn(initial, setup, method, seed, prefix)
-            attack = membership_attack(model, forget, retain, test, seed=seed, runtime=self.runtime)
-            metrics = paper_metrics(
+            attack = population_attack(model, forget, retain, test, seed=seed, runtime=self.runtime)
+            shadow_attack = None if shadow is None else shadow.evaluate(model, forget, test, self.runtime)
+            metrics: dict[str, float | None] = paper_metrics(
                 model,
                 train_retain=retain,
                 train_forget=forget,
@@ -186,7 +230,8 @@ class _Run:
                 runtime=self.runtime,
                 attack=attack,
             )
-            shown = " ".join(f"{k}={v:.2f}" for k, v in metrics.items() if v is not None)
+            metrics["shadow_asr"] = None if shadow_attack is None else shadow_attack.asr
+            shown = " ".join(f"{column_label(k)}={v:.2f}" for k, v in metrics.items() if v is not None)
             self.printer.note(f"{prefix} {method}: {wall:.1f} s, {shown}")
             records.append(
                 {
@@ -196,13 +241,12 @@ class _Run:
                     "dataset": self.dataset.name,
                     "forget_frac": setup.forget_frac,
                     "forget_size": len(setup.forget_rows),
+                    "feature_layer": self.spec.feature_layer,
                     "metrics": metrics,
-                    # Why the ASR moves: the share of D_f the attack calls members, and of held-out data it
-                    # calls non-members (the ASR is their mean).
-                    "asr_parts": {
-                        "forget_called_member": attack.forget_called_member,
-                        "heldout_called_nonmember": attack.heldout_called_nonmember,
-                    },
+                    # Why each attack's ASR moves: the share of D_f it calls members, and of held-out data
+                    # it calls non-members (the ASR is their mean).
+                    "asr_parts": _parts(attack),
+                    "shadow_asr_parts": None if shadow_attack is None else _parts(shadow_attack),
                     "wall_s": wall,
                     "time_ratio": None,
                     "config": config,
@@ -213,6 +257,18 @@ class _Run:
             for record in records:
                 record["time_ratio"] = record["wall_s"] / retrain_wall
         return records
+
+
+def _spec(plan: BenchPlan, dataset: BuiltinDataset) -> ModelSpec:
+    spec = mnist_cnn_spec(dataset.num_classes, dataset.input_shape)
+    return spec if plan.feature_layer is None else dataclasses.replace(spec, feature_layer=plan.feature_layer)
+
+
+def _parts(attack: MembershipAttack) -> dict[str, float]:
+    return {
+        "forget_called_member": attack.forget_called_member,
+        "heldout_called_nonmember": attack.heldout_called_nonmember,
+    }
 
 
 def run_bench(
@@ -227,7 +283,7 @@ def run_bench(
         plan=plan,
         dataset=dataset,
         x=torch.from_numpy(dataset.x),
-        spec=mnist_cnn_spec(dataset.num_classes, dataset.input_shape),
+        spec=_spec(plan, dataset),
         initial_config=initial_training_config(plan.overrides.get(INITIAL, {})),
         runtime=Runtime.detect(),
         printer=printer or ProgressPrinter(),

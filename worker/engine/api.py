@@ -10,10 +10,10 @@ from torch import nn
 
 from worker.engine.config import (
     FinetuneConfig,
-    LMixConfig,
     MixUnlearnConfig,
     NegGradConfig,
     RandLabelConfig,
+    RandLabelMixupConfig,
     RetrainConfig,
     UGradSLConfig,
     UnlearnConfig,
@@ -33,7 +33,7 @@ _IMPLEMENTATIONS: dict[type[UnlearnConfig], str] = {
     FinetuneConfig: "finetune",
     NegGradConfig: "neggrad",
     RandLabelConfig: "randlabel",
-    LMixConfig: "lmix",
+    RandLabelMixupConfig: "randlabel_mixup",
     UGradSLConfig: "ugradsl",
     MixUnlearnConfig: "mixunlearn",
 }

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 BatchNormMode = Literal["eval", "train"]
 
@@ -73,8 +74,9 @@ class RandLabelConfig(UnlearnConfig):
 
 
 @dataclass(frozen=True)
-class LMixConfig(UnlearnConfig):
-    """Label-agnostic vanilla mixup of D_f and D_r: random (forget) / self-made (remain) targets, MSE."""
+class RandLabelMixupConfig(UnlearnConfig):
+    """Label-agnostic vanilla mixup of D_f and D_r: random (forget) / self-made (remain) targets, MSE. Not
+    the paper's L-Mix, which applies this on top of LAF's representation alignment (randlabel_mixup.py)."""
 
     lr: float = 1e-4
     epochs: int = 5
@@ -87,7 +89,8 @@ class UGradSLConfig(UnlearnConfig):
     """UGradSL (loop over D_f) / UGradSL+ (loop over D_r): p*CE(D_r) - (1-p)*CE_NLS(D_f), Eq. 8.
 
     smoothing < 0 is negative label smoothing; ``adaptive=True`` derives a per-sample rate from feature
-    distances (Algorithm 1 lines 6-10) with threshold ``distance_threshold``.
+    distances (Algorithm 1 lines 6-10; distance (1 - cos) / 2 in [0, 1], D.4) below the threshold
+    ``distance_threshold``: None (the default, D.5) takes the median of each batch's pairwise distances.
     """
 
     lr: float = 1e-4
@@ -95,7 +98,7 @@ class UGradSLConfig(UnlearnConfig):
     p: float = 0.95
     smoothing: float = -0.5
     adaptive: bool = False
-    distance_threshold: float = 0.5
+    distance_threshold: float | None = None
     loop_over: Literal["forget", "retain"] = "forget"
 
 
@@ -155,7 +158,7 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("finetune", FinetuneConfig, label_aware=True),
         MethodInfo("neggrad", NegGradConfig, label_aware=True),
         MethodInfo("randlabel", RandLabelConfig, label_aware=False),
-        MethodInfo("lmix", LMixConfig, label_aware=False),
+        MethodInfo("randlabel-mixup", RandLabelMixupConfig, label_aware=False),
         MethodInfo("ugradsl", UGradSLConfig, label_aware=True, preset={"loop_over": "forget"}),
         MethodInfo("ugradsl-plus", UGradSLConfig, label_aware=True, preset={"loop_over": "retain"}),
         MethodInfo("mixunlearn", MixUnlearnConfig, label_aware=True),
@@ -163,6 +166,15 @@ METHODS: dict[str, MethodInfo] = {
             "mixunlearn-agnostic", MixUnlearnConfig, label_aware=False, preset={"label_agnostic": True}
         ),
     )
+}
+# Methods renamed since a release: the old name is refused with a message naming the new one (a request or a
+# stored job under the old name fails clearly instead of running something else).
+RENAMED_METHODS: dict[str, tuple[str, str]] = {
+    "lmix": (
+        "randlabel-mixup",
+        "it is random labels plus vanilla mixup, not the paper's L-Mix (mixup on top of LAF's "
+        "representation alignment)",
+    ),
 }
 DEFAULT_METHOD = "mixunlearn"
 DEFAULT_LABEL_AGNOSTIC_METHOD = "mixunlearn-agnostic"
@@ -174,6 +186,8 @@ class ConfigError(ValueError):
 
 def make_config(method: str, overrides: dict[str, Any] | None = None) -> UnlearnConfig:
     """Build a method's config from its preset plus user overrides, rejecting unknown names and fields."""
+    if method in RENAMED_METHODS:
+        raise ConfigError(renamed_message(method))
     info = METHODS.get(method)
     if info is None:
         raise ConfigError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
@@ -193,6 +207,11 @@ def make_config(method: str, overrides: dict[str, Any] | None = None) -> Unlearn
     return config
 
 
+def renamed_message(method: str) -> str:
+    new, why = RENAMED_METHODS[method]
+    return f"method {method!r} was renamed {new!r}: {why}; use {new!r}"
+
+
 def defining_fields(info: MethodInfo) -> set[str]:
     """The fields whose value tells apart the methods that share ``info``'s configuration type."""
     return {
@@ -207,8 +226,8 @@ _POSITIVE = {
     "epochs", "batch_size", "generator_every", "lr", "generator_lr", "alpha",
     "tau_gen", "tau_mix", "tau_real", "sharpen_temperature",
 }  # fmt: skip
-_NON_NEGATIVE = {"min_steps", "seed", "weight_decay", "retain_weight", "omega", "distance_threshold"}
-_UNIT_INTERVAL = {"p"}
+_NON_NEGATIVE = {"min_steps", "seed", "weight_decay", "retain_weight", "omega"}
+_UNIT_INTERVAL = {"p", "distance_threshold"}
 # UGradSL's rate: negative label smoothing (the paper's alpha < 0; a positive rate is plain label smoothing).
 _NEGATIVE = {"smoothing"}
 _MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
@@ -232,6 +251,15 @@ def checked_config(config_type: type[C], values: dict[str, Any], owner: str) -> 
 
 def _check_value(owner: str, name: str, value: Any, expected: Any) -> None:
     label = f"{owner}.{name}"
+    if get_origin(expected) in (Union, UnionType):  # only ``X | None`` fields: None means "the default rule"
+        if value is None:
+            return
+        (inner,) = (arg for arg in get_args(expected) if arg is not type(None))
+        try:
+            _check_value(owner, name, value, inner)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (or null for the default rule)") from None
+        return
     if get_origin(expected) is Literal:
         if value not in get_args(expected):
             choices = ", ".join(repr(choice) for choice in get_args(expected))

@@ -18,8 +18,10 @@ class RunContext:
     seed: int = 0
 
     def generator(self, offset: int = 0) -> torch.Generator:
-        """A CPU generator seeded from the run's seed; ``offset`` separates independent streams."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
+        """A CPU generator seeded from the run's seed; ``offset`` separates independent streams. The value
+        is taken modulo 2**64 (torch's seed range), which leaves every seed below about 1.8e13 as it was and
+        keeps large seeds (any 63-bit ``UnlearnConfig.seed``, Retrain's derived seed) from overflowing."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + offset) % 2**64)
 
     def step(
         self, step: int, total_steps: int, epoch: int, total_epochs: int, losses: dict[str, float]

@@ -46,6 +46,8 @@ BUILTIN_ARCHITECTURES = ("mnist_cnn", "resnet18")
 # The MNIST CNN has no 256-channel map (the paper's MixBlock reads ResNet-18 layer3). We read conv2's block
 # output (32 x 7 x 7): the deepest spatial map, hence the most semantic attention, upsampled x4 to 28 x 28.
 MNIST_CNN_FEATURE_LAYER = "features.block2"
+# The MNIST CNN's 4-D maps a MixBlock can read: block1 (16 x 14 x 14, upsampled x2), block2 (the default).
+MNIST_CNN_FEATURE_LAYERS = ("features.block1", "features.block2")
 RESNET18_FEATURE_LAYER = "layer3"
 
 

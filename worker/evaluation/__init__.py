@@ -5,6 +5,7 @@ from worker.evaluation.metrics import (
     accuracy,
     membership_attack,
     paper_metrics,
+    population_attack,
 )
 
-__all__ = ["MembershipAttack", "accuracy", "membership_attack", "paper_metrics"]
+__all__ = ["MembershipAttack", "accuracy", "membership_attack", "paper_metrics", "population_attack"]

@@ -1,5 +1,16 @@
-"""Population metrics shared by the benchmark and the service worker: accuracies and the lineage's membership
-attack (ASR). Percentages (0-100). Everything is computed in eval mode, i.e. with test-time behaviour."""
+"""Population metrics shared by the benchmark and the service worker: accuracies and the population membership
+attack of the LAF lineage (Shen et al. 2024), whose accuracy the paper's tables call "ASR". Percentages
+(0-100). Everything is computed in eval mode, i.e. with test-time behaviour.
+
+Which attack this is. The MixUnlearn paper's ASR column cites Shokri et al. (2017), the shadow-model attack;
+the attack computed here (as in the LAF code the paper's protocol follows) is not that one: it trains one
+gradient-boosted classifier on the evaluated model's own sorted softmax vectors (members: a D_r subset;
+non-members: held-out data) and scores it on a balanced D_f vs held-out set. It is named for what it is,
+``population_attack`` ("pop-MIA" in the bench's tables); the metric key stays ``asr`` (bench records, the JSON
+under docs/results) and ``attack_success_rate`` (the service's stored population metrics,
+worker/audit/population.py) so stored results keep their meaning. The shadow-model attack is
+``worker.evaluation.shadow`` (bench only).
+"""
 
 from __future__ import annotations
 
@@ -71,8 +82,9 @@ def _sorted_softmax(logits: torch.Tensor) -> np.ndarray:
 
 @dataclass(frozen=True)
 class MembershipAttack:
-    """The two halves of the ASR's balanced evaluation set, in percent. They say why an ASR moves: whether the
-    forget set looks like members, or the never-seen data like non-members."""
+    """The two halves of a membership attack's balanced evaluation set (the population attack's or the
+    shadow-model attack's), in percent. They say why an ASR moves: whether the forget set looks like members,
+    or the never-seen data like non-members."""
 
     forget_called_member: float  # of the evaluated forget samples, those the attacker calls members
     heldout_called_nonmember: float  # of the evaluated held-out samples, those it calls non-members
@@ -83,7 +95,7 @@ class MembershipAttack:
         return (self.forget_called_member + self.heldout_called_nonmember) / 2
 
 
-def membership_attack(
+def population_attack(
     model: Scorable,
     forget: TensorSplit,
     retain: TensorSplit,
@@ -91,7 +103,8 @@ def membership_attack(
     seed: int,
     runtime: Runtime,
 ) -> MembershipAttack:
-    """The LAF lineage's membership-inference attack (Shen et al. 2024); ``.asr`` is its ASR in percent.
+    """The LAF-style population membership attack (Shen et al. 2024; not Shokri et al.'s shadow-model attack,
+    see the module doc); ``.asr`` is the accuracy the paper's tables call ASR, in percent.
 
     Features: per-sample softmax sorted descending. The held-out set is shuffled and cut in two disjoint
     parts. Attacker training set: members = a random subset of D_r, non-members = the first held-out part, n
@@ -128,6 +141,10 @@ def membership_attack(
     )
 
 
+# The name this attack had before it was named for what it is.
+membership_attack = population_attack
+
+
 def paper_metrics(
     model: Scorable,
     *,
@@ -142,10 +159,11 @@ def paper_metrics(
     """The paper's table columns in percent: Train_r, Train_f (against ``train_forget``'s labels: for a
     noisy-label setup, the labels the model was trained with), Test, Test_r / Test_f (held-out accuracy on
     classes outside / inside ``forget_classes``; None without forget classes or when the test set has no such
-    sample) and ASR. ``attack``: the membership attack on these splits when the caller has run it already
-    (to keep its halves), so it is not fitted twice."""
+    sample) and ``asr``: the population attack's accuracy (``population_attack``; the key keeps the paper's
+    column name). ``attack``: that attack on these splits when the caller has run it already (to keep its
+    halves), so it is not fitted twice."""
     if attack is None:
-        attack = membership_attack(model, train_forget, train_retain, test, seed=asr_seed, runtime=runtime)
+        attack = population_attack(model, train_forget, train_retain, test, seed=asr_seed, runtime=runtime)
     test_r: float | None = None
     test_f: float | None = None
     if forget_classes is not None:

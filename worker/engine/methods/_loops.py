@@ -1,4 +1,5 @@
-"""The paired forget/retain batch loop shared by NegGrad, RandLabel, L-Mix and UGradSL(+), and their helpers.
+"""The paired forget/retain batch loop shared by NegGrad, RandLabel, randlabel-mixup and UGradSL(+), and their
+helpers.
 
 One epoch is one pass over the looped set (D_f for the forget-looped methods, so their cost scales with the
 forget set; D_r for UGradSL+). Each looped batch is paired with an equally sized batch of the other set, drawn

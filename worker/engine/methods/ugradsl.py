@@ -6,17 +6,28 @@ batch means, which only rescales the learning rate. UGradSL (``loop_over="forget
 pass over D_f with a random D_r batch per step; UGradSL+ (``"retain"``) after one pass over D_r, D_f batches
 being revisited.
 
-Self-adaptive rate (``adaptive=True``, Algorithm 1 lines 6-10): for each forget sample j, c_j counts the
-retain samples of the paired batch whose cosine distance to it is below ``distance_threshold`` (beta), and
-a_j = smoothing * c_j / |B_r|. The paper is inconsistent about direction: Algorithm 1 (a_j = c_j / |B_f|),
-Sec. 4 ("a dense neighbourhood of D_r ... a smaller a_i", a_i being negative) and D.2 (samples close to D_r
-"receive a higher smoothing rate") give samples close to D_r the stronger smoothing, while D.1 says their
-confidence "should not be decreased too much". We follow the majority: the rate grows in magnitude with the
-fraction of close retain samples, stays negative, and never exceeds |smoothing| (a forget sample far
-from every retain sample gets a = 0, plain gradient ascent). Features are the inputs of the model's last
-linear layer (the penultimate features: after a ReLU in both built-in heads, so cosine distances lie in
-[0, 1] as the paper states), taken from the model being unlearned, in the loss's own forward pass, without
-gradient.
+Self-adaptive rate (``adaptive=True``, Algorithm 1 lines 6-10, D.4, D.5): for each forget sample j, c_j counts
+the retain samples of the paired batch whose distance to it is below beta, and a_j = smoothing * c_j / |B|
+(|B_f| = |B_r| = |B| in a paired batch). As the paper's code (D.4) computes it, the distance is the cosine
+distance rescaled to [0, 1], d = (1 - cos) / 2, between the L2-normalised features. beta
+(``distance_threshold``) defaults to the paper's choice (D.5: "the median of all pairwise distances"): the
+median of the |B_f| x |B_r| distances of the current batch, the only pairwise distances Algorithm 1
+computes (line 8), so it is recomputed at every step; a number fixes beta instead. The median is the usual
+one (the mean of the two middle values for an even count), so about half of each batch's pairs are "close".
+
+Two places where the paper disagrees with itself, and what we follow:
+- Count axis. Algorithm 1 (line 9), D.1 and D.2 count, for each forget sample, the close retain samples; the
+  D.4 snippet's ``close_mask.sum(dim=0)`` on its (forget x retain) mask counts, for each retain sample, the
+  close forget samples (same shape, since |B_f| = |B_r|, but the per-retain count has no forget sample to
+  belong to). We follow the algorithm: a_j belongs to forget sample j.
+- Direction. Algorithm 1 (a_j = c_j / |B_f|), Sec. 4 ("a dense neighbourhood of D_r ... a smaller a_i", a_i
+  being negative) and D.2 (samples close to D_r "receive a higher smoothing rate") give samples close to D_r
+  the stronger smoothing, while D.1 says their confidence "should not be decreased too much". We follow the
+  majority: the rate grows in magnitude with the fraction of close retain samples, stays negative, and never
+  exceeds |smoothing| (a forget sample far from every retain sample gets a = 0, plain gradient ascent).
+
+Features are the inputs of the model's last linear layer (the penultimate features), taken from the model
+being unlearned (Algorithm 1 line 7: h_theta_f), in the loss's own forward pass, without gradient.
 """
 
 from __future__ import annotations
@@ -43,12 +54,27 @@ def smoothed_cross_entropy(
     return -(target * torch.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
 
 
-def adaptive_smoothing(
-    features_f: torch.Tensor, features_r: torch.Tensor, smoothing: float, threshold: float
-) -> torch.Tensor:
-    """Per-forget-sample rate smoothing * c_j / |B_r| (Algorithm 1 lines 8-10; direction: module doc)."""
+def cosine_distances(features_f: torch.Tensor, features_r: torch.Tensor) -> torch.Tensor:
+    """(|B_f|, |B_r|) distances d = (1 - cos) / 2 in [0, 1], as the paper's code computes them (D.4)."""
     cosine = F.normalize(features_f.float(), dim=1) @ F.normalize(features_r.float(), dim=1).T
-    close = (1 - cosine) < threshold  # (|B_f|, |B_r|) cosine distances below beta
+    return (1 - cosine) / 2
+
+
+def median(values: torch.Tensor) -> torch.Tensor:
+    """The median of all entries: the middle value, or the mean of the two middle values for an even count."""
+    ordered = values.flatten().sort().values
+    middle = ordered.numel() // 2
+    return ordered[middle] if ordered.numel() % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def adaptive_smoothing(
+    features_f: torch.Tensor, features_r: torch.Tensor, smoothing: float, threshold: float | None
+) -> torch.Tensor:
+    """Per-forget-sample rate smoothing * c_j / |B_r|, c_j = #{i : d(f_j, r_i) < beta} (Algorithm 1 lines
+    8-10); beta = ``threshold``, or the median of the batch's pairwise distances when None (D.5)."""
+    distance = cosine_distances(features_f, features_r)
+    beta = median(distance) if threshold is None else torch.tensor(threshold, device=distance.device)
+    close = distance < beta  # (|B_f|, |B_r|)
     return smoothing * close.float().mean(dim=1)
 
 

@@ -1,5 +1,11 @@
-"""L-Mix (label-agnostic): vanilla mixup of D_f and D_r images with mixed targets, squared error on softmax
-probabilities, plus a term keeping D_r's outputs. Labels are never read. One epoch is one pass over D_f.
+"""randlabel-mixup (label-agnostic): random labels on D_f (RandLabel's targets) mixed with D_r by vanilla
+mixup, squared error on softmax probabilities, plus a term keeping D_r's outputs. Labels are never read. One
+epoch is one pass over D_f.
+
+Not the paper's L-Mix. MixUnlearn's L-Mix baseline (Sec. 5.2) "extends the LAF by incorporating mixup": its
+MSE on mixed samples is applied on top of LAF (Shen et al. 2024: VAE-based representation alignment of D_f
+and D_r), which this method does not implement. It was called ``lmix`` until it was renamed for what it is;
+``make_config("lmix")`` now refuses with a ConfigError naming ``randlabel-mixup``.
 
 x_mix = lam * x_f + (1 - lam) * x_r, lam ~ Beta(alpha, alpha), one per batch (vanilla mixup); its target is
 lam * onehot(r_f) + (1 - lam) * softmax(f_D(x_r)), with r_f a random label drawn once per forget sample and
@@ -12,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker.engine.config import LMixConfig
+from worker.engine.config import RandLabelMixupConfig
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
 from worker.engine.methods._loops import (
@@ -32,7 +38,7 @@ def run(
     spec: ModelSpec,
     forget: TensorSplit,
     retain: TensorSplit,
-    config: LMixConfig,
+    config: RandLabelMixupConfig,
     ctx: RunContext,
 ) -> nn.Module:
     device = ctx.runtime.device
