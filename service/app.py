@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.audit.routes import router as audit_router
 from service.core.database import make_engine, make_session_factory
-from service.core.limits import BodyLimit
+from service.core.limits import BodyLimit, ConcurrencyLimit
 from service.core.logs import RequestIds
 from service.core.problems import PROBLEM_RESPONSES, Problem, install_problem_handlers
 from service.core.rate_limits import RateLimiter
@@ -44,7 +44,9 @@ def create_app(
     settings = settings or Settings()
     engine = None
     if session_factory is None:
-        engine = make_engine(settings.database_url)
+        # A connection for every request in flight, so no handler waits for one (SQLite has no pool size).
+        pool = {} if settings.database_url.startswith("sqlite") else {"pool_size": settings.api_concurrency}
+        engine = make_engine(settings.database_url, **pool)
         session_factory = make_session_factory(engine)
 
     @asynccontextmanager
@@ -83,6 +85,7 @@ def create_app(
     )
     install_problem_handlers(app)
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(ConcurrencyLimit, limit=settings.api_concurrency)
     # One registry per app (tests build many apps in one process).
     app.state.metrics_registry = registry = CollectorRegistry()
     registry.register(StateCollector(session_factory))

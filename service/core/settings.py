@@ -77,7 +77,10 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 
-    # `lethe api`.
+    # `lethe api`. api_concurrency: requests one API process works on at once (each holds one database
+    # connection from the pool of that size); more wait their turn, holding nothing. Scale out with more
+    # processes: one process runs Python on one core at a time.
+    api_concurrency: Annotated[int, Field(ge=1, le=200)] = 8
     api_host: str = "127.0.0.1"
     api_port: int = 8000
 

@@ -3,6 +3,7 @@ bodies within theirs; every refusal a quick problem that leaks nothing about the
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from service.core.limits import ConcurrencyLimit
 from service.core.settings import Settings
 from tests.service.conftest import checkpoint_bytes, dataset_body, spec, write_array
 from tests.service.test_datasets import assert_problem
@@ -141,3 +143,32 @@ def test_an_upload_over_the_checkpoint_limit_is_413(
     form = {"name": "up", "dataset_id": dataset["id"], "spec": '{"architecture": "mnist_cnn"}'}
     answer = client.post("/models/upload", data=form, files={"checkpoint": ("c.safetensors", b"x" * 5_000)})
     assert_problem(answer, 413, "payload-too-large")
+
+
+def test_at_most_the_configured_number_of_requests_are_inside_the_app_at_once() -> None:
+    """The others wait before the app (holding no connection); liveness is never queued behind them."""
+    inside, most = 0, 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal inside, most
+        inside += 1
+        most = max(most, inside)
+        await asyncio.sleep(0.01)
+        inside -= 1
+
+    limited = ConcurrencyLimit(app, limit=3)
+
+    async def burst() -> None:
+        requests = [limited({"type": "http", "path": "/jobs"}, None, None) for _ in range(20)]  # type: ignore[arg-type]
+        await asyncio.gather(*requests)
+
+    asyncio.run(burst())
+    assert most == 3
+    most = 0
+
+    async def probes() -> None:
+        async with limited._slots, limited._slots, limited._slots:  # the app is full
+            await asyncio.wait_for(limited({"type": "http", "path": "/healthz"}, None, None), 1)  # type: ignore[arg-type]
+
+    asyncio.run(probes())
+    assert most == 1

@@ -262,7 +262,9 @@ def _pickup_to_first_step(
     for job in (
         client.get("/jobs", params={"state": "queued", "limit": 500}).raise_for_status().json()["items"]
     ):
-        client.post(f"/jobs/{job['id']}/cancel").raise_for_status()
+        # Canceling a batch settles each of its requests (and generates its report) in one transaction: a
+        # job holding the load's 1,800 requests took over a minute here.
+        client.post(f"/jobs/{job['id']}/cancel", timeout=600).raise_for_status()
     # A model's first job builds its audit reference set: built here first, so that what is timed is the
     # pick-up of an ordinary job (2 references of the model's 1-epoch recipe: the model is a fixture).
     build = client.post(f"/models/{model}/audit-references", json={"references": 2}).raise_for_status()
