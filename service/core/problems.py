@@ -196,29 +196,29 @@ async def _handle_data(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _handle_database_down(request: Request, exc: Exception) -> JSONResponse:
-    # The database is unreachable (restarting, failing over): nothing was written, the client retries.
-    logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+def _unavailable(request: Request, slug: str, detail: str, exc: Exception) -> JSONResponse:
+    """503 with Retry-After: the request was not carried out (nothing written); the client retries."""
+    logger.warning("%s on %s %s: %s", slug, request.method, request.url.path, exc)
     retry_after = getattr(request.app.state.settings, "retry_after_seconds", 5)
     return problem_response(
-        HTTPStatus.SERVICE_UNAVAILABLE,
-        "database-unavailable",
-        "the database cannot be reached right now; nothing was recorded: retry after the given delay",
-        headers={"Retry-After": str(retry_after)},
+        HTTPStatus.SERVICE_UNAVAILABLE, slug, detail, headers={"Retry-After": str(retry_after)}
     )
+
+
+async def _handle_database_down(request: Request, exc: Exception) -> JSONResponse:
+    # The database is unreachable (restarting, failing over).
+    return _unavailable(
+        request, "database-unavailable",
+        "the database cannot be reached right now; nothing was recorded: retry after the given delay", exc,
+    )  # fmt: skip
 
 
 async def _handle_busy(request: Request, exc: Exception) -> JSONResponse:
-    # Every database connection of this process is in use (more requests than it can serve): nothing was
-    # written; the client retries later instead of piling on.
-    logger.warning("no database connection free on %s %s: %s", request.method, request.url.path, exc)
-    retry_after = getattr(request.app.state.settings, "retry_after_seconds", 5)
-    return problem_response(
-        HTTPStatus.SERVICE_UNAVAILABLE,
-        "server-busy",
-        "the server is at capacity; nothing was recorded: retry after the given delay",
-        headers={"Retry-After": str(retry_after)},
-    )
+    # Every database connection of this process is in use: more requests than it can serve.
+    return _unavailable(
+        request, "server-busy",
+        "the server is at capacity; nothing was recorded: retry after the given delay", exc,
+    )  # fmt: skip
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:

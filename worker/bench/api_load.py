@@ -35,7 +35,14 @@ from service.core.database import make_engine, make_session_factory
 from service.core.settings import Settings
 from service.dispatch import CeleryDispatcher
 from service.storage import open_store
-from worker.bench.common import bench_backends, bench_headers, free_port, machine, write_result
+from worker.bench.common import (
+    bench_backends,
+    bench_headers,
+    free_port,
+    machine,
+    wait_until_up,
+    write_result,
+)
 from worker.checkpoints import state_dict_to_bytes
 from worker.engine.models import build_model
 from worker.engine.progress import UnlearningCancelled
@@ -322,7 +329,7 @@ def run(rate: float, duration: float, max_requests: int, repeats: int, profile: 
             url = f"http://127.0.0.1:{port}"
             headers = bench_headers(database_url)
             with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
-                _wait_ready(client)
+                wait_until_up(client)
                 dataset_id = client.post("/datasets", json=dataset_body).raise_for_status().json()["id"]
                 model = {"name": "bench-cnn", "dataset_id": dataset_id, "spec": mnist_cnn_spec().to_dict(),
                          "checkpoint_path": str(checkpoint_path),
@@ -350,18 +357,6 @@ def run(rate: float, duration: float, max_requests: int, repeats: int, profile: 
         "pickup_to_first_step": pickup,
         "machine": machine(),
     }
-
-
-def _wait_ready(client: httpx.Client, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.get("/openapi.json").raise_for_status()
-            return
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:

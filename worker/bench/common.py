@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import redis
 
@@ -103,6 +104,19 @@ def new_bucket_url() -> str:
     bucket = f"lethe-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     return f"s3://{bucket}/store"
+
+
+def wait_until_up(client: httpx.Client, timeout_s: float = 30) -> None:
+    """Until the API ``client`` talks to answers its liveness probe."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.get("/healthz").raise_for_status()
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def machine() -> dict[str, Any]:

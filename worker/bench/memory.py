@@ -31,6 +31,7 @@ from worker.bench.common import (
     machine,
     new_bucket_url,
     s3_server,
+    wait_until_up,
     write_result,
 )
 
@@ -63,7 +64,7 @@ def api_upload(tmp: Path, store: str, storage_url: str) -> list[dict[str, Any]]:
         try:
             headers = bench_headers(database_url)
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=600) as client:
-                _wait(client)
+                wait_until_up(client)
                 array = tmp / "x.npz"
                 np.savez(array, x=np.zeros((10, 1, 1, 1), dtype=np.float32))
                 samples = [{"sample_id": f"s{i}", "row": i, "split": "train"} for i in range(10)]
@@ -164,18 +165,6 @@ def worker_open(tmp: Path) -> list[dict[str, Any]]:
             "np_load_whole_anonymous_increase_mb": increase("np_load", "anonymous"),
         })  # fmt: skip
     return rows
-
-
-def _wait(client: httpx.Client, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.get("/healthz").raise_for_status()
-            return
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:
