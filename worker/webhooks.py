@@ -49,6 +49,10 @@ def send(http: httpx.Client, settings: Settings, claim: Claim, now: datetime | N
     excerpt: str | None = None
     error: str | None = None
     try:
+        # Checked again at each send: a name may resolve elsewhere now than when it was registered.
+        address = None if settings.webhook_allow_private_hosts else service.private_address(claim.url)
+        if address is not None:
+            raise PermissionError(f"the host resolves to {address}, not a public address: not sent")
         headers = service.signed_headers(claim.secret, claim.webhook_id, started_at, claim.body)
         with http.stream(
             "POST", claim.url, content=claim.body.encode(), headers=headers,

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     # webhook_due_soon_days of its due date (0: never), checked every webhook_due_soon_interval_s by one
     # worker.
     webhook_due_soon_days: Annotated[int, Field(ge=0)] = 7
+    # Endpoints whose host resolves to a loopback, private or link-local address are refused (at
+    # registration and at each send) unless this is set: a deployment whose receivers are internal.
+    webhook_allow_private_hosts: bool = False
     webhook_retry_window_s: Annotated[float, Field(gt=0)] = 24 * 3600.0
     webhook_initial_backoff_s: Annotated[float, Field(gt=0)] = 5.0
     webhook_max_backoff_s: Annotated[float, Field(gt=0)] = 3600.0

@@ -51,11 +51,12 @@ def create_endpoint(
     body: EndpointCreate,
     caller: Annotated[Principal, requires("webhooks:write")],
     session: SessionDep,
+    settings: SettingsDep,
     response: Response,
 ) -> EndpointOut:
     """Register an endpoint of the caller's tenant: its URL (http or https), the event types it receives and
     its signing secret. Without a ``secret`` one is generated and answered here, once."""
-    created = service.create_endpoint(session, caller, body)
+    created = service.create_endpoint(session, settings, caller, body)
     session.commit()
     response.headers["Location"] = f"/webhook-endpoints/{created.endpoint.name}"
     return _endpoint_out(created.endpoint, created.generated_secret)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import math
 import random
 import re
 import secrets
+import socket
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -91,6 +93,36 @@ def _checked_url(url: str) -> str:
     return url
 
 
+def private_address(url: str) -> str | None:
+    """The first address ``url``'s host resolves to that is not on the public internet (loopback, private,
+    link-local such as a cloud's metadata service, reserved), or None. A host that does not resolve is None:
+    its delivery fails and is retried like any unreachable receiver."""
+    host = urlsplit(url).hostname or ""
+    try:
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError):
+        return None
+    for address in sorted(addresses):
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if not ip.is_global:
+            return address
+    return None
+
+
+def _checked_host(settings: Settings, url: str) -> None:
+    """Webhooks go to the public internet unless the deployment allows private hosts: a client must not make
+    the workers POST to the service's own network (SSRF)."""
+    if settings.webhook_allow_private_hosts:
+        return
+    address = private_address(url)
+    if address is not None:
+        raise InvalidInput(
+            "webhook-host-not-allowed",
+            "the webhook URL's host resolves to a private, loopback or link-local address",
+            field="url",
+        )
+
+
 def _checked_secret(secret: str) -> str:
     size = None
     if _SECRET_PATTERN.match(secret):
@@ -114,8 +146,11 @@ class CreatedEndpoint:
     generated_secret: str | None  # answered once, when Lethe made it
 
 
-def create_endpoint(session: Session, caller: Principal, body: EndpointCreate) -> CreatedEndpoint:
+def create_endpoint(
+    session: Session, settings: Settings, caller: Principal, body: EndpointCreate
+) -> CreatedEndpoint:
     url = _checked_url(body.url)
+    _checked_host(settings, url)
     generated = new_secret() if body.secret is None else None
     secret = generated or _checked_secret(str(body.secret))
     if repository.get_endpoint(session, caller.tenant, body.name) is not None:

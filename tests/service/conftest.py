@@ -144,6 +144,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         report_key_dir=tmp_path / "report-keys",
         batch_wait_s=0,  # a job is ready at once; coalescing tests set their own wait
         data_dir=tmp_path,  # the files tests register are written under tmp_path
+        webhook_allow_private_hosts=True,  # the tests' receivers listen on loopback
     )
 
 

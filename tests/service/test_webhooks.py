@@ -19,12 +19,14 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook
 
+from service.app import create_app
 from service.core.database import make_engine, make_session_factory
 from service.core.settings import Settings
 from service.jobs import service as jobs_service
@@ -32,10 +34,10 @@ from service.webhooks import repository
 from service.webhooks import service as webhooks_service
 from service.webhooks.tables import WebhookDelivery, WebhookEndpoint, WebhookEvent
 from tests.audit.memorised import RECIPE
-from tests.service.conftest import count_rows, issue_token, job_of
+from tests.service.conftest import RecordingDispatcher, count_rows, issue_token, job_of
 from tests.service.memorised_service import memorised_service
 from tests.service.test_datasets import assert_problem
-from worker.webhooks import check_due_soon, deliver_due
+from worker.webhooks import check_due_soon, deliver_due, send
 
 TIMEOUT_S = 0.5  # a receiver that never answers costs this much per attempt
 WINDOW_S = 20.0
@@ -509,6 +511,7 @@ def test_a_request_completed_by_a_real_job_is_announced_with_its_verdict(
     with memorised_service(
         tmp_path_factory.mktemp("webhooks"), module_database_url, audit_references=4,
         gate_max_audit_drop=100.0, gate_max_class_drop=100.0, audit_level=1e-12,
+        webhook_allow_private_hosts=True,
     ) as env:  # fmt: skip
         receiver = receivers()
         secret = register(env.client, "crm", receiver.url, events=["deletion_request.settled"])["secret"]
@@ -534,3 +537,34 @@ def test_a_request_completed_by_a_real_job_is_announced_with_its_verdict(
              "settled_at": datetime.fromisoformat(erasure["settled_at"]).isoformat()}
         ]  # fmt: skip
         assert erasure["result_version"] == 2 and data["due_date_met"] is True
+
+
+def test_endpoints_on_private_addresses_are_refused_unless_allowed(
+    settings: Settings, session_factory: sessionmaker[Session], client: TestClient
+) -> None:
+    """SSRF: a client must not make the workers POST into the service's own network."""
+    guarded = settings.model_copy(update={"webhook_allow_private_hosts": False})
+    with TestClient(create_app(guarded, RecordingDispatcher(), session_factory=session_factory)) as api:
+        api.headers["Authorization"] = client.headers["Authorization"]
+        for url in ("http://127.0.0.1:9000/hook", "http://localhost/hook", "http://10.1.2.3/hook",
+                    "http://169.254.169.254/latest/meta-data", "http://[::1]/hook"):  # fmt: skip
+            answer = api.post(
+                "/webhook-endpoints",
+                json={"name": "internal", "url": url, "events": ["deletion_request.settled"]},
+            )
+            assert_problem(answer, 422, "webhook-host-not-allowed")
+        public = api.post(
+            "/webhook-endpoints",
+            json={
+                "name": "public",
+                "url": "https://93.184.215.14/hook",
+                "events": ["deletion_request.settled"],
+            },
+        )
+        assert public.status_code == 201, public.text
+    # Checked again at each send (a name may resolve elsewhere later): nothing leaves for a private address.
+    claim = webhooks_service.Claim("d", 1, "e", "http://127.0.0.1:9/hook", webhooks_service.new_secret(),
+                                   "evt_x", "{}")  # fmt: skip
+    with httpx.Client() as http:
+        outcome = send(http, guarded, claim)
+    assert outcome.status_code is None and "not a public address" in str(outcome.error)
