@@ -215,12 +215,14 @@ def test_shadow_models_zero_skips_the_shadow_attack(tmp_path: Path) -> None:
     assert record["metrics"]["asr"] is not None
 
 
-def test_feature_layer_option_reaches_the_mixblock(tmp_path: Path) -> None:
+# A map, and a vector read as C x 1 x 1.
+@pytest.mark.parametrize("layer", ["features.block1", "classifier.2"])
+def test_feature_layer_option_reaches_the_mixblock(tmp_path: Path, layer: str) -> None:
     out = tmp_path / "bench.json"
     args = ["bench", "--dataset", "digits", "--methods", "mixunlearn", "--seeds", "1", "--shadow-models", "0"]
     args += [
         "--feature-layer",
-        "features.block1",
+        layer,
         "--set",
         "initial.epochs=1",
         "--set",
@@ -229,7 +231,7 @@ def test_feature_layer_option_reaches_the_mixblock(tmp_path: Path) -> None:
     args += ["--set", "mixunlearn.min_steps=1", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
     assert main(args) == 0
     (record,) = json.loads(out.read_text())
-    assert record["feature_layer"] == "features.block1" and record["metrics"]["test"] is not None
+    assert record["feature_layer"] == layer and record["metrics"]["test"] is not None
 
 
 def test_report_names_the_attacks_and_the_renamed_method() -> None:

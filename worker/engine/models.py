@@ -130,8 +130,12 @@ class FeatureTap:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)
         features = self._captured
+        if features is not None and features.dim() == 2:
+            # A fully connected layer's (N, C) output is read as a C x 1 x 1 map: the MixBlock then learns
+            # one mixing ratio per pair instead of a spatial mask.
+            features = features[:, :, None, None]
         if features is None or features.dim() != 4:
-            raise ValueError("the feature layer must output a 4-D map (N, C, H, W)")
+            raise ValueError("the feature layer must output a map (N, C, H, W) or a vector (N, C)")
         self._captured = None
         return logits, features
 
