@@ -52,3 +52,11 @@ def test_missing_seeds_disqualify_and_missing_references_are_an_error() -> None:
     assert not result.seeds_complete and not result.qualifies
     with pytest.raises(ValueError, match="no Retrain references"):
         evaluate(_candidate("orphan"))
+
+
+def test_the_time_bar_covers_the_class_and_data_groups_only() -> None:
+    slow_on_noisy = [
+        {**r, "wall_s": 20.0} if r["group"] == "noisy" else r for r in _candidate("slow-on-noisy")
+    ]
+    (result,) = evaluate(REFERENCE_RECORDS + slow_on_noisy)
+    assert result.max_time_ratio == pytest.approx(0.1) and result.qualifies

@@ -4,12 +4,15 @@ Validation protocol: forget class 3, forget class 7 (the tables forget class 0),
 noisy-label setup, on seeds 5-7 (noisy: 5-6); every table in docs/benchmarks.md uses seeds 0-4. All
 candidates run on the same seeds, so from the same cached initial models, and differ by their config alone.
 
-Selection rule, fixed before the runs: a candidate qualifies if both modes forget on every class group
-(Train_f and Test_f <= 1) and cost at most 0.4x Retrain on every group; among those, the lowest *score*
-wins: the gap to Retrain's mean over the accuracies the issue's bars name (class: Train_f, Test_f, Test_r;
-data and noisy: Train_f, Test), averaged per group, then over the groups and the two modes (the noisy setup
-is label-aware only). The pop-MIA gap is printed beside it but not scored: its seed-to-seed std (5-7 points
-on 3 seeds) is larger than the differences it would decide.
+Selection rule, written before the runs: a candidate qualifies if both modes forget on every class group
+(Train_f and Test_f <= 1) and cost at most 0.4x Retrain on every class and data group; among those, the
+lowest *score* wins: the gap to Retrain's mean over the accuracies the issue's bars name (class: Train_f,
+Test_f, Test_r; data and noisy: Train_f, Test), averaged per group, then over the groups and the two modes
+(the noisy setup is label-aware only). The time condition first covered the noisy group too; it was
+narrowed to the setups the issue's time bar names once the first results showed every schedule over 0.4x
+there (its forget set is 30 % of the data), before candidates were compared. The pop-MIA gap is printed
+beside the score but not scored: its seed-to-seed std (5-7 points on 3 seeds) is larger than the
+differences it would decide.
 
     python -m worker.bench.validation run --references --json results/val/references.json
     python -m worker.bench.validation run --candidates defaults,paper-schedule --json results/val/a.json
@@ -132,7 +135,7 @@ class CandidateResult:
     score: float  # mean gap over the scored metrics, groups and modes
     asr_gap: float  # the same average for the pop-MIA ASR (shown, not scored)
     max_forgotten: float  # the largest class-group Train_f / Test_f mean of either mode
-    max_time_ratio: float  # the largest per-group mean time ratio of either mode
+    max_time_ratio: float  # the largest class- or data-group mean time ratio of either mode
     seeds_complete: bool
 
     @property
@@ -180,7 +183,8 @@ def evaluate(records: Sequence[dict[str, Any]]) -> list[CandidateResult]:
                 asr_gaps.append(abs(metrics["asr"] - _means(reference, "asr")))
                 if group.setup == "class":
                     forgotten += [metrics["train_f"], metrics["test_f"]]
-                ratios.append(statistics.fmean(r["wall_s"] / retrain_wall[r["seed"]] for r in rows))
+                if group.setup != "noisy":
+                    ratios.append(statistics.fmean(r["wall_s"] / retrain_wall[r["seed"]] for r in rows))
         results.append(
             CandidateResult(
                 candidate=candidate,
