@@ -22,7 +22,7 @@ from worker.datasets import BuiltinDataset, load_dataset
 from worker.engine.config import ConfigError, MixUnlearnConfig
 from worker.engine.methods import retrain as retrain_method
 from worker.engine.runtime import CPU
-from worker.engine.spec import mnist_cnn_spec
+from worker.engine.spec import MNIST_CNN_FEATURE_LAYER, mnist_cnn_spec
 
 RECORD_FIELDS = {"method", "setup", "seed", "dataset", "forget_frac", "forget_size", "metrics", "wall_s"}
 RECORD_FIELDS |= {"time_ratio", "config", "asr_parts", "shadow_asr_parts", "feature_layer"}
@@ -138,7 +138,7 @@ def test_cli_tiny_run_writes_documented_records(tmp_path: Path) -> None:
     records = json.loads(out.read_text())
     assert [r["method"] for r in records] == ["original", "retrain"]
     for record in records:
-        assert record["feature_layer"] == "features.block2"
+        assert record["feature_layer"] == MNIST_CNN_FEATURE_LAYER
         assert set(record) == RECORD_FIELDS
         assert set(record["metrics"]) == METRIC_KEYS
         assert record["setup"] == "class" and record["dataset"] == "digits" and record["seed"] == 0
@@ -215,8 +215,8 @@ def test_shadow_models_zero_skips_the_shadow_attack(tmp_path: Path) -> None:
     assert record["metrics"]["asr"] is not None
 
 
-# A map, and a vector read as C x 1 x 1.
-@pytest.mark.parametrize("layer", ["features.block1", "classifier.2"])
+# A map, and a vector read as C x 1 x 1 (the default, features.block1, is what every other run reads).
+@pytest.mark.parametrize("layer", ["features.block2", "classifier.2"])
 def test_feature_layer_option_reaches_the_mixblock(tmp_path: Path, layer: str) -> None:
     out = tmp_path / "bench.json"
     args = ["bench", "--dataset", "digits", "--methods", "mixunlearn", "--seeds", "1", "--shadow-models", "0"]

@@ -64,7 +64,7 @@ class BenchPlan:
     cache_dir: Path = Path("results/cache")
     # Shadow models of the shadow-model attack (shadow_asr), trained once per seed; 0 skips that attack.
     shadow_models: int = 8
-    # The layer MixUnlearn's MixBlock reads (None: the spec's default, features.block2, 32 x 7 x 7).
+    # The layer MixUnlearn's MixBlock reads (None: the spec's default, features.block1, 16 x 14 x 14).
     feature_layer: str | None = None
 
     def variants(self) -> list[tuple[str, float | None]]:
