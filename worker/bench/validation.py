@@ -9,10 +9,10 @@ Selection rule, written before the runs: a candidate qualifies if both modes for
 lowest *score* wins: the gap to Retrain's mean over the accuracies the issue's bars name (class: Train_f,
 Test_f, Test_r; data and noisy: Train_f, Test), averaged per group, then over the groups and the two modes
 (the noisy setup is label-aware only). The time condition first covered the noisy group too; it was
-narrowed to the setups the issue's time bar names once the first results showed 0.79x there (10 epochs at
-1e-4; the defaults ended at 0.44x; the noisy forget set is 30 % of the data), before candidates were compared. The pop-MIA gap is printed
-beside the score but not scored: its seed-to-seed std (5-7 points on 3 seeds) is larger than the
-differences it would decide.
+narrowed to the setups the issue's time bar names once the first results showed 0.79x there (10 epochs
+at 1e-4; the defaults ended at 0.44x; the noisy forget set is 30 % of the data), before candidates were
+compared. The pop-MIA gap is printed beside the score but not scored: its seed-to-seed std (5-7 points on
+3 seeds) is larger than the differences it would decide.
 
     python -m worker.bench.validation run --references --json results/val/references.json
     python -m worker.bench.validation run --candidates defaults,paper-schedule --json results/val/a.json
