@@ -25,7 +25,7 @@ from worker.engine.runtime import CPU
 from worker.engine.spec import MNIST_CNN_FEATURE_LAYER, mnist_cnn_spec
 
 RECORD_FIELDS = {"method", "setup", "seed", "dataset", "forget_frac", "forget_size", "metrics", "wall_s"}
-RECORD_FIELDS |= {"time_ratio", "config", "asr_parts", "shadow_asr_parts", "feature_layer"}
+RECORD_FIELDS |= {"time_ratio", "config", "asr_parts", "shadow_asr_parts", "feature_layer", "confidence"}
 METRIC_KEYS = {"train_r", "train_f", "test", "test_r", "test_f", "asr", "shadow_asr"}
 
 

@@ -15,6 +15,7 @@ from worker.engine.models import build_model
 from worker.engine.runtime import CPU
 from worker.engine.spec import mnist_cnn_spec
 from worker.evaluation import accuracy, membership_attack, paper_metrics, population_attack
+from worker.evaluation.metrics import confidence_profile
 from worker.evaluation.shadow import fit_shadow_attack, shadow_seed
 
 SPEC = mnist_cnn_spec(10, (1, 8, 8))
@@ -184,3 +185,13 @@ def test_shadow_seeds_are_their_own_streams() -> None:
     seeds = {shadow_seed(0, index) for index in range(8)}
     assert len(seeds) == 8 and not seeds & ({retrain_seed(0)} | set(range(100)))
     assert shadow_seed(0, 1) == shadow_seed(0, 1) != shadow_seed(1, 1)
+
+
+def test_confidence_profile_reads_the_top_probability() -> None:
+    x = torch.zeros(4, 1, 8, 8)
+    x[:2, 0, 0, 1] = 1.0  # two "members": confident; two others: not
+    profile = confidence_profile(
+        _PixelClassifier(scale=3.0), TensorSplit(x, torch.zeros(4, dtype=torch.long)), CPU
+    )
+    assert profile["saturated_percent"] == pytest.approx(50.0)
+    assert 0.5 < profile["median_top_probability"] < 0.999  # torch.median: the lower middle value, 0.69

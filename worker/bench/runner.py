@@ -43,7 +43,12 @@ from worker.engine.progress import ProgressCallback, ProgressEvent
 from worker.engine.runtime import Runtime
 from worker.engine.spec import ModelSpec, mnist_cnn_spec
 from worker.engine.training import train
-from worker.evaluation.metrics import MembershipAttack, paper_metrics, population_attack
+from worker.evaluation.metrics import (
+    MembershipAttack,
+    confidence_profile,
+    paper_metrics,
+    population_attack,
+)
 from worker.evaluation.shadow import ShadowAttack, fit_shadow_attack, shadow_seed
 
 Record = dict[str, Any]
@@ -247,6 +252,11 @@ class _Run:
                     # it calls non-members (the ASR is their mean).
                     "asr_parts": _parts(attack),
                     "shadow_asr_parts": None if shadow_attack is None else _parts(shadow_attack),
+                    # What both attacks read: how confident the model is on D_f, D_r and held-out data.
+                    "confidence": {
+                        name: confidence_profile(model, split, self.runtime)
+                        for name, split in (("forget", forget), ("retain", retain), ("heldout", test))
+                    },
                     "wall_s": wall,
                     "time_ratio": None,
                     "config": config,

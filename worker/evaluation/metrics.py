@@ -74,6 +74,21 @@ def _masked_accuracy(
     return 100.0 * float(correct.float().mean())
 
 
+SATURATED = 0.999
+
+
+def confidence_profile(
+    model: Scorable, split: TensorSplit, ctx_or_runtime: RunContext | Runtime
+) -> dict[str, float]:
+    """How sure ``model`` is on ``split``, what a confidence-based membership attack reads: the median top
+    softmax probability, and the share (percent) of samples whose top probability exceeds 0.999."""
+    top = torch.softmax(model_logits(model, split.x, _context(ctx_or_runtime)).float(), dim=1).amax(dim=1)
+    return {
+        "median_top_probability": float(top.median()),
+        "saturated_percent": 100.0 * float((top > SATURATED).float().mean()),
+    }
+
+
 def _sorted_softmax(logits: torch.Tensor) -> np.ndarray:
     """The attack's features: each sample's softmax vector sorted in descending order (label-free)."""
     probs = torch.softmax(logits, dim=1)
