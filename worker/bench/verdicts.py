@@ -1,6 +1,6 @@
 """The issue's bars, and each attack's two halves, computed from bench records instead of read off tables.
 
-    python -m worker.bench.verdicts docs/results/bench-class.json docs/results/bench-data.json ...
+    python -m worker.bench.verdicts docs/results/bench-tables.json docs/results/bench-noisy.json
 
 prints two Markdown tables: every bar for both MixUnlearn modes (met / not met, with the numbers it compares),
 and, per setup and method, each attack's ASR with the share of D_f it calls members and of held-out data it
@@ -56,6 +56,9 @@ BARS = (
     Bar("class", "Test_f <= 1 %", _at_most("test_f", 1.0)),
     Bar("class", "Test_r within 1.0 of Retrain", _within("test_r", 1.0)),
     Bar("class", "wall <= 40 % of Retrain", _time(0.4)),
+    # The earlier engine issue's ASR bar, for both attacks (the paper's cited one is the shadow-model attack).
+    Bar("class", "pop-MIA ASR within 5 of Retrain", _within("asr", 5.0)),
+    Bar("class", "shadow-MIA ASR within 5 of Retrain", _within("shadow_asr", 5.0)),
     Bar("data", "Train_f within 1.5 of Retrain", _within("train_f", 1.5)),
     Bar("data", "Test within 1.0 of Retrain", _within("test", 1.0)),
     Bar("data", "wall <= 40 % of Retrain", _time(0.4)),
