@@ -2,7 +2,7 @@
 
 The initial model f_D plays three roles, kept as separate objects here:
 1. a frozen feature source h_D for the generator (Eq. 2), read by ``FeatureTap`` at ``spec.feature_layer``
-   (MNIST CNN: conv2's block, 32 x 7 x 7, see worker/engine/spec.py; ResNet-18: layer3, 256 channels);
+   (MNIST CNN: conv1's block, 16 x 14 x 14, see worker/engine/spec.py; ResNet-18: layer3, 256 channels);
 2. the target provider p(x) (Eq. 4): one-hot labels (label-aware) or Sharpen(softmax(f_D(x)), T)
    (label-agnostic, where labels are never read: the splits may carry y=None);
 3. the initialisation of the unlearner f_U: the ``model`` passed in (``api.unlearn`` hands us a copy).
