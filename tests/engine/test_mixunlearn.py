@@ -44,6 +44,17 @@ def test_mixblock_has_the_papers_66k_parameters() -> None:
     assert count == 2 * (257 * 128 + 128) + 257 + 1 == 66_306
 
 
+def test_a_vector_layer_is_read_as_a_one_by_one_map_and_gives_one_ratio_per_pair() -> None:
+    spec = ModelSpec("mnist_cnn", 10, (1, 8, 8), "classifier.2")  # the 256-unit pre-classifier layer
+    tap = FeatureTap(build_model(spec), spec)
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    logits, features = tap(x)
+    assert logits.shape == (3, 10) and features.shape == (3, 256, 1, 1)
+    mask = MixBlock(256)(features, features.flip(0), 0.5, (8, 8))
+    # One position: the mask is constant over the image, a mixing ratio per pair.
+    assert torch.allclose(mask, mask[:, :, :1, :1].expand_as(mask))
+
+
 def test_sim_loss_and_sharpen() -> None:
     a = torch.tensor([[0.7, 0.2, 0.1], [1.0, 0.0, 0.0]])
     b = torch.tensor([[0.7, 0.2, 0.1], [0.0, 1.0, 0.0]])
