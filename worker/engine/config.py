@@ -108,10 +108,10 @@ class MixUnlearnConfig(UnlearnConfig):
 
     Schedule: 6 epochs at lr 2e-4 instead of A.1's 20 epochs at 5e-5 (the same order of total step size,
     lr x steps), omega = 10 and tau_real = 10: chosen on the validation protocol (worker.bench.validation:
-    forget classes 3 and 7, the data and noisy setups, seeds 5-7, none of which the reported tables use)
-    among 12 candidates. A.1's schedule ends as close to Retrain there but costs 0.8x a Retrain in the data
-    setup (an epoch is 3 forward/backward passes over D_f, 20 % of the data there), over the 0.4x bar;
-    docs/benchmarks.md has the study. Use lr 1e-5 and 40 epochs for CIFAR-like data (A.1).
+    forget classes 3 and 7, the data and noisy setups, on seeds 5-7, which the reported tables, on seeds 0-4,
+    never use), against 12 alternatives. A.1's schedule ends as close to Retrain there but costs 0.8x a
+    Retrain in the data setup (an epoch is 3 forward/backward passes over D_f, 20 % of the data there),
+    over the 0.4x bar; docs/benchmarks.md has the study. Use lr 1e-5 and 40 epochs for CIFAR-like data (A.1).
     """
 
     epochs: int = 6
