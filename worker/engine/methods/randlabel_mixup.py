@@ -15,21 +15,12 @@ loss = ||softmax(f(x_mix)) - target||^2 + w * ||softmax(f(x_r)) - softmax(f_D(x_
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from worker.engine.config import RandLabelMixupConfig
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
-from worker.engine.methods._loops import (
-    METHOD_STREAM,
-    PairedBatch,
-    frozen_copy,
-    numpy_stream,
-    prob_mse,
-    random_onehot,
-    run_paired,
-)
+from worker.engine.methods.randlabel import fit_random_labels
 from worker.engine.spec import ModelSpec
 
 
@@ -41,21 +32,4 @@ def run(
     config: RandLabelMixupConfig,
     ctx: RunContext,
 ) -> nn.Module:
-    device = ctx.runtime.device
-    initial = frozen_copy(model).to(device)
-    targets_f = random_onehot(len(forget), spec.num_classes, ctx.generator(METHOD_STREAM)).to(device)
-    lam_rng = numpy_stream(ctx.generator(METHOD_STREAM + 1))
-
-    def loss_fn(batch: PairedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        lam = float(lam_rng.beta(config.alpha, config.alpha))
-        with torch.no_grad():
-            keep_r = torch.softmax(initial(batch.x_r).float(), dim=1)
-        x_mix = lam * batch.x_f + (1 - lam) * batch.x_r
-        target_mix = lam * targets_f[batch.rows_f.to(device)] + (1 - lam) * keep_r
-        logits = model(torch.cat([x_mix, batch.x_r]))
-        size = len(batch.rows_f)
-        mix_term = prob_mse(logits[:size], target_mix)
-        retain_term = prob_mse(logits[size:], keep_r)
-        return mix_term + config.retain_weight * retain_term, {"mse_mix": mix_term, "mse_retain": retain_term}
-
-    return run_paired(model, forget, retain, config, ctx, loss_fn)
+    return fit_random_labels(model, spec, forget, retain, config, ctx, mixup_alpha=config.alpha)
