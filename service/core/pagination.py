@@ -10,6 +10,7 @@ import binascii
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from service.core.problems import InvalidInput
@@ -38,6 +39,19 @@ def decode_cursor(cursor: str, length: int) -> list[Any]:
     if not isinstance(key, list) or len(key) != length:
         raise InvalidInput("invalid-cursor", "the cursor is not one this API issued", cursor=cursor)
     return key
+
+
+def decode_time_cursor(cursor: str) -> tuple[datetime, str]:
+    """A ``(created_at, id)`` cursor, as the lists ordered by creation time issue it: a timezone-aware
+    timestamp (a naive one cannot be compared with the stored UTC times) and an id."""
+    created_at, row_id = decode_cursor(cursor, 2)
+    try:
+        when = datetime.fromisoformat(created_at)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput("invalid-cursor", "the cursor is not one this API issued", cursor=cursor) from exc
+    if when.tzinfo is None:
+        raise InvalidInput("invalid-cursor", "the cursor is not one this API issued", cursor=cursor)
+    return when, str(row_id)
 
 
 def page_from_rows(rows: Sequence[T], limit: int, key_of: Callable[[T], Sequence[Any]]) -> Page[T]:

@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.core.clock import utcnow
-from service.core.pagination import Page, decode_cursor, page_from_rows
+from service.core.pagination import Page, decode_time_cursor, page_from_rows
 from service.core.problems import Conflict, InvalidInput, NotFound
 from service.datasets import repository as datasets_repository
 from service.erasures import service as erasures
@@ -357,15 +357,7 @@ def list_jobs(
         model_id = model.id
     if state is not None and state not in JOB_STATES:
         raise InvalidInput("unknown-state", f"no job state {state!r}", field="state", states=list(JOB_STATES))
-    before = None
-    if cursor:
-        created_at, job_id = decode_cursor(cursor, 2)
-        try:
-            before = (datetime.fromisoformat(created_at), str(job_id))
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(
-                "invalid-cursor", "the cursor is not one this API issued", cursor=cursor
-            ) from exc
+    before = decode_time_cursor(cursor) if cursor else None
     rows = repository.list_jobs(
         session, tenant=tenant, model_id=model_id, state=state, before=before, limit=limit + 1
     )

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
 from service.clients.service import Principal
-from service.core.pagination import Page, decode_cursor, page_from_rows
+from service.core.pagination import Page, decode_cursor, decode_time_cursor, page_from_rows
 from service.core.problems import Conflict, InvalidInput, NotFound
 from service.core.settings import Settings
 from service.datasets import repository as datasets_repository
@@ -200,17 +200,7 @@ def list_deliveries(
         raise InvalidInput(
             "unknown-state", f"no delivery state {state!r}", field="state", states=list(DELIVERY_STATES)
         )
-    before = None
-    if cursor:
-        created_at, delivery_id = decode_cursor(cursor, 2)
-        try:
-            before = (datetime.fromisoformat(created_at), str(delivery_id))
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(
-                "invalid-cursor", "the cursor is not one this API issued", cursor=cursor
-            ) from exc
-        if before[0].tzinfo is None:
-            raise InvalidInput("invalid-cursor", "the cursor is not one this API issued", cursor=cursor)
+    before = decode_time_cursor(cursor) if cursor else None
     rows = repository.list_deliveries(session, endpoint.id, state=state, before=before, limit=limit + 1)
     page = page_from_rows(rows, limit, key_of=lambda d: (d.created_at.isoformat(), d.id))
     events = repository.events_by_id(session, [d.event_id for d in page.items])
