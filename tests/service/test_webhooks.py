@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
@@ -115,6 +115,27 @@ def receivers() -> Iterator[Any]:
         server.server_close()
 
 
+class Hooks(NamedTuple):
+    """What most tests here work with, unpacked at their start."""
+
+    client: TestClient
+    session_factory: sessionmaker[Session]
+    settings: Settings
+    model: dict[str, Any]
+    receivers: Any  # receivers(failures=0, hang=False) -> Receiver
+
+
+@pytest.fixture
+def hooks(
+    client: TestClient,
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    model: dict[str, Any],
+    receivers: Any,
+) -> Hooks:
+    return Hooks(client, session_factory, settings, model, receivers)
+
+
 def register(client: TestClient, name: str, url: str, **extra: Any) -> dict[str, Any]:
     answer = client.post("/webhook-endpoints", json={"name": name, "url": url, **extra})
     assert answer.status_code == 201, answer.text
@@ -144,13 +165,8 @@ def hmac_signature(secret: str, headers: dict[str, str], body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
-def test_a_receiver_failing_twice_gets_the_settled_event_once_signed_under_one_id(
-    client: TestClient,
-    session_factory: sessionmaker[Session],
-    settings: Settings,
-    model: dict[str, Any],
-    receivers: Any,
-) -> None:
+def test_a_receiver_failing_twice_gets_the_settled_event_once_signed_under_one_id(hooks: Hooks) -> None:
+    client, session_factory, settings, model, receivers = hooks
     receiver = receivers(failures=2)
     endpoint = register(client, "crm", receiver.url, events=["deletion_request.settled"])
     secret = endpoint["secret"]
@@ -206,13 +222,8 @@ def test_a_receiver_failing_twice_gets_the_settled_event_once_signed_under_one_i
     assert notified["data"]["webhook_id"] == delivery["webhook_id"] and notified["data"]["attempts"] == 3
 
 
-def test_a_receiver_that_never_answers_fails_once_and_delays_no_other(
-    client: TestClient,
-    session_factory: sessionmaker[Session],
-    settings: Settings,
-    model: dict[str, Any],
-    receivers: Any,
-) -> None:
+def test_a_receiver_that_never_answers_fails_once_and_delays_no_other(hooks: Hooks) -> None:
+    client, session_factory, settings, model, receivers = hooks
     down, healthy = receivers(hang=True), receivers()
     register(client, "down", down.url)
     register(client, "healthy", healthy.url)
@@ -252,13 +263,8 @@ def test_a_receiver_that_never_answers_fails_once_and_delays_no_other(
     assert kinds.count("webhook.delivered") == 1 and kinds.count("webhook.failed") == 1
 
 
-def test_due_soon_fires_once_per_request_and_endpoint_while_the_request_is_open(
-    client: TestClient,
-    session_factory: sessionmaker[Session],
-    settings: Settings,
-    model: dict[str, Any],
-    receivers: Any,
-) -> None:
+def test_due_soon_fires_once_per_request_and_endpoint_while_the_request_is_open(hooks: Hooks) -> None:
+    client, session_factory, settings, model, receivers = hooks
     dpo, settled_only = receivers(), receivers()
     register(client, "dpo", dpo.url, events=["deletion_request.due_soon"])
     register(client, "settled-only", settled_only.url, events=["deletion_request.settled"])
@@ -302,13 +308,8 @@ def test_due_soon_fires_once_per_request_and_endpoint_while_the_request_is_open(
     assert check_due_soon(session_factory, settings, now=now) == 0
 
 
-def test_an_overdue_open_request_is_due_soon_with_negative_days(
-    client: TestClient,
-    session_factory: sessionmaker[Session],
-    settings: Settings,
-    model: dict[str, Any],
-    receivers: Any,
-) -> None:
+def test_an_overdue_open_request_is_due_soon_with_negative_days(hooks: Hooks) -> None:
+    client, session_factory, settings, model, receivers = hooks
     receiver = receivers()
     register(client, "dpo", receiver.url, events=["deletion_request.due_soon"])
     past = datetime.now(UTC) - timedelta(days=1, hours=12)
@@ -322,13 +323,8 @@ def test_an_overdue_open_request_is_due_soon_with_negative_days(
     assert data["overdue"] is True and data["days_left"] == -2
 
 
-def test_endpoints_and_events_are_the_tenants_own(
-    client: TestClient,
-    session_factory: sessionmaker[Session],
-    settings: Settings,
-    model: dict[str, Any],
-    receivers: Any,
-) -> None:
+def test_endpoints_and_events_are_the_tenants_own(hooks: Hooks) -> None:
+    client, session_factory, settings, model, receivers = hooks
     mine, theirs = receivers(), receivers()
     register(client, "acme-hook", mine.url)
     other = TestClient(client.app, raise_server_exceptions=False)
@@ -358,13 +354,8 @@ def test_endpoints_and_events_are_the_tenants_own(
     assert other.get("/webhook-endpoints/other-hook").status_code == 200  # acme's DELETE did nothing
 
 
-def test_registration_is_validated_and_deletion_stops_deliveries(
-    client: TestClient,
-    session_factory: sessionmaker[Session],
-    settings: Settings,
-    model: dict[str, Any],
-    receivers: Any,
-) -> None:
+def test_registration_is_validated_and_deletion_stops_deliveries(hooks: Hooks) -> None:
+    client, session_factory, settings, model, receivers = hooks
     for url in ("ftp://example.org/x", "not a url", "http://", "http://user:pw@example.org/", "javascript:1",
                 "http://example.org:99999/", "https://example.org/#frag"):  # fmt: skip
         answer = client.post("/webhook-endpoints", json={"name": "x", "url": url})
@@ -396,13 +387,8 @@ def test_registration_is_validated_and_deletion_stops_deliveries(
     assert_problem(client.get("/webhook-endpoints", params={"cursor": "!!"}), 422, "invalid-cursor")
 
 
-def test_deliveries_are_signed_with_a_secret_the_client_chose(
-    client: TestClient,
-    session_factory: sessionmaker[Session],
-    settings: Settings,
-    model: dict[str, Any],
-    receivers: Any,
-) -> None:
+def test_deliveries_are_signed_with_a_secret_the_client_chose(hooks: Hooks) -> None:
+    client, session_factory, settings, model, receivers = hooks
     receiver = receivers()
     secret = "whsec_" + base64.b64encode(b"k" * 24).decode()
     register(client, "mine", receiver.url, secret=secret, events=["deletion_request.settled"])
@@ -434,13 +420,8 @@ def test_the_event_is_written_with_the_settlement_and_rolled_back_with_it(
         assert count_rows(session, WebhookEvent) == 0
 
 
-def test_a_claimed_attempt_is_not_claimed_again_and_a_late_record_is_dropped(
-    client: TestClient,
-    session_factory: sessionmaker[Session],
-    settings: Settings,
-    model: dict[str, Any],
-    receivers: Any,
-) -> None:
+def test_a_claimed_attempt_is_not_claimed_again_and_a_late_record_is_dropped(hooks: Hooks) -> None:
+    client, session_factory, settings, model, receivers = hooks
     register(client, "hook", receivers().url)
     settle_by_cancel(client, {"model": model["name"]})
     now = datetime.now(UTC)
