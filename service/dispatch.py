@@ -57,16 +57,22 @@ class CeleryDispatcher:
 
 class InProcessDispatcher:
     """Runs jobs one after another on a background thread of this process, through the same
-    ``worker.pipeline.run_job`` as the Celery task (the demo; no Redis, no worker process)."""
+    ``worker.pipeline.run_job`` as the Celery task (the demo; no Redis, no worker process).
+
+    The thread, and with it the worker's imports (torch), starts with the first dispatch: an API that never
+    queues a job never pays for them."""
 
     def __init__(self, session_factory: sessionmaker[Session], settings: Settings) -> None:
         self._session_factory = session_factory
         self._settings = settings
         self._jobs: queue.Queue[str] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="lethe-inprocess-worker", daemon=True)
-        self._thread.start()
+        self._start = threading.Lock()
 
     def dispatch(self, job_id: str, delay_s: float = 0.0) -> None:
+        with self._start:
+            if self._thread.ident is None:  # not started yet
+                self._thread.start()
         if delay_s <= 0:
             self._jobs.put(job_id)
             return
@@ -80,7 +86,7 @@ class InProcessDispatcher:
 
     def _work(self) -> None:
         from service.storage import worker_store
-        from worker.pipeline import NothingReady, run_job  # torch loads on this thread, on first use
+        from worker.pipeline import NothingReady, run_job  # torch loads here, on this thread
 
         settings = self._settings
         store = worker_store(settings.storage_url, settings.cache_dir, settings.cache_max_bytes)

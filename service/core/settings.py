@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.engine.spec import BUILTIN_ARCHITECTURES
 
+ENV_PREFIX = "LETHE_"
+# Variables with these prefixes belong to the test suite and the benches, not to a service process.
+FOREIGN_ENV_PREFIXES = ("LETHE_TEST_", "LETHE_BENCH_")
+
+
+def _unknown(name: str, known: list[str], where: str, prefix: str = "") -> ValueError:
+    # A typo would otherwise be ignored and its default used without a word.
+    near = difflib.get_close_matches(name.lower().removeprefix(prefix.lower()), known, n=1, cutoff=0.6)
+    hint = f"; did you mean {prefix}{near[0].upper() if prefix else near[0]}?" if near else ""
+    return ValueError(f"unknown setting {name} ({where}){hint}")
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LETHE_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown(cls, data: Any) -> Any:
+        """Every process builds its Settings first: an unknown name stops it there, naming the nearest field.
+        Keywords and ``.env`` entries arrive in ``data``; the environment is read for known names only, so
+        its ``LETHE_`` variables are checked here."""
+        known = sorted(cls.model_fields)
+        if isinstance(data, dict):
+            for key in data:
+                if key not in cls.model_fields:
+                    raise _unknown(str(key), known, "keyword or .env entry")
+        for variable in sorted(os.environ):
+            upper = variable.upper()
+            if not upper.startswith(ENV_PREFIX) or upper.startswith(FOREIGN_ENV_PREFIXES):
+                continue
+            if upper[len(ENV_PREFIX) :].lower() not in cls.model_fields:
+                raise _unknown(variable, known, "environment variable", ENV_PREFIX)
+        return data
 
     # Postgres is the source of truth; the demo overrides this with a SQLite file.
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/lethe"

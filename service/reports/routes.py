@@ -14,7 +14,6 @@ from service.core.settings import Settings
 from service.dependencies import SessionDep, SettingsDep
 from service.reports import service
 from service.reports.keys import KeyRing
-from service.reports.pdf import render_pdf
 
 router = APIRouter(tags=["reports"])
 JSON_MEDIA = "application/json"
@@ -32,6 +31,8 @@ def _report(
     service.record_download(session, report, form, caller.actor, _address(http))
     session.commit()
     if media == PDF_MEDIA:
+        from service.reports.pdf import render_pdf  # matplotlib: imported by the first PDF asked for
+
         body = render_pdf(json.loads(report.content), report.sha256, report.key_id)
         digest = hashlib.sha256(body).hexdigest()
     else:

@@ -40,7 +40,7 @@ def api(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[httpx.Client, sessio
     migrate(cluster.url)
     settings = Settings(
         database_url=cluster.url,
-        storage_dir=tmp_path / "store",
+        storage_url=str(tmp_path / "store"),
         data_dir=tmp_path,
         batch_wait_s=60,
         rate_limit="",  # twenty at once: this test is about idempotency, not rate limits

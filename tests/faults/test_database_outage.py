@@ -30,7 +30,7 @@ def test_a_database_restart_is_a_503_with_retry_after_then_service_resumes(
 ) -> None:
     migrate(cluster.url)
     settings = Settings(
-        database_url=cluster.url, storage_dir=tmp_path / "store", data_dir=tmp_path, batch_wait_s=0
+        database_url=cluster.url, storage_url=str(tmp_path / "store"), data_dir=tmp_path, batch_wait_s=0
     )
     engine = make_engine(cluster.url)
     dispatcher = RecordingDispatcher()
