@@ -1,4 +1,7 @@
-"""Opaque cursors for keyset pagination (AIP-158): a cursor is base64url JSON of the last row's sort key.
+"""Opaque cursors for keyset pagination (AIP-158): a cursor is base64url JSON of the last row's sort key, or,
+for lists ordered by ``(created_at, id)``, a time cursor whose format the OpenAPI document states whole
+(:data:`TIME_CURSOR_PATTERN`): every string it matches is a key the list can start after, so no schema-valid
+cursor is refused.
 
 Clients must treat it as opaque; the server may change its content between releases.
 """
@@ -10,8 +13,10 @@ import binascii
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Generic, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Generic, TypeVar
+
+from fastapi import Query
 
 from service.core.problems import InvalidInput
 
@@ -54,9 +59,35 @@ def decode_time_cursor(cursor: str) -> tuple[datetime, str]:
     return when, str(row_id)
 
 
-def page_from_rows(rows: Sequence[T], limit: int, key_of: Callable[[T], Sequence[Any]]) -> Page[T]:
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Microseconds since the epoch (17 digits reach the year 5138), a dot, the row's id (a UUID's characters).
+TIME_CURSOR_PATTERN = r"^[0-9]{1,17}\.[0-9a-f-]{1,36}$"
+TimeCursorQuery = Annotated[
+    str | None,
+    Query(pattern=TIME_CURSOR_PATTERN, description="opaque cursor from a previous page's next_cursor"),
+]
+
+
+def encode_time_cursor(key: Sequence[Any]) -> str:
+    """``(created_at, id)`` as a time cursor."""
+    created_at, row_id = key
+    return f"{(created_at - _EPOCH) // timedelta(microseconds=1)}.{row_id}"
+
+
+def decode_time_key(cursor: str) -> tuple[datetime, str]:
+    """The ``(created_at, id)`` of a time cursor; the route's pattern has checked its form."""
+    micros, row_id = cursor.split(".", 1)
+    return _EPOCH + timedelta(microseconds=int(micros)), row_id
+
+
+def page_from_rows(
+    rows: Sequence[T],
+    limit: int,
+    key_of: Callable[[T], Sequence[Any]],
+    encode: Callable[[Sequence[Any]], str] = encode_cursor,
+) -> Page[T]:
     """Rows were fetched with ``limit + 1``: the extra row only says whether another page exists."""
     if len(rows) <= limit:
         return Page(items=rows, next_cursor=None)
     items = rows[:limit]
-    return Page(items=items, next_cursor=encode_cursor(key_of(items[-1])))
+    return Page(items=items, next_cursor=encode(key_of(items[-1])))

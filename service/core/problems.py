@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +87,18 @@ MAX_LISTED_VALUES = 100
 
 
 def listed_problem(
-    slug: str, detail: str, key: str, values: Sequence[object], **extensions: Any
-) -> InvalidInput:
-    """A 422 problem listing the offending values under ``key`` (e.g. ``sample_ids``), with their count."""
+    slug: str,
+    detail: str,
+    key: str,
+    values: Sequence[object],
+    *,
+    problem: type[ProblemError] | None = None,
+    **extensions: Any,
+) -> ProblemError:
+    """A problem (422 unless ``problem`` says otherwise) listing the offending values under ``key`` (e.g.
+    ``sample_ids``), with their count."""
     members: dict[str, Any] = {key: list(values[:MAX_LISTED_VALUES]), "count": len(values), **extensions}
-    return InvalidInput(slug, f"{len(values)} {detail}", **members)
+    return (problem or InvalidInput)(slug, f"{len(values)} {detail}", **members)
 
 
 class Unauthenticated(ProblemError):
@@ -167,14 +175,28 @@ async def _handle_validation(_request: Request, exc: Exception) -> JSONResponse:
     return problem_response(HTTPStatus.UNPROCESSABLE_ENTITY, "invalid-request", detail, errors=errors)
 
 
-async def _handle_http(_request: Request, exc: Exception) -> JSONResponse:
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on the request's path. Starlette's 405 names only the first route
+    that matched the path, and a path often has two (``GET`` and ``POST /models``)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _child = route.matches(request.scope)
+        if match != Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+async def _handle_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     slug = (
         PAYLOAD_TOO_LARGE
         if exc.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
         else HTTPStatus(exc.status_code).phrase.lower().replace(" ", "-")
     )
-    return problem_response(exc.status_code, slug, str(exc.detail), headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    return problem_response(exc.status_code, slug, str(exc.detail), headers=headers or None)
 
 
 async def _handle_integrity(request: Request, exc: Exception) -> JSONResponse:

@@ -1,33 +1,51 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from service.core.fields import Identifier, Text
+from worker.engine.config import METHODS
 
 
+def exactly_one_of(*groups: tuple[str, str]) -> dict[str, Any]:
+    """JSON Schema for "exactly one of each pair of members" (each ``oneOf`` holds when one is present)."""
+    return {"allOf": [{"oneOf": [{"required": [a]}, {"required": [b]}]} for a, b in groups]}
+
+
+# The document states these members' exclusive pairs; a JSON null counts as absent (the schema lists only
+# the present form of each: SkipJsonSchema).
 class DeletionRequestCreate(BaseModel):
     """Erase samples from one model, or from every model trained on a dataset (exactly one of ``model`` and
     ``dataset_id``); name the samples by id or by data subject (exactly one of the two)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=exactly_one_of(("model", "dataset_id"), ("sample_ids", "subject_id")),
+    )
 
-    model: Identifier | None = Field(default=None, description="the model's name: erase from this model only")
-    dataset_id: Identifier | None = Field(
+    model: Identifier | SkipJsonSchema[None] = Field(
+        default=None, description="the model's name: erase from this model only"
+    )
+    dataset_id: Identifier | SkipJsonSchema[None] = Field(
         default=None,
         description="erase from every model registered on this dataset, and from any registered on it later",
     )
-    sample_ids: list[Identifier] | None = Field(
-        default=None, description="external sample ids of the dataset"
+    sample_ids: Annotated[list[Identifier], Field(min_length=1)] | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra={"uniqueItems": True},
+        description="external sample ids of the dataset, each once (at most LETHE_MAX_SAMPLES_PER_REQUEST)",
     )
-    subject_id: Identifier | None = Field(
+    subject_id: Identifier | SkipJsonSchema[None] = Field(
         default=None, description="expands to every train sample of this subject"
     )
     reason: Text | None = Field(default=None, max_length=2000)
-    method: Identifier | None = Field(
-        default=None, description="default: mixunlearn, or mixunlearn-agnostic for a dataset without labels"
+    method: Identifier | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra={"enum": sorted(METHODS)},
+        description="default: mixunlearn, or mixunlearn-agnostic for a dataset without labels",
     )
     config: dict[str, Any] | None = Field(default=None, description="overrides of the method's defaults")
     due_at: datetime | None = Field(

@@ -54,7 +54,9 @@ def create_request(
     applies to (the caller's tenant's named model, or every model of its named dataset), each queued into its
     model's open job.
 
-    Nothing is written unless every check passes. A model that no longer holds any of the samples (erased by
+    Nothing is written unless every check passes. Names of things that do not exist (model, dataset,
+    subject, sample ids) are 404, as their own paths would answer; input the schema refuses, or that the
+    state of what it names refuses, is 422. A model that no longer holds any of the samples (erased by
     an earlier request, or never trained on them) completes its target at once; when every model does, the
     request completes without a job. The caller commits, then dispatches.
     """
@@ -63,9 +65,7 @@ def create_request(
     if data.model is not None:
         model = models_repository.get_model_by_name(session, caller.tenant, data.model)
         if model is None:
-            raise InvalidInput(
-                "unknown-model", f"no model named {data.model!r}", field="model", model=data.model
-            )
+            raise NotFound("unknown-model", f"no model named {data.model!r}", field="model", model=data.model)
         models: Sequence[Model] = [model]
         dataset = datasets_repository.get_dataset(session, model.dataset_id)
         assert dataset is not None  # models.dataset_id is a foreign key
@@ -73,7 +73,7 @@ def create_request(
         assert data.dataset_id is not None
         found = datasets_repository.get_dataset(session, data.dataset_id)
         if found is None or found.tenant != caller.tenant:
-            raise InvalidInput(
+            raise NotFound(
                 "unknown-dataset",
                 f"no dataset {data.dataset_id!r}",
                 field="dataset_id",
@@ -175,7 +175,7 @@ def _named_samples(
         subject_samples = datasets_repository.subject_samples(session, dataset.id, data.subject_id)
         train = [sample for sample in subject_samples if sample.split == "train"]
         if not train:
-            raise InvalidInput(
+            raise NotFound(
                 "unknown-subject",
                 f"subject {data.subject_id!r} has no train samples in dataset {dataset.name!r}",
                 field="subject_id",
@@ -183,9 +183,7 @@ def _named_samples(
             )
         _check_size(settings, len(train))
         return train
-    sample_ids = data.sample_ids or []
-    if not sample_ids:
-        raise InvalidInput("empty-sample-ids", "sample_ids is empty", field="sample_ids")
+    sample_ids = data.sample_ids or []  # the schema refuses an empty list
     _check_size(settings, len(sample_ids))
     duplicates = sorted(sample_id for sample_id, count in Counter(sample_ids).items() if count > 1)
     if duplicates:
@@ -202,6 +200,7 @@ def _named_samples(
                 f"sample ids are unknown to dataset {dataset.name!r}",
                 "sample_ids",
                 unknown,
+                problem=NotFound,
             )
         raise listed_problem(
             "foreign-samples",

@@ -9,10 +9,12 @@ from sqlalchemy.orm import Session
 from service.clients.security import requires
 from service.clients.service import Principal
 from service.core.clock import utcnow
-from service.dependencies import CursorQuery, LimitQuery, SessionDep, SettingsDep, page_size
+from service.core.fields import Identifier
+from service.core.pagination import TimeCursorQuery
+from service.dependencies import LimitQuery, SessionDep, SettingsDep, page_size
 from service.jobs import service
 from service.jobs.schemas import JobOut, JobPage
-from service.jobs.tables import Job
+from service.jobs.tables import Job, JobState
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -28,9 +30,9 @@ def list_jobs(
     caller: Annotated[Principal, requires("jobs:read")],
     session: SessionDep,
     settings: SettingsDep,
-    model: str | None = None,
-    state: str | None = None,
-    cursor: CursorQuery = None,
+    model: Identifier | None = None,
+    state: JobState | None = None,
+    cursor: TimeCursorQuery = None,
     limit: LimitQuery = None,
 ) -> JobPage:
     """The tenant's jobs newest first; filter by model name and state; page with ``next_cursor``."""

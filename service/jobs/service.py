@@ -24,12 +24,12 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.core.clock import utcnow
-from service.core.pagination import Page, decode_time_cursor, page_from_rows
-from service.core.problems import Conflict, InvalidInput, NotFound
+from service.core.pagination import Page, decode_time_key, encode_time_cursor, page_from_rows
+from service.core.problems import Conflict, NotFound
 from service.datasets import repository as datasets_repository
 from service.erasures import service as erasures
 from service.jobs import repository
-from service.jobs.tables import ACTIVE_STATES, JOB_STATES, TERMINAL_STATES, Job
+from service.jobs.tables import ACTIVE_STATES, TERMINAL_STATES, Job
 from service.models import repository as models_repository
 from service.trail import service as trail
 
@@ -350,18 +350,16 @@ def list_jobs(
     model_id = None
     if model_name is not None:
         model = models_repository.get_model_by_name(session, tenant, model_name)
-        if model is None:
-            raise InvalidInput(
-                "unknown-model", f"no model named {model_name!r}", field="model", model=model_name
+        if model is None:  # a filter naming no model: 404, as the model's own path would answer
+            raise NotFound(
+                "model-not-found", f"no model named {model_name!r}", field="model", model=model_name
             )
         model_id = model.id
-    if state is not None and state not in JOB_STATES:
-        raise InvalidInput("unknown-state", f"no job state {state!r}", field="state", states=list(JOB_STATES))
-    before = decode_time_cursor(cursor) if cursor else None
+    before = decode_time_key(cursor) if cursor else None
     rows = repository.list_jobs(
         session, tenant=tenant, model_id=model_id, state=state, before=before, limit=limit + 1
     )
-    return page_from_rows(rows, limit, key_of=lambda job: (job.created_at.isoformat(), job.id))
+    return page_from_rows(rows, limit, key_of=lambda job: (job.created_at, job.id), encode=encode_time_cursor)
 
 
 def request_ids(session: Session, job_ids: list[str]) -> dict[str, list[str]]:

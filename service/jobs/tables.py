@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, Text, false
 from sqlalchemy.orm import Mapped, mapped_column
@@ -9,7 +9,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 from service.core.clock import utcnow
 from service.core.database import Base, JSONType, new_id, one_of
 
-JOB_STATES = ("queued", "running", "evaluating", "succeeded", "rejected", "failed", "canceled")
+JobState = Literal["queued", "running", "evaluating", "succeeded", "rejected", "failed", "canceled"]
+JOB_STATES: tuple[str, ...] = get_args(JobState)
 TERMINAL_STATES = frozenset({"succeeded", "rejected", "failed", "canceled"})
 ACTIVE_STATES = frozenset({"running", "evaluating"})
 # unlearn: a deletion request's job. build_references: the audit's reference set of a model (no request).

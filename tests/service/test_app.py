@@ -47,7 +47,7 @@ def test_every_error_is_a_problem(client: TestClient) -> None:
     assert_problem(client.post("/deletion-requests", content=b"{not json"), 422, "invalid-request")
     # A value no schema checks and the database cannot compare: a NUL in a path or query parameter.
     assert_problem(client.get("/models/m%00"), 422, "invalid-value")
-    assert_problem(client.get("/jobs", params={"model": "m\x00"}), 422, "invalid-value")
+    assert_problem(client.get("/datasets/d%00"), 422, "invalid-value")
 
 
 def test_unexpected_errors_are_logged_and_answered_without_a_trace(client: TestClient) -> None:

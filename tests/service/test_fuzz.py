@@ -14,7 +14,7 @@ import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
-from schemathesis.checks import positive_data_acceptance
+from schemathesis.core.failures import Failure
 from schemathesis.generation import GenerationMode
 
 from service.app import create_app
@@ -30,6 +30,19 @@ from tests.service.conftest import (
 )
 
 EXAMPLES_PER_OPERATION = 20
+ACCEPTANCE = "Schema-valid request rejected"
+# Operations whose document does not yet state everything they check (a schema-valid input answered 422),
+# with what is missing. Only that check may fail on them; every other check holds everywhere.
+SCHEMA_GAPS = {
+    "POST /datasets": "array_path / array_object exactly-one rule; the data directory's files",
+    "POST /models": "the data directory's files (a path naming no file is 422 file-not-found)",
+    "POST /models/upload": "the spec form field's JSON",
+    "GET /models": "the cursor's format",
+    "GET /datasets/{dataset_id}/samples": "the cursor's format",
+    "POST /webhook-endpoints": "the URL's scheme and host rules",
+    "GET /webhook-endpoints": "the cursor's format",
+    "GET /webhook-endpoints/{name}/deliveries": "the cursor's format",
+}
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +87,21 @@ def _fuzz(operation: Any, mode: GenerationMode, calls: dict[str, int], statuses:
     )  # fmt: skip
     def call(case: Any) -> None:
         calls[label] = calls.get(label, 0) + 1
-        # Schema-valid is not valid: an id the schema allows may name nothing (422, 404 are right).
-        response = case.call_and_validate(excluded_checks=[positive_data_acceptance])
+        # Every check, positive_data_acceptance included: an input the document allows is never a 422 (a
+        # name of nothing is 404; the document states enums, bounds, formats and one-of rules).
+        response = case.call_and_validate()
         statuses.add(response.status_code)
 
     call()
+
+
+def _titles(exc: BaseException) -> set[str]:
+    """The titles of the check failures inside a schemathesis failure (group)."""
+    if isinstance(exc, Failure):
+        return {exc.title or ""}
+    if isinstance(exc, BaseExceptionGroup):
+        return set().union(*(_titles(inner) for inner in exc.exceptions))
+    return {type(exc).__name__}
 
 
 def test_no_server_error_and_every_answer_matches_the_schema(api_schema: Any) -> None:
@@ -95,7 +118,10 @@ def test_no_server_error_and_every_answer_matches_the_schema(api_schema: Any) ->
         except Unsatisfiable:  # no negative example exists (e.g. an operation whose only input is a string)
             continue
         except (Exception, BaseExceptionGroup) as exc:  # one failing operation must not hide the others
-            failures.append(f"{operation.method.upper()} {operation.path} ({mode.value}): {exc}")
+            label = f"{operation.method.upper()} {operation.path}"
+            if mode is GenerationMode.POSITIVE and label in SCHEMA_GAPS and _titles(exc) <= {ACCEPTANCE}:
+                continue
+            failures.append(f"{label} ({mode.value}): {exc}")
     assert not failures, "\n\n".join(failures)
     assert len(calls) >= 30 and sum(calls.values()) >= 5 * len(calls), calls  # the fuzzing did happen
     assert {200, 404, 422} <= statuses, statuses  # authenticated: the calls reached the routes
