@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.audit.routes import router as audit_router
+from service.console.routes import create_console
 from service.core.database import make_engine, make_session_factory
 from service.core.limits import BodyLimit, ConcurrencyLimit
 from service.core.logs import RequestIds
@@ -105,4 +106,6 @@ def create_app(
     )
     for router in routers:
         app.include_router(router)
+    # The compliance console: HTML pages for people, same process, clients and tenants (not in the OpenAPI).
+    app.mount("/console", create_console(app))
     return app

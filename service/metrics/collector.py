@@ -6,14 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from itertools import pairwise
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.clock import utcnow
+from service.datasets.tables import Dataset
 from service.deletion_requests.tables import REQUEST_STATES, DeletionRequest
 from service.erasures.tables import ErasureTarget
 from service.jobs.tables import JOB_STATES, Job
@@ -38,6 +39,43 @@ def days_left_bucket(due_at: datetime, now: datetime) -> str:
     return DAYS_LEFT_BUCKETS[-1]
 
 
+_Statement = TypeVar("_Statement", bound=Select)  # any row shape
+
+
+# The state queries, shared with the console (service.console), which reads them for one tenant: its counts
+# are the series' counts, restricted to what the tenant owns (a request and its erasures through its dataset).
+def _of_tenant(statement: _Statement, tenant: str | None) -> _Statement:
+    if tenant is None:
+        return statement
+    return statement.join(Dataset, Dataset.id == DeletionRequest.dataset_id).where(Dataset.tenant == tenant)
+
+
+def requests_by_state(session: Session, tenant: str | None = None) -> dict[str, int]:
+    statement = select(DeletionRequest.state, func.count()).group_by(DeletionRequest.state)
+    return {state: int(count) for state, count in session.execute(_of_tenant(statement, tenant)).all()}
+
+
+def verdict_counts(session: Session, tenant: str | None = None) -> dict[str, int]:
+    """Erasures (request x model) by their audit's verdict."""
+    statement = (
+        select(ErasureTarget.verdict, func.count())
+        .join(DeletionRequest, DeletionRequest.id == ErasureTarget.request_id)
+        .where(ErasureTarget.verdict.is_not(None))
+        .group_by(ErasureTarget.verdict)
+    )
+    return {
+        str(verdict): int(count) for verdict, count in session.execute(_of_tenant(statement, tenant)).all()
+    }
+
+
+def open_requests_by_days_left(session: Session, now: datetime, tenant: str | None = None) -> dict[str, int]:
+    statement = select(DeletionRequest.due_at).where(DeletionRequest.state == "processing")
+    buckets = dict.fromkeys(DAYS_LEFT_BUCKETS, 0)
+    for due_at in session.scalars(_of_tenant(statement, tenant)).all():
+        buckets[days_left_bucket(due_at, now)] += 1
+    return buckets
+
+
 class StateCollector(Collector):
     def __init__(self, session_factory: sessionmaker[Session], now: Callable[[], datetime] = utcnow) -> None:
         self._session_factory = session_factory
@@ -46,18 +84,11 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Any]:
         now = self._now()
         with self._session_factory() as session:
-            requests = dict(session.execute(select(DeletionRequest.state, func.count()).group_by(
-                DeletionRequest.state)).all())  # fmt: skip
+            requests = requests_by_state(session)
             jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
             oldest = session.scalar(select(func.min(Job.created_at)).where(Job.state == "queued"))
-            verdicts = session.execute(
-                select(ErasureTarget.verdict, func.count())
-                .where(ErasureTarget.verdict.is_not(None))
-                .group_by(ErasureTarget.verdict)
-            ).all()
-            open_due = session.scalars(
-                select(DeletionRequest.due_at).where(DeletionRequest.state == "processing")
-            ).all()
+            verdicts = verdict_counts(session)
+            buckets = open_requests_by_days_left(session, now)
         by_state = GaugeMetricFamily(
             "lethe_deletion_requests", "deletion requests by state", labels=["state"]
         )
@@ -78,13 +109,9 @@ class StateCollector(Collector):
         verdict_family = GaugeMetricFamily(
             "lethe_audit_verdicts", "erasures (request x model) by their audit's verdict", labels=["verdict"]
         )
-        for verdict, count in verdicts:
-            verdict_family.add_metric([str(verdict)], count)
+        for verdict, count in verdicts.items():
+            verdict_family.add_metric([verdict], count)
         yield verdict_family
-        buckets: dict[str, int] = {}
-        for due_at in open_due:
-            bucket = days_left_bucket(due_at, now)
-            buckets[bucket] = buckets.get(bucket, 0) + 1
         due = GaugeMetricFamily(
             "lethe_open_requests_by_days_left",
             "deletion requests still processing, by days left until their GDPR due date",

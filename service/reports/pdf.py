@@ -12,8 +12,10 @@ from __future__ import annotations
 import io
 import itertools
 import textwrap
+from collections.abc import Callable
 from typing import Any
 
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
@@ -103,16 +105,9 @@ def _summary_pages(report: dict[str, Any], sha256: str, key_id: str) -> list[Fig
     return pages
 
 
-def _evidence_page(erasure: dict[str, Any]) -> Figure:
-    evidence = erasure["evidence"]
-    figure = Figure(figsize=A4)
-    axes = figure.subplots(3, 1)
-    figure.suptitle(
-        f"Evidence: model {erasure['model']['name']}", fontsize=14, weight="bold", x=0.1, ha="left"
-    )
+def draw_score_distributions(ax: Axes, evidence: dict[str, Any]) -> None:
     distributions = evidence.get("score_distributions") or {}
     edges = distributions.get("edges")
-    ax = axes[0]
     if edges:
         centres = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
         styles = {"before": "--", "after": "-"}
@@ -127,7 +122,8 @@ def _evidence_page(erasure: dict[str, Any]) -> Figure:
         ax.legend(fontsize=7, ncol=2)
     ax.set_title("Score distributions before (dashed) and after (solid) unlearning", fontsize=10)
 
-    ax = axes[1]
+
+def draw_roc(ax: Axes, evidence: dict[str, Any]) -> None:
     for model, style in (("before", "--"), ("after", "-")):
         roc = evidence["membership"][model].get("roc")
         if roc:  # a true-positive rate of 0 has no place on a log axis: those points are left out
@@ -139,7 +135,8 @@ def _evidence_page(erasure: dict[str, Any]) -> Figure:
     ax.set_title("Per-sample membership attack on the forgotten samples (ROC, log-log)", fontsize=10)
     ax.legend(fontsize=8)
 
-    ax = axes[2]
+
+def draw_utility(ax: Axes, evidence: dict[str, Any]) -> None:
     per_class = evidence["utility"]["per_class"]
     labels = list(per_class)
     positions = range(len(labels))
@@ -152,6 +149,32 @@ def _evidence_page(erasure: dict[str, Any]) -> Figure:
     ax.set_ylabel("accuracy on never-seen data (%)")
     ax.set_title("Utility per class, before and after", fontsize=10)
     ax.legend(fontsize=8)
+
+
+# The evidence figures, in page order: the PDF's evidence page and the console's pictures draw the same ones.
+EVIDENCE_FIGURES: dict[str, Callable[[Axes, dict[str, Any]], None]] = {
+    "scores": draw_score_distributions,
+    "roc": draw_roc,
+    "utility": draw_utility,
+}
+
+
+def evidence_figure(evidence: dict[str, Any], kind: str) -> Figure:
+    """One evidence figure on its own (``kind``: a key of ``EVIDENCE_FIGURES``)."""
+    figure = Figure(figsize=(7.5, 3.6))
+    EVIDENCE_FIGURES[kind](figure.subplots(), evidence)
+    figure.tight_layout()
+    return figure
+
+
+def _evidence_page(erasure: dict[str, Any]) -> Figure:
+    figure = Figure(figsize=A4)
+    axes = figure.subplots(len(EVIDENCE_FIGURES), 1)
+    figure.suptitle(
+        f"Evidence: model {erasure['model']['name']}", fontsize=14, weight="bold", x=0.1, ha="left"
+    )
+    for ax, draw in zip(axes, EVIDENCE_FIGURES.values(), strict=True):
+        draw(ax, erasure["evidence"])
     figure.tight_layout(rect=(0, 0, 1, 0.96))
     return figure
 

@@ -1,0 +1,1 @@
+"""The compliance console: server-rendered pages for people, mounted by the API at ``/console``."""
