@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-audit bench-coalescing install
+.PHONY: demo demo-serve test lint bench bench-audit bench-coalescing install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/lethe demo
+
+# The demo, then the API stays up: the compliance console's address and a sign-in token are printed.
+demo-serve: $(STAMP)
+	$(BIN)/lethe demo --serve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -23,6 +23,9 @@ def add_parser(subparsers: Any) -> None:
         "demo", help="the whole flow on mnist5k in one process: SQLite, in-process worker, real HTTP"
     )
     demo.add_argument("--epochs", type=int, default=10, help="epochs of the initial model (paper A.2: 10)")
+    demo.add_argument(
+        "--serve", action="store_true", help="then keep the API up and print the console's address and tokens"
+    )
     demo.set_defaults(handler=_demo)
 
 
@@ -66,4 +69,4 @@ def _migrate(_args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
-    return run_demo(initial_epochs=args.epochs)
+    return run_demo(initial_epochs=args.epochs, serve=args.serve)

@@ -311,7 +311,7 @@ def demo_tokens(session_factory: sessionmaker[Session]) -> dict[str, str]:
     return tokens
 
 
-def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
+def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR, serve: bool = False) -> int:
     started = time.monotonic()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     shutil.rmtree(workdir, ignore_errors=True)
@@ -395,8 +395,22 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR) -> int:
             retrain = {"epochs": initial_epochs, "seed": SEED + 1}
             job = _erase(client, {**body, "method": "retrain", "config": retrain}, model, first=False)
         download_reports(officer, server.url, workdir)
+        if serve:
+            serve_console(server.url, tokens)
     say(f"\nDemo finished in {time.monotonic() - started:.0f} s.")
     return 0 if job["state"] in ("succeeded", "rejected") else 1
+
+
+def serve_console(url: str, tokens: dict[str, str]) -> None:
+    """``lethe demo --serve``: the API stays up with what the demo left, for a look around the console."""
+    say(f"\nThe compliance console: {url}/console/  (Ctrl-C ends the demo)")
+    say(f"   sign in as demo-compliance (the compliance officer): {tokens['demo-compliance']}")
+    say(f"   or as demo-backend (models, versions and checkpoints too): {tokens['demo-backend']}")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        say("   console closed")
 
 
 def _bearer(token: str) -> dict[str, str]:

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.app import create_app
+from service.clients.service import create_client
 from service.core.clock import utcnow
 from service.core.database import make_engine, make_session_factory
 from service.core.settings import Settings
@@ -26,7 +27,6 @@ from tests.service.conftest import (
     RecordingDispatcher,
     checkpoint_bytes,
     dataset_body,
-    issue_token,
     job_of,
     migrated_database,
     spec,
@@ -55,6 +55,11 @@ class Env:
     running_job: str
 
 
+def _token(factory: sessionmaker[Session], name: str, tenant: str, scopes: tuple[str, ...]) -> str:
+    with factory.begin() as session:
+        return create_client(session, name, tenant, scopes).token
+
+
 def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -80,11 +85,10 @@ def _request(http: TestClient, token: str, **body: Any) -> dict[str, Any]:
 
 def _populate(app: FastAPI, settings: Settings, factory: sessionmaker[Session]) -> Env:
     tenants = {
-        name: Tenant(
-            name, issue_token(factory, tenant=name), issue_token(factory, tenant=name, scopes=OFFICER_SCOPES)
-        )
+        name: Tenant(name, _token(factory, f"{name}-operator", name, ("admin",)),
+                     _token(factory, f"{name}-dpo", name, OFFICER_SCOPES))
         for name in ("acme", "globex")
-    }
+    }  # fmt: skip
     acme, globex = tenants["acme"], tenants["globex"]
     http = TestClient(app)
     for tenant in tenants.values():

@@ -36,6 +36,7 @@ AXE = (Path(__file__).parent / "axe.min.js").read_text()  # axe-core 4.14.1 (MPL
 DOCS = Path(__file__).parents[2] / "docs"
 SCREENSHOTS = os.environ.get("LETHE_TEST_SCREENSHOTS") == "1"
 Page = Any  # playwright.sync_api.Page: the module may be absent, and the test is skipped then
+sync_api.expect.set_options(timeout=15_000)  # two shared cores: a PDF rendered meanwhile can take seconds
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +145,8 @@ def test_an_officer_reads_the_evidence_downloads_the_pdf_and_sees_the_signature_
     assert page.locator("h1").inner_text() == "Deletion request of subject alice"
     figures = page.locator("figure img")
     assert figures.count() == 3
-    page.wait_for_load_state("networkidle")
-    assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+    for image in range(figures.count()):  # each SVG drawn (its width known once it has loaded)
+        sync_api.expect(figures.nth(image)).not_to_have_js_property("naturalWidth", 0)
     assert "checkpoint" not in page.content()  # no model download for an officer
     with page.expect_download() as pending:
         page.get_by_role("link", name="Report (PDF)").click()

@@ -10,12 +10,12 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.clients.service import rotate
+from service.clients.service import Principal, rotate
 from service.clients.tables import ApiClient
-from service.console import sessions
-from service.console.routes import CONTENT_SECURITY_POLICY
+from service.console import service, sessions
+from service.console.routes import CONTENT_SECURITY_POLICY, templates
 from service.core.clock import utcnow
-from tests.console.conftest import Env
+from tests.console.conftest import OFFICER_SCOPES, Env
 from tests.service.conftest import checkpoint_bytes, issue_token
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -194,3 +194,23 @@ def test_evidence_figures_are_the_reports_own(env: Env, kind: str) -> None:
     assert (
         officer.get(f"/console/requests/{env.acme.requests['soon']}/evidence/0/{kind}.svg").status_code == 404
     )
+
+
+def test_a_purge_record_is_shown(env: Env) -> None:
+    """Issue 19's purge as ``GET /deletion-requests/{id}`` shows it on an erasure, rendered on the page."""
+    officer = Principal("id", "acme-dpo", "acme", frozenset(OFFICER_SCOPES))
+    with env.factory() as session:
+        page = service.request_page(session, env.acme.requests["alice"], officer)
+    checkpoint = {"number": 1, "sha256": "a" * 64, "size": 10, "reason": "holds erased samples"}
+    reference_set = {"sha256": "b" * 64, "size": 5, "kind": "reference_set", "reason": "superseded"}
+    page.request["erasures"][0]["purge"] = {
+        "state": "done", "job_id": "j", "not_before": None, "purged_at": utcnow().isoformat(),
+        "record": {"checkpoints": [checkpoint], "objects": [reference_set], "kept": [],
+                   "dataset_rows_purged": 3, "subjects_pseudonymised": 1},
+    }  # fmt: skip
+    html = templates.get_template("request.html").render(
+        base="/console", api_root="", principal=officer, csrf_token="t", path="/console/requests",
+        can=officer.allows, page=page, now=utcnow(), verdict_words=service.verdict_words(),
+    )  # fmt: skip
+    assert "Purge done on" in html and "3 dataset rows purged" in html
+    assert "checkpoint of v1" in html and "b" * 64 in html and "reference_set" in html
