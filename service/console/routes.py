@@ -75,6 +75,7 @@ SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"same-origin"),
     (b"cache-control", b"no-store"),  # pages name data subjects: no copy in shared caches or history
+    (b"cross-origin-resource-policy", b"same-origin"),  # no other site embeds what the console serves
 ]
 
 router = APIRouter()
@@ -116,6 +117,17 @@ def _same_origin(request: Request) -> bool:
     """A state-changing form must come from the console's own pages (with the CSRF token, below)."""
     origin = request.headers.get("origin")
     return origin is None or origin.split("://", 1)[-1] == request.headers.get("host")
+
+
+def _own_pages_only(request: Request) -> None:
+    """A download signs and records (the trail's ``report.downloaded``): only the console's own pages may
+    start one, not a link or image on another site, which the Lax cookie would otherwise follow. Browsers say
+    where a request comes from (Fetch Metadata); a client without the header is no browser to abuse."""
+    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        raise Forbidden("cross-site", "downloads start from the console's own pages")
+
+
+OwnPagesOnly = Depends(_own_pages_only)
 
 
 def _check_csrf(request: Request, current: ConsoleSession, token: str | None) -> None:
@@ -277,6 +289,12 @@ def work_queue(
     )  # fmt: skip
 
 
+@router.get("/verify")
+def verify_page(request: Request, current: SignedIn) -> Response:
+    """Check a report and signature someone was handed, in the browser (the files are not uploaded)."""
+    return _render(request, "verify.html", current, {})
+
+
 @router.get("/requests/{request_id}")
 def request_page(request: Request, request_id: str, current: SignedIn, session: SessionDep) -> Response:
     principal = _require(current, "deletions:read")
@@ -285,7 +303,7 @@ def request_page(request: Request, request_id: str, current: SignedIn, session: 
     return _render(request, "request.html", current, context)
 
 
-@router.get("/requests/{request_id}/evidence/{index}/{kind}.svg")
+@router.get("/requests/{request_id}/evidence/{index}/{kind}.svg", dependencies=[OwnPagesOnly])
 def evidence_figure(
     request_id: str, index: int, kind: str, current: SignedIn, session: SessionDep
 ) -> Response:
@@ -299,7 +317,7 @@ def _attachment(response: Response, filename: str) -> Response:
     return response
 
 
-@router.get("/requests/{request_id}/report.json")
+@router.get("/requests/{request_id}/report.json", dependencies=[OwnPagesOnly])
 def report_json(
     request: Request, request_id: str, current: SignedIn, session: SessionDep, settings: SettingsDep
 ) -> Response:
@@ -309,7 +327,7 @@ def report_json(
     return _attachment(answer, f"erasure-report-{request_id}.json")
 
 
-@router.get("/requests/{request_id}/report.pdf")
+@router.get("/requests/{request_id}/report.pdf", dependencies=[OwnPagesOnly])
 def report_pdf(
     request: Request, request_id: str, current: SignedIn, session: SessionDep, settings: SettingsDep
 ) -> Response:
@@ -318,7 +336,7 @@ def report_pdf(
     return _attachment(answer, f"erasure-report-{request_id}.pdf")
 
 
-@router.get("/requests/{request_id}/report.sig")
+@router.get("/requests/{request_id}/report.sig", dependencies=[OwnPagesOnly])
 def report_signature(
     request: Request, request_id: str, current: SignedIn, session: SessionDep, settings: SettingsDep
 ) -> Response:
@@ -344,7 +362,7 @@ def model_page(request: Request, name: str, current: SignedIn, session: SessionD
     return _render(request, "model.html", current, {"page": page})
 
 
-@router.get("/models/{name}/versions/{number}/checkpoint")
+@router.get("/models/{name}/versions/{number}/checkpoint", dependencies=[OwnPagesOnly])
 def checkpoint(name: str, number: int, current: SignedIn, session: SessionDep, store: StoreDep) -> Response:
     return download_checkpoint(name, number, _require(current, "models:read"), session, store)
 

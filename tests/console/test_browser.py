@@ -186,6 +186,28 @@ def test_a_tampered_report_is_shown_as_not_verified(page: Page, env: Env, server
     assert result.inner_text().startswith("NOT verified: the signature does not match the report's bytes")
 
 
+def test_a_report_file_is_verified_and_a_tampered_copy_is_not(
+    page: Page, env: Env, server: str, tmp_path: Path
+) -> None:
+    request_id = env.acme.requests["alice"]
+    headers = {"Authorization": f"Bearer {env.acme.officer}"}
+    report = httpx.get(f"{server}/deletion-requests/{request_id}/report.json", headers=headers).content
+    (tmp_path / "report.json").write_bytes(report)
+    (tmp_path / "tampered.json").write_bytes(report.replace(b'"rejected"', b'"completed"'))
+    signature = httpx.get(f"{server}/deletion-requests/{request_id}/report.sig", headers=headers).content
+    (tmp_path / "report.sig").write_bytes(signature)
+    sign_in(page, env.acme.officer)
+    page.get_by_role("link", name="Verify a report").click()
+    check_accessibility(page)
+    result = page.locator("#verify-result")
+    for name, verified in (("report.json", "true"), ("tampered.json", "false")):
+        page.get_by_label("Report (signed JSON)").set_input_files(tmp_path / name)
+        page.get_by_label("Signature").set_input_files(tmp_path / "report.sig")
+        page.get_by_role("button", name="Verify").click()
+        sync_api.expect(result).to_have_attribute("data-verified", verified)
+    assert result.inner_text().startswith("NOT verified: the signature does not match the report's bytes")
+
+
 def test_an_officer_is_refused_a_model_download(page: Page, env: Env) -> None:
     sign_in(page, env.acme.officer)
     answer = page.goto("/console/models/toy-model/versions/1/checkpoint")

@@ -99,6 +99,15 @@ def test_sign_out_needs_the_csrf_token_and_rotation_ends_sessions(env: Env) -> N
     assert browser.get("/console/requests").status_code == 303
 
 
+def test_downloads_start_only_from_the_consoles_own_pages(env: Env) -> None:
+    officer = signed_in(env, env.acme.officer)
+    report = f"/console/requests/{env.acme.requests['alice']}/report.pdf"
+    assert officer.get(report, headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+    answer = officer.get(report, headers={"Sec-Fetch-Site": "same-origin"})
+    assert answer.status_code == 200 and answer.content.startswith(b"%PDF")
+    assert answer.headers["cross-origin-resource-policy"] == "same-origin"
+
+
 def test_an_officer_sees_no_models_and_gets_no_checkpoint(env: Env) -> None:
     officer = signed_in(env, env.acme.officer)
     page = officer.get(f"/console/requests/{env.acme.requests['alice']}")

@@ -1,6 +1,6 @@
 // The console's only script (served from 'self': the Content-Security-Policy allows no inline script).
-// 1. Verify a report's Ed25519 signature in the browser against the service's published keys.
-// 2. Poll the progress of running jobs. 3. Print the page.
+// 1. Verify a report's Ed25519 signature in the browser against the service's published keys: the one a
+// request page shows, or files someone was handed. 2. Poll the progress of running jobs. 3. Print the page.
 "use strict";
 
 function bytesOfBase64(text) {
@@ -63,22 +63,42 @@ function setupVerification() {
     result.className = "verify-result";
     result.textContent = "Checking the signature…";
     try {
-      const [report, signatureAnswer, keys] = await Promise.all([
-        fetchOk(panel.dataset.report).then((a) => a.arrayBuffer()),
-        fetchOk(panel.dataset.signature),
-        fetchOk(panel.dataset.keys).then((a) => a.json()),
-      ]);
+      // The report first: its first download signs it, and the signature is read after.
+      const report = await fetchOk(panel.dataset.report).then((a) => a.arrayBuffer());
+      const signatureAnswer = await fetchOk(panel.dataset.signature);
+      const keys = await fetchOk(panel.dataset.keys).then((a) => a.json());
       const signature = await signatureAnswer.json();
-      const outcome = await verifyReport(report, signature, keys.items, signatureAnswer.headers.get("Lethe-Signed-At"));
-      result.textContent = outcome.text;
-      result.className = `verify-result ${outcome.verified ? "ok" : "problem"}`;
-      result.dataset.verified = String(outcome.verified);
+      show(result, await verifyReport(report, signature, keys.items, signatureAnswer.headers.get("Lethe-Signed-At")));
     } catch (error) {
-      result.textContent = `NOT verified: the check could not run (${error.message}).`;
-      result.className = "verify-result problem";
-      result.dataset.verified = "false";
+      show(result, { verified: false, text: `NOT verified: the check could not run (${error.message}).` });
     } finally {
       button.disabled = false;
+    }
+  });
+}
+
+function show(result, outcome) {
+  result.textContent = outcome.text;
+  result.className = `verify-result ${outcome.verified ? "ok" : "problem"}`;
+  result.dataset.verified = String(outcome.verified);
+}
+
+// A report and signature someone was handed, read from files: nothing leaves the browser but the key list's fetch.
+function setupFileVerification() {
+  const form = document.getElementById("verify-files");
+  const result = document.getElementById("verify-result");
+  if (!form || !result) return;
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    result.className = "verify-result";
+    result.textContent = "Checking the signature…";
+    try {
+      const report = await document.getElementById("report-file").files[0].arrayBuffer();
+      const signature = JSON.parse(await document.getElementById("signature-file").files[0].text());
+      const keys = await fetchOk(form.dataset.keys).then((a) => a.json());
+      show(result, await verifyReport(report, signature, keys.items, null));
+    } catch (error) {
+      show(result, { verified: false, text: `NOT verified: the files could not be checked (${error.message}).` });
     }
   });
 }
@@ -106,6 +126,7 @@ function setupProgress() {
 
 document.addEventListener("DOMContentLoaded", () => {
   setupVerification();
+  setupFileVerification();
   setupProgress();
   document.getElementById("print")?.addEventListener("click", () => window.print());
 });
