@@ -248,6 +248,10 @@ def test_another_tenant_sees_none_of_it(page: Page, env: Env) -> None:
         answer = page.goto(f"/console/requests/{request_id}")
         assert answer is not None and answer.status == 404
         assert page.locator("h1").inner_text() == "Not Found"
+    check_accessibility(page)
+    page.goto(f"/console/requests/{env.globex.requests['open']}")  # its own, still open: no report yet
+    assert "No report yet" in page.locator("main").inner_text()
+    check_accessibility(page)
 
 
 def test_a_broken_link_of_the_trail_is_named_and_sign_out_ends_the_session(page: Page, env: Env) -> None:
