@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from http import HTTPStatus
 from importlib import resources
@@ -373,19 +374,35 @@ def job_progress(job_id: str, current: SignedIn, session: SessionDep) -> dict[st
     return service.job_progress(session, job_id, principal.tenant, utcnow())
 
 
-class SecurityHeaders:
-    """Every answer of the console, pages, files and errors alike, carries the headers above."""
+@dataclass(frozen=True)
+class _MountedRoute:
+    path: str
+
+
+class ConsoleFrame:
+    """Every answer of the console, pages, files and errors alike, carries the headers above; and the API's
+    request metrics (``service.metrics.http``, outside the mount) label it with its full path template
+    (``/console/requests/{request_id}``), not the sub-application's own (``/requests/{request_id}``)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
             await send(message)
 
-        await self.app(scope, receive, with_headers if scope["type"] == "http" else send)
+        try:
+            await self.app(scope, receive, with_headers)
+        finally:
+            path = getattr(scope.get("route"), "path", None)
+            if path:
+                scope["route"] = _MountedRoute(scope.get("root_path", "") + path)
 
 
 def _error_page(request: Request, status_code: int, detail: str) -> Response:
@@ -437,5 +454,5 @@ def create_console(api: FastAPI) -> FastAPI:
     console.add_exception_handler(StarletteHTTPException, _http)
     console.add_exception_handler(RequestValidationError, _invalid)
     console.add_exception_handler(SignInRequired, _sign_in_required)
-    console.add_middleware(SecurityHeaders)
+    console.add_middleware(ConsoleFrame)
     return console

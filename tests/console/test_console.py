@@ -223,3 +223,9 @@ def test_a_purge_record_is_shown(env: Env) -> None:
     )  # fmt: skip
     assert "Purge done on" in html and "3 dataset rows purged" in html
     assert "checkpoint of v1" in html and "b" * 64 in html and "reference_set" in html
+
+
+def test_request_metrics_name_the_consoles_full_paths(env: Env) -> None:
+    signed_in(env, env.acme.officer).get(f"/console/requests/{env.acme.requests['alice']}")
+    text = TestClient(env.app).get("/metrics").text
+    assert 'route="/console/requests/{request_id}",status="200"' in text
