@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "service.commands",
     "service.reports.cli",
     "service.clients.cli",
+    "service.purges.cli",
     "worker.bench.cli",
     "worker.audit_command",
 )

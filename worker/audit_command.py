@@ -149,6 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     from service.core.settings import Settings
     from service.datasets import repository as datasets_repository
     from service.models import repository as models_repository
+    from service.purges import service as purges
     from service.storage import worker_store
     from worker.audit import ReferenceSet, audit_unlearning
     from worker.checkpoints import CheckpointMismatch, load_state_dict
@@ -182,6 +183,9 @@ def _run(args: argparse.Namespace) -> int:
             base = models_repository.active_version(session, model.id)
         if base is None:
             return _fail("no base version: give --base-version (version 1 has no parent)")
+        for purged in (v for v in (version, base) if v is not None and v.status == "purged"):
+            return _fail(f"version {purged.number} was purged (it held erased samples): it cannot be audited "
+                         "again; the request's signed report is the evidence")  # fmt: skip
         dataset = datasets_repository.get_dataset(session, model.dataset_id)
         reference_row = audit_service.current_set(session, model.id)
         if dataset is None or reference_row is None:
@@ -190,11 +194,14 @@ def _run(args: argparse.Namespace) -> int:
         audited_at = (version.storage_uri, version.checkpoint_sha256) if version else None
         base_at = (base.storage_uri, base.checkpoint_sha256)
         references_at = (reference_row.storage_uri, reference_row.checkpoint_sha256)
-        array_uri, dataset_id, model_id, base_number = dataset.array_uri, dataset.id, model.id, base.number
+        dataset_id, model_id, base_number = dataset.id, model.id, base.number
+        if purges.purged_sample_count(session, dataset_id, forget_ids):
+            return _fail("some of these samples' rows were purged: they cannot be audited again; the "
+                         "request's signed report is the evidence")  # fmt: skip
     runtime = Runtime.detect()
     try:
         sets = load_sets(
-            session_factory, store, dataset_id, model_id, array_uri, forget_ids,
+            session_factory, store, dataset_id, model_id, forget_ids,
             eval_remaining_rows=settings.eval_remaining_rows, seed=0,
         )  # fmt: skip
         if audited_at is not None:

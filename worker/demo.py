@@ -257,16 +257,18 @@ def _print_audit(metrics: dict[str, Any], request_id: str) -> None:
     )
     for failure in gate["failures"]:
         say(f"  - {failure}")
-    for subject, outcome in audit["subjects"].items():
+    for subject, outcome in audit["subjects"].items():  # named by a salted commitment, as in the report
         say(
-            f"  subject {subject}: {outcome['verdict']} (share of its {outcome['samples']} samples scored "
-            f"member-like: {outcome['member_share_before']} before, {outcome['member_share_after']} after)"
+            f"  subject {subject[:12]}...: {outcome['verdict']} (share of its {outcome['samples']} samples "
+            f"scored member-like: {outcome['member_share_before']} before, "
+            f"{outcome['member_share_after']} after)"
         )
     say("  the five samples scored most like members after unlearning (t: calibrated score; p: one-sided):")
     for sample in sorted(audit["samples"], key=lambda s: -s["t_after"])[:5]:
         say(
-            f"    {sample['sample_id']}: t {sample['t_before']:>6} -> {sample['t_after']:>6}, p_member "
-            f"{sample['p_member_before']:.3g} -> {sample['p_member_after']:.3g} ({sample['outcome']})"
+            f"    sample {sample['sample'][:12]}...: t {sample['t_before']:>6} -> {sample['t_after']:>6}, "
+            f"p_member {sample['p_member_before']:.3g} -> {sample['p_member_after']:.3g} "
+            f"({sample['outcome']})"
         )
     timings = metrics["timings"]
     say(

@@ -6,6 +6,8 @@ a Redis lock (SET NX EX) lets one worker per interval do the sweep. It re-sends,
   reserved by a worker (Redis lost it, or the dispatch after the commit failed);
 - jobs whose lease lapsed (their worker died) and that have no message waiting in the queue: the claim takes
   them over and they resume from their last committed step.
+It also expires idempotency answers and webhook events past their retention, and (every worker, lock or not)
+drops purged objects from the worker's cache.
 A message sent twice is harmless: the claim runs a job once.
 """
 
@@ -38,8 +40,11 @@ from service.dispatch import (
     CeleryDispatcher,
     JobDispatcher,
 )
+from service.idempotency import service as idempotency
 from service.jobs import service as jobs_service
+from service.purges.service import evict_purged
 from service.storage import ObjectStore, worker_store
+from service.webhooks import service as webhooks_service
 from worker import webhooks
 from worker.celery_app import app
 
@@ -124,18 +129,29 @@ def sweep(
     return lost
 
 
+def expire_records(session_factory: sessionmaker[Session], settings: Settings) -> None:
+    """Retention: idempotency answers past ``idempotency_ttl_s``, webhook events past their delivery
+    window."""
+    with session_factory.begin() as session:
+        idempotency.expire(session, settings.idempotency_ttl_s)
+        webhooks_service.expire_events(session, settings, utcnow())
+
+
 def _sweep_forever(settings: Settings) -> None:
     # Its own engine: this thread lives in the worker's parent, whose pool children must not share its
     # connections.
     session_factory = make_session_factory(make_engine(settings.database_url, pool_size=1))
     client = redis.Redis.from_url(settings.redis_url)
     dispatcher = CeleryDispatcher(settings.redis_url)
+    store = worker_store(settings.storage_url, settings.cache_dir, settings.cache_max_bytes)
     while True:  # first sweep at start-up: jobs lost while no worker ran are picked up at once
         try:
+            evict_purged(store, session_factory)  # every worker: its own cache
             if client.set(
                 SWEEP_LOCK, socket.gethostname(), nx=True, ex=max(1, settings.sweep_interval_s - 1)
             ):
                 sweep(session_factory, client, dispatcher, settings)
+                expire_records(session_factory, settings)
         except Exception:
             log.exception("sweeper: sweep failed; trying again in %s s", settings.sweep_interval_s)
         time.sleep(settings.sweep_interval_s)

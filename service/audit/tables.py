@@ -29,3 +29,4 @@ class AuditReferenceSet(Base):
     storage_uri: Mapped[str] = mapped_column(Text)
     summary: Mapped[dict[str, Any]] = mapped_column(JSONType)  # recipe, seed, sizes, build time
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    purged_at: Mapped[datetime | None]  # its blob deleted: superseded, or rewritten without erased columns

@@ -56,6 +56,8 @@ class Base(DeclarativeBase):
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
+    # Bound parameters are personal data (subject and sample ids): never in an error message or a log line.
+    kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
         # The in-process dispatcher and uvicorn use the connection from other threads.
         engine = create_engine(url, connect_args={"check_same_thread": False}, **kwargs)

@@ -123,6 +123,12 @@ class Conflict(ProblemError):
     status = HTTPStatus.CONFLICT
 
 
+class Gone(ProblemError):
+    """The resource existed and was deleted for good (a purged checkpoint): its tombstone answers."""
+
+    status = HTTPStatus.GONE
+
+
 class PayloadTooLarge(ProblemError):
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
@@ -143,16 +149,20 @@ class ServerFault(ProblemError):
     status = HTTPStatus.INTERNAL_SERVER_ERROR
 
 
-def problem_response(
-    status: int, slug: str, detail: str, headers: Mapping[str, str] | None = None, **extensions: Any
-) -> JSONResponse:
-    body = {
+def problem_body(status: int, slug: str, detail: str, **extensions: Any) -> dict[str, Any]:
+    return {
         "type": PROBLEM_TYPE_BASE + slug,
         "title": HTTPStatus(status).phrase,
         "status": status,
         "detail": detail,
         **jsonable_encoder(extensions),
     }
+
+
+def problem_response(
+    status: int, slug: str, detail: str, headers: Mapping[str, str] | None = None, **extensions: Any
+) -> JSONResponse:
+    body = problem_body(status, slug, detail, **extensions)
     return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 

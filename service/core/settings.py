@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.engine.spec import BUILTIN_ARCHITECTURES
@@ -104,6 +104,17 @@ class Settings(BaseSettings):
 
     # Erasure reports: the directory of Ed25519 signing keys (`lethe report keygen`), read by the API only.
     report_key_dir: Path = Path("var/report-keys")
+    # Purge (service/purges, worker/pipeline/purge.py): once a request's erasure from a model completes, every
+    # copy that still holds its samples is deleted after purge_after_s (0: at once; never past the request's
+    # due date), and only then is the request completed. Subjects of erased samples are kept as HMAC-SHA256
+    # under the pseudonym key (also the source of report commitment salts), which lives outside the
+    # database: pseudonym_key (hex, 32 bytes; a secret of the deployment), else a file in pseudonym_key_file
+    # created on first use (one machine). Destroying the key makes every pseudonym and salt unlinkable.
+    purge_after_s: Annotated[float, Field(ge=0)] = 0.0
+    pseudonym_key: SecretStr | None = None
+    pseudonym_key_file: Path = Path("var/keys/pseudonym.key")
+    # Stored first answers to Idempotency-Keys are replayed for this long, then deleted (1 h to 30 days).
+    idempotency_ttl_s: Annotated[float, Field(ge=3600, le=30 * 86400)] = 24 * 3600.0
 
     # Logs: one JSON object a line (json), or plain text (text), from every process.
     log_format: Literal["json", "text"] = "json"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
-from sqlalchemy import Row, func, insert, select
+from sqlalchemy import Row, func, insert, or_, select
 from sqlalchemy.orm import Session
 
 from service.datasets.tables import Dataset, Sample
@@ -100,10 +100,16 @@ def sample_ids_in_other_datasets(session: Session, dataset: Dataset, sample_ids:
     return found
 
 
-def subject_samples(session: Session, dataset_id: str, subject_id: str) -> Sequence[Sample]:
+def subject_samples(
+    session: Session, dataset_id: str, subject_id: str, subject_hash: str
+) -> Sequence[Sample]:
+    """The subject's samples: by its id, or by its keyed hash once a purge pseudonymised them."""
     return session.scalars(
         select(Sample)
-        .where(Sample.dataset_id == dataset_id, Sample.subject_id == subject_id)
+        .where(
+            Sample.dataset_id == dataset_id,
+            or_(Sample.subject_id == subject_id, Sample.subject_hash == subject_hash),
+        )
         .order_by(Sample.id)
     ).all()
 

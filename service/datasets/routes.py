@@ -81,7 +81,8 @@ def list_samples(
                 row=sample.row,
                 label=sample.label,
                 split=sample.split,
-                subject_id=sample.subject_id,
+                subject_id=None if any(e.request_id for e in erased) else sample.subject_id,
+                purged_at=sample.purged_at,
                 erased_from=[
                     SampleErasure(
                         model_id=e.model_id,

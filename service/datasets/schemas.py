@@ -73,9 +73,17 @@ class SampleErasure(BaseModel):
 class SampleOut(BaseModel):
     sample_id: str
     row: int
-    label: int | None
+    label: int | None = Field(
+        description="None for a label-free dataset, or once the sample's row was purged"
+    )
     split: str
-    subject_id: str | None
+    subject_id: str | None = Field(
+        description="never shown for a sample a deletion request erased: the list must not tell who "
+        "exercised the right (the service keeps such subjects only as keyed hashes once purged)"
+    )
+    purged_at: datetime | None = Field(
+        description="when the sample's row was deleted from the dataset array (every model had erased it)"
+    )
     erased_from: list[SampleErasure] = Field(
         description="the models that no longer hold the sample, each since which version"
     )

@@ -12,7 +12,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 from sqlalchemy.orm import Session
 
-from service.core.files import open_data_file
+from service.core.files import inside_root, open_data_file
 from service.core.pagination import Page, decode_cursor, page_from_rows
 from service.core.problems import Conflict, InvalidInput, NotFound, listed_problem
 from service.core.settings import Settings
@@ -48,6 +48,7 @@ class ResolvedSets:
     forget: SampleSet  # the samples this job unlearns
     remaining: SampleSet  # train samples the model still holds, less this job's
     audit: SampleSet  # the held-out split, never trained on
+    array_uri: str  # the dataset's array now (a purge replaces it by a generation without erased rows)
 
 
 def read_array_header(handle: BinaryIO, field: str = "array_path") -> ArrayHeader:
@@ -67,6 +68,10 @@ def read_array_header(handle: BinaryIO, field: str = "array_path") -> ArrayHeade
     return ArrayHeader(shape=tuple(shape), dtype=dtype)
 
 
+# Where an array was adopted from (datasets.array_source): a file of the data directory, or an input key.
+DATA_SOURCE, INPUT_SOURCE = "data:", "inputs:"
+
+
 def register_dataset(
     session: Session, settings: Settings, store: ObjectStore, data: DatasetCreate, tenant: str
 ) -> Dataset:
@@ -84,6 +89,7 @@ def register_dataset(
             header = _checked_header(handle, "array_path")
             _validate_samples(data, num_rows=header.shape[0])
             stored = store.put_stream(handle)
+        source = DATA_SOURCE + str(inside_root(settings.data_dir, data.array_path, "array_path"))
     else:
         assert data.array_object is not None
         key = data.array_object
@@ -104,12 +110,14 @@ def register_dataset(
             header = _checked_header(handle, "array_object")
         _validate_samples(data, num_rows=header.shape[0])
         stored = store.adopt_input(key)
+        source = INPUT_SOURCE + key
     dataset = repository.add_dataset(
         session,
         Dataset(
             tenant=tenant,
             name=data.name,
             array_uri=stored.uri,
+            array_source=source,
             num_rows=header.shape[0],
             sample_shape=list(header.shape[1:]),
             num_classes=data.num_classes,
@@ -222,6 +230,7 @@ def resolve_sets(
         forget=_sample_set(forget, dataset.labelled),
         remaining=_sample_set(remaining, dataset.labelled),
         audit=_sample_set(audit, dataset.labelled),
+        array_uri=dataset.array_uri,
     )
 
 

@@ -5,16 +5,21 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, status
-from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.clients.security import requires
 from service.clients.service import Principal
+from service.core.problems import InvalidInput, ProblemError, problem_body
+from service.core.settings import Settings
 from service.deletion_requests import service
 from service.deletion_requests.schemas import (
     AuditOutcome,
+    BulkCreate,
+    BulkItem,
+    BulkItemOut,
+    BulkOut,
     DeletionRequestCreate,
     DeletionRequestOut,
     ErasureOut,
@@ -25,14 +30,18 @@ from service.dispatch import JobDispatcher
 from service.erasures.service import Dispatch
 from service.idempotency import service as idempotency
 from service.idempotency.tables import IdempotencyRecord
+from service.purges import service as purges
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/deletion-requests", tags=["deletion requests"])
 
 
-def request_out(session: Session, request: DeletionRequest) -> DeletionRequestOut:
+def request_out(
+    session: Session, request: DeletionRequest, views: Sequence[service.ErasureView] | None = None
+) -> DeletionRequestOut:
+    """The request as answered; ``views``: its erasures when in hand (a request just created), else read."""
     erasures = []
-    for view in service.erasure_views(session, request):
+    for view in service.erasure_views(session, request) if views is None else views:
         target = view.target
         erasures.append(
             ErasureOut(
@@ -47,6 +56,7 @@ def request_out(session: Session, request: DeletionRequest) -> DeletionRequestOu
                 attempts=target.attempts,
                 settled_at=target.settled_at,
                 audit=AuditOutcome.from_metrics(view.job_metrics, request.id),
+                purge=purges.purge_view(session, target),
             )
         )
     scoped = next((e.model for e in erasures if e.model_id == request.model_id), None)
@@ -102,16 +112,9 @@ def create_deletion_request(
         if record is not None:
             return _replay(record)
     created = service.create_request(session, settings, body, caller)
-    payload: dict[str, Any] = jsonable_encoder(request_out(session, created.request))
+    payload: dict[str, Any] = request_out(session, created.request, created.erasures).model_dump(mode="json")
     pending = created.request.state == "processing"
-    headers = (
-        {
-            "Location": f"/deletion-requests/{created.request.id}",
-            "Retry-After": str(settings.retry_after_seconds),
-        }
-        if pending
-        else {}
-    )
+    headers = _headers(settings, created.request)
     status_code = status.HTTP_202_ACCEPTED if pending else status.HTTP_200_OK
     try:
         if idempotency_key is not None:
@@ -133,6 +136,86 @@ def create_deletion_request(
         return _replay(record)
     dispatch_all(dispatcher, created.dispatches)
     return JSONResponse(payload, status_code=status_code, headers=headers)
+
+
+@router.post("/bulk", response_model=BulkOut)
+def create_deletion_requests_in_bulk(
+    body: BulkCreate,
+    caller: Annotated[Principal, requires("deletions:write")],
+    session: SessionDep,
+    settings: SettingsDep,
+    dispatcher: DispatcherDep,
+) -> BulkOut:
+    """Many deletion requests in one call (a backlog of erasure tickets): each item is its own request, with
+    its own due date and ``idempotency_key``, validated as a single POST would be. Answered 200 with one
+    outcome per item, in order: the request (``status`` 202 or 200), or the problem that refused it; the
+    accepted items are committed together, the refused ones wrote nothing. At most 1,000 items a call."""
+    for attempt in range(2):
+        outcomes, dispatches = _bulk_items(session, settings, body.items, caller)
+        try:
+            session.commit()
+            break
+        except IntegrityError:
+            # A concurrent call answered one of the keys meanwhile: once more, that item now replays it.
+            session.rollback()
+            if attempt:
+                raise
+    dispatch_all(dispatcher, list({d.job_id: d for d in dispatches}.values()))
+    accepted = sum(1 for item in outcomes if item.request is not None)
+    return BulkOut(accepted=accepted, refused=len(outcomes) - accepted, items=outcomes)
+
+
+def _bulk_items(
+    session: Session, settings: Settings, items: Sequence[BulkItem], caller: Principal
+) -> tuple[list[BulkItemOut], list[Dispatch]]:
+    outcomes: list[BulkItemOut] = []
+    dispatches: list[Dispatch] = []
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        key = item.idempotency_key
+        data = DeletionRequestCreate.model_validate(item.model_dump(exclude={"idempotency_key"}))
+        fingerprint = idempotency.fingerprint("POST", "/deletion-requests", data.model_dump(mode="json"))
+        try:
+            if key is not None and key in seen:
+                raise InvalidInput("duplicate-idempotency-key", "an earlier item of this call has this key",
+                                   field="idempotency_key", idempotency_key=key)  # fmt: skip
+            record = idempotency.find_answer(session, caller.client_id, key, fingerprint) if key else None
+            if record is not None:
+                outcomes.append(_bulk_replay(index, record))
+                continue
+            created = service.create_request(session, settings, data, caller)
+        except ProblemError as problem:
+            body = problem_body(problem.status, problem.slug, problem.detail, **problem.extensions)
+            outcomes.append(BulkItemOut(index=index, status=problem.status, replayed=False, problem=body))
+            continue
+        finally:
+            if key is not None:
+                seen.add(key)
+        out = request_out(session, created.request, created.erasures)
+        status_code = (
+            status.HTTP_202_ACCEPTED if created.request.state == "processing" else status.HTTP_200_OK
+        )
+        if key is not None:
+            answer, headers = out.model_dump(mode="json"), _headers(settings, created.request)
+            idempotency.remember_answer(
+                session, caller.client_id, key, fingerprint, status_code, answer, headers
+            )
+        outcomes.append(BulkItemOut(index=index, status=status_code, replayed=False, request=out))
+        dispatches += created.dispatches
+    return outcomes, dispatches
+
+
+def _bulk_replay(index: int, record: IdempotencyRecord) -> BulkItemOut:
+    if record.status_code >= 300:  # a stored problem (none is stored today: refused items write nothing)
+        return BulkItemOut(index=index, status=record.status_code, replayed=True, problem=record.body)
+    request = DeletionRequestOut.model_validate(record.body)
+    return BulkItemOut(index=index, status=record.status_code, replayed=True, request=request)
+
+
+def _headers(settings: Settings, request: DeletionRequest) -> dict[str, str]:
+    if request.state != "processing":
+        return {}
+    return {"Location": f"/deletion-requests/{request.id}", "Retry-After": str(settings.retry_after_seconds)}
 
 
 def dispatch_all(dispatcher: JobDispatcher, dispatches: Sequence[Dispatch]) -> None:

@@ -3,11 +3,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.json_schema import SkipJsonSchema
 
 from service.core.fields import Identifier, Text
 from worker.engine.config import METHODS
+
+_METHOD_NAMES: list[JsonValue] = [*sorted(METHODS)]
 
 
 def exactly_one_of(*groups: tuple[str, str]) -> dict[str, Any]:
@@ -44,7 +46,7 @@ class DeletionRequestCreate(BaseModel):
     reason: Text | None = Field(default=None, max_length=2000)
     method: Identifier | SkipJsonSchema[None] = Field(
         default=None,
-        json_schema_extra={"enum": sorted(METHODS)},
+        json_schema_extra={"enum": _METHOD_NAMES},
         description="default: mixunlearn, or mixunlearn-agnostic for a dataset without labels",
     )
     config: dict[str, Any] | None = Field(default=None, description="overrides of the method's defaults")
@@ -98,6 +100,12 @@ class ErasureOut(BaseModel):
     )
     settled_at: datetime | None
     audit: AuditOutcome | None = Field(default=None, description="the last job's audit of these samples")
+    purge: dict[str, Any] | None = Field(
+        default=None,
+        description="once completed: the purge of every copy that still held the samples (state scheduled | "
+        "running | done, not_before, purged_at, and what was deleted: checkpoints with their SHA-256, "
+        "objects, dataset rows); the request is completed only when it is done",
+    )
 
 
 class DeletionRequestOut(BaseModel):
@@ -120,3 +128,37 @@ class DeletionRequestOut(BaseModel):
     due_at: datetime = Field(description="GDPR deadline: received_at + one month (gdpr_due_days) or earlier")
     completed_at: datetime | None
     erasures: list[ErasureOut] = Field(description="per model the request applies to")
+
+
+# The largest bulk call: a backlog goes in several, each answered within a request's time.
+MAX_BULK_ITEMS = 1000
+
+
+class BulkItem(DeletionRequestCreate):
+    """One deletion request of a bulk call, with its own ``idempotency_key`` (the client's, shared with
+    single POSTs: an item retried alone, or a single POST retried in bulk, replays its first answer)."""
+
+    idempotency_key: str | SkipJsonSchema[None] = Field(default=None, min_length=1, max_length=255)
+
+
+class BulkCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[BulkItem] = Field(min_length=1, max_length=MAX_BULK_ITEMS)
+
+
+class BulkItemOut(BaseModel):
+    """One item's outcome: its request (202 queued, 200 settled at once), or the problem that refused it
+    (``problem``, as a single POST would have answered it). Nothing of a refused item was written."""
+
+    index: int = Field(description="the item's place in the call")
+    status: int
+    replayed: bool = Field(description="the item's idempotency key had an answer already: this is it")
+    request: DeletionRequestOut | None = None
+    problem: dict[str, Any] | None = None
+
+
+class BulkOut(BaseModel):
+    accepted: int = Field(description="items answered 200 or 202 (replays included)")
+    refused: int
+    items: list[BulkItemOut]

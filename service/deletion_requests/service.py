@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.clients.service import Principal
@@ -30,6 +31,7 @@ from service.erasures.tables import ErasureTarget
 from service.jobs import repository as jobs_repository
 from service.models import repository as models_repository
 from service.models.tables import Model
+from service.purges.pseudonyms import pseudonym_key, subject_hash
 from service.trail import service as trail
 from worker.engine.config import (
     DEFAULT_LABEL_AGNOSTIC_METHOD,
@@ -42,8 +44,17 @@ from worker.engine.config import (
 
 
 @dataclass(frozen=True)
+class ErasureView:
+    target: ErasureTarget
+    model_name: str
+    result_version: int | None
+    job_metrics: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
 class CreatedRequest:
     request: DeletionRequest
+    erasures: list[ErasureView]  # what the answer shows, from the rows just written
     dispatches: list[Dispatch]  # the jobs to hand to the workers once committed; none when settled at once
 
 
@@ -63,12 +74,15 @@ def create_request(
     if (data.model is None) == (data.dataset_id is None):
         raise InvalidInput("model-or-dataset", "give exactly one of model and dataset_id")
     if data.model is not None:
-        model = models_repository.get_model_by_name(session, caller.tenant, data.model)
-        if model is None:
+        found_model = session.execute(
+            select(Model, Dataset)
+            .join(Dataset, Dataset.id == Model.dataset_id)
+            .where(Model.tenant == caller.tenant, Model.name == data.model)
+        ).one_or_none()
+        if found_model is None:
             raise NotFound("unknown-model", f"no model named {data.model!r}", field="model", model=data.model)
+        model, dataset = found_model
         models: Sequence[Model] = [model]
-        dataset = datasets_repository.get_dataset(session, model.dataset_id)
-        assert dataset is not None  # models.dataset_id is a foreign key
     else:
         assert data.dataset_id is not None
         found = datasets_repository.get_dataset(session, data.dataset_id)
@@ -87,7 +101,11 @@ def create_request(
     request = DeletionRequest(
         dataset_id=dataset.id,
         model_id=models[0].id if data.model is not None else None,
-        subject_id=data.subject_id,
+        # A subject whose samples were all pseudonymised by a purge is kept in the same form from the start.
+        subject_id=data.subject_id if any(s.subject_id == data.subject_id for s in samples) else None,
+        subject_hash=subject_hash(pseudonym_key(settings), dataset.id, data.subject_id)
+        if data.subject_id is not None
+        else None,
         reason=data.reason,
         method=method,
         config=config,
@@ -98,7 +116,11 @@ def create_request(
         completed_at=None,
     )
     pks = [sample.id for sample in samples]
-    return CreatedRequest(request, add_request(session, settings, request, models, pks, actor=caller.actor))
+    targets, dispatches = add_request(session, settings, request, models, pks, actor=caller.actor)
+    # A new target has no result version, and its job has not run (no metrics): nothing more to read.
+    names = {model.id: model.name for model in models}
+    views = [ErasureView(target, names[target.model_id], None, None) for target in targets]
+    return CreatedRequest(request, views, dispatches)
 
 
 def add_request(
@@ -109,8 +131,9 @@ def add_request(
     pks: Sequence[int],
     *,
     actor: str,
-) -> list[Dispatch]:
-    """Insert a validated request with its samples and open its targets; returns the jobs to dispatch."""
+) -> tuple[list[ErasureTarget], list[Dispatch]]:
+    """Insert a validated request with its samples and open its targets; returns them (one per model, in
+    order) and the jobs to dispatch."""
     # Every model's lock first, in one order, before anything takes the trail's head: the claim and the
     # registration of versions take a model's lock, then the head; taking them the other way round here
     # would deadlock concurrent requests with them and with each other.
@@ -172,7 +195,8 @@ def _named_samples(
     if (data.sample_ids is None) == (data.subject_id is None):
         raise InvalidInput("samples-or-subject", "give exactly one of sample_ids and subject_id")
     if data.subject_id is not None:
-        subject_samples = datasets_repository.subject_samples(session, dataset.id, data.subject_id)
+        hashed = subject_hash(pseudonym_key(settings), dataset.id, data.subject_id)
+        subject_samples = datasets_repository.subject_samples(session, dataset.id, data.subject_id, hashed)
         train = [sample for sample in subject_samples if sample.split == "train"]
         if not train:
             raise NotFound(
@@ -241,14 +265,6 @@ def get_request(session: Session, request_id: str, tenant: str) -> DeletionReque
     return request
 
 
-@dataclass(frozen=True)
-class ErasureView:
-    target: ErasureTarget
-    model_name: str
-    result_version: int | None
-    job_metrics: dict[str, Any] | None
-
-
 def erasure_views(session: Session, request: DeletionRequest) -> list[ErasureView]:
     """The request's targets with what a reader needs beside them: model name, version number, job metrics."""
     views = []
@@ -308,7 +324,7 @@ def honour_earlier_requests(
             subject_id=origin.subject_id, reason=origin.reason, method=origin.method, config=origin.config,
             state="processing", sample_count=len(pks), received_at=now, due_at=origin.due_at,
         )  # fmt: skip
-        dispatches += add_request(session, settings, request, [model], pks, actor="api")
+        dispatches += add_request(session, settings, request, [model], pks, actor="api")[1]
         queued.append(request.id)
     notice = {
         "declared_training_samples": None if training_sample_ids is None else len(training_sample_ids),

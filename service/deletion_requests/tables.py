@@ -27,7 +27,8 @@ class DeletionRequest(Base):
     # Set on a request the service queued itself: a dataset-wide request's erasure from a model registered
     # after it (same samples, same due date).
     origin_request_id: Mapped[str | None] = mapped_column(ForeignKey("deletion_requests.id"))
-    subject_id: Mapped[str | None] = mapped_column(String(200))  # set when the request named a subject
+    subject_id: Mapped[str | None] = mapped_column(String(200))  # set when the request named a subject,
+    subject_hash: Mapped[str | None] = mapped_column(String(64))  # replaced by its keyed hash by the purge
     reason: Mapped[str | None] = mapped_column(Text)
     method: Mapped[str] = mapped_column(String(50))
     config: Mapped[dict[str, Any]] = mapped_column(JSONType)  # the full configuration, defaults included

@@ -27,6 +27,7 @@ from service.jobs import repository as jobs_repository
 from service.jobs.tables import Job
 from service.models import repository as models_repository
 from service.models.tables import Model
+from service.purges import service as purges
 from service.reports.generation import generate as generate_report
 from service.trail import service as trail
 from service.webhooks import service as webhooks
@@ -50,10 +51,12 @@ def open_targets(
     models: Sequence[Model],
     sample_pks: Sequence[int],
     actor: str = "api",
-) -> list[Dispatch]:
+) -> tuple[list[ErasureTarget], list[Dispatch]]:
     """One target per model for the request's samples, each queued into its model's open job, or completed
-    at once when the model holds none of them. Settles the request when nothing is left pending."""
+    at once when the model holds none of them. Settles the request when nothing is left pending. Returns
+    the targets (one per model, in order) and the jobs to dispatch."""
     now = utcnow()
+    targets: list[ErasureTarget] = []
     dispatches: list[Dispatch] = []
     for model in models:
         erased = repository.erased_pks(session, model.id, sample_pks)
@@ -62,15 +65,17 @@ def open_targets(
             pending_count=len(sample_pks) - len(erased), already_erased_count=len(erased), attempts=[],
             due_at=request.due_at,
         )  # fmt: skip
-        repository.add_target(session, target)
+        session.add(target)  # written by the flush that gives it its job: one INSERT, no UPDATE after it
+        targets.append(target)
         if target.pending_count == 0:
             _settle(session, target, "completed", now, actor, verdict=ALREADY_ERASED)
         else:
             dispatches += _enqueue(
                 session, settings, target, request.method, request.config, coalesce=True, actor=actor
             )
-    settle_request_if_done(session, request, now, actor)
-    return dispatches
+    if all(target.state != "pending" for target in targets):  # every model completed at once
+        settle_request_if_done(session, request, now, actor)
+    return targets, dispatches
 
 
 def _enqueue(
@@ -91,7 +96,9 @@ def _enqueue(
     dispatches: list[Dispatch] = []
     job = None
     if coalesce:
-        for candidate in repository.open_batches(session, target.model_id, method):
+        with session.no_autoflush:  # a new target is written once it has its job
+            candidates = repository.open_batches(session, target.model_id, method)
+        for candidate in candidates:
             if candidate.config != config:
                 continue
             if candidate.sample_count + target.pending_count <= settings.batch_max_samples:
@@ -174,6 +181,7 @@ def retry(
 
 def complete(
     session: Session,
+    settings: Settings,
     target: ErasureTarget,
     *,
     dataset_id: str,
@@ -181,9 +189,10 @@ def complete(
     version_id: str,
     attempt: dict[str, Any],
     actor: str,
-) -> int:
+) -> Dispatch:
     """The target's samples are erased from the model since ``version_id`` (activated in this
-    transaction); returns how many were newly recorded."""
+    transaction); its purge is queued (the request completes when it has run). Returns the purge job to
+    dispatch once committed."""
     now = utcnow()
     pks = [sample.id for sample in datasets_repository.find_samples(session, dataset_id, sample_ids)]
     erased = repository.add_erased(session, target.model_id, pks, version_id, target.request_id, now)
@@ -192,8 +201,9 @@ def complete(
         request_id=target.request_id,
         data={"model_id": target.model_id, "version_id": version_id, "named": len(pks), "erased": erased},
     )  # fmt: skip
+    purge = purges.schedule(session, settings, target)
     settle(session, target, "completed", actor, attempt=attempt, version_id=version_id)
-    return erased
+    return Dispatch(purge.id, max(0.0, (purge.ready_at - now).total_seconds()) if purge.ready_at else 0.0)
 
 
 def settle(
@@ -249,13 +259,18 @@ def _settle(
 
 
 def settle_request_if_done(session: Session, request: DeletionRequest, when: datetime, actor: str) -> None:
-    """Close a processing request once no target is pending: completed only when every model completed."""
+    """Close a processing request once no target is pending: completed only when every model completed and
+    every copy those erasures cover was purged (until then it stays processing: see service.purges)."""
     if request.state != "processing":
         return
-    states = {target.state for target in repository.targets_of_request(session, request.id)}
+    targets = repository.targets_of_request(session, request.id)
+    states = {target.state for target in targets}
     if "pending" in states:
         return
-    request.state = next((state for state in _UNFULFILLED if state in states), "completed")
+    unfulfilled = next((state for state in _UNFULFILLED if state in states), None)
+    if unfulfilled is None and purges.awaiting_purge(targets):
+        return
+    request.state = unfulfilled or "completed"
     request.completed_at = when
     session.flush()
     trail.append(

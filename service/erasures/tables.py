@@ -45,6 +45,9 @@ class ErasureTarget(Base):
     due_at: Mapped[datetime]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     settled_at: Mapped[datetime | None]
+    # A completed target's purge: the job deleting the copies that still hold its samples, and when it ended.
+    purge_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    purged_at: Mapped[datetime | None]
 
 
 class ErasedSample(Base):

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from datetime import datetime
+
+from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from service.idempotency.tables import IdempotencyRecord
@@ -12,3 +15,8 @@ def get(session: Session, client_id: str, key: str) -> IdempotencyRecord | None:
 def add(session: Session, record: IdempotencyRecord) -> None:
     session.add(record)
     session.flush()
+
+
+def delete_older_than(session: Session, moment: datetime) -> int:
+    result = session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.created_at < moment))
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -1,5 +1,6 @@
 """Idempotency-Key handling (IETF draft): the first answer to a key is stored with the work it describes.
 
+Answers are kept for ``idempotency_ttl_s`` (default a day; the workers' housekeeping deletes older ones).
 The record is written in the same transaction as the resources it answers for, so a key is either unused or
 bound to a committed answer. Two concurrent requests with one key race on the primary key: the loser's commit
 fails, and it replays the winner's answer (see ``deletion_requests.routes``). Never commits.
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
 
+from service.core.clock import utcnow
 from service.core.problems import InvalidInput
 from service.idempotency import repository
 from service.idempotency.tables import IdempotencyRecord
@@ -56,5 +59,13 @@ def remember_answer(
             status_code=status_code,
             body=body,
             headers=headers,
+            # What the answer created: the purge of a deletion request drops the answers that echoed it.
+            resource_id=body.get("id") if isinstance(body, dict) else None,
         ),
     )
+
+
+def expire(session: Session, ttl_s: float) -> int:
+    """Delete the answers older than ``ttl_s`` (``LETHE_IDEMPOTENCY_TTL_S``): a key is a retry window, not
+    a record; returns how many went."""
+    return repository.delete_older_than(session, utcnow() - timedelta(seconds=ttl_s))

@@ -101,6 +101,17 @@ def ready_ids(session: Session, now: datetime, limit: int = 20) -> list[str]:
     )
 
 
+def ready_purge_ids(session: Session, model_id: str, now: datetime) -> list[str]:
+    return list(
+        session.scalars(
+            select(Job.id).where(
+                Job.model_id == model_id, Job.kind == "purge", Job.state == "queued",
+                or_(Job.ready_at.is_(None), Job.ready_at <= now),
+            )
+        )
+    )  # fmt: skip
+
+
 def next_queued(session: Session, model_id: str) -> tuple[str, datetime | None] | None:
     """The model's queued job that comes first (earliest due date, then oldest), and when it is ready."""
     row = session.execute(

@@ -56,7 +56,14 @@ def get_job(job_id: str, caller: Annotated[Principal, requires("jobs:read")], se
 def cancel_job(
     job_id: str, caller: Annotated[Principal, requires("jobs:write")], session: SessionDep
 ) -> JobOut:
-    """Queued: canceled at once. Running: ``cancel_requested``, the worker stops cooperatively. Done: 409."""
+    """Queued: canceled at once, and its requests settled (``progress``: ``settling``, ``settled`` of
+    ``total``), each in bounded transactions; a cancel cut short is taken up again by calling it again.
+    Running: ``cancel_requested``, the worker stops cooperatively. Done: 409."""
     job = service.request_cancel(session, job_id, caller.tenant, caller.actor)
+    canceled = job.state == "canceled"
     session.commit()
-    return jobs_out(session, [job])[0]
+    while canceled and service.settle_pending(session, job_id, caller.actor):
+        session.commit()
+        session.expunge_all()  # what each chunk loaded: the session stays the size of one chunk
+    session.commit()
+    return jobs_out(session, [service.get_job(session, job_id, caller.tenant)])[0]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.core.clock import utcnow
@@ -28,6 +29,7 @@ from service.core.pagination import Page, decode_time_key, encode_time_cursor, p
 from service.core.problems import Conflict, NotFound
 from service.datasets import repository as datasets_repository
 from service.erasures import service as erasures
+from service.erasures.tables import ErasureTarget
 from service.jobs import repository
 from service.jobs.tables import ACTIVE_STATES, TERMINAL_STATES, Job
 from service.models import repository as models_repository
@@ -133,6 +135,17 @@ def claim_job(
             return claimed
     if named is not None and named.state == "queued" and named.ready_at is not None and named.ready_at > now:
         return NotReady(retry_in=max(0.1, (named.ready_at - now).total_seconds()))
+    return None
+
+
+def claim_ready_purge(session: Session, model_id: str, worker_id: str, lease: timedelta) -> ClaimedJob | None:
+    """The model's purge job, when one is queued and ready now: the worker that has just completed a model's
+    erasures runs their purge at once (``LETHE_PURGE_AFTER`` 0), before anything else takes the model."""
+    now = utcnow()
+    for job_id in repository.ready_purge_ids(session, model_id, now):
+        claimed = _take(session, job_id, worker_id, lease, now)
+        if claimed is not None:
+            return claimed
     return None
 
 
@@ -258,9 +271,11 @@ def finish(
     error_reason: str | None = None,
     error_detail: str | None = None,
     worker_id: str | None = None,
+    settle_limit: int | None = None,
 ) -> Job:
     """End the job in a terminal state; a failed or canceled job ends its pending erasure targets the same
-    way (a succeeded or rejected one has settled each target by its own audit before this).
+    way (a succeeded or rejected one has settled each target by its own audit before this): all of them, or
+    the first ``settle_limit``, the rest by :func:`settle_pending` in transactions of their own.
 
     ``succeeded`` needs the activated ``result_version_id``; ``rejected`` may point at the rejected version;
     ``failed`` and ``canceled`` should carry ``error_reason`` (a short machine-readable slug) and a detail.
@@ -287,8 +302,35 @@ def finish(
         {"error_reason": error_reason, "result_version_id": result_version_id},
     )
     if state in ("failed", "canceled"):
-        erasures.settle_job(session, job, state, actor)
+        if settle_limit is None:
+            erasures.settle_job(session, job, state, actor)
+        else:
+            settle_pending(session, job_id, actor, limit=settle_limit)
     return job
+
+
+# Targets a canceled job settles per transaction: each settles its request and generates its report, so a
+# job of thousands is settled in bounded transactions, none holding the job's row for long.
+SETTLE_CHUNK = 250
+
+
+def settle_pending(session: Session, job_id: str, actor: str, *, limit: int = SETTLE_CHUNK) -> int:
+    """Settle up to ``limit`` of a finished (failed or canceled) job's pending targets as the job ended,
+    recording the progress in ``job.progress``; returns how many are still pending. Commit after each call."""
+    job = repository.lock(session, job_id)
+    if job is None or job.state not in ("failed", "canceled"):
+        return 0
+    pending = select(ErasureTarget).where(ErasureTarget.job_id == job_id, ErasureTarget.state == "pending")
+    targets = session.scalars(pending.order_by(ErasureTarget.due_at).limit(limit).with_for_update()).all()
+    attempt = {"job_id": job.id, "state": job.state, "error_reason": job.error_reason}
+    for target in targets:
+        erasures.settle(session, target, job.state, actor, attempt=attempt)
+    left = session.scalar(select(func.count()).select_from(pending.subquery())) or 0
+    total = len(targets) + left + int((job.progress or {}).get("settled", 0))
+    if total:
+        job.progress = {"phase": "settling", "settled": total - left, "total": total}
+        session.flush()
+    return int(left)
 
 
 def _record(session: Session, job: Job, kind: str, actor: str, data: dict[str, Any] | None = None) -> None:
@@ -312,7 +354,9 @@ def record_metrics(session: Session, job_id: str, entries: dict[str, Any], worke
 
 
 def request_cancel(session: Session, job_id: str, tenant: str, actor: str) -> Job:
-    """Cancel the tenant's queued job at once; flag a running one for the worker to stop cooperatively.
+    """Cancel the tenant's queued job at once, settling its first :data:`SETTLE_CHUNK` requests (the caller
+    settles the rest with :func:`settle_pending`, a transaction each); flag a running one for the worker to
+    stop cooperatively. A canceled job with requests still to settle is answered as it stands.
 
     A job already in a terminal state is a :class:`~service.core.problems.Conflict` (409).
     """
@@ -320,12 +364,24 @@ def request_cancel(session: Session, job_id: str, tenant: str, actor: str) -> Jo
     job = repository.lock(session, job_id)
     if job is None:
         raise NotFound("job-not-found", f"no job {job_id!r}", job_id=job_id)
+    settling = job.progress or {}
+    if (
+        job.state == "canceled"
+        and settling.get("phase") == "settling"
+        and settling["settled"] < settling["total"]
+    ):
+        return job  # a cancel cut short: the route goes on settling
     if job.state in TERMINAL_STATES:
         raise InvalidTransition("job-finished", f"job {job_id} is already {job.state}", state=job.state)
+    if job.kind == "purge":  # the law's part of an erasure already done: no client may stop it
+        raise InvalidTransition(
+            "purge-not-cancelable", f"job {job_id} purges erased data; it cannot be canceled", state=job.state
+        )
     if job.state == "queued":
         return finish(
-            session, job_id, "canceled", error_reason="canceled", error_detail="canceled before it started"
-        )
+            session, job_id, "canceled", error_reason="canceled", error_detail="canceled before it started",
+            settle_limit=SETTLE_CHUNK,
+        )  # fmt: skip
     job.cancel_requested = True
     session.flush()
     _record(session, job, "job.cancel_requested", actor)
@@ -382,7 +438,8 @@ def _transition(session: Session, job_id: str, state: str, worker_id: str | None
         raise NotFound("job-not-found", f"no job {job_id!r}", job_id=job_id)
     if worker_id is not None and job.worker_id != worker_id:
         raise InvalidTransition("job-not-owned", f"job {job_id} is held by {job.worker_id}", state=job.state)
-    transitions = BUILD_TRANSITIONS if job.kind == "build_references" else TRANSITIONS
+    # Only unlearning evaluates: a reference build or a purge succeeds straight from running.
+    transitions = TRANSITIONS if job.kind == "unlearn" else BUILD_TRANSITIONS
     if state not in transitions.get(job.state, frozenset()):
         raise InvalidTransition(
             "invalid-transition", f"job {job_id} cannot go from {job.state} to {state}", state=job.state

@@ -14,7 +14,8 @@ JOB_STATES: tuple[str, ...] = get_args(JobState)
 TERMINAL_STATES = frozenset({"succeeded", "rejected", "failed", "canceled"})
 ACTIVE_STATES = frozenset({"running", "evaluating"})
 # unlearn: a deletion request's job. build_references: the audit's reference set of a model (no request).
-JOB_KINDS = ("unlearn", "build_references")
+# purge: deleting the copies that still hold what the model's completed erasures erased.
+JOB_KINDS = ("unlearn", "build_references", "purge")
 
 
 class Job(Base):

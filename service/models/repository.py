@@ -23,12 +23,25 @@ def get_model_by_name(session: Session, tenant: str, name: str) -> Model | None:
     return session.scalar(select(Model).where(Model.tenant == tenant, Model.name == name))
 
 
+_LOCKED = "lethe.locked_models"  # Session.info: (the transaction, the model ids it has locked)
+
+
 def lock_model(session: Session, model_id: str) -> Model | None:
     """Take the model's row lock (no-op on SQLite, which serialises writers): the per-model mutex.
 
     ``FOR NO KEY UPDATE``: exclusive among lockers, but it does not wait on the key-share locks that inserting
-    a row referencing the model takes (a deletion request, a job), so those never join a lock cycle."""
-    return session.get(Model, model_id, with_for_update={"key_share": True}, populate_existing=True)
+    a row referencing the model takes (a deletion request, a job), so those never join a lock cycle. A lock
+    the transaction holds already is not asked for again (a request's path, a bulk call's items): no other
+    transaction can have changed the row since."""
+    transaction = session.get_transaction()
+    held = session.info.get(_LOCKED)
+    if held is not None and held[0] is transaction and model_id in held[1]:
+        return session.get(Model, model_id)
+    model = session.get(Model, model_id, with_for_update={"key_share": True}, populate_existing=True)
+    if held is None or held[0] is not transaction:
+        held = session.info[_LOCKED] = (transaction, set[str]())
+    held[1].add(model_id)
+    return model
 
 
 def list_models(session: Session, tenant: str, after_name: str | None, limit: int) -> Sequence[Model]:

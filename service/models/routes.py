@@ -12,7 +12,7 @@ from service.clients.security import requires
 from service.clients.service import Principal
 from service.core.fields import Identifier
 from service.core.files import open_data_file
-from service.core.problems import PAYLOAD_TOO_LARGE, InvalidInput, PayloadTooLarge
+from service.core.problems import PAYLOAD_TOO_LARGE, PROBLEM_MEDIA_TYPE, InvalidInput, PayloadTooLarge
 from service.core.settings import Settings
 from service.deletion_requests.routes import dispatch_all
 from service.dependencies import (
@@ -242,7 +242,13 @@ def get_version(
 @router.get(
     "/{name}/versions/{number}/checkpoint",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        410: {
+            "description": "the version was purged: it held erased samples (its row is a tombstone)",
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        },
+    },
 )
 def download_checkpoint(
     name: str,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import datetime
 from typing import IO, Any, BinaryIO
 
 from sqlalchemy.orm import Session
 
 from service.core.pagination import Page, decode_cursor, page_from_rows
-from service.core.problems import Conflict, InvalidInput, NotFound, ServerFault
+from service.core.problems import Conflict, Gone, InvalidInput, NotFound, ServerFault
 from service.core.settings import Settings
 from service.datasets import repository as datasets_repository
 from service.deletion_requests import service as requests_service
@@ -18,6 +19,7 @@ from service.erasures import repository as erasures_repository
 from service.erasures.service import Dispatch
 from service.models import repository
 from service.models.tables import Model, ModelVersion
+from service.purges import service as purges
 from service.storage import (
     CorruptObject,
     NotSafetensors,
@@ -26,6 +28,7 @@ from service.storage import (
     StoredObject,
     read_safetensors_header,
 )
+from service.storage.objects import hash_file
 from service.trail import service as trail
 from worker.engine.config import ConfigError, TrainingConfig, checked_config
 from worker.engine.spec import ModelSpec
@@ -109,6 +112,7 @@ def register_model(
         read_safetensors_header(checkpoint, checkpoint_size)
     except NotSafetensors as exc:
         raise InvalidInput("invalid-checkpoint", str(exc), field="checkpoint") from exc
+    training_sample_ids = _training_samples(session, dataset.id, checkpoint, training_sample_ids)
     stored = store.put_stream(checkpoint)
     model = Model(
         tenant=tenant, name=name, dataset_id=dataset.id, spec=model_spec.to_dict(), training_recipe=recipe
@@ -134,6 +138,38 @@ def register_model(
     model.training_data = notice
     session.flush()
     return model, version, dispatches
+
+
+def _training_samples(
+    session: Session, dataset_id: str, checkpoint: IO[bytes], training_sample_ids: Sequence[str] | None
+) -> Sequence[str] | None:
+    """The samples the model was trained on, once erased data is kept out. Erased data cannot come back: not
+    the bytes of a purged checkpoint, and not a model declared trained on samples whose rows were purged
+    (Lethe could no longer unlearn or audit them: retrain without them). A model that declares nothing was
+    trained on the train samples the dataset still holds."""
+    checkpoint.seek(0)
+    sha256, _size = hash_file(checkpoint)
+    checkpoint.seek(0)
+    if purges.is_purged(session, sha256):
+        raise Conflict(
+            "checkpoint-purged", "these checkpoint bytes were purged (a version that held erased samples)",
+            sha256=sha256,
+        )  # fmt: skip
+    if training_sample_ids is None:
+        return purges.unpurged_train_sample_ids(session, dataset_id)
+    purged = purges.purged_sample_count(session, dataset_id, training_sample_ids)
+    if purged:
+        raise Conflict(
+            "trained-on-purged-samples",
+            f"the model is declared trained on {purged} samples erased from every model of the dataset and "
+            "purged from it; retrain without them and declare training_sample_ids",
+            purged_samples=purged,
+        )
+    return training_sample_ids
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
 
 
 def list_models(session: Session, tenant: str, cursor: str | None, limit: int) -> Page[Model]:
@@ -170,7 +206,14 @@ def erased_sample_counts(session: Session, model: Model) -> dict[str, int]:
 
 
 def open_checkpoint(store: ObjectStore, version: ModelVersion) -> BinaryIO:
-    """The version's checkpoint, hash-verified; a missing or corrupt object is a server fault (500)."""
+    """The version's checkpoint, hash-verified; a purged version is 410 Gone, a missing or corrupt object a
+    server fault (500)."""
+    if version.status == "purged":
+        raise Gone(
+            "checkpoint-purged", f"version {version.number} held erased samples; its checkpoint was deleted",
+            number=version.number, sha256=version.checkpoint_sha256, purged_at=_iso(version.purged_at),
+            reason=version.purge_reason,
+        )  # fmt: skip
     try:
         return store.open(version.storage_uri)
     except (ObjectNotFound, CorruptObject) as exc:

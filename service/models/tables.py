@@ -20,7 +20,9 @@ from sqlalchemy.orm import Mapped, mapped_column
 from service.core.clock import utcnow
 from service.core.database import Base, JSONType, new_id, one_of
 
-VERSION_STATUSES = ("candidate", "active", "rejected", "superseded")
+# purged: a tombstone; the checkpoint held erased samples and was deleted from the store (the row stays, so
+# lineage and reports still resolve).
+VERSION_STATUSES = ("candidate", "active", "rejected", "superseded", "purged")
 
 
 class Model(Base):
@@ -77,6 +79,8 @@ class ModelVersion(Base):
     rejection_reason: Mapped[str | None] = mapped_column(Text)
     # use_alter: jobs reference versions (base, result) and versions reference the job that made them.
     created_by_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", use_alter=True))
+    purged_at: Mapped[datetime | None]
+    purge_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

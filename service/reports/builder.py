@@ -18,6 +18,7 @@ from service.erasures.tables import ALREADY_ERASED, ErasureTarget
 from service.jobs import repository as jobs_repository
 from service.models import repository as models_repository
 from service.models.tables import ModelVersion
+from service.purges import service as purges
 from service.reports import commitment
 
 FORMAT = "lethe-erasure-report/2"
@@ -50,24 +51,27 @@ def _version(version: ModelVersion | None) -> dict[str, Any] | None:
 
 
 def _registry_digest(session: Session, dataset_id: str) -> str:
-    """SHA-256 of the dataset's registry (sample id, row, label, split of every sample, by row)."""
+    """SHA-256 of the dataset's registry (sample id, row, label, split of every sample, by row). Computed once
+    per session and dataset: a registry never changes, and a canceled batch's reports all name it."""
+    known: dict[str, str] = session.info.setdefault("lethe.registry_digests", {})
+    if dataset_id in known:
+        return known[dataset_id]
     digest = hashlib.sha256()
     for split in ("train", "audit"):
         for row in datasets_repository.split_rows(session, dataset_id, split):
             digest.update(f"{row.sample_id}\t{row.row}\t{row.label}\t{split}\n".encode())
-    return digest.hexdigest()
+    known[dataset_id] = digest.hexdigest()
+    return known[dataset_id]
 
 
 def _evidence(audit: dict[str, Any], salt: bytes) -> dict[str, Any]:
-    """The audit with sample and subject ids replaced by their salted commitments."""
-    samples = [
-        {"sample": commitment.leaf(salt, s["sample_id"]).hex(),
-         **{k: v for k, v in s.items() if k not in ("sample_id", "subject_id")}}
-        for s in audit["samples"]
-    ]  # fmt: skip
-    subjects = {
-        _pseudonym(salt, "subject", subject): outcome for subject, outcome in audit["subjects"].items()
-    }
+    """The audit with sample and subject ids replaced by their salted commitments (jobs since the purge work
+    store their audits committed already: see ``commit_audit``)."""
+    if audit.get("committed"):
+        samples, subjects = audit["samples"], audit["subjects"]
+    else:
+        committed = commit_audit(audit, salt)
+        samples, subjects = committed["samples"], committed["subjects"]
     return {
         "method": audit["method"],
         "references": audit["references"],
@@ -144,7 +148,23 @@ def _erasure(
         "utility_population_metrics": {"before": metrics.get("before"), "after": metrics.get("after")},
         "evidence": _evidence(audit, salt) if audit else None,
         "limitations": audit["limitations"] if audit else NOT_AUDITED,
+        # The copies deleted once the model erased the samples, and any kept (with why): see service.purges.
+        "purge": purges.purge_view(session, target),
     }
+
+
+def commit_audit(audit: dict[str, Any], salt: bytes) -> dict[str, Any]:
+    """An audit whose per-sample evidence names samples and subjects only by salted commitments: what a job's
+    metrics keep (the worker commits with a salt it then discards)."""
+    samples = [
+        {"sample": commitment.leaf(salt, s["sample_id"]).hex(),
+         **{k: v for k, v in s.items() if k not in ("sample_id", "subject_id")}}
+        for s in audit["samples"]
+    ]  # fmt: skip
+    subjects = {
+        _pseudonym(salt, "subject", subject): outcome for subject, outcome in audit["subjects"].items()
+    }
+    return {**audit, "samples": samples, "subjects": subjects, "committed": True}
 
 
 def build_content(session: Session, request: DeletionRequest, salt: bytes) -> dict[str, Any]:

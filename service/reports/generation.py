@@ -17,11 +17,12 @@ def generate(session: Session, request: DeletionRequest, actor: str) -> ErasureR
     existing = session.get(ErasureReport, request.id)
     if existing is not None:
         return existing
+    # The salt is used for this report and discarded: kept, it would re-link the commitments to the ids.
     salt = commitment.new_salt()
     content = build_content(session, request, salt)
     content["trail"] = trail.request_segment(session, request.id)
     report = ErasureReport(
-        request_id=request.id, facts=canonical_bytes(content).decode(), commitment_salt=salt.hex()
+        request_id=request.id, facts=canonical_bytes(content).decode(), commitment_salt=None
     )
     session.add(report)
     session.flush()

@@ -23,6 +23,8 @@ class ErasureReport(Base):
     key_id: Mapped[str | None] = mapped_column(String(16))
     signature: Mapped[str | None] = mapped_column(Text)  # base64 Ed25519 signature of ``content``
     # The sample commitment's salt (hex): secret, so the report's root cannot be tested against guessed ids.
-    commitment_salt: Mapped[str] = mapped_column(String(64))
+    # None for reports since the purge work: their salt is derived from the pseudonym key, kept outside the
+    # database (service.purges.pseudonyms).
+    commitment_salt: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     signed_at: Mapped[datetime | None]

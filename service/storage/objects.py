@@ -19,7 +19,7 @@ import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 LOCAL_SCHEME = "local:"
 S3_SCHEME = "s3:"
 INPUTS_PREFIX = "inputs/"
+LEDGER_PREFIX = "ledger/"  # the erasure ledger: records outside the database (service.purges.ledger)
 _CHUNK = 1 << 20
 _RANGE_BUFFER = 256 << 10  # one ranged GET reads at least this much of an input
 _Handle = TypeVar("_Handle", BinaryIO, IO[bytes])
@@ -90,6 +91,24 @@ class ObjectStore(Protocol):
     def check_writable(self) -> None:
         """Write and delete a probe object; raises when the store cannot be written."""
         ...
+
+    def delete(self, uri: str) -> bool:
+        """Delete the object for good (on S3, every version of it); False when it was already gone."""
+        ...
+
+    def delete_input(self, key: str) -> bool:
+        """Delete input ``key`` (every version); False when it was already gone."""
+        ...
+
+    def put_record(self, name: str, data: bytes) -> None:
+        """Write ledger record ``name`` (a plain key under ``ledger/``, not content-addressed)."""
+        ...
+
+    def list_records(self) -> list[str]:
+        """The names of every ledger record, sorted."""
+        ...
+
+    def read_record(self, name: str) -> bytes: ...
 
 
 def object_key(sha256: str) -> str:
@@ -221,6 +240,37 @@ class LocalStore:
         fd, name = tempfile.mkstemp(dir=self.root, prefix=".probe-")
         os.close(fd)
         os.unlink(name)
+
+    def delete(self, uri: str) -> bool:
+        return _unlink(self.root / object_key(_parse_uri(uri, LOCAL_SCHEME)))
+
+    def delete_input(self, key: str) -> bool:
+        return _unlink(self.root / checked_input_key(key))
+
+    def put_record(self, name: str, data: bytes) -> None:
+        _atomic_copy(io.BytesIO(data), self.root / LEDGER_PREFIX / _record_name(name))
+
+    def list_records(self) -> list[str]:
+        directory = self.root / LEDGER_PREFIX
+        return sorted(p.name for p in directory.iterdir() if p.is_file()) if directory.is_dir() else []
+
+    def read_record(self, name: str) -> bytes:
+        return (self.root / LEDGER_PREFIX / _record_name(name)).read_bytes()
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    _fsync_dir(path.parent)
+    return True
+
+
+def _record_name(name: str) -> str:
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"{name!r}: a ledger record is a plain file name")
+    return name
 
 
 class _RangeReader(io.RawIOBase):
@@ -370,6 +420,46 @@ class S3Store:
         self._client.put_object(Bucket=self.bucket, Key=key, Body=b"")
         self._client.delete_object(Bucket=self.bucket, Key=key)
 
+    def _delete_all_versions(self, key: str) -> bool:
+        """Delete every version and delete marker of ``key``: on a versioned bucket a plain DELETE only hides
+        the bytes behind a marker. Unversioned buckets list each object once, as version "null"."""
+        full, found = self._key(key), False
+        paginator = self._client.get_paginator("list_object_versions")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            doomed = [
+                {"Key": entry["Key"], "VersionId": entry["VersionId"]}
+                for entry in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]
+                if entry["Key"] == full
+            ]
+            if doomed:
+                found = True
+                self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": doomed, "Quiet": True})
+        return found
+
+    def delete(self, uri: str) -> bool:
+        return self._delete_all_versions(object_key(_parse_uri(uri, S3_SCHEME)))
+
+    def delete_input(self, key: str) -> bool:
+        return self._delete_all_versions(checked_input_key(key))
+
+    def put_record(self, name: str, data: bytes) -> None:
+        self._client.put_object(
+            Bucket=self.bucket, Key=self._key(LEDGER_PREFIX + _record_name(name)), Body=data
+        )
+
+    def list_records(self) -> list[str]:
+        names: list[str] = []
+        prefix = self._key(LEDGER_PREFIX)
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            names += [entry["Key"].removeprefix(prefix) for entry in page.get("Contents", [])]
+        return sorted(names)
+
+    def read_record(self, name: str) -> bytes:
+        answer = self._client.get_object(
+            Bucket=self.bucket, Key=self._key(LEDGER_PREFIX + _record_name(name))
+        )
+        return bytes(answer["Body"].read())
+
 
 class CachedStore:
     """A worker's view of a remote store: objects read through a local cache keyed by SHA-256, at most
@@ -399,6 +489,32 @@ class CachedStore:
 
     def check_writable(self) -> None:
         self.inner.check_writable()
+
+    def delete(self, uri: str) -> bool:
+        self.evict([_parse_uri(uri, S3_SCHEME)])
+        return self.inner.delete(uri)
+
+    def delete_input(self, key: str) -> bool:
+        return self.inner.delete_input(key)
+
+    def put_record(self, name: str, data: bytes) -> None:
+        self.inner.put_record(name, data)
+
+    def list_records(self) -> list[str]:
+        return self.inner.list_records()
+
+    def read_record(self, name: str) -> bytes:
+        return self.inner.read_record(name)
+
+    def cached_digests(self) -> list[str]:
+        """The SHA-256 of every object in this machine's cache."""
+        if not self.directory.is_dir():
+            return []
+        return [p.name for p in self.directory.iterdir() if p.is_file() and not p.name.startswith(".")]
+
+    def evict(self, sha256s: Iterable[str]) -> list[str]:
+        """Drop these objects from the cache (purged: no job may read them again); returns those dropped."""
+        return [sha256 for sha256 in sha256s if _unlink_quietly(self.directory / sha256)]
 
     def local_path(self, uri: str) -> Path:
         sha256 = _parse_uri(uri, S3_SCHEME)
@@ -437,6 +553,14 @@ class CachedStore:
             if path != keep:
                 total -= path.stat().st_size
                 path.unlink(missing_ok=True)
+
+
+def _unlink_quietly(path: Path) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def open_store(url: str) -> LocalStore | S3Store:

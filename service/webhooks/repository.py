@@ -178,3 +178,12 @@ def lock_due(session: Session, delivery_ids: Sequence[str], now: datetime) -> Se
 
 def lock_delivery(session: Session, delivery_id: str) -> WebhookDelivery | None:
     return session.get(WebhookDelivery, delivery_id, with_for_update=True, populate_existing=True)
+
+
+def delete_events_before(session: Session, cutoff: datetime) -> int:
+    old_events = select(WebhookEvent.id).where(WebhookEvent.created_at < cutoff)
+    deliveries = select(WebhookDelivery.id).where(WebhookDelivery.event_id.in_(old_events))
+    session.execute(delete(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(deliveries)))
+    session.execute(delete(WebhookDelivery).where(WebhookDelivery.event_id.in_(old_events)))
+    result = session.execute(delete(WebhookEvent).where(WebhookEvent.created_at < cutoff))
+    return int(getattr(result, "rowcount", 0) or 0)

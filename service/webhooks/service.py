@@ -279,7 +279,7 @@ def request_settled(session: Session, request: DeletionRequest, when: datetime) 
         return None
     data = {
         "request_id": request.id, "state": request.state, "dataset_id": request.dataset_id,
-        "model_id": request.model_id, "subject_id": request.subject_id, "sample_count": request.sample_count,
+        "model_id": request.model_id, "sample_count": request.sample_count,
         "received_at": request.received_at.isoformat(), "due_at": request.due_at.isoformat(),
         "completed_at": when.isoformat(), "due_date_met": when <= request.due_at,
         "erasures": _erasures_summary(session, request.id),
@@ -288,11 +288,18 @@ def request_settled(session: Session, request: DeletionRequest, when: datetime) 
     return _add_event(session, SETTLED, dataset.tenant, request.id, data, when, endpoints)
 
 
+def expire_events(session: Session, settings: Settings, now: datetime) -> int:
+    """Delete events (with their deliveries and attempts) older than the delivery window: by then every
+    delivery has succeeded or failed, and the event is no record Lethe needs to keep."""
+    cutoff = now - timedelta(seconds=settings.webhook_retry_window_s)
+    return repository.delete_events_before(session, cutoff)
+
+
 def _due_soon_data(request: DeletionRequest, now: datetime) -> dict[str, Any]:
     days_left = math.floor((request.due_at - now).total_seconds() / 86400)
     return {
         "request_id": request.id, "state": request.state, "dataset_id": request.dataset_id,
-        "model_id": request.model_id, "subject_id": request.subject_id,
+        "model_id": request.model_id,
         "received_at": request.received_at.isoformat(), "due_at": request.due_at.isoformat(),
         "days_left": days_left, "overdue": request.due_at <= now,
         "request_url": f"/deletion-requests/{request.id}",

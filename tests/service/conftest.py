@@ -145,6 +145,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         batch_wait_s=0,  # a job is ready at once; coalescing tests set their own wait
         data_dir=tmp_path,  # the files tests register are written under tmp_path
         webhook_allow_private_hosts=True,  # the tests' receivers listen on loopback
+        pseudonym_key_file=tmp_path / "pseudonym.key",
     )
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 from fastapi.testclient import TestClient
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.app import create_app
@@ -52,9 +54,14 @@ class MemorisedService:
     tmp: Path  # where the dataset's array file and the initial checkpoint lie
 
     def register_model(self, name: str, **extra: Any) -> dict[str, Any]:
-        """A model of the initial checkpoint, with the recipe it was trained with."""
+        """A model of the initial weights, with the recipe it was trained with. Each model gets its own
+        checkpoint bytes (the weights, with its name in the file's metadata): a purge of one model's first
+        version refuses those bytes at registration, and must not refuse another model's."""
+        own = self.tmp / f"{name}.safetensors"
+        initial = load_safetensors((self.tmp / CHECKPOINT).read_bytes())
+        own.write_bytes(save_safetensors(initial, metadata={"test_model": name}))
         body = {"name": name, "dataset_id": self.dataset_id, "spec": SPEC.to_dict(),
-                "checkpoint_path": str(self.tmp / CHECKPOINT), "training_recipe": asdict(RECIPE),
+                "checkpoint_path": str(own), "training_recipe": asdict(RECIPE),
                 **extra}  # fmt: skip
         answer = self.client.post("/models", json=body)
         assert answer.status_code == 201, answer.text
@@ -71,7 +78,8 @@ class MemorisedService:
 def memorised_service(tmp: Path, database_url: str, **settings: Any) -> Iterator[MemorisedService]:
     """The API with the memorised digits registered; ``settings`` override the service's for the module."""
     defaults = {"database_url": database_url, "storage_url": tmp / "checkpoints",
-                "report_key_dir": tmp / "report-keys", "batch_wait_s": 0, "data_dir": tmp}  # fmt: skip
+                "report_key_dir": tmp / "report-keys", "batch_wait_s": 0, "data_dir": tmp,
+                "pseudonym_key_file": tmp / "pseudonym.key"}  # fmt: skip
     merged = Settings(**{**defaults, **settings})
     KeyRing(merged.report_key_dir).generate()
     case = memorised_case()

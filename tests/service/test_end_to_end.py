@@ -24,6 +24,8 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.app import create_app
@@ -69,15 +71,20 @@ class Env:
     tmp: Path
 
     def register_model(self) -> str:
+        """A model of the initial weights, in checkpoint bytes of its own (its name in the file's metadata):
+        once a model's first version is purged its bytes are refused, and must not be another model's."""
         name = f"digits-{uuid.uuid4().hex[:8]}"
+        own = self.tmp / f"{name}.safetensors"
+        initial = load_safetensors(self.checkpoint_path.read_bytes())
+        own.write_bytes(save_safetensors(initial, metadata={"test_model": name}))
         if self.store == "s3":  # uploaded: the API never reads a path the client names
             form = {"name": name, "dataset_id": self.dataset_id, "spec": json.dumps(SPEC.to_dict()),
                     "training_recipe": json.dumps({"epochs": 2})}  # fmt: skip
-            files = {"checkpoint": ("initial.safetensors", self.checkpoint_path.read_bytes())}
+            files = {"checkpoint": ("initial.safetensors", own.read_bytes())}
             answer = self.client.post("/models/upload", data=form, files=files)
         else:
             body = {"name": name, "dataset_id": self.dataset_id, "spec": SPEC.to_dict(),
-                    "checkpoint_path": str(self.checkpoint_path),
+                    "checkpoint_path": str(own),
                     "training_recipe": {"epochs": 2}}  # fmt: skip
             answer = self.client.post("/models", json=body)
         assert answer.status_code == 201, answer.text
@@ -113,6 +120,16 @@ class Env:
         raise AssertionError(
             f"job {job_id} stuck in {job['state']}; worker log:\n{self.worker_log.read_text()[-4000:]}"
         )
+
+    def wait_completed(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The request once completed: its job succeeded and the purge that follows it has run."""
+        deadline = time.monotonic() + TIMEOUT_S
+        while (answer := self.client.get(f"/deletion-requests/{request['id']}").json())[
+            "state"
+        ] != "completed":
+            assert time.monotonic() < deadline, answer
+            time.sleep(0.2)
+        return dict(answer)
 
     def versions(self, model: str) -> list[dict[str, Any]]:
         return list(self.client.get(f"/models/{model}/versions").json()["items"])
@@ -211,8 +228,9 @@ def test_requests_produce_a_lineage_of_active_versions(env: Env) -> None:
     job = env.wait_job(job_of(first), _done)
     assert job["state"] == "succeeded", job
     assert job["metrics"]["gate"]["passed"]
+    env.wait_completed(first)
     v1, v2 = env.versions(model)
-    assert (v1["status"], v2["status"]) == ("superseded", "active")
+    assert (v1["status"], v2["status"]) == ("purged", "active")  # v1 held the subject: deleted
     assert v2["parent_id"] == initial["id"] and job["result_version_id"] == v2["id"]
     assert v2["covered_request_ids"] == [first["id"]]
     assert v2["metrics_before"]["audit_accuracy"] > 50  # the initial model learnt something
@@ -230,14 +248,13 @@ def test_requests_produce_a_lineage_of_active_versions(env: Env) -> None:
     job_lines = [line for line in lines if line.get("job_id") == job["id"]]
     assert job_lines and all(line["request_id"] == first["http_request_id"] for line in job_lines)
     assert all(line["deletion_request_ids"] == [first["id"]] for line in job_lines)
-    assert env.client.get(f"/deletion-requests/{first['id']}").json()["state"] == "completed"
-
     second = env.request(model, "subject-0002")
     job = env.wait_job(job_of(second), _done)
     assert job["state"] == "succeeded", job
     assert job["base_version_id"] == v2["id"]
+    env.wait_completed(second)
     _, v2_after, v3 = env.versions(model)
-    assert (v2_after["status"], v3["status"], v3["parent_id"]) == ("superseded", "active", v2["id"])
+    assert (v2_after["status"], v3["status"], v3["parent_id"]) == ("purged", "active", v2["id"])
 
 
 def test_redelivered_message_for_a_finished_job_does_nothing(env: Env) -> None:
@@ -245,6 +262,7 @@ def test_redelivered_message_for_a_finished_job_does_nothing(env: Env) -> None:
     request = env.request(model, "subject-0003")
     job = env.wait_job(job_of(request), _done)
     assert job["state"] == "succeeded"
+    env.wait_completed(request)  # its purge has run too
     versions = env.versions(model)
 
     env.dispatcher.dispatch(job["id"])  # as Redis would after a visibility timeout
@@ -333,6 +351,8 @@ def test_two_workers_run_two_models_in_parallel_and_one_models_jobs_in_turn(env:
         requests = [env.request(model, f"subject-00{10 + 2 * i + j}", {"epochs": 50, "seed": j})
                     for i, model in enumerate(models) for j in range(2)]  # fmt: skip
         jobs = [env.wait_job(job_of(request), _done) for request in requests]
+        for request in requests:
+            env.wait_completed(request)
     finally:
         second.terminate()
         second.wait(timeout=30)
@@ -358,7 +378,7 @@ def test_two_workers_run_two_models_in_parallel_and_one_models_jobs_in_turn(env:
         lineage = [
             v["status"] for v in env.client.get(f"/models/{_name(env, model)}/versions").json()["items"]
         ]
-        assert lineage == ["superseded", "superseded", "active"]
+        assert lineage == ["purged", "purged", "active"]  # each earlier version held an erased subject
 
 
 def _job_rows(env: Env, job_ids: list[str]) -> list[Job]:

@@ -12,15 +12,18 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 
-import worker.pipeline as pipeline
+import worker.pipeline.audit as audit_stage
 from service.core import logs
 from service.deletion_requests import repository as requests_repository
-from tests.audit.memorised import RECIPE
+from tests.audit.memorised import RECIPE, SPEC
 from tests.service.conftest import job_of
-from tests.service.memorised_service import MemorisedService, memorised_service
+from tests.service.memorised_service import CHECKPOINT, MemorisedService, memorised_service
 from worker.demo import erased_sample_ids
 
 pytestmark = pytest.mark.slow
@@ -114,11 +117,10 @@ def test_a_dataset_wide_request_fans_out_and_completes_when_every_model_has(env:
 def test_a_model_registered_later_gets_the_erasure_queued(env: Env) -> None:
     ids = env.samples()
     earlier = env.post({"dataset_id": env.dataset_id}, ids, **RETRAIN)
+    late = env.register_model("model-late")  # while the request is open: its rows are still here
     for job_id in {e["job_id"] for e in earlier["erasures"]}:
         assert env.run(job_id) == "succeeded"
-    assert env.get(earlier)["state"] == "completed"
 
-    late = env.register_model("model-late")
     notice = late["training_data"]
     assert notice["erasure_requested_samples_included"] >= len(ids)
     queued = [env.client.get(f"/deletion-requests/{rid}").json() for rid in notice["queued_request_ids"]]
@@ -128,17 +130,43 @@ def test_a_model_registered_later_gets_the_erasure_queued(env: Env) -> None:
     assert carried["due_at"] == earlier["due_at"] and carried["sample_count"] == len(ids)
     assert env.run(job_of(carried)) == "succeeded"
     assert env.get(carried)["state"] == "completed"
+    assert env.get(earlier)["state"] == "completed"
     assert set(ids) <= set(erased_sample_ids(env.client, env.dataset_id, carried_id))
 
-    # A model declared trained without those samples has nothing to erase: nothing is queued for it.
-    trained_on = [env.case.dataset.sample_ids[r] for r in env.case.dataset.train_rows
-                  if env.case.dataset.sample_ids[r] not in set(ids)]  # fmt: skip
-    clean = env.register_model("model-clean", training_sample_ids=trained_on)
+    # Every model erased them: model-late's first checkpoint (trained on them) was purged and its bytes cannot
+    # come back; their rows were purged, so a model declared trained on them is refused (Lethe could neither
+    # unlearn nor audit them any more), and one that declares nothing is taken as trained on what is left.
+    body = {"name": "model-too-late", "dataset_id": env.dataset_id, "spec": SPEC.to_dict(),
+            "checkpoint_path": "model-late.safetensors"}  # fmt: skip
+    refused = env.client.post("/models", json=body)
+    assert refused.status_code == 409 and refused.json()["type"].endswith("checkpoint-purged")
+    other = _other_checkpoint(env)
+    declared = {**body, "checkpoint_path": other, "training_sample_ids": ids}
+    refused = env.client.post("/models", json=declared)
+    assert refused.status_code == 409 and refused.json()["type"].endswith("trained-on-purged-samples")
+    versions = env.client.get("/models/model-late/versions").json()["items"]
+    first = next(v for v in versions if v["number"] == 1)
+    assert first["status"] == "purged"
+    gone = env.client.get("/models/model-late/versions/1/checkpoint")
+    assert gone.status_code == 410 and gone.json()["type"].endswith("checkpoint-purged")
+
+    # A model registered now holds none of the purged samples: nothing is queued for it.
+    clean = env.register_model("model-clean", checkpoint_path=other)
     assert earlier["id"] not in [
         env.client.get(f"/deletion-requests/{rid}").json()["origin_request_id"]
         for rid in clean["training_data"]["queued_request_ids"]
     ]
-    assert clean["training_data"]["declared_training_samples"] == len(trained_on)
+    declared = clean["training_data"]["declared_training_samples"]
+    assert declared <= len(env.case.dataset.train_rows) - len(ids)
+
+
+def _other_checkpoint(env: Env) -> str:
+    """A checkpoint of the same architecture with other bytes (one weight moved)."""
+    tensors = load_safetensors((env.tmp / CHECKPOINT).read_bytes())
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + np.float32(1e-3)
+    (env.tmp / "other.safetensors").write_bytes(save_safetensors(tensors))
+    return "other.safetensors"
 
 
 def test_a_batch_of_requests_is_one_job_one_version_and_a_verdict_each(env: Env) -> None:
@@ -167,7 +195,7 @@ def test_a_batch_of_requests_is_one_job_one_version_and_a_verdict_each(env: Env)
 
 def _force_failure(monkeypatch: pytest.MonkeyPatch, sample_ids: set[str]) -> None:
     """The audit of a request whose samples are all in ``sample_ids`` fails (residual membership)."""
-    real_audit = pipeline.audit_unlearning
+    real_audit = audit_stage.audit_unlearning
 
     def audit(*args: Any, **kwargs: Any) -> dict[str, Any]:
         result = real_audit(*args, **kwargs)
@@ -176,7 +204,7 @@ def _force_failure(monkeypatch: pytest.MonkeyPatch, sample_ids: set[str]) -> Non
             result["gate"] = {**result["gate"], "passed": False, "failures": ["residual membership (forced)"]}
         return result
 
-    monkeypatch.setattr(pipeline, "audit_unlearning", audit)
+    monkeypatch.setattr(audit_stage, "audit_unlearning", audit)
 
 
 def test_failures_in_a_batch_are_retried_together_by_exact_retraining(
@@ -266,7 +294,8 @@ def test_metrics_follow_a_request_through_its_job(env: Env) -> None:
     assert moved(queued, post) == 1
     assert env.run(job_of(request)) == "succeeded"
     after = _scrape(env)
-    assert moved(after, "lethe_queue_depth") == 0 and moved(after, "lethe_jobs,state=succeeded") == 1
+    # The unlearning job, and the purge job the same worker ran right after it.
+    assert moved(after, "lethe_queue_depth") == 0 and moved(after, "lethe_jobs,state=succeeded") == 2
     assert moved(after, "lethe_deletion_requests,state=processing") == 0
     assert moved(after, "lethe_deletion_requests,state=completed") == 1
     assert moved(after, "lethe_open_requests_by_days_left,days_left=14-30") == 0
@@ -303,7 +332,7 @@ def test_log_lines_follow_a_request_from_the_api_into_its_job(env: Env) -> None:
     access = [line for line in lines if line["logger"] == "lethe.access" and line["method"] == "POST"]
     assert access and access[0]["request_id"] == "backend-req-42" and access[0]["status"] == 202
     job_lines = [line for line in lines if line.get("job_id") == job_of(answer.json())]
-    assert any(line["logger"] == "worker.pipeline" for line in job_lines), lines[-5:]
+    assert any(line["logger"].startswith("worker.pipeline") for line in job_lines), lines[-5:]
     assert all(
         line["model"] == "model-a" and line["deletion_request_ids"] == [answer.json()["id"]]
         for line in job_lines

@@ -158,7 +158,7 @@ def test_requests_coalesce_until_the_job_is_full_or_claimed(
 
 
 def test_a_job_runs_to_success_through_the_worker_api(
-    client: TestClient, session: Session, model: dict[str, Any]
+    client: TestClient, session: Session, model: dict[str, Any], settings: Settings
 ) -> None:
     job_id = submit(client, "s1", "s2")
     claimed = jobs_service.claim_job(session, job_id, "w1", LEASE)
@@ -184,8 +184,8 @@ def test_a_job_runs_to_success_through_the_worker_api(
         request_ids=[claimed.targets[0].request_id],
     )
     [target] = erasures_service.targets_of_job(session, job_id)
-    erasures_service.complete(
-        session, target, dataset_id=claimed.dataset_id, sample_ids=claimed.forget_sample_ids,
+    purge = erasures_service.complete(
+        session, settings, target, dataset_id=claimed.dataset_id, sample_ids=claimed.forget_sample_ids,
         version_id=version.id, attempt={"job_id": job_id, "verdict": "forgotten"}, actor="w1",
     )  # fmt: skip
     jobs_service.finish(
@@ -201,7 +201,10 @@ def test_a_job_runs_to_success_through_the_worker_api(
     assert timings["queued_seconds"] >= 0 and timings["running_seconds"] >= 0 and timings["finished_at"]
     request_id = claimed.targets[0].request_id
     request = client.get(f"/deletion-requests/{request_id}").json()
-    assert request["state"] == "completed" and request["completed_at"]
+    # Erased from the model, but not completed until its purge job has deleted the copies that hold them.
+    assert request["state"] == "processing" and request["completed_at"] is None
+    assert request["erasures"][0]["purge"]["state"] == "scheduled"
+    assert request["erasures"][0]["purge"]["job_id"] == purge.job_id
     assert request["erasures"][0]["result_version"] == 2 and request["erasures"][0]["verdict"] == "forgotten"
     active = client.get("/models/toy-model").json()["active_version"]
     assert active["number"] == 2 and active["covered_request_ids"] == [request_id]
@@ -241,3 +244,28 @@ def test_stale_queued_jobs_are_found_for_the_sweeper(
     job_id = submit(client, "s1")
     assert jobs_service.list_stale_queued(session, utcnow() - timedelta(minutes=5)) == []
     assert jobs_service.list_stale_queued(session, utcnow() + timedelta(seconds=1)) == [job_id]
+
+
+def test_canceling_a_large_batch_settles_it_in_chunks_and_resumes_when_cut_short(
+    client: TestClient, session: Session, model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs_service, "SETTLE_CHUNK", 3)
+    job_id = submit(client, "s0")
+    assert {submit(client, f"s{i}") for i in range(1, 7)} == {job_id}  # seven requests, one open job
+    canceled = client.post(f"/jobs/{job_id}/cancel")
+    assert canceled.status_code == 202 and canceled.json()["state"] == "canceled"
+    progress = canceled.json()["progress"]
+    assert (progress["phase"], progress["settled"], progress["total"]) == ("settling", 7, 7)
+    for request_id in canceled.json()["request_ids"]:
+        request = client.get(f"/deletion-requests/{request_id}").json()
+        assert request["state"] == "canceled" and request["erasures"][0]["state"] == "canceled"
+    assert_problem(client.post(f"/jobs/{job_id}/cancel"), 409, "job-finished")
+    # A cancel cut short (the API stopped between chunks) leaves the rest pending: canceling again goes on.
+    cut_short = submit(client, "s0")
+    assert {submit(client, f"s{i}") for i in range(1, 5)} == {cut_short}
+    jobs_service.request_cancel(session, cut_short, "acme", "test")  # the first transaction only
+    session.commit()
+    assert client.get(f"/jobs/{cut_short}").json()["progress"]["settled"] == 3
+    resumed = client.post(f"/jobs/{cut_short}/cancel").json()
+    assert resumed["progress"]["settled"] == resumed["progress"]["total"] == 5
+    assert client.get("/audit-trail/verification").json()["valid"]

@@ -86,6 +86,16 @@ class ReferenceSet:
             raise KeyError(f"{len(missing)} rows are not in the reference set (first: {int(missing[0])})")
         return columns
 
+    def without_train_rows(self, rows: np.ndarray) -> ReferenceSet:
+        """The set with these train samples' columns removed (erased: their scores and labels go too)."""
+        keep = ~np.isin(self.train_rows, rows)
+        # C order: a column selection can come back Fortran-ordered, and safetensors writes the raw buffer.
+        return dataclasses.replace(
+            self, train_rows=self.train_rows[keep], train_labels=self.train_labels[keep],
+            members=np.ascontiguousarray(self.members[:, keep]),
+            train_scores=np.ascontiguousarray(self.train_scores[:, keep]),
+        )  # fmt: skip
+
     def describe(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -98,7 +108,7 @@ class ReferenceSet:
         }
 
     def to_bytes(self) -> bytes:
-        tensors = {
+        tensors = {  # safetensors writes raw C-ordered buffers
             "train_rows": self.train_rows,
             "train_labels": self.train_labels,
             "audit_rows": self.audit_rows,
@@ -107,7 +117,8 @@ class ReferenceSet:
             "train_scores": self.train_scores,
             "audit_logits": self.audit_logits,
         }
-        return safetensors_save(tensors, metadata={"lethe": json.dumps(self.describe(), sort_keys=True)})
+        contiguous = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
+        return safetensors_save(contiguous, metadata={"lethe": json.dumps(self.describe(), sort_keys=True)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ReferenceSet:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import worker.pipeline as pipeline
+import worker.pipeline.unlearn as unlearn_stage
 from service.core.database import make_engine, make_session_factory
 from service.core.settings import Settings
 from service.dispatch import CeleryDispatcher
@@ -254,7 +255,7 @@ def _pickup_to_first_step(
 ) -> dict[str, Any]:
     session_factory = make_session_factory(make_engine(settings.database_url))
     store = open_store(settings.storage_url)
-    engine_unlearn = pipeline.unlearn
+    engine_unlearn = unlearn_stage.unlearn
     first_step: list[float] = []
 
     def on_step(_event: Any) -> None:
@@ -264,7 +265,7 @@ def _pickup_to_first_step(
     def timed_unlearn(*args: Any, **kwargs: Any) -> Any:
         return engine_unlearn(*args, **{**kwargs, "progress": on_step})
 
-    pipeline.unlearn = timed_unlearn
+    unlearn_stage.unlearn = timed_unlearn
     # The load's jobs are queued too, with earlier due dates: out of the way, so each message takes its own.
     for job in (
         client.get("/jobs", params={"state": "queued", "limit": 500}).raise_for_status().json()["items"]
@@ -294,7 +295,7 @@ def _pickup_to_first_step(
             assert state == "canceled", state
             seconds.append(first_step[-1] - started)
     finally:
-        pipeline.unlearn = engine_unlearn
+        unlearn_stage.unlearn = engine_unlearn
     return {"repeats": repeats, "seconds": [round(s, 3) for s in seconds],
             "median_s": round(statistics.median(seconds), 3)}  # fmt: skip
 

@@ -1,0 +1,98 @@
+"""Stage 2, references: the model lineage's audit reference set, loaded, or trained and registered when
+the model has none (its first audited job, or a ``build_references`` job:
+``POST /models/{name}/audit-references``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from service.audit import service as audit_service
+from service.jobs import service as jobs_service
+from worker.audit import LabelledRows, ReferenceSet, build_reference_set
+from worker.audit.population import label_splits
+from worker.engine.config import TrainingConfig
+from worker.engine.spec import ModelSpec
+from worker.pipeline.data import JobSets, concat, load_checkpoint, read_verified, rows_of, spec_of
+from worker.pipeline.errors import JobFailed
+from worker.pipeline.heartbeat import Heartbeat
+
+if TYPE_CHECKING:
+    from worker.pipeline.job import JobRun
+
+log = logging.getLogger(__name__)
+
+
+def build_job(job: JobRun, heartbeat: Heartbeat) -> str:
+    """A ``build_references`` job: this stage alone, on demand."""
+    claimed = job.claimed
+    spec = spec_of(claimed.spec)
+    base = load_checkpoint(job.store, claimed.base_version.storage_uri, claimed.base_version.sha256, spec)
+    sets = job.load_sets(seed=0)
+    job.step = "references"
+    row, _refs = build_references(
+        job, heartbeat, spec, base, sets, int(claimed.config["references"]), int(claimed.config["seed"])
+    )
+    with job.session_factory.begin() as session:
+        jobs_service.finish(
+            session, claimed.job_id, "succeeded", worker_id=job.worker_id,
+            metrics={"reference_set_id": row, "references": _refs.describe()},
+        )  # fmt: skip
+    return "succeeded"
+
+
+def references(
+    job: JobRun, heartbeat: Heartbeat, spec: ModelSpec, base: nn.Module, sets: JobSets
+) -> ReferenceSet:
+    """The model lineage's reference set; built now when it has none (its first audited job)."""
+    with job.session_factory() as session:
+        row = audit_service.current_set(session, job.claimed.model_id)
+        found = None if row is None else (row.storage_uri, row.checkpoint_sha256)
+    if found is None:
+        log.info("job %s: model %s has no audit reference set; building it", job.claimed.job_id,
+                 job.claimed.model_name)  # fmt: skip
+        _row, refs = build_references(
+            job,
+            heartbeat,
+            spec,
+            base,
+            sets,
+            job.settings.audit_references,
+            job.settings.audit_reference_seed,
+        )
+        return refs
+    try:
+        refs = ReferenceSet.from_bytes(read_verified(job.store, *found))
+        refs.train_columns(sets.forget_rows)
+    except (KeyError, ValueError) as exc:
+        raise JobFailed(
+            "audit_references", f"the model's reference set cannot audit this job: {exc}"
+        ) from exc
+    return refs
+
+
+def build_references(
+    job: JobRun, heartbeat: Heartbeat, spec: ModelSpec, base: nn.Module, sets: JobSets, k: int, seed: int
+) -> tuple[str, ReferenceSet]:
+    """Train and score the references on every train sample still in the model, store and register."""
+    heartbeat.phase = "audit_references"
+    pool = concat(sets.forget, sets.remaining)
+    splits = label_splits(base, pool, sets.remaining_sample, sets.audit, job.runtime)
+    recipe = TrainingConfig(**(job.claimed.training_recipe or {}))
+    refs = build_reference_set(
+        spec,
+        LabelledRows(pool.x, splits.forget.require_labels().numpy(), rows_of(pool)),
+        LabelledRows(sets.audit.x, splits.audit.require_labels().numpy(), sets.audit_rows),
+        recipe, k=k, seed=seed, runtime=job.runtime, progress=heartbeat.report, cancel=heartbeat.token,
+    )  # fmt: skip
+    stored = job.store.put(refs.to_bytes())
+    with job.session_factory.begin() as session:
+        row = audit_service.register_set(
+            session, model_id=job.claimed.model_id, dataset_id=job.claimed.dataset_id,
+            job_id=job.claimed.job_id, stored=stored, summary=refs.describe(),
+        )  # fmt: skip
+        row_id = row.id
+    log.info("job %s: %d reference models built in %.1f s", job.claimed.job_id, k, refs.build_seconds)
+    return row_id, refs
