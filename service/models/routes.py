@@ -239,6 +239,24 @@ def get_version(
     return version
 
 
+@router.post(
+    "/{name}/versions/{number}/activate",
+    response_model=VersionOut,
+    responses={410: {"description": "the version was purged",
+                     "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}},
+)  # fmt: skip
+def activate_version(
+    name: str, number: int, caller: Annotated[Principal, requires("admin")], session: SessionDep
+) -> VersionOut:
+    """Roll the model back (or forward) to this version: an operator's operation, refused for a version that
+    holds an erased sample (409) or was purged (410), and while a job of the model runs."""
+    model = service.get_model(session, name, caller.tenant)
+    version = service.activate_version(session, model, number, caller.actor)
+    session.commit()
+    [out] = _versions_out(session, model, [version])
+    return out
+
+
 @router.get(
     "/{name}/versions/{number}/checkpoint",
     response_class=StreamingResponse,

@@ -17,6 +17,7 @@ from service.datasets import repository as datasets_repository
 from service.deletion_requests import service as requests_service
 from service.erasures import repository as erasures_repository
 from service.erasures.service import Dispatch
+from service.jobs import repository as jobs_repository
 from service.models import repository
 from service.models.tables import Model, ModelVersion
 from service.purges import service as purges
@@ -208,12 +209,7 @@ def erased_sample_counts(session: Session, model: Model) -> dict[str, int]:
 def open_checkpoint(store: ObjectStore, version: ModelVersion) -> BinaryIO:
     """The version's checkpoint, hash-verified; a purged version is 410 Gone, a missing or corrupt object a
     server fault (500)."""
-    if version.status == "purged":
-        raise Gone(
-            "checkpoint-purged", f"version {version.number} held erased samples; its checkpoint was deleted",
-            number=version.number, sha256=version.checkpoint_sha256, purged_at=_iso(version.purged_at),
-            reason=version.purge_reason,
-        )  # fmt: skip
+    _refuse_tombstone(version)
     try:
         return store.open(version.storage_uri)
     except (ObjectNotFound, CorruptObject) as exc:
@@ -223,6 +219,47 @@ def open_checkpoint(store: ObjectStore, version: ModelVersion) -> BinaryIO:
             "the stored checkpoint is missing or corrupt",
             sha256=version.checkpoint_sha256,
         ) from exc
+
+
+def _refuse_tombstone(version: ModelVersion) -> None:
+    if version.status == "purged":
+        raise Gone(
+            "checkpoint-purged", f"version {version.number} held erased samples; its checkpoint was deleted",
+            number=version.number, sha256=version.checkpoint_sha256, purged_at=_iso(version.purged_at),
+            reason=version.purge_reason,
+        )  # fmt: skip
+
+
+def activate_version(session: Session, model: Model, number: int, actor: str) -> ModelVersion:
+    """Roll the model's active version to version ``number``: an operator's fix, allowed only to a version
+    that holds no erased sample (never an ancestor of an erasure: a bad post-erasure version is fixed forward,
+    never by bringing the subject back) and while no job of the model runs."""
+    version = get_version(session, model, number)
+    if repository.lock_model(session, model.id) is None:  # pragma: no cover - the model exists
+        raise NotFound("model-not-found", f"no model {model.name!r}", model=model.name)
+    _refuse_tombstone(version)
+    if version.status == "active":
+        raise Conflict("version-already-active", f"version {number} is the active version", number=number)
+    if any(v.id == version.id for v in purges.versions_holding_erased(session, model.id)):
+        raise Conflict(
+            "version-holds-erased-samples",
+            f"version {number} still holds samples erased since: it can never be active again",
+            number=number,
+        )
+    if jobs_repository.active_job_id(session, model.id, excluding="") is not None:
+        raise Conflict("model-busy", "a job of the model is running; roll back once it has ended")
+    current = repository.active_version(session, model.id)
+    if current is not None:
+        current.status = "superseded"
+        session.flush()
+    version.status = "active"
+    session.flush()
+    trail.append(
+        session, "model.version_activated", actor=actor, subject_type="model", subject_id=model.id,
+        request_id=None,
+        data={"number": number, "version_id": version.id, "previous": current.number if current else None},
+    )  # fmt: skip
+    return version
 
 
 def get_version(session: Session, model: Model, number: int) -> ModelVersion:

@@ -168,6 +168,10 @@ def test_a_completed_erasure_leaves_no_copy_of_the_subject(
             ).content,
         }
 
+        # Rollback is an operator's operation, and never to a version that holds the erased subject.
+        back = service.client.post("/models/model/versions/1/activate")
+        assert back.status_code == 409 and back.json()["type"].endswith("version-holds-erased-samples")
+
         dump = tmp_path / "before-purge.dump"
         subprocess.run(["pg_dump", "-Fc", "-f", str(dump), _libpq(url)], check=True)
 
@@ -189,6 +193,7 @@ def test_a_completed_erasure_leaves_no_copy_of_the_subject(
         trail = service.client.get(f"/deletion-requests/{erased['id']}/trail").json()["items"]
         assert [e for e in trail if e["kind"] == "erasure.purged"]
         _check_nothing_left(service, service.session_factory, store, versions, rows)
+        assert service.client.post("/models/model/versions/1/activate").status_code == 410
         if isinstance(store, CachedStore):
             purged_digests = {v["sha256"] for v in record["record"]["checkpoints"]}
             assert not purged_digests & set(store.cached_digests())
