@@ -19,7 +19,7 @@ from importlib import resources
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, Depends, FastAPI, Form, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
@@ -267,8 +267,9 @@ def work_queue(
     verdict: str | None = None,
     due_from: str | None = None,
     due_to: str | None = None,
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
 ) -> Response:
-    """Open deletion requests (or those the filters choose), earliest due date first."""
+    """Open deletion requests (or those the filters choose), earliest due date first, a page at a time."""
     principal = _require(current, "deletions:read")
     if state not in (service.OPEN, "all", *service.REQUEST_STATES):
         raise InvalidInput("unknown-state", f"no request state {state!r}", field="state")
@@ -279,14 +280,23 @@ def work_queue(
         due_from=_date(due_from, "due_from"),
         due_to=_date(due_to, "due_to"),
     )
-    queue = service.work_queue(session, principal.tenant, filters, utcnow())
+    queue = service.work_queue(session, principal.tenant, filters, utcnow(), page)
+
+    def page_link(number: int) -> str:
+        query = {**request.query_params, "page": str(number)}
+        return f"{_base(request)}/requests?{urlencode(query)}"
+
+    pages = {
+        "previous": page_link(page - 1) if page > 1 else None,
+        "next": page_link(page + 1) if queue.first + len(queue.rows) <= queue.total else None,
+    }
     return _render(
         request,
         "queue.html",
         current,
         {"queue": queue, "filters": filters, "states": service.REQUEST_STATES,
          "verdicts": sorted(queue.verdicts), "buckets": service.DAYS_LEFT_BUCKETS,
-         "at_risk_buckets": service.AT_RISK_BUCKETS, "filtered": bool(request.query_params)},
+         "at_risk_buckets": service.AT_RISK_BUCKETS, "filtered": bool(request.query_params), "pages": pages},
     )  # fmt: skip
 
 

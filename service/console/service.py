@@ -4,7 +4,6 @@ download writes (its signing and its trail event), through ``service.reports.ser
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from service.trail.tables import GENESIS, TrailEvent
 # An open request this close to its due date, or past it, stands out in the queue: the metrics' buckets below
 # three days, where a job that has not started yet may no longer finish in time.
 AT_RISK_BUCKETS = frozenset(DAYS_LEFT_BUCKETS[:3])
-QUEUE_LIMIT = 200  # rows on one page of the queue; the counts above it always cover every request
+QUEUE_PAGE = 100  # rows on one page of the queue; the counts above it always cover every request
 OPEN = "open"  # the queue's default: requests still processing
 UNFINISHED_JOB_STATES = ("queued", *sorted(ACTIVE_STATES))
 
@@ -81,7 +80,8 @@ class QueueRow:
 @dataclass(frozen=True)
 class Queue:
     rows: list[QueueRow]
-    total: int  # every request the filters match (the rows are the first QUEUE_LIMIT)
+    total: int  # every request the filters match
+    first: int  # the 1-based place of the first row among them
     by_state: dict[str, int]
     by_days_left: dict[str, int]
     verdicts: dict[str, int]
@@ -128,13 +128,14 @@ def verdict_words() -> dict[str | None, str]:
     return VERDICT_WORDS
 
 
-def work_queue(session: Session, tenant: str, filters: QueueFilters, now: datetime) -> Queue:
+def work_queue(session: Session, tenant: str, filters: QueueFilters, now: datetime, page: int = 1) -> Queue:
     """The tenant's requests the filters match, earliest due first, with the counts ``/metrics`` reports
     (the same queries, for this tenant)."""
     requests = session.scalars(
         _filtered(select(DeletionRequest), session, tenant, filters)
         .order_by(DeletionRequest.due_at, DeletionRequest.received_at, DeletionRequest.id)
-        .limit(QUEUE_LIMIT)
+        .offset((page - 1) * QUEUE_PAGE)
+        .limit(QUEUE_PAGE)
     ).all()
     total = session.scalar(_filtered(select(func.count(DeletionRequest.id)), session, tenant, filters)) or 0
     erasures = _erasure_summaries(session, [request.id for request in requests])
@@ -154,6 +155,7 @@ def work_queue(session: Session, tenant: str, filters: QueueFilters, now: dateti
     return Queue(
         rows=rows,
         total=int(total),
+        first=(page - 1) * QUEUE_PAGE + 1,
         by_state={state: by_state.get(state, 0) for state in REQUEST_STATES},
         by_days_left=open_requests_by_days_left(session, now, tenant),
         verdicts=verdict_counts(session, tenant),
@@ -252,17 +254,14 @@ def request_page(session: Session, request_id: str, caller: Principal) -> Reques
 
 def evidence_svg(session: Session, request_id: str, tenant: str, index: int, kind: str) -> bytes:
     """One of the report's evidence figures as SVG: the function that draws it on the PDF's evidence page."""
-    from service.reports.pdf import EVIDENCE_FIGURES, evidence_figure  # matplotlib: with the first figure
+    from service.reports.pdf import EVIDENCE_FIGURES, evidence_svg  # matplotlib: with the first figure
 
     request = requests_service.get_request(session, request_id, tenant)
     report = session.get(ErasureReport, request.id)
     erasures = json.loads(report.facts)["erasures"] if report is not None else []
     if kind not in EVIDENCE_FIGURES or not 0 <= index < len(erasures) or not erasures[index].get("evidence"):
         raise NotFound("evidence-not-found", f"request {request_id} has no such evidence figure")
-    buffer = io.BytesIO()
-    # No date in the metadata: the same report draws the same bytes.
-    evidence_figure(erasures[index]["evidence"], kind).savefig(buffer, format="svg", metadata={"Date": None})
-    return buffer.getvalue()
+    return evidence_svg(erasures[index]["evidence"], kind)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import itertools
 import textwrap
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -151,6 +152,10 @@ def draw_utility(ax: Axes, evidence: dict[str, Any]) -> None:
     ax.legend(fontsize=8)
 
 
+# matplotlib's mathtext parser (the log axes' tick labels, 10^-3) is one shared object and not thread-safe:
+# the server's threads draw one figure at a time (two SVGs of one page drawn at once garbled each other).
+_DRAWING = threading.Lock()
+
 # The evidence figures, in page order: the PDF's evidence page and the console's pictures draw the same ones.
 EVIDENCE_FIGURES: dict[str, Callable[[Axes, dict[str, Any]], None]] = {
     "scores": draw_score_distributions,
@@ -159,12 +164,15 @@ EVIDENCE_FIGURES: dict[str, Callable[[Axes, dict[str, Any]], None]] = {
 }
 
 
-def evidence_figure(evidence: dict[str, Any], kind: str) -> Figure:
-    """One evidence figure on its own (``kind``: a key of ``EVIDENCE_FIGURES``)."""
-    figure = Figure(figsize=(7.5, 3.6))
-    EVIDENCE_FIGURES[kind](figure.subplots(), evidence)
-    figure.tight_layout()
-    return figure
+def evidence_svg(evidence: dict[str, Any], kind: str) -> bytes:
+    """One evidence figure on its own, as SVG (``kind``: a key of ``EVIDENCE_FIGURES``): the console's."""
+    with _DRAWING:
+        figure = Figure(figsize=(7.5, 3.6))
+        EVIDENCE_FIGURES[kind](figure.subplots(), evidence)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="svg", metadata={"Date": None})  # no date: the same bytes each time
+    return buffer.getvalue()
 
 
 def _evidence_page(erasure: dict[str, Any]) -> Figure:
@@ -182,9 +190,12 @@ def _evidence_page(erasure: dict[str, Any]) -> Figure:
 def render_pdf(report: dict[str, Any], sha256: str, key_id: str) -> bytes:
     buffer = io.BytesIO()
     # No creation date: the same report renders to the same bytes.
-    with PdfPages(
-        buffer, metadata={"Title": f"Erasure report {report['request']['id']}", "CreationDate": None}
-    ) as pdf:
+    with (
+        _DRAWING,
+        PdfPages(
+            buffer, metadata={"Title": f"Erasure report {report['request']['id']}", "CreationDate": None}
+        ) as pdf,
+    ):
         evidence = [_evidence_page(erasure) for erasure in report["erasures"] if erasure.get("evidence")]
         for figure in [*_summary_pages(report, sha256, key_id), *evidence]:
             pdf.savefig(figure)

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from xml.etree import ElementTree
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,6 +17,7 @@ from service.clients.tables import ApiClient
 from service.console import service, sessions
 from service.console.routes import CONTENT_SECURITY_POLICY, templates
 from service.core.clock import utcnow
+from tests.console import seed
 from tests.console.conftest import OFFICER_SCOPES, Env
 from tests.service.conftest import checkpoint_bytes, issue_token
 
@@ -229,3 +232,25 @@ def test_request_metrics_name_the_consoles_full_paths(env: Env) -> None:
     signed_in(env, env.acme.officer).get(f"/console/requests/{env.acme.requests['alice']}")
     text = TestClient(env.app).get("/metrics").text
     assert 'route="/console/requests/{request_id}",status="200"' in text
+
+
+def test_the_queue_pages(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "QUEUE_PAGE", 1)
+    officer = signed_in(env, env.acme.officer)
+    first = officer.get("/console/requests", params={"model": "toy-model"}).text
+    assert env.acme.requests["soon"] in first and env.acme.requests["later"] not in first
+    assert "1 to 1 listed" in first and "Previous page" not in first
+    second = officer.get(re.findall(r'href="([^"]+)" rel="next"', first)[0].replace("&amp;", "&")).text
+    assert env.acme.requests["later"] in second and "2 to 2 listed" in second
+    assert "model=toy-model" in second and "Next page" not in second and "Previous page" in second
+    assert officer.get("/console/requests", params={"page": "0"}).status_code == 422
+
+
+def test_figures_drawn_at_once_by_the_servers_threads_come_out_whole() -> None:
+    """matplotlib's mathtext parser is shared: drawn concurrently, log-axis tick labels failed to parse."""
+    from service.reports.pdf import evidence_svg
+
+    evidence = seed.audit("residual_membership", ("s0",))
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        drawn = list(pool.map(lambda kind: evidence_svg(evidence, kind), ["roc", "scores", "utility"] * 4))
+    assert all(ElementTree.fromstring(svg).tag.endswith("svg") for svg in drawn)  # each one whole
