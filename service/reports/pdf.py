@@ -1,9 +1,10 @@
 """The report for people: a PDF rendered from the signed JSON (the JSON stays the source of truth).
 
 matplotlib draws every page (its PDF backend is the PDF library: text, vector plots, fonts embedded), so the
-API needs no second toolkit; figures are built object by object (no pyplot state), safe in a threaded
-server. Page 1 is the summary a compliance officer reads in a minute; page 2 the evidence: score
-distributions, the per-sample attack's ROC (log-log) and utility per class, before and after.
+API needs no second toolkit; figures are built object by object (no pyplot state) and drawn one at a time
+(``_DRAWING``), safe in a threaded server. Page 1 is the summary a compliance officer reads in a minute;
+page 2 the evidence: score distributions, the per-sample attack's ROC (log-log) and utility per class, before
+and after, each drawn by one function the console uses too (``evidence_svg``).
 Deterministic: the same report renders to the same bytes.
 """
 
@@ -153,7 +154,7 @@ def draw_utility(ax: Axes, evidence: dict[str, Any]) -> None:
 
 
 # matplotlib's mathtext parser (the log axes' tick labels, 10^-3) is one shared object and not thread-safe:
-# the server's threads draw one figure at a time (two SVGs of one page drawn at once garbled each other).
+# the server's threads draw one figure at a time (two drawn at once, its parse of a label fails).
 _DRAWING = threading.Lock()
 
 # The evidence figures, in page order: the PDF's evidence page and the console's pictures draw the same ones.
@@ -171,7 +172,7 @@ def evidence_svg(evidence: dict[str, Any], kind: str) -> bytes:
         EVIDENCE_FIGURES[kind](figure.subplots(), evidence)
         figure.tight_layout()
         buffer = io.BytesIO()
-        figure.savefig(buffer, format="svg", metadata={"Date": None})  # no date: the same bytes each time
+        figure.savefig(buffer, format="svg", metadata={"Date": None})
     return buffer.getvalue()
 
 
