@@ -1,6 +1,6 @@
 """The console's pages and downloads, a sub-application mounted at ``/console`` by ``create_app``.
 
-Signed in with an API client's token (kept server-side as a signed session cookie, see ``sessions.py``),
+Signed in with an API client's token (checked once; then a signed cookie names the client: ``sessions.py``),
 each page checks the scope the API operation it mirrors needs (``Principal.allows``, the check
 ``service.clients.security`` makes) and reads the caller's tenant only. Report and checkpoint downloads call
 the API's own route functions with the signed-in client, so they sign, record and answer exactly as the API

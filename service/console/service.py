@@ -1,6 +1,6 @@
 """What the console's pages show, read through the domain services and repositories the API uses, always for
-the caller's tenant (another tenant's ids are as unknown as missing ones). Never writes, except what a report
-download writes (its signing and its trail event), through ``service.reports.service``."""
+the caller's tenant (another tenant's ids are as unknown as missing ones). Never writes (downloads go through
+the API's own route functions: ``routes.py``)."""
 
 from __future__ import annotations
 
