@@ -8,6 +8,9 @@ import pytest
 # Two cores, several processes: keep every test process on one intra-op thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+# Tests register one input file many times; the service deletes an input once stored by default
+# (LETHE_CONSUME_INPUTS), which tests/service/test_purge.py checks with it on.
+os.environ.setdefault("LETHE_CONSUME_INPUTS", "false")
 
 
 @pytest.fixture(scope="session")

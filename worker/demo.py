@@ -466,8 +466,56 @@ def _erase(
         + ("builds the audit and unlearns:" if first else "retrains:")
     )
     job = poll_job(client, job_id, progress_printer())
-    _print_outcome(client, job, request["id"], model)
+    if job["state"] == "succeeded":  # its purge runs next: the request completes when that is done
+        settled = wait_settled(client, request["id"])
+        _print_outcome(client, job, request["id"], model)
+        _print_purge(settled)
+    else:
+        _print_outcome(client, job, request["id"], model)
     return job
+
+
+def wait_settled(client: httpx.Client, request_id: str, timeout_s: float = 300.0) -> dict[str, Any]:
+    """GET /deletion-requests/{id} until it leaves ``processing`` (its erasures and their purges done)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        request: dict[str, Any] = client.get(f"/deletion-requests/{request_id}").raise_for_status().json()
+        if request["state"] != "processing" or time.monotonic() > deadline:
+            return request
+        time.sleep(0.5)
+
+
+def _print_purge(request: dict[str, Any]) -> None:
+    """What the purge deleted, what it kept, and why (GDPR Art. 17 against Art. 5(2) and 17(3)(e))."""
+    for erasure in request["erasures"]:
+        purge = erasure.get("purge")
+        if not purge:
+            continue
+        say(f"\nPurge of every copy that held the samples ({erasure['model']}): {purge['state']}, "
+            f"{purge['purged_at']}")  # fmt: skip
+        record = purge.get("record") or {}
+        for version in record.get("checkpoints", []):
+            say(f"  deleted: checkpoint of v{version['number']} ({version['status']}), sha256 "
+                f"{version['sha256'][:16]}...: it was trained on the subject; the version stays as a "
+                "tombstone (410 Gone)")  # fmt: skip
+        kinds: dict[str, int] = {}
+        for obj in record.get("objects", []):
+            kinds[obj["kind"]] = kinds.get(obj["kind"], 0) + 1
+        say(f"  deleted objects in the store (every version): {kinds}")
+        rows = record.get("dataset_rows_purged", 0)
+        say(f"  dataset rows zeroed in a new generation of the array: {rows}; adopted input copies "
+            f"deleted: {record.get('inputs_deleted', 0)}")  # fmt: skip
+        say(f"  subjects kept only as keyed hashes: {record.get('subjects_pseudonymised', 0)} sample(s) "
+            "and the request itself")  # fmt: skip
+        for kept in record.get("kept", []):
+            say(f"  kept: {kept['kind']}: {kept['reason']}")
+        for warning in record.get("warnings", []):
+            say(f"  warning: {warning}")
+    say("  kept as the accountability record (Art. 5(2), 17(3)(e)): the request (subject as a keyed hash),"
+        "\n  its hash-chained trail, the signed report, and the suppression list of erased samples; "
+        "the erasure\n  ledger in the store, so `lethe purge replay` re-applies every purge after a "
+        "database restore.")  # fmt: skip
+    say(f"  request {request['id']}: {request['state'].upper()} at {request['completed_at']}")
 
 
 if __name__ == "__main__":

@@ -65,3 +65,10 @@ def open_data_file(root: Path, given: str, field: str, max_bytes: int) -> Iterat
     os.set_blocking(descriptor, True)
     with os.fdopen(descriptor, "rb") as handle:
         yield handle, info.st_size
+
+
+def consume_data_file(root: Path, given: str) -> None:
+    """Delete a file of the data directory once its bytes are stored (``LETHE_CONSUME_INPUTS``): Lethe keeps
+    one copy of what it is given, in the store, so a purge has one place to reach."""
+    with contextlib.suppress(FileNotFoundError):
+        inside_root(root, given, "path").unlink()

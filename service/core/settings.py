@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     # database: pseudonym_key (hex, 32 bytes; a secret of the deployment), else a file in pseudonym_key_file
     # created on first use (one machine). Destroying the key makes every pseudonym and salt unlinkable.
     purge_after_s: Annotated[float, Field(ge=0)] = 0.0
+    # Inputs are consumed: a file of data_dir or an inputs/ key is deleted once registration has stored its
+    # bytes, so Lethe holds one copy of what it is given (the store's) and a purge reaches every copy; the
+    # data directory is the API's alone, which no worker on another machine could purge. False: the inputs
+    # stay, and their owner erases them (a purge deletes what a worker can reach and reports the rest).
+    consume_inputs: bool = True
     pseudonym_key: SecretStr | None = None
     pseudonym_key_file: Path = Path("var/keys/pseudonym.key")
     # Stored first answers to Idempotency-Keys are replayed for this long, then deleted (1 h to 30 days).

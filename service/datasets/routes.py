@@ -46,9 +46,11 @@ def register_dataset(
     response: Response,
 ) -> DatasetOut:
     """Register a dataset of the caller's tenant and its samples (bulk). The array is checked by its header,
-    then copied into the object store (streamed, content-addressed), where workers read it."""
+    then copied into the object store (streamed, content-addressed), where workers read it; the input it
+    came from is then deleted (``LETHE_CONSUME_INPUTS``)."""
     dataset = service.register_dataset(session, settings, store, body, caller.tenant)
     session.commit()
+    service.consume_input(settings, store, dataset)
     response.headers["Location"] = f"/datasets/{dataset.id}"
     return _dataset_out(session, dataset)
 

@@ -12,7 +12,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 from sqlalchemy.orm import Session
 
-from service.core.files import inside_root, open_data_file
+from service.core.files import consume_data_file, inside_root, open_data_file
 from service.core.pagination import Page, decode_cursor, page_from_rows
 from service.core.problems import Conflict, InvalidInput, NotFound, listed_problem
 from service.core.settings import Settings
@@ -127,6 +127,17 @@ def register_dataset(
         session, dataset.id, ((s.sample_id, s.row, s.label, s.split, s.subject_id) for s in data.samples)
     )
     return dataset
+
+
+def consume_input(settings: Settings, store: ObjectStore, dataset: Dataset) -> None:
+    """Once the registration committed: delete the input the array was stored from (``consume_inputs``)."""
+    source = dataset.array_source
+    if not settings.consume_inputs or source is None:
+        return
+    if source.startswith(INPUT_SOURCE):
+        store.delete_input(source.removeprefix(INPUT_SOURCE))
+    else:
+        consume_data_file(settings.data_dir, source.removeprefix(DATA_SOURCE))
 
 
 def _checked_header(handle: BinaryIO, field: str) -> ArrayHeader:

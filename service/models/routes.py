@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from service.clients.security import requires
 from service.clients.service import Principal
 from service.core.fields import Identifier
-from service.core.files import open_data_file
+from service.core.files import consume_data_file, open_data_file
 from service.core.problems import PAYLOAD_TOO_LARGE, PROBLEM_MEDIA_TYPE, InvalidInput, PayloadTooLarge
 from service.core.settings import Settings
 from service.deletion_requests.routes import dispatch_all
@@ -117,11 +117,12 @@ def register_model(
     """Register a model whose first version imports a server-side safetensors checkpoint.
 
     Erasures requested dataset-wide before it existed are queued for it at once (``training_data`` says
-    which), unless ``training_sample_ids`` shows it was not trained on those samples."""
+    which), unless ``training_sample_ids`` shows it was not trained on those samples. The checkpoint file is
+    deleted once stored (``LETHE_CONSUME_INPUTS``): the store's copy is the one a purge reaches."""
     with open_data_file(
         settings.data_dir, body.checkpoint_path, "checkpoint_path", settings.max_checkpoint_bytes
     ) as (checkpoint, size):
-        return _create(
+        created = _create(
             session,
             settings,
             store,
@@ -136,6 +137,9 @@ def register_model(
             training_recipe=body.training_recipe,
             training_sample_ids=body.training_sample_ids,
         )
+    if settings.consume_inputs:
+        consume_data_file(settings.data_dir, body.checkpoint_path)
+    return created
 
 
 @router.post("/upload", status_code=status.HTTP_201_CREATED, response_model=ModelOut)

@@ -58,14 +58,18 @@ class MemorisedService:
         checkpoint bytes (the weights, with its name in the file's metadata): a purge of one model's first
         version refuses those bytes at registration, and must not refuse another model's."""
         own = self.tmp / f"{name}.safetensors"
-        initial = load_safetensors((self.tmp / CHECKPOINT).read_bytes())
-        own.write_bytes(save_safetensors(initial, metadata={"test_model": name}))
+        own.write_bytes(self.model_checkpoint(name))
         body = {"name": name, "dataset_id": self.dataset_id, "spec": SPEC.to_dict(),
                 "checkpoint_path": str(own), "training_recipe": asdict(RECIPE),
                 **extra}  # fmt: skip
         answer = self.client.post("/models", json=body)
         assert answer.status_code == 201, answer.text
         return dict(answer.json())
+
+    def model_checkpoint(self, name: str) -> bytes:
+        """The checkpoint bytes :meth:`register_model` gives model ``name``."""
+        initial = load_safetensors((self.tmp / CHECKPOINT).read_bytes())
+        return save_safetensors(initial, metadata={"test_model": name})
 
     def run_job(self, job_id: str) -> str | None:
         """One message for ``job_id``, handled as a worker would (it may take a more urgent job)."""
