@@ -80,15 +80,28 @@ def test_erasure_from_one_model_leaves_the_other_holding_the_data(env: Env) -> N
     ids = env.samples()
     first = env.post({"model": "model-a"}, ids, **RETRAIN)
     assert env.run(job_of(first)) == "succeeded", env.client.get(f"/jobs/{job_of(first)}").json()["error"]
-    assert env.get(first)["state"] == "completed"
+    completed = env.get(first)
+    assert completed["state"] == "completed"
     assert env.erased_everywhere() == 0  # model-b still holds them
+    # Model-a's copies went (its version 1); the rows stay, since model-b still holds them, and the record
+    # says so.
+    record = completed["erasures"][0]["purge"]["record"]
+    assert [c["number"] for c in record["checkpoints"]] == [1]
+    assert record["dataset_rows_purged"] == 0
+    assert [k["count"] for k in record["kept"] if k["kind"] == "dataset_rows"] == [len(ids)]
     # The same erasure for model-b is work for model-b: a job, not "already done".
     second = env.post({"model": "model-b"}, ids, **RETRAIN)
     [erasure] = second["erasures"]
     assert erasure["model"] == "model-b" and erasure["pending_count"] == len(ids) and erasure["job_id"]
     assert env.run(job_of(second)) == "succeeded"
-    assert env.get(second)["state"] == "completed"
+    done = env.get(second)
+    assert done["state"] == "completed"
     assert env.erased_everywhere() == len(ids)
+    assert done["erasures"][0]["purge"]["record"]["dataset_rows_purged"] == len(ids)  # now nobody needs them
+    samples = env.client.get(f"/datasets/{env.dataset_id}/samples", params={"limit": 500}).json()["items"]
+    purged = [s for s in samples if s["sample_id"] in set(ids)]
+    assert len(purged) == len(ids)
+    assert all(s["purged_at"] and s["label"] is None and s["subject_id"] is None for s in purged)
     a = env.client.get("/models/model-a").json()["active_version"]
     b = env.client.get("/models/model-b").json()["active_version"]
     assert a["covered_request_ids"] == [first["id"]] and b["covered_request_ids"] == [second["id"]]
