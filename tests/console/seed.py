@@ -30,7 +30,7 @@ def audit(verdict: str, sample_ids: tuple[str, ...]) -> dict[str, Any]:
             "member_share": share, "member_share_p": 0.4 if share < 0.1 else 1e-4,
             "over_forgetting_share": 0.04, "over_forgetting_share_p": 0.6, "residual_membership_p": 1e-4,
             "auc": auc, "tpr_at_1pct_fpr": tpr,
-            "roc": {"fpr": [0.0, 0.01, 0.1, 0.5, 1.0], "tpr": [0.0, tpr, min(1.0, 4 * tpr), 0.9, 1.0]},
+            "roc": {"fpr": [0.0, 0.01, 0.1, 0.5, 1.0], "tpr": [0.0, tpr, min(0.9, 3 * tpr), 0.95, 1.0]},
         }  # fmt: skip
 
     edges = [-4.0 + i for i in range(9)]
