@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.clients.service import Principal, rotate
+from service.clients.service import Principal, authenticate, revoke, rotate
 from service.clients.tables import ApiClient
 from service.console import service, sessions
 from service.console.routes import CONTENT_SECURITY_POLICY, templates
@@ -254,3 +254,19 @@ def test_figures_drawn_at_once_by_the_servers_threads_come_out_whole() -> None:
     with ThreadPoolExecutor(max_workers=6) as pool:
         drawn = list(pool.map(lambda kind: evidence_svg(evidence, kind), ["roc", "scores", "utility"] * 4))
     assert all(ElementTree.fromstring(svg).tag.endswith("svg") for svg in drawn)  # each one whole
+
+
+def test_a_session_ends_at_its_expiry_and_with_its_client(env: Env) -> None:
+    token = issue_token(env.factory, tenant="acme", scopes=("deletions:read",))
+    secret = b"k" * 32
+    with env.factory() as session:
+        principal = authenticate(session, token)
+        assert principal is not None
+        cookie = sessions.issue(secret, session, principal, now=1000.0)
+        assert sessions.read(secret, session, cookie, now=1000.0 + sessions.SESSION_SECONDS - 1) is not None
+        assert sessions.read(secret, session, cookie, now=1000.0 + sessions.SESSION_SECONDS) is None
+        assert sessions.read(b"x" * 32, session, cookie, now=1000.0) is None  # another server secret
+    with env.factory.begin() as session:
+        revoke(session, principal.name)
+    with env.factory() as session:
+        assert sessions.read(secret, session, cookie, now=1000.0) is None
