@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     # database: pseudonym_key (hex, 32 bytes; a secret of the deployment), else a file in pseudonym_key_file
     # created on first use (one machine). Destroying the key makes every pseudonym and salt unlinkable.
     purge_after_s: Annotated[float, Field(ge=0)] = 0.0
+    # A purge job that failed is queued again this long after (its requests stay processing meanwhile).
+    purge_retry_s: Annotated[float, Field(ge=0)] = 300.0
     # Inputs are consumed: a file of data_dir or an inputs/ key is deleted once registration has stored its
     # bytes, so Lethe holds one copy of what it is given (the store's) and a purge reaches every copy; the
     # data directory is the API's alone, which no worker on another machine could purge. False: the inputs

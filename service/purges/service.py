@@ -140,6 +140,40 @@ def schedule(session: Session, settings: Settings, target: ErasureTarget) -> Job
     return job
 
 
+def _targets_to_purge(session: Session, model_id: str, job_id: str) -> list[ErasureTarget]:
+    """The job's targets, and the model's completed targets whose purge job failed (a purge is idempotent:
+    the next one of the model takes them over)."""
+    failed = select(Job.id).where(Job.kind == PURGE_KIND, Job.state.in_(("failed", "canceled")))
+    adopted = (ErasureTarget.state == "completed") & ErasureTarget.purge_job_id.in_(failed)
+    return list(
+        session.scalars(
+            select(ErasureTarget).where(
+                ErasureTarget.model_id == model_id,
+                ErasureTarget.purged_at.is_(None),
+                (ErasureTarget.purge_job_id == job_id) | adopted,
+            )
+        )
+    )
+
+
+def retry_failed(session: Session, settings: Settings, job: Job) -> Job | None:
+    """A purge job failed: its targets' requests must not wait on it for ever. A new purge job of the model is
+    queued (after ``purge_retry_s``), which takes them over; None when one is already queued."""
+    queued = session.scalars(
+        select(Job).where(Job.model_id == job.model_id, Job.kind == PURGE_KIND, Job.state == "queued")
+    ).first()
+    if queued is not None:
+        return None
+    retry = Job(
+        kind=PURGE_KIND, model_id=job.model_id, state="queued", method=PURGE_KIND, config={},
+        batch_open=False, sample_count=job.sample_count,
+        ready_at=utcnow() + timedelta(seconds=settings.purge_retry_s), due_at=job.due_at,
+    )  # fmt: skip
+    jobs_repository.add(session, retry)
+    session.flush()
+    return retry
+
+
 def awaiting_purge(targets: Iterable[ErasureTarget]) -> bool:
     """A completed target whose copies are not yet purged: its request is not completed yet."""
     return any(t.state == "completed" and t.purge_job_id is not None and t.purged_at is None for t in targets)
@@ -223,12 +257,15 @@ def plan(session: Session, settings: Settings, key: bytes, job_id: str, model_id
     )
     doomed = versions_holding_erased(session, model_id)
     doomed_ids = {v.id for v in doomed}
-    live = session.execute(
-        select(ModelVersion.checkpoint_sha256, ModelVersion.model_id, ModelVersion.number).where(
-            ModelVersion.status != "purged", ModelVersion.id.not_in(doomed_ids) if doomed_ids else true()
+    # Digests of versions (of any model) that hold no erased sample: content-addressed objects they share
+    # with a doomed version stay.
+    live_digests = set(
+        session.scalars(
+            select(ModelVersion.checkpoint_sha256).where(
+                ModelVersion.status != "purged", ModelVersion.id.not_in(doomed_ids) if doomed_ids else true()
+            )
         )
-    ).all()
-    live_digests = {sha: (owner, number) for sha, owner, number in live}
+    )
     for version in doomed:
         reason = f"version {version.number} ({version.status}) holds samples erased since"
         record.versions.append({"id": version.id, "number": version.number, "status": version.status,
@@ -289,7 +326,7 @@ def plan(session: Session, settings: Settings, key: bytes, job_id: str, model_id
         record.purged_samples = [pk for pk, _row in array_rows]
         if dataset.array_source is not None:
             record.inputs.append(dataset.array_source)
-    for target in session.scalars(select(ErasureTarget).where(ErasureTarget.purge_job_id == job_id)):
+    for target in _targets_to_purge(session, model_id, job_id):
         record.target_ids.append(target.id)
         request = session.get(DeletionRequest, target.request_id)
         assert request is not None
@@ -315,7 +352,7 @@ def _digest_of(uri: str) -> str:
 
 def _doom_object(
     record: PurgeRecord,
-    live: dict[str, tuple[str, int]],
+    live: set[str],
     kind: str,
     sha256: str,
     size: int,
@@ -323,10 +360,9 @@ def _doom_object(
     reason: str,
 ) -> None:
     if sha256 in live:  # the same bytes back a version that holds no erased sample of this model
-        owner, number = live[sha256]
-        record.kept.append(
-            {"sha256": sha256, "kind": kind, "reason": f"also version {number} of model {owner}"}
-        )
+        # Not naming the other model: it may be another tenant's.
+        reason = "the same bytes are a live version of another model, which holds no erased sample"
+        record.kept.append({"sha256": sha256, "kind": kind, "reason": reason})
         return
     if all(o["sha256"] != sha256 for o in record.objects):
         record.objects.append({"sha256": sha256, "size": size, "uri": uri, "kind": kind, "reason": reason})
@@ -334,8 +370,8 @@ def _doom_object(
 
 def add_rewritten_array(record: PurgeRecord, old: ObjectRef, new: ObjectRef, rows: list[int]) -> None:
     record.array = {"old": old.uri, "new": asdict(new), "rows": len(rows)}
-    _doom_object(record, {}, "dataset_array", old.sha256, old.size, old.uri, "dataset array generation with "
-                 "erased rows")  # fmt: skip
+    reason = "dataset array generation with erased rows"
+    _doom_object(record, set(), "dataset_array", old.sha256, old.size, old.uri, reason)
 
 
 def add_rewritten_reference_set(
@@ -343,9 +379,8 @@ def add_rewritten_reference_set(
 ) -> None:
     record.reference_sets.append({"id": set_id, "new": asdict(new), "columns_removed": columns,
                                   "reason": "erased samples' columns removed"})  # fmt: skip
-    _doom_object(
-        record, {}, "reference_set", old.sha256, old.size, old.uri, "reference set with erased columns"
-    )
+    reason = "reference set with erased columns"
+    _doom_object(record, set(), "reference_set", old.sha256, old.size, old.uri, reason)
 
 
 # ---------------------------------------------------------------------------------------------- applying
@@ -411,6 +446,11 @@ def apply(session: Session, record: PurgeRecord, actor: str) -> list[str]:
             update(DeletionRequest).where(DeletionRequest.id == request_id)
             .values(subject_id=None, subject_hash=request_hash)
         )  # fmt: skip
+    job_id = _job_or_none(session, record.job_id)
+    if job_id is not None:  # a target whose earlier purge job failed is this one's now
+        session.execute(
+            update(ErasureTarget).where(ErasureTarget.id.in_(record.target_ids)).values(purge_job_id=job_id)
+        )
     if record.requests:
         session.execute(
             delete(IdempotencyRecord).where(IdempotencyRecord.resource_id.in_(list(record.requests)))
@@ -546,8 +586,9 @@ def purge_view(session: Session, target: ErasureTarget) -> dict[str, Any] | None
     if job is None:
         return None
     done = target.purged_at is not None
+    state = "running" if job.state == "running" else "failed" if job.state == "failed" else "scheduled"
     return {
-        "state": "done" if done else ("running" if job.state == "running" else "scheduled"),
+        "state": "done" if done else state,
         "job_id": job.id,
         "not_before": _iso(job.ready_at),
         "purged_at": _iso(target.purged_at),

@@ -17,8 +17,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
+from sqlalchemy import text
 
 import worker.pipeline.audit as audit_stage
+import worker.pipeline.purge as purge_stage
 from service.core import logs
 from service.deletion_requests import repository as requests_repository
 from tests.audit.memorised import RECIPE, SPEC
@@ -171,6 +173,31 @@ def test_a_model_registered_later_gets_the_erasure_queued(env: Env) -> None:
     ]
     declared = clean["training_data"]["declared_training_samples"]
     assert declared <= len(env.case.dataset.train_rows) - len(ids)
+
+
+def test_a_failed_purge_is_retried_and_the_request_waits_for_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: Any) -> list[str]:
+        raise OSError("the store is down")
+
+    monkeypatch.setattr(purge_stage.purges, "delete_objects", broken)
+    request = env.post({"model": "model-a"}, env.samples(), **RETRAIN)
+    assert env.run(job_of(request)) == "succeeded"
+    waiting = env.get(request)
+    assert waiting["state"] == "processing" and waiting["erasures"][0]["purge"]["state"] == "failed"
+    failed_job = waiting["erasures"][0]["purge"]["job_id"]
+    assert env.client.get(f"/jobs/{failed_job}").json()["error"]["reason"] == "purge_error"
+    monkeypatch.undo()
+    with env.session_factory.begin() as session:  # the retry's wait (LETHE_PURGE_RETRY_S) has passed
+        retry = session.scalars(
+            text("SELECT id FROM jobs WHERE kind = 'purge' AND state = 'queued' AND model_id = :m"),
+            {"m": waiting["erasures"][0]["model_id"]},
+        ).one()
+        session.execute(text("UPDATE jobs SET ready_at = now() WHERE id = :id"), {"id": retry})
+    assert env.run(retry) == "succeeded"
+    done = env.get(request)
+    assert done["state"] == "completed" and done["erasures"][0]["purge"]["job_id"] == retry
 
 
 def _other_checkpoint(env: Env) -> str:

@@ -13,6 +13,7 @@ from service.core.settings import Settings
 from service.dispatch import JobDispatcher
 from service.jobs import service as jobs_service
 from service.jobs.service import ClaimedJob, InvalidTransition
+from service.purges import service as purges
 from service.purges.service import PURGE_KIND
 from service.storage import ObjectStore
 from worker.engine.config import config_to_dict
@@ -93,15 +94,20 @@ class JobRun:
             return self._end("failed", STEP_ERRORS[self.step], f"{type(exc).__name__}: {exc}")
 
     def _end(self, state: str, reason: str, detail: str) -> str | None:
+        retry = None
         try:
             with self.session_factory.begin() as session:
-                jobs_service.finish(
+                job = jobs_service.finish(
                     session, self.claimed.job_id, state, error_reason=reason, error_detail=detail,
                     worker_id=self.worker_id,
                 )  # fmt: skip
+                if job.kind == PURGE_KIND:  # its requests wait on a purge: another one takes them over
+                    retry = purges.retry_failed(session, self.settings, job)
         except InvalidTransition as exc:  # finished meanwhile, or another worker took it over
             log.warning("job %s: not ending it %s: %s", self.claimed.job_id, state, exc)
             return None
+        if retry is not None:
+            self.dispatcher.dispatch(retry.id, delay_s=self.settings.purge_retry_s)
         return state
 
     def _stages(self, heartbeat: Heartbeat) -> str:
