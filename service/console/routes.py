@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from http import HTTPStatus
 from importlib import resources
@@ -381,7 +381,7 @@ def checkpoint(name: str, number: int, current: SignedIn, session: SessionDep, s
 @router.get("/jobs/{job_id}/progress")
 def job_progress(job_id: str, current: SignedIn, session: SessionDep) -> dict[str, Any]:
     principal = _require(current, "jobs:read")
-    return service.job_progress(session, job_id, principal.tenant, utcnow())
+    return asdict(service.job_progress(session, job_id, principal.tenant, utcnow()))
 
 
 @dataclass(frozen=True)

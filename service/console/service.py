@@ -277,7 +277,7 @@ class ModelPage:
     model: Model
     versions: list[VersionRow]
     references: AuditReferenceSet | None
-    jobs: list[JobOut] | None  # None: the caller may not read jobs
+    jobs: list[tuple[JobOut, JobProgress]] | None  # None: the caller may not read jobs
 
 
 def models(session: Session, tenant: str) -> list[tuple[Model, ModelVersion | None]]:
@@ -301,7 +301,8 @@ def model_page(session: Session, name: str, caller: Principal, now: datetime) ->
             ).items
         ]
         request_ids = jobs_service.request_ids(session, [job.id for job in unfinished])
-        jobs = [JobOut.from_job(job, now, request_ids.get(job.id, [])) for job in unfinished]
+        outs = [JobOut.from_job(job, now, request_ids.get(job.id, [])) for job in unfinished]
+        jobs = [(out, JobProgress.of(out)) for out in outs]
     return ModelPage(
         model=model,
         versions=[
@@ -318,13 +319,28 @@ def model_page(session: Session, name: str, caller: Principal, now: datetime) ->
     )
 
 
-def job_progress(session: Session, job_id: str, tenant: str, now: datetime) -> dict[str, Any]:
-    """What the models page polls for a running job: its state and progress."""
-    job = jobs_service.get_job(session, job_id, tenant)
-    out = JobOut.from_job(job, now, [])
-    return {
-        "id": out.id,
-        "state": out.state,
-        "done": out.done,
-        "progress": out.progress.model_dump(mode="json") if out.progress else None,
-    }
+@dataclass(frozen=True)
+class JobProgress:
+    """A job's progress as the models page shows it, on first render and at each poll."""
+
+    id: str
+    state: str
+    done: bool
+    value: int
+    max: int
+    text: str
+
+    @classmethod
+    def of(cls, job: JobOut) -> JobProgress:
+        progress = job.progress.model_dump() if job.progress else {}
+        # Unlearning counts steps; a reference build counts the reference models it trains, as epochs.
+        unit = "step" if progress.get("total_steps") else "epoch" if progress.get("total_epochs") else None
+        value, total = (progress.get(unit) or 0, progress[f"total_{unit}s"]) if unit else (0, 1)
+        phase = f": {progress['phase']}" if progress.get("phase") else ""
+        counted = f", {unit} {value} of {total}" if unit else ""
+        return cls(job.id, job.state, job.done, value, total, f"{job.state}{phase}{counted}")
+
+
+def job_progress(session: Session, job_id: str, tenant: str, now: datetime) -> JobProgress:
+    """What the models page polls for a running job."""
+    return JobProgress.of(JobOut.from_job(jobs_service.get_job(session, job_id, tenant), now, []))

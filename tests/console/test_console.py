@@ -139,6 +139,9 @@ def test_another_tenant_sees_none_of_it(env: Env) -> None:
     operator = signed_in(env, env.globex.operator)
     assert operator.get("/console/models/toy-model").status_code == 200  # its own model of that name
     assert operator.get(f"/console/jobs/{env.running_job}/progress").status_code == 404
+    progress = signed_in(env, env.acme.operator).get(f"/console/jobs/{env.running_job}/progress").json()
+    assert progress == {"id": env.running_job, "state": "running", "done": False, "value": 3, "max": 10,
+                        "text": "running: unlearning, step 3 of 10"}  # fmt: skip
 
 
 def _metrics(env: Env) -> dict[tuple[str, str], float]:

@@ -110,11 +110,9 @@ function setupProgress() {
     const poll = async () => {
       try {
         const answer = await fetchOk(job.dataset.progress).then((a) => a.json());
-        const progress = answer.progress || {};
-        const total = progress.total_steps || progress.total_epochs || 1;
-        bar.max = total;
-        bar.value = progress.step ?? progress.epoch ?? 0;
-        status.textContent = `${answer.state}${progress.phase ? `: ${progress.phase}` : ""} step ${progress.step ?? 0} of ${progress.total_steps ?? "?"}`;
+        bar.max = answer.max;
+        bar.value = answer.value;
+        status.textContent = answer.text;
         if (!answer.done) setTimeout(poll, 2000);
       } catch (error) {
         status.textContent = `progress unavailable (${error.message})`;
