@@ -3,9 +3,10 @@
 The cookie carries ``<client id>.<expiry>.<nonce>.<mac>``, never the token. The MAC key is derived from a
 server secret and the client's stored token digest, so rotating or revoking the client ends its console
 sessions at once, and someone who can read the database cannot mint one. Stateless on purpose: every API
-replica accepts the cookie without a session table. The server secret is derived from the active
-report-signing key (which every API replica holds; a labelled hash keeps the two uses apart), or is random per
-process when the API has none (sessions then end when it restarts).
+replica accepts the cookie without a session table. The server secret is derived from the first
+report-signing key (every API replica holds the key directory, and a rotation adds keys but keeps that one;
+a labelled hash keeps the two uses apart), or is random per process when the API has none (sessions then end
+when it restarts).
 """
 
 from __future__ import annotations
@@ -24,24 +25,23 @@ from sqlalchemy.orm import Session
 from service.clients import repository as clients_repository
 from service.clients.service import Principal
 from service.clients.tables import ApiClient
-from service.reports.keys import KeyRing, NoSigningKey
+from service.reports.keys import KeyRing
 
 logger = logging.getLogger(__name__)
 
 SESSION_COOKIE = "lethe_console"
 SIGN_IN_COOKIE = "lethe_console_sign_in"  # the sign-in form's own CSRF token (double submit)
-SESSION_SECONDS = 8 * 3600  # a working day; the cookie cannot be revoked alone (rotate the client to)
+SESSION_SECONDS = 8 * 3600  # a working day; one cookie cannot be revoked alone (rotating its client can)
 _LABEL = b"lethe console session key v1\x00"
 
 
 def server_secret(key_dir: Path) -> bytes:
     """The secret console sessions are keyed with (see the module docstring)."""
-    try:
-        key = KeyRing(key_dir).active()
-    except NoSigningKey:
+    keys = KeyRing(key_dir).signing_keys()
+    if not keys:
         logger.warning("no report-signing key: console sessions end when this process restarts")
         return secrets.token_bytes(32)
-    raw = key.private.private_bytes(
+    raw = keys[0].private.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )
     return hashlib.sha256(_LABEL + raw).digest()

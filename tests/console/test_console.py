@@ -17,6 +17,7 @@ from service.clients.tables import ApiClient
 from service.console import service, sessions
 from service.console.routes import CONTENT_SECURITY_POLICY, templates
 from service.core.clock import utcnow
+from service.reports.keys import KeyRing
 from tests.console import seed
 from tests.console.conftest import OFFICER_SCOPES, Env
 from tests.service.conftest import checkpoint_bytes, issue_token
@@ -273,3 +274,10 @@ def test_a_session_ends_at_its_expiry_and_with_its_client(env: Env) -> None:
         revoke(session, principal.name)
     with env.factory() as session:
         assert sessions.read(secret, session, cookie, now=1000.0) is None
+
+
+def test_sessions_outlive_a_key_rotation(env: Env) -> None:
+    """Every replica derives the session secret from the first report key, which a rotation keeps."""
+    before = sessions.server_secret(env.settings.report_key_dir)
+    KeyRing(env.settings.report_key_dir).generate()
+    assert sessions.server_secret(env.settings.report_key_dir) == before
