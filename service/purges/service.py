@@ -85,6 +85,9 @@ class PurgeRecord:
     subjects: dict[str, str] = field(default_factory=dict)  # sample pk -> keyed hash of its subject
     requests: dict[str, str | None] = field(default_factory=dict)  # request id -> keyed hash (or None)
     target_ids: list[str] = field(default_factory=list)
+    # Jobs of the model whose metrics still name samples and subjects (written before audits were stored
+    # committed): their per-sample evidence is committed now.
+    jobs_with_plain_ids: list[str] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         return json.dumps({"format": RECORD_FORMAT, **asdict(self)}, sort_keys=True).encode()
@@ -328,6 +331,10 @@ def plan(session: Session, settings: Settings, key: bytes, job_id: str, model_id
             record.inputs.append(dataset.array_source)
     for target in _targets_to_purge(session, model_id, job_id):
         record.target_ids.append(target.id)
+    for job in session.scalars(select(Job).where(Job.model_id == model_id, Job.kind == "unlearn")):
+        audits = (job.metrics or {}).get("audits") or {}
+        if any(not audit.get("committed") for audit in audits.values()):
+            record.jobs_with_plain_ids.append(job.id)
         request = session.get(DeletionRequest, target.request_id)
         assert request is not None
         hashed = (
@@ -446,6 +453,7 @@ def apply(session: Session, record: PurgeRecord, actor: str) -> list[str]:
             update(DeletionRequest).where(DeletionRequest.id == request_id)
             .values(subject_id=None, subject_hash=request_hash)
         )  # fmt: skip
+    _commit_job_evidence(session, record.jobs_with_plain_ids)
     job_id = _job_or_none(session, record.job_id)
     if job_id is not None:  # a target whose earlier purge job failed is this one's now
         session.execute(
@@ -457,6 +465,24 @@ def apply(session: Session, record: PurgeRecord, actor: str) -> list[str]:
         )
     session.flush()
     return warnings
+
+
+def _commit_job_evidence(session: Session, job_ids: Sequence[str]) -> None:
+    """Replace the sample and subject ids in these jobs' audits by commitments under a salt nobody keeps."""
+    from service.reports import commitment  # reports read purge records: imported here, not at the top
+    from service.reports.builder import commit_audit
+
+    for job_id in job_ids:
+        job = session.get(Job, job_id)
+        metrics = (job.metrics if job is not None else None) or {}
+        if job is None or not metrics.get("audits"):
+            continue
+        salt = commitment.new_salt()
+        audits = {
+            request_id: audit if audit.get("committed") else commit_audit(audit, salt)
+            for request_id, audit in metrics["audits"].items()
+        }
+        job.metrics = {**metrics, "audits": audits}
 
 
 def _job_or_none(session: Session, job_id: str) -> str | None:

@@ -177,6 +177,17 @@ def test_a_completed_erasure_leaves_no_copy_of_the_subject(
         back = service.client.post("/models/model/versions/1/activate")
         assert back.status_code == 409 and back.json()["type"].endswith("version-holds-erased-samples")
 
+        # A job whose metrics predate committed evidence (written by an earlier release) names the subject.
+        with service.session_factory.begin() as session:
+            legacy = session.get(Job, rejected["erasures"][0]["job_id"])
+            assert legacy is not None and legacy.metrics is not None
+            [(request_id, audit)] = legacy.metrics["audits"].items()
+            [outcome] = audit["subjects"].values()
+            plain = {**audit, "committed": False, "subjects": {SUBJECT: outcome},
+                     "samples": [{**s, "sample_id": f"s{i}", "subject_id": SUBJECT}
+                                 for i, s in enumerate(audit["samples"])]}  # fmt: skip
+            legacy.metrics = {**legacy.metrics, "audits": {request_id: plain}}
+
         dump = tmp_path / "before-purge.dump"
         subprocess.run(["pg_dump", "-Fc", "-f", str(dump), _libpq(url)], check=True)
 
