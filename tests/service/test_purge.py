@@ -28,9 +28,10 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.app import create_app
+from service.cli import main as lethe
 from service.core.database import make_engine, make_session_factory
 from service.jobs.tables import Job
-from service.purges.service import replay
+from service.purges.service import evict_purged, replay
 from service.storage import CachedStore, LocalStore, ObjectStore, S3Store, open_store, worker_store
 from tests.audit.memorised import RECIPE, SPEC, SUBJECT
 from tests.service.conftest import ADMIN_DSN, authorize, create_database
@@ -122,7 +123,7 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 
 
 def test_a_completed_erasure_leaves_no_copy_of_the_subject(
-    tmp_path: Path, store_kind: str, request: pytest.FixtureRequest
+    tmp_path: Path, store_kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = f"lethe_test_purge_{store_kind}_{uuid.uuid4().hex[:8]}"
     url = create_database(name)
@@ -188,6 +189,14 @@ def test_a_completed_erasure_leaves_no_copy_of_the_subject(
                                  for i, s in enumerate(audit["samples"])]}  # fmt: skip
             legacy.metrics = {**legacy.metrics, "audits": {request_id: plain}}
 
+        # Another worker (S3: a machine of its own) has the pre-erasure checkpoint in its cache.
+        other_worker = worker_store(service.settings.storage_url, tmp_path / "other-cache", 1 << 30)
+        if isinstance(other_worker, CachedStore):
+            with service.session_factory() as session:
+                first = session.scalars(text("SELECT storage_uri FROM model_versions WHERE number = 1")).one()
+            other_worker.local_path(first)
+            assert other_worker.cached_digests()
+
         dump = tmp_path / "before-purge.dump"
         subprocess.run(["pg_dump", "-Fc", "-f", str(dump), _libpq(url)], check=True)
 
@@ -210,9 +219,12 @@ def test_a_completed_erasure_leaves_no_copy_of_the_subject(
         assert [e for e in trail if e["kind"] == "erasure.purged"]
         _check_nothing_left(service, service.session_factory, store, versions, rows)
         assert service.client.post("/models/model/versions/1/activate").status_code == 410
-        if isinstance(store, CachedStore):
+        if isinstance(store, CachedStore) and isinstance(other_worker, CachedStore):
             purged_digests = {v["sha256"] for v in record["record"]["checkpoints"]}
-            assert not purged_digests & set(store.cached_digests())
+            assert not purged_digests & set(store.cached_digests())  # the purging worker's own cache
+            # Every other worker drops it before its next job and on every sweep.
+            assert evict_purged(other_worker, service.session_factory)
+            assert not purged_digests & set(other_worker.cached_digests())
 
         # A restore from before the purge brings the names and the references back; the replay undoes it.
         restored = f"{name}_restored"
@@ -231,7 +243,12 @@ def test_a_completed_erasure_leaves_no_copy_of_the_subject(
                 )
                 assert state == "completed"
                 assert session.get(Job, purge_job) is not None
-            assert replay(factory, open_store(service.settings.storage_url), service.settings)["records"] == 1
+            # Idempotent, and the operator's command is the same code.
+            monkeypatch.setenv("LETHE_DATABASE_URL", restored_url)
+            monkeypatch.setenv("LETHE_STORAGE_URL", str(service.settings.storage_url))
+            monkeypatch.setenv("LETHE_PSEUDONYM_KEY_FILE", str(service.settings.pseudonym_key_file))
+            assert lethe(["purge", "replay"]) == 0
+            _check_nothing_left(service, factory, store, versions, rows)
         finally:
             engine.dispose()
             _drop(restored)
