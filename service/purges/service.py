@@ -52,6 +52,7 @@ from service.models import repository as models_repository
 from service.models.tables import Model, ModelVersion
 from service.purges.pseudonyms import subject_hash
 from service.purges.tables import PurgedObject
+from service.reports.tables import ErasureReport
 from service.storage import CachedStore, ObjectStore
 from service.trail import service as trail
 
@@ -460,6 +461,11 @@ def apply(session: Session, record: PurgeRecord, actor: str) -> list[str]:
             update(ErasureTarget).where(ErasureTarget.id.in_(record.target_ids)).values(purge_job_id=job_id)
         )
     if record.requests:
+        # Reports generated before salts were discarded kept theirs beside the ids: it goes.
+        session.execute(
+            update(ErasureReport).where(ErasureReport.request_id.in_(list(record.requests)))
+            .values(commitment_salt=None)
+        )  # fmt: skip
         session.execute(
             delete(IdempotencyRecord).where(IdempotencyRecord.resource_id.in_(list(record.requests)))
         )

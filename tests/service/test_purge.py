@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
+import worker.pipeline.purge as purge_stage
 from service.app import create_app
 from service.cli import main as lethe
 from service.core.database import make_engine, make_session_factory
@@ -262,3 +263,21 @@ def _libpq(url: str) -> str:
 def _drop(database: str) -> None:
     with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_an_array_generation_zeroes_the_erased_rows_and_keeps_every_other_byte(
+    tmp_path: Path, save: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(purge_stage, "_CHUNK_BYTES", 100)  # many blocks, and a last short one
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((23, 1, 3, 3)).astype(np.float32)
+    y = rng.integers(0, 10, 23)
+    save(tmp_path / "a.npz", x=x, y=y, note=np.array(7))
+    rows = np.array([0, 5, 6, 22])
+    with (tmp_path / "b.npz").open("w+b") as out:
+        purge_stage.rewrite_array(tmp_path / "a.npz", rows, out)
+    new = np.load(tmp_path / "b.npz")
+    kept = np.setdiff1d(np.arange(23), rows)
+    assert new["x"].shape == x.shape and not new["x"][rows].any() and np.array_equal(new["x"][kept], x[kept])
+    assert not new["y"][rows].any() and np.array_equal(new["y"][kept], y[kept]) and int(new["note"]) == 7

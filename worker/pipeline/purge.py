@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -94,27 +95,59 @@ def _ref(stored: Any) -> ObjectRef:
 def rewrite_array(path: Path, rows: np.ndarray, out: BinaryIO) -> None:
     """The ``.npz`` at ``path`` written to ``out`` with ``rows`` zeroed in every member that has one entry
     per row (``x``, and labels or ids stored beside it): row numbers stay, the rows' content is gone.
-    Uncompressed (jobs memory-map it) and streamed in blocks of about 32 MB: one block is all it holds."""
+    Written uncompressed (jobs memory-map it) and streamed in blocks of about 32 MB, from a memory map of a
+    stored member or the decompressing stream of a compressed one: one block is all it holds."""
     with zipfile.ZipFile(path) as archive:
         names = [info.filename for info in archive.infolist() if info.filename.endswith(".npy")]
-    num_rows = open_member(path, "x.npy").shape[0]
+    num_rows = _member_header(path, "x.npy")[0][0]
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as target:
         for name in names:
-            array = open_member(path, name)
-            per_row = array.ndim > 0 and array.shape[0] == num_rows
-            header = {"descr": npy_format.dtype_to_descr(array.dtype), "fortran_order": False,
-                      "shape": array.shape}  # fmt: skip
+            shape, dtype = _member_header(path, name)
+            per_row = len(shape) > 0 and shape[0] == num_rows
+            header = {"descr": npy_format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
             with target.open(name, "w", force_zip64=True) as member:
                 npy_format.write_array_header_2_0(member, header)
-                if array.ndim == 0:
-                    member.write(np.ascontiguousarray(array).tobytes())
-                    continue
-                row_bytes = max(1, array[:1].nbytes)
-                step = max(1, _CHUNK_BYTES // row_bytes)
-                for start in range(0, array.shape[0], step):
-                    block = np.array(array[start : start + step], order="C")
+                for start, block in _row_blocks(path, name):
                     if per_row:
-                        inside = rows[(rows >= start) & (rows < start + step)] - start
+                        inside = rows[(rows >= start) & (rows < start + len(block))] - start
                         block[inside] = 0
                     member.write(block.data)  # the block's own buffer: no second copy
     out.seek(0)
+
+
+def _member_header(path: Path, name: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    with zipfile.ZipFile(path) as archive, archive.open(name) as member:
+        version = npy_format.read_magic(member)
+        read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        shape, _fortran_order, dtype = read(member)
+    return tuple(shape), dtype
+
+
+def _row_blocks(path: Path, name: str) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, writable C-ordered block of rows) over a member, about ``_CHUNK_BYTES`` at a time."""
+    with zipfile.ZipFile(path) as archive:
+        compressed = archive.getinfo(name).compress_type != zipfile.ZIP_STORED
+    shape, dtype = _member_header(path, name)
+    if not shape:  # a scalar
+        yield 0, np.array(open_member(path, name), order="C").reshape(1)
+        return
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    if not compressed:
+        array = open_member(path, name)  # memory-mapped
+        for start in range(0, shape[0], step):
+            yield start, np.array(array[start : start + step], order="C")
+        return
+    with zipfile.ZipFile(path) as archive, archive.open(name) as member:
+        version = npy_format.read_magic(member)
+        read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        _shape, fortran_order, _dtype = read(member)
+        if fortran_order:  # column-major: no row can be read before the whole array; rare, read at once
+            whole = np.asarray(npy_format.read_array(archive.open(name)), order="C")
+            for start in range(0, shape[0], step):
+                yield start, np.array(whole[start : start + step], order="C")
+            return
+        for start in range(0, shape[0], step):
+            count = min(step, shape[0] - start)
+            data = bytearray(member.read(count * row_bytes))
+            yield start, np.frombuffer(data, dtype=dtype).reshape((count, *shape[1:]))
