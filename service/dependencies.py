@@ -19,17 +19,19 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_settings(request: Request) -> Settings:
+# The app-state lookups are async: FastAPI runs a sync dependency on a worker thread, a hand-off that costs
+# more than the lookup.
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
     store: ObjectStore = request.app.state.store
     return store
 
 
-def get_dispatcher(request: Request) -> JobDispatcher:
+async def get_dispatcher(request: Request) -> JobDispatcher:
     dispatcher: JobDispatcher = request.app.state.dispatcher
     return dispatcher
 

@@ -26,6 +26,13 @@ def add_samples(session: Session, request_id: str, sample_pks: Sequence[int]) ->
     )
 
 
+def add_samples_of(session: Session, pks_by_request: dict[str, Sequence[int]]) -> None:
+    """Many requests' samples in one INSERT."""
+    rows = [{"request_id": rid, "sample_pk": pk} for rid, pks in pks_by_request.items() for pk in pks]
+    if rows:
+        session.execute(insert(DeletionRequestSample), rows)
+
+
 def list_origin_candidates(session: Session, dataset_id: str) -> Sequence[DeletionRequest]:
     """The dataset-wide requests of a dataset that were not canceled, oldest first: what a model registered
     on it later must honour too."""

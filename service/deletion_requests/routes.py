@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, status
 from fastapi.responses import JSONResponse
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -168,9 +169,20 @@ def create_deletion_requests_in_bulk(
 def _bulk_items(
     session: Session, settings: Settings, items: Sequence[BulkItem], caller: Principal
 ) -> tuple[list[BulkItemOut], list[Dispatch]]:
-    outcomes: list[BulkItemOut] = []
-    dispatches: list[Dispatch] = []
+    """Each item checked as a single POST would be (replayed, refused, or prepared), then the prepared ones
+    written together, with their idempotency records."""
+    outcomes: dict[int, BulkItemOut] = {}
+    prepared: list[tuple[int, str | None, str, service.PreparedRequest]] = []
+    keys = [item.idempotency_key for item in items if item.idempotency_key is not None]
+    # The call's answered keys read in one query; held here, find_answer finds them in the session.
+    held = session.scalars(
+        select(IdempotencyRecord).where(
+            IdempotencyRecord.client_id == caller.client_id, IdempotencyRecord.key.in_(keys)
+        )
+    ).all()
+    answered = {record.key for record in held}
     seen: set[str] = set()
+    lookups = service.Lookups()
     for index, item in enumerate(items):
         key = item.idempotency_key
         data = DeletionRequestCreate.model_validate(item.model_dump(exclude={"idempotency_key"}))
@@ -179,30 +191,36 @@ def _bulk_items(
             if key is not None and key in seen:
                 raise InvalidInput("duplicate-idempotency-key", "an earlier item of this call has this key",
                                    field="idempotency_key", idempotency_key=key)  # fmt: skip
-            record = idempotency.find_answer(session, caller.client_id, key, fingerprint) if key else None
+            record = (
+                idempotency.find_answer(session, caller.client_id, key, fingerprint)
+                if key is not None and key in answered
+                else None
+            )
             if record is not None:
-                outcomes.append(_bulk_replay(index, record))
+                outcomes[index] = _bulk_replay(index, record)
                 continue
-            created = service.create_request(session, settings, data, caller)
+            prepared.append(
+                (index, key, fingerprint, service.prepare_request(session, settings, data, caller, lookups))
+            )
         except ProblemError as problem:
             body = problem_body(problem.status, problem.slug, problem.detail, **problem.extensions)
-            outcomes.append(BulkItemOut(index=index, status=problem.status, replayed=False, problem=body))
-            continue
+            outcomes[index] = BulkItemOut(index=index, status=problem.status, replayed=False, problem=body)
         finally:
             if key is not None:
                 seen.add(key)
-        out = request_out(session, created.request, created.erasures)
-        status_code = (
-            status.HTTP_202_ACCEPTED if created.request.state == "processing" else status.HTTP_200_OK
-        )
+    created, dispatches = service.create_requests(
+        session, settings, [request for *_, request in prepared], caller.actor
+    )
+    for (index, key, fingerprint, _request), made in zip(prepared, created, strict=True):
+        out = request_out(session, made.request, made.erasures)
+        status_code = status.HTTP_202_ACCEPTED if made.request.state == "processing" else status.HTTP_200_OK
         if key is not None:
-            answer, headers = out.model_dump(mode="json"), _headers(settings, created.request)
+            answer, headers = out.model_dump(mode="json"), _headers(settings, made.request)
             idempotency.remember_answer(
-                session, caller.client_id, key, fingerprint, status_code, answer, headers
+                session, caller.client_id, key, fingerprint, status_code, answer, headers, flush=False
             )
-        outcomes.append(BulkItemOut(index=index, status=status_code, replayed=False, request=out))
-        dispatches += created.dispatches
-    return outcomes, dispatches
+        outcomes[index] = BulkItemOut(index=index, status=status_code, replayed=False, request=out)
+    return [outcomes[index] for index in range(len(items))], dispatches
 
 
 def _bulk_replay(index: int, record: IdempotencyRecord) -> BulkItemOut:

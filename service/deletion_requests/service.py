@@ -6,17 +6,19 @@ targets (``service.erasures``), and a request settles with its last target.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from service.clients.service import Principal
 from service.core.clock import utcnow
+from service.core.database import new_id
 from service.core.problems import InvalidInput, NotFound, listed_problem
 from service.core.settings import Settings
 from service.datasets import repository as datasets_repository
@@ -51,6 +53,24 @@ class ErasureView:
     job_metrics: dict[str, Any] | None
 
 
+@dataclass
+class Lookups:
+    """What the items of one bulk call share, read once: the tenant's models by name (with their dataset),
+    and each method configuration checked."""
+
+    models: dict[str, Row[Model, Dataset] | None] = field(default_factory=dict)
+    configs: dict[tuple[str | None, str, bool], tuple[str, dict[str, object]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request checked in full and not yet written: its row, the models it applies to, its samples."""
+
+    request: DeletionRequest
+    models: Sequence[Model]
+    pks: list[int]
+
+
 @dataclass(frozen=True)
 class CreatedRequest:
     request: DeletionRequest
@@ -63,22 +83,79 @@ def create_request(
 ) -> CreatedRequest:
     """Validate a deletion request completely, then add it, its samples and one erasure target per model it
     applies to (the caller's tenant's named model, or every model of its named dataset), each queued into its
-    model's open job.
+    model's open job (:func:`prepare_request`, then :func:`add_request`). The caller commits, then
+    dispatches."""
+    prepared = prepare_request(session, settings, data, caller)
+    targets, dispatches = add_request(
+        session, settings, prepared.request, prepared.models, prepared.pks, actor=caller.actor
+    )
+    return CreatedRequest(prepared.request, _new_views(prepared.models, targets), dispatches)
 
-    Nothing is written unless every check passes. Names of things that do not exist (model, dataset,
+
+def create_requests(
+    session: Session, settings: Settings, batch: Sequence[PreparedRequest], actor: str
+) -> tuple[list[CreatedRequest], list[Dispatch]]:
+    """Add many prepared requests at once (a bulk call), as :func:`add_request` on each in turn would, in a
+    few statements whatever their number: the models locked once, the requests and their samples inserted
+    together, the targets opened and coalesced together (``erasures.open_targets_many``). Returns them
+    and the jobs to dispatch (each request's own ``dispatches`` are empty). The caller commits, then
+    dispatches."""
+    for model_id in sorted({model.id for prepared in batch for model in prepared.models}):
+        models_repository.lock_model(session, model_id)
+    for prepared in batch:
+        prepared.request.id = new_id()
+    session.add_all([prepared.request for prepared in batch])
+    session.flush()
+    repository.add_samples_of(session, {prepared.request.id: prepared.pks for prepared in batch})
+    for prepared in batch:
+        _record_created(session, prepared.request, prepared.models, len(prepared.pks), actor)
+    opened, dispatches = erasures.open_targets_many(
+        session, settings, [(p.request, p.models, p.pks) for p in batch], actor=actor
+    )
+    # Each job once, as soon as any of its messages would have it run.
+    soonest: dict[str, Dispatch] = {}
+    for dispatch in dispatches:
+        if dispatch.job_id not in soonest or dispatch.delay_s < soonest[dispatch.job_id].delay_s:
+            soonest[dispatch.job_id] = dispatch
+    created = [
+        CreatedRequest(prepared.request, _new_views(prepared.models, targets), [])
+        for prepared, targets in zip(batch, opened, strict=True)
+    ]
+    return created, list(soonest.values())
+
+
+def _new_views(models: Sequence[Model], targets: Sequence[ErasureTarget]) -> list[ErasureView]:
+    # A new target has no result version, and its job has not run (no metrics): nothing more to read.
+    names = {model.id: model.name for model in models}
+    return [ErasureView(target, names[target.model_id], None, None) for target in targets]
+
+
+def prepare_request(
+    session: Session,
+    settings: Settings,
+    data: DeletionRequestCreate,
+    caller: Principal,
+    lookups: Lookups | None = None,
+) -> PreparedRequest:
+    """Check a deletion request in full, writing nothing. Names of things that do not exist (model, dataset,
     subject, sample ids) are 404, as their own paths would answer; input the schema refuses, or that the
     state of what it names refuses, is 422. A model that no longer holds any of the samples (erased by
     an earlier request, or never trained on them) completes its target at once; when every model does, the
-    request completes without a job. The caller commits, then dispatches.
+    request completes without a job.
     """
     if (data.model is None) == (data.dataset_id is None):
         raise InvalidInput("model-or-dataset", "give exactly one of model and dataset_id")
     if data.model is not None:
-        found_model = session.execute(
-            select(Model, Dataset)
-            .join(Dataset, Dataset.id == Model.dataset_id)
-            .where(Model.tenant == caller.tenant, Model.name == data.model)
-        ).one_or_none()
+        if lookups is None or data.model not in lookups.models:
+            found_model = session.execute(
+                select(Model, Dataset)
+                .join(Dataset, Dataset.id == Model.dataset_id)
+                .where(Model.tenant == caller.tenant, Model.name == data.model)
+            ).one_or_none()
+            if lookups is not None:
+                lookups.models[data.model] = found_model
+        else:
+            found_model = lookups.models[data.model]
         if found_model is None:
             raise NotFound("unknown-model", f"no model named {data.model!r}", field="model", model=data.model)
         model, dataset = found_model
@@ -95,7 +172,13 @@ def create_request(
             )
         dataset = found
         models = erasures_repository.models_of_dataset(session, dataset.id)
-    method, config = _method_and_config(data, dataset)
+    config_key = (data.method, json.dumps(data.config, sort_keys=True), dataset.labelled)
+    if lookups is None or config_key not in lookups.configs:
+        method, config = _method_and_config(data, dataset)
+        if lookups is not None:
+            lookups.configs[config_key] = method, config
+    else:
+        method, config = lookups.configs[config_key]
     samples = _named_samples(session, settings, data, dataset)
     now = utcnow()
     request = DeletionRequest(
@@ -115,12 +198,7 @@ def create_request(
         due_at=_due_at(settings, data.due_at, now),
         completed_at=None,
     )
-    pks = [sample.id for sample in samples]
-    targets, dispatches = add_request(session, settings, request, models, pks, actor=caller.actor)
-    # A new target has no result version, and its job has not run (no metrics): nothing more to read.
-    names = {model.id: model.name for model in models}
-    views = [ErasureView(target, names[target.model_id], None, None) for target in targets]
-    return CreatedRequest(request, views, dispatches)
+    return PreparedRequest(request, models, [sample.id for sample in samples])
 
 
 def add_request(
@@ -141,14 +219,20 @@ def add_request(
         models_repository.lock_model(session, model.id)
     repository.add(session, request)
     repository.add_samples(session, request.id, pks)
+    _record_created(session, request, models, len(pks), actor)
+    return erasures.open_targets(session, settings, request, models, pks, actor=actor)
+
+
+def _record_created(
+    session: Session, request: DeletionRequest, models: Sequence[Model], samples: int, actor: str
+) -> None:
     trail.append(
         session, "request.created", actor=actor, subject_type="request", subject_id=request.id,
         request_id=request.id,
         data={"scope": "model" if request.model_id else "dataset", "dataset_id": request.dataset_id,
-              "models": [model.name for model in models], "method": request.method, "samples": len(pks),
+              "models": [model.name for model in models], "method": request.method, "samples": samples,
               "due_at": request.due_at.isoformat(), "origin_request_id": request.origin_request_id},
     )  # fmt: skip
-    return erasures.open_targets(session, settings, request, models, pks, actor=actor)
 
 
 def _due_at(settings: Settings, requested: datetime | None, now: datetime) -> datetime:

@@ -33,6 +33,10 @@ def targets_of_job(session: Session, job_id: str, *, lock: bool = False) -> Sequ
     return session.scalars(query.with_for_update() if lock else query).all()
 
 
+def count_targets_of_job(session: Session, job_id: str) -> int:
+    return int(session.scalar(select(func.count()).where(ErasureTarget.job_id == job_id)) or 0)
+
+
 def request_ids_of_jobs(session: Session, job_ids: Sequence[str]) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     rows = session.execute(

@@ -9,6 +9,7 @@ queued) unless that would take it past ``batch_max_samples``; otherwise it opens
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,6 +18,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.core.clock import utcnow
+from service.core.database import new_id
 from service.core.settings import Settings
 from service.datasets import repository as datasets_repository
 from service.deletion_requests import repository as requests_repository
@@ -78,6 +80,70 @@ def open_targets(
     return targets, dispatches
 
 
+def open_targets_many(
+    session: Session,
+    settings: Settings,
+    batch: Sequence[tuple[DeletionRequest, Sequence[Model], Sequence[int]]],
+    actor: str = "api",
+) -> tuple[list[list[ErasureTarget]], list[Dispatch]]:
+    """:func:`open_targets` for many new requests (each with its models and sample pks), as calling it on
+    each in turn would, in a few statements: the erased samples read once per model, and the coalescing
+    done on the jobs in hand, each model's open jobs read (and locked) once; the queued targets are written
+    by the caller's next flush. The caller holds every model's lock. Returns each request's targets and the
+    jobs to dispatch."""
+    now = utcnow()
+    erased: dict[str, set[int]] = {}
+    for model_id in sorted({model.id for _request, models, _pks in batch for model in models}):
+        wanted = sorted(
+            {pk for _request, models, pks in batch if model_id in {m.id for m in models} for pk in pks}
+        )
+        erased[model_id] = repository.erased_pks(session, model_id, wanted)
+    wait = settings.batch_wait_s
+    # Per (model, method, configuration): its open jobs oldest first, as _enqueue would find them.
+    open_jobs: dict[tuple[str, str, str], list[Job]] = {}
+    dispatches: list[Dispatch] = []
+    opened: list[list[ErasureTarget]] = []
+    queued: list[ErasureTarget] = []
+    for request, models, pks in batch:
+        targets = []
+        for model in models:
+            held = len(erased[model.id].intersection(pks))
+            target = ErasureTarget(
+                id=new_id(), request_id=request.id, model_id=model.id, state="pending",
+                pending_count=len(pks) - held, already_erased_count=held, attempts=[], due_at=request.due_at,
+            )  # fmt: skip
+            targets.append(target)
+            if target.pending_count == 0:
+                session.add(target)
+                _settle(session, target, "completed", now, actor, verdict=ALREADY_ERASED)
+                continue
+            queued.append(target)
+            key = (model.id, request.method, json.dumps(request.config, sort_keys=True))
+            if key not in open_jobs:
+                with session.no_autoflush:
+                    candidates = repository.open_batches(session, model.id, request.method)
+                open_jobs[key] = [job for job in candidates if job.config == request.config]
+            jobs = open_jobs[key]
+            job = jobs[0] if jobs else None
+            if job is not None and job.sample_count + target.pending_count > settings.batch_max_samples:
+                dispatches.append(_seal(jobs.pop(0), now))
+                job = None
+            if job is None:
+                job = _new_job(session, target, request.method, request.config, open_for=wait, flush=False)
+                jobs.append(job)  # the newest: a later request takes an older open job first, as _enqueue
+                dispatches.append(Dispatch(job.id, wait))
+            _attach(session, job, target, actor, flush=False)
+            if job.sample_count >= settings.batch_max_samples:
+                jobs.remove(job)
+                dispatches.append(_seal(job, now))
+        opened.append(targets)
+        if all(target.state != "pending" for target in targets):
+            settle_request_if_done(session, request, now, actor)
+    session.flush()  # the new jobs first: the targets name them (no relationship orders the two)
+    session.add_all(queued)
+    return opened, dispatches
+
+
 def _enqueue(
     session: Session,
     settings: Settings,
@@ -117,24 +183,35 @@ def _enqueue(
 
 
 def _new_job(
-    session: Session, target: ErasureTarget, method: str, config: dict[str, Any], *, open_for: float | None
+    session: Session,
+    target: ErasureTarget,
+    method: str,
+    config: dict[str, Any],
+    *,
+    open_for: float | None,
+    flush: bool = True,
 ) -> Job:
-    """A queued job of the target's model; it takes more requests for ``open_for`` seconds (None: none)."""
+    """A queued job of the target's model; it takes more requests for ``open_for`` seconds (None: none).
+    Written now, or (``flush`` False) by the session's next flush."""
     now = utcnow()
     job = Job(
-        model_id=target.model_id, state="queued", method=method, config=config,
+        id=new_id(), model_id=target.model_id, state="queued", method=method, config=config,
         batch_open=open_for is not None, sample_count=0, ready_at=now + timedelta(seconds=open_for or 0.0),
         due_at=target.due_at,
     )  # fmt: skip
-    jobs_repository.add(session, job)
+    if flush:
+        jobs_repository.add(session, job)
+    else:
+        session.add(job)
     return job
 
 
-def _attach(session: Session, job: Job, target: ErasureTarget, actor: str) -> None:
+def _attach(session: Session, job: Job, target: ErasureTarget, actor: str, *, flush: bool = True) -> None:
     job.sample_count += target.pending_count
     job.due_at = min(job.due_at, target.due_at) if job.due_at is not None else target.due_at
     target.job_id = job.id
-    session.flush()
+    if flush:
+        session.flush()
     trail.append(
         session, "erasure.queued", actor=actor, subject_type="erasure", subject_id=target.id,
         request_id=target.request_id,

@@ -49,20 +49,25 @@ def remember_answer(
     status_code: int,
     body: Any,
     headers: dict[str, str],
+    *,
+    flush: bool = True,
 ) -> None:
-    repository.add(
-        session,
-        IdempotencyRecord(
-            client_id=client_id,
-            key=key,
-            fingerprint=request_fingerprint,
-            status_code=status_code,
-            body=body,
-            headers=headers,
-            # What the answer created: the purge of a deletion request drops the answers that echoed it.
-            resource_id=body.get("id") if isinstance(body, dict) else None,
-        ),
+    """Store the first answer to ``key``: now, or (``flush`` False: a bulk call's many answers, one INSERT)
+    with the session's next flush."""
+    record = IdempotencyRecord(
+        client_id=client_id,
+        key=key,
+        fingerprint=request_fingerprint,
+        status_code=status_code,
+        body=body,
+        headers=headers,
+        # What the answer created: the purge of a deletion request drops the answers that echoed it.
+        resource_id=body.get("id") if isinstance(body, dict) else None,
     )
+    if flush:
+        repository.add(session, record)
+    else:
+        session.add(record)
 
 
 def expire(session: Session, ttl_s: float) -> int:

@@ -323,8 +323,13 @@ def settle_pending(session: Session, job_id: str, actor: str, *, limit: int = SE
     pending = select(ErasureTarget).where(ErasureTarget.job_id == job_id, ErasureTarget.state == "pending")
     targets = session.scalars(pending.order_by(ErasureTarget.due_at).limit(limit).with_for_update()).all()
     attempt = {"job_id": job.id, "state": job.state, "error_reason": job.error_reason}
+    # Held while the chunk settles: each request's report reads the job's model and dataset, and the
+    # session finds them in hand (it keeps only the objects something refers to).
+    model = models_repository.get_model(session, job.model_id)
+    in_hand = (model, datasets_repository.get_dataset(session, model.dataset_id) if model else None)
     for target in targets:
         erasures.settle(session, target, job.state, actor, attempt=attempt)
+    del in_hand
     left = session.scalar(select(func.count()).select_from(pending.subquery())) or 0
     total = len(targets) + left + int((job.progress or {}).get("settled", 0))
     if total:

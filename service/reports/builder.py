@@ -103,7 +103,7 @@ def _erasure(
         job_provenance = {
             "id": job.id,
             "worker": job.worker_id,
-            "requests_in_job": len(erasures_repository.targets_of_job(session, job.id)),
+            "requests_in_job": erasures_repository.count_targets_of_job(session, job.id),
             "created_at": job.created_at.isoformat(),
             "started_at": job.started_at.isoformat() if job.started_at else None,
             "finished_at": job.finished_at.isoformat() if job.finished_at else None,

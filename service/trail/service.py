@@ -1,5 +1,12 @@
 """Appending to the audit trail (in the caller's transaction: an event exists exactly when what it records
-was committed) and verifying the chain. Never commits."""
+was committed) and verifying the chain. Never commits.
+
+One global chain, in commit order. :func:`append` only queues an event on the session; when the session
+commits, its queued events are chained after the head and written in one statement, and the head is moved
+in a second one. The head's row lock, which serialises every writer of the chain, is so held from just
+before the commit to the commit, not from the first event of a transaction to its end. Something that reads
+the transaction's own events before it commits (a report's chain segment) writes them first
+(:func:`write_pending`)."""
 
 from __future__ import annotations
 
@@ -9,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import rfc8785
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import event as orm_event
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session, SessionTransaction
 
 from service.core.clock import utcnow
 from service.trail.tables import GENESIS, TrailEvent, TrailHead
@@ -33,6 +41,10 @@ def event_hash(prev_hash: str, event: TrailEvent) -> str:
     return hashlib.sha256(prev_hash.encode() + rfc8785.dumps(body)).hexdigest()
 
 
+_PENDING = "lethe.trail.pending"  # the session's queued events (Session.info)
+_HELD = "lethe.trail.head"  # the head as this transaction has moved it (its lock held), until the commit
+
+
 def append(
     session: Session,
     kind: str,
@@ -43,19 +55,65 @@ def append(
     request_id: str | None = None,
     data: dict[str, Any] | None = None,
 ) -> TrailEvent:
-    head = session.get(TrailHead, _HEAD_ID, with_for_update=True, populate_existing=True)
-    if head is None:
-        head = TrailHead(id=_HEAD_ID, seq=0, hash=GENESIS)
-        session.add(head)
+    """Queue an event in the session's transaction; it gets its place in the chain (``seq``, hashes) when
+    the transaction commits, and is discarded with a rollback."""
     event = TrailEvent(
-        seq=head.seq + 1, occurred_at=utcnow(), actor=actor, kind=kind, request_id=request_id,
-        subject_type=subject_type, subject_id=subject_id, data=data or {}, prev_hash=head.hash,
+        occurred_at=utcnow(), actor=actor, kind=kind, request_id=request_id, subject_type=subject_type,
+        subject_id=subject_id, data=data or {},
     )  # fmt: skip
-    event.hash = event_hash(head.hash, event)
-    session.add(event)
-    head.seq, head.hash = event.seq, event.hash
-    session.flush()
+    session.info.setdefault(_PENDING, []).append(event)
     return event
+
+
+def write_pending(session: Session) -> None:
+    """Chain the session's queued events after the head and write them in one INSERT. The head is locked
+    (until the transaction ends) and read by the first write of a transaction; later ones (a batch settling
+    request after request, each report reading its chain segment) go on from where it left the head, which
+    is written once, at the commit."""
+    events: list[TrailEvent] = session.info.pop(_PENDING, None) or []
+    if not events:
+        return
+    held: tuple[int, str] | None = session.info.get(_HELD)
+    if held is None:
+        head = session.execute(
+            select(TrailHead.seq, TrailHead.hash).where(TrailHead.id == _HEAD_ID).with_for_update()
+        ).one_or_none()
+        held = (0, GENESIS) if head is None else (head.seq, head.hash)
+        if head is None:  # the first event of a database creates the head row
+            session.add(TrailHead(id=_HEAD_ID, seq=held[0], hash=held[1]))
+            session.flush()
+    seq, prev = held
+    rows = []
+    for event in events:
+        seq += 1
+        event.seq, event.prev_hash = seq, prev
+        event.hash = prev = event_hash(prev, event)
+        rows.append(
+            {"seq": event.seq, "occurred_at": event.occurred_at, "actor": event.actor, "kind": event.kind,
+             "request_id": event.request_id, "subject_type": event.subject_type,
+             "subject_id": event.subject_id, "data": event.data, "prev_hash": event.prev_hash,
+             "hash": event.hash}
+        )  # fmt: skip
+    session.execute(insert(TrailEvent), rows)
+    session.info[_HELD] = (seq, prev)
+
+
+@orm_event.listens_for(Session, "before_commit")
+def _write_at_commit(session: Session) -> None:
+    write_pending(session)
+    held = session.info.get(_HELD)
+    if held is not None:
+        seq, last = held
+        session.execute(update(TrailHead).where(TrailHead.id == _HEAD_ID).values(seq=seq, hash=last))
+
+
+@orm_event.listens_for(Session, "after_transaction_end")
+def _discard_at_end(session: Session, transaction: SessionTransaction) -> None:
+    # A transaction that ends without committing (rollback, close) takes its queued events with it; one
+    # that commits has written them, and its hold on the head ends with it.
+    if transaction.parent is None:
+        session.info.pop(_PENDING, None)
+        session.info.pop(_HELD, None)
 
 
 @dataclass(frozen=True)
@@ -106,6 +164,7 @@ def verify_chain(session: Session) -> ChainCheck:
 
 def request_segment(session: Session, request_id: str) -> dict[str, Any] | None:
     """The request's events so far: how many, and the first and last hash (a report carries these)."""
+    write_pending(session)
     events = session.scalars(
         select(TrailEvent).where(TrailEvent.request_id == request_id).order_by(TrailEvent.seq)
     ).all()

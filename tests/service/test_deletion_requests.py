@@ -225,3 +225,70 @@ def test_a_failed_dispatch_still_accepts_the_request(
 
 def test_unknown_request_is_a_404_problem(client: TestClient) -> None:
     assert_problem(client.get("/deletion-requests/nope"), 404, "deletion-request-not-found")
+
+
+def test_a_bulk_call_answers_each_item_and_commits_only_the_accepted(
+    client: TestClient, session: Session, model: dict[str, Any], dispatcher: RecordingDispatcher
+) -> None:
+    early = (utcnow() + timedelta(days=3)).isoformat()
+    single = client.post(
+        "/deletion-requests",
+        json={"model": "toy-model", "sample_ids": ["s7"]},
+        headers={"Idempotency-Key": "t-7"},
+    ).json()
+    items = [
+        {"model": "toy-model", "subject_id": "alice", "idempotency_key": "t-1"},
+        {"model": "toy-model", "sample_ids": ["s3"], "due_at": early, "idempotency_key": "t-2"},
+        {"model": "toy-model", "subject_id": "nobody", "idempotency_key": "t-3"},
+        {"model": "toy-model", "sample_ids": ["s4"], "idempotency_key": "t-2"},  # the key of item 1
+        {"model": "toy-model", "sample_ids": ["s7"], "idempotency_key": "t-7"},  # a single POST's key
+        {"model": "toy-model", "sample_ids": ["s5"]},
+    ]
+    before = row_counts(session)
+    answer = client.post("/deletion-requests/bulk", json={"items": items})
+    assert answer.status_code == 200, answer.text
+    outcome = answer.json()
+    assert (outcome["accepted"], outcome["refused"]) == (4, 2)
+    statuses = [(item["index"], item["status"], item["replayed"]) for item in outcome["items"]]
+    assert statuses == [(0, 202, False), (1, 202, False), (2, 404, False), (3, 422, False), (4, 202, True),
+                        (5, 202, False)]  # fmt: skip
+    assert outcome["items"][2]["problem"]["type"] == "/problems/unknown-subject"
+    assert outcome["items"][3]["problem"]["type"] == "/problems/duplicate-idempotency-key"
+    assert outcome["items"][4]["request"]["id"] == single["id"]
+    first, second = outcome["items"][0]["request"], outcome["items"][1]["request"]
+    assert first["sample_count"] == 3 and datetime.fromisoformat(second["due_at"]) == datetime.fromisoformat(
+        early
+    )
+    # Three new requests (each with samples and a target), two new idempotency records; one open job.
+    after = row_counts(session)
+    assert [b - a for a, b in zip(before, after, strict=True)] == [3, 5, 3, 0, 2]
+    assert len(set(dispatcher.dispatched)) == 1
+    # The same call again: every accepted item replays, nothing is written.
+    again = client.post("/deletion-requests/bulk", json={"items": items}).json()
+    assert [item["replayed"] for item in again["items"]] == [True, True, False, False, True, False]
+    assert again["items"][0]["request"] == first
+    assert row_counts(session)[0] == after[0] + 1  # only the keyless item is a new request
+
+
+def test_a_bulk_call_is_bounded(client: TestClient, model: dict[str, Any]) -> None:
+    item = {"model": "toy-model", "sample_ids": ["s3"]}
+    assert_problem(
+        client.post("/deletion-requests/bulk", json={"items": [item] * 1001}), 422, "invalid-request"
+    )
+    assert_problem(client.post("/deletion-requests/bulk", json={"items": []}), 422, "invalid-request")
+
+
+def test_a_bulk_call_coalesces_as_the_same_requests_posted_one_by_one(
+    client: TestClient, model: dict[str, Any], settings: Settings, dispatcher: RecordingDispatcher
+) -> None:
+    settings.batch_max_samples = 5
+    items = [{"model": "toy-model", "sample_ids": [f"s{i}", f"s{i + 1}"]} for i in (0, 2, 4)]
+    outcome = client.post("/deletion-requests/bulk", json={"items": items}).json()
+    jobs = [job_of(item["request"]) for item in outcome["items"]]
+    # 2 + 2 samples fill the first job; the third request would take it past 5: sealed, a new one opens.
+    assert jobs[0] == jobs[1] != jobs[2]
+    first, second = (client.get(f"/jobs/{job_id}").json() for job_id in (jobs[0], jobs[2]))
+    assert (first["sample_count"], first["batch_open"]) == (4, False)
+    assert (second["sample_count"], second["batch_open"]) == (2, True)
+    assert sorted(set(dispatcher.dispatched)) == sorted({jobs[0], jobs[2]})
+    assert client.get("/audit-trail/verification").json()["valid"]
