@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-serve test lint bench bench-audit bench-coalescing install
+.PHONY: demo demo-serve test lint bench bench-api bench-audit bench-coalescing install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: $(STAMP)
 bench-audit: $(STAMP)
 	$(BIN)/python -m worker.bench.audit_calibration --seed 1 --ways retrain,noop,mixunlearn,mixunlearn-lr1e-3 \
 		--json results/audit-calibration.json
+
+# Lethe's POST /deletion-requests against the bare stack's floor (one run, one load client), the bulk
+# endpoint and a 2,000-request cancel; about 3 minutes.
+bench-api: $(STAMP)
+	$(BIN)/python -m worker.bench.api_compare --json docs/results/bench-api-compare.json
 
 bench-coalescing: $(STAMP)
 	$(BIN)/python -m worker.bench.coalescing --requests 100 --over 60 --json results/bench-coalescing.json

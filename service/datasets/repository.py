@@ -100,6 +100,20 @@ def sample_ids_in_other_datasets(session: Session, dataset: Dataset, sample_ids:
     return found
 
 
+def samples_of_subjects(
+    session: Session, dataset_id: str, subject_ids: Sequence[str], subject_hashes: Sequence[str]
+) -> Sequence[Sample]:
+    """:func:`subject_samples` of many subjects at once (a bulk call's), ordered by id."""
+    return session.scalars(
+        select(Sample)
+        .where(
+            Sample.dataset_id == dataset_id,
+            or_(Sample.subject_id.in_(subject_ids), Sample.subject_hash.in_(subject_hashes)),
+        )
+        .order_by(Sample.id)
+    ).all()
+
+
 def subject_samples(
     session: Session, dataset_id: str, subject_id: str, subject_hash: str
 ) -> Sequence[Sample]:

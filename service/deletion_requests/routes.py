@@ -182,10 +182,13 @@ def _bulk_items(
     ).all()
     answered = {record.key for record in held}
     seen: set[str] = set()
+    requests = [
+        DeletionRequestCreate.model_validate(item.model_dump(exclude={"idempotency_key"})) for item in items
+    ]
     lookups = service.Lookups()
-    for index, item in enumerate(items):
+    lookups.preload(session, settings, requests, caller.tenant)
+    for index, (item, data) in enumerate(zip(items, requests, strict=True)):
         key = item.idempotency_key
-        data = DeletionRequestCreate.model_validate(item.model_dump(exclude={"idempotency_key"}))
         fingerprint = idempotency.fingerprint("POST", "/deletion-requests", data.model_dump(mode="json"))
         try:
             if key is not None and key in seen:

@@ -60,6 +60,37 @@ class Lookups:
 
     models: dict[str, Row[Model, Dataset] | None] = field(default_factory=dict)
     configs: dict[tuple[str | None, str, bool], tuple[str, dict[str, object]]] = field(default_factory=dict)
+    # Per dataset: the samples of the call's data subjects, read in one query, by subject id and by keyed
+    # hash (a purge keeps only the hash).
+    subjects: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
+
+    def preload(
+        self, session: Session, settings: Settings, items: Sequence[DeletionRequestCreate], tenant: str
+    ) -> None:
+        """Read what the items name in a few queries: their models (with their datasets), then their
+        subjects' samples, one query per dataset."""
+        names = sorted({item.model for item in items if item.model is not None} - self.models.keys())
+        if names:
+            rows = session.execute(
+                select(Model, Dataset)
+                .join(Dataset, Dataset.id == Model.dataset_id)
+                .where(Model.tenant == tenant, Model.name.in_(names))
+            ).all()
+            found = {row[0].name: row for row in rows}
+            self.models.update({name: found.get(name) for name in names})
+        subjects: dict[str, set[str]] = {}
+        for item in items:
+            row = self.models.get(item.model) if item.model is not None else None
+            dataset_id = row[1].id if row is not None else item.dataset_id
+            if item.subject_id is not None and dataset_id is not None:
+                subjects.setdefault(dataset_id, set()).add(item.subject_id)
+        key = pseudonym_key(settings)
+        for dataset_id, ids in subjects.items():
+            hashes = [subject_hash(key, dataset_id, subject) for subject in sorted(ids)]
+            by_subject = self.subjects.setdefault(dataset_id, {})
+            for sample in datasets_repository.samples_of_subjects(session, dataset_id, sorted(ids), hashes):
+                for name in {sample.subject_id, sample.subject_hash} - {None}:
+                    by_subject.setdefault(str(name), []).append(sample)
 
 
 @dataclass(frozen=True)
@@ -179,7 +210,7 @@ def prepare_request(
             lookups.configs[config_key] = method, config
     else:
         method, config = lookups.configs[config_key]
-    samples = _named_samples(session, settings, data, dataset)
+    samples = _named_samples(session, settings, data, dataset, lookups)
     now = utcnow()
     request = DeletionRequest(
         dataset_id=dataset.id,
@@ -273,14 +304,23 @@ def _method_and_config(data: DeletionRequestCreate, dataset: Dataset) -> tuple[s
 
 
 def _named_samples(
-    session: Session, settings: Settings, data: DeletionRequestCreate, dataset: Dataset
+    session: Session,
+    settings: Settings,
+    data: DeletionRequestCreate,
+    dataset: Dataset,
+    lookups: Lookups | None = None,
 ) -> list[Sample]:
     """The train samples the request names, checked: known, of this dataset, not audit, not repeated."""
     if (data.sample_ids is None) == (data.subject_id is None):
         raise InvalidInput("samples-or-subject", "give exactly one of sample_ids and subject_id")
     if data.subject_id is not None:
         hashed = subject_hash(pseudonym_key(settings), dataset.id, data.subject_id)
-        subject_samples = datasets_repository.subject_samples(session, dataset.id, data.subject_id, hashed)
+        preloaded = lookups.subjects.get(dataset.id) if lookups is not None else None
+        subject_samples = (
+            sorted({*preloaded.get(data.subject_id, ()), *preloaded.get(hashed, ())}, key=lambda s: s.id)
+            if preloaded is not None
+            else datasets_repository.subject_samples(session, dataset.id, data.subject_id, hashed)
+        )
         train = [sample for sample in subject_samples if sample.split == "train"]
         if not train:
             raise NotFound(
