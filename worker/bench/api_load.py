@@ -36,6 +36,7 @@ from service.core.database import make_engine, make_session_factory
 from service.core.settings import Settings
 from service.dispatch import CeleryDispatcher
 from service.storage import open_store
+from worker.bench import load_client
 from worker.bench.common import (
     bench_backends,
     bench_headers,
@@ -51,7 +52,6 @@ from worker.engine.spec import mnist_cnn_spec
 
 REDIS_URL = os.environ.get("LETHE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 ROWS, TRAIN_ROWS, PER_SUBJECT = 5_000, 4_000, 10
-MAX_ATTEMPTS = 5  # sends of one POST (same Idempotency-Key) before it counts as lost
 
 
 def _fixture_files(directory: Path) -> tuple[Path, Path, dict[str, Any]]:
@@ -92,105 +92,6 @@ LAYERS = (
     ("HTTP server and framework", ("uvicorn", "starlette", "fastapi", "anyio", "h11", "httptools")),
     ("Lethe's own code", "/service/"),
 )
-
-
-async def _load(url: str, headers: dict[str, str], model: str, rate: float, count: int) -> dict[str, Any]:
-    """``count`` POSTs at ``rate``/s, each with its own Idempotency-Key, retried with that key (after a
-    transport error, a 503 or a 429) until answered: the accepted ids are what the database must hold."""
-    subjects = TRAIN_ROWS // PER_SUBJECT
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    accepted: dict[int, str] = {}
-    retries = [0]
-
-    async def one(client: httpx.AsyncClient, i: int, scheduled: float) -> None:
-        body = {"model": model, "subject_id": f"subject-{i % subjects:04d}", "config": {"epochs": 1}}
-        for attempt in range(MAX_ATTEMPTS):
-            try:
-                answer = await client.post(
-                    "/deletion-requests", json=body, headers={"Idempotency-Key": f"load-{i}"}
-                )
-            except httpx.TransportError:
-                answer = None
-            if answer is not None and answer.status_code not in (429, 503):
-                break
-            retries[0] += 1
-            # As a client should: the server's Retry-After when it gives one, else a growing pause.
-            hint = answer.headers.get("retry-after") if answer is not None else None
-            await asyncio.sleep(float(hint) if hint else 0.5 * (attempt + 1))
-        latencies.append(time.perf_counter() - scheduled)
-        code = answer.status_code if answer is not None else 0
-        statuses[code] = statuses.get(code, 0) + 1
-        if answer is not None and answer.status_code in (200, 202):
-            accepted[i] = answer.json()["id"]
-
-    limits = httpx.Limits(max_connections=64)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30, limits=limits) as client:
-        start = time.perf_counter()
-        tasks = []
-        for i in range(count):
-            scheduled = start + i / rate
-            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(client, i, scheduled)))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
-    ordered = sorted(latencies)
-    return {
-        "offered_rate_per_s": rate,
-        "requests": count,
-        "statuses": {str(code): n for code, n in sorted(statuses.items())},
-        "retried_sends": retries[0],
-        "accepted_ids": accepted,
-        "elapsed_s": round(elapsed, 3),
-        "throughput_per_s": round(count / elapsed, 1),
-        "latency_ms": {
-            "p50": round(1000 * ordered[len(ordered) // 2], 1),
-            "p99": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1),
-            "max": round(1000 * ordered[-1], 1),
-            "mean": round(1000 * statistics.fmean(ordered), 1),
-        },
-    }
-
-
-def _ledger(database_url: str, model: str, accepted: dict[int, str], sent: int) -> dict[str, int]:
-    """What the database holds against what the client was told. Lost: a 2xx answer whose request is not
-    in the database. Duplicated: requests beyond one per POST (each POST has its own Idempotency-Key, whose
-    stored answer names its request). Unanswered: POSTs the client gave up on after its retries, and how many
-    of those the service recorded anyway (a retry with the same key would be answered with them)."""
-    from sqlalchemy import select
-
-    from service.deletion_requests.tables import DeletionRequest
-    from service.idempotency.tables import IdempotencyRecord
-    from service.models.tables import Model
-
-    engine = make_engine(database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            rows = set(session.scalars(
-                select(DeletionRequest.id).join(Model, Model.id == DeletionRequest.model_id)
-                .where(Model.name == model)
-            ))  # fmt: skip
-            keyed = {
-                record.key: record.body["id"]
-                for record in session.scalars(
-                    select(IdempotencyRecord).where(IdempotencyRecord.key.like("load-%"))
-                )
-            }
-    finally:
-        engine.dispose()
-    unanswered = [i for i in range(sent) if i not in accepted]
-    return {
-        "sent": sent,
-        "accepted": len(accepted),
-        "requests_in_database": len(rows),
-        "lost": sum(1 for request_id in accepted.values() if request_id not in rows),
-        "duplicated": len(rows) - len(set(keyed.values()) & rows),
-        "accepted_not_matching_their_key": sum(
-            1 for i, rid in accepted.items() if keyed.get(f"load-{i}") != rid
-        ),
-        "unanswered": len(unanswered),
-        "unanswered_but_recorded": sum(1 for i in unanswered if f"load-{i}" in keyed),
-    }
 
 
 def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
@@ -339,8 +240,14 @@ def run(rate: float, duration: float, max_requests: int, repeats: int, profile: 
                 count = min(max_requests, int(rate * duration))
                 stacks = Path(tmp) / "api-stacks.txt"
                 spy = _profile(server.pid, count / rate, stacks) if profile else None
-                load = asyncio.run(_load(url, headers, "bench-cnn", rate, count))
-                ledger = _ledger(database_url, "bench-cnn", load.pop("accepted_ids"), count)
+                subjects = TRAIN_ROWS // PER_SUBJECT
+                load = asyncio.run(load_client.open_loop(
+                    url, headers, "/deletion-requests",
+                    lambda i: {"model": "bench-cnn", "subject_id": f"subject-{i % subjects:04d}",
+                               "config": {"epochs": 1}},
+                    rate, count,
+                ))  # fmt: skip
+                ledger = load_client.ledger(database_url, "bench-cnn", load.pop("accepted_ids"), count)
                 if spy is not None:
                     spy.wait(timeout=120)
                     load["profile"] = where_time_goes(stacks)
