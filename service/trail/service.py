@@ -94,7 +94,7 @@ def write_pending(session: Session) -> None:
              "subject_id": event.subject_id, "data": event.data, "prev_hash": event.prev_hash,
              "hash": event.hash}
         )  # fmt: skip
-    session.execute(insert(TrailEvent), rows)
+    session.connection().execute(insert(TrailEvent), rows)  # on the connection: no ORM bulk machinery
     session.info[_HELD] = (seq, prev)
 
 
