@@ -40,7 +40,6 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 DispatcherDep = Annotated[JobDispatcher, Depends(get_dispatcher)]
-CursorQuery = Annotated[str | None, Query(description="opaque cursor from a previous page's next_cursor")]
 LimitQuery = Annotated[int | None, Query(ge=1, description="page size; capped at the server's maximum")]
 
 

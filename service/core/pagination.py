@@ -1,16 +1,16 @@
-"""Opaque cursors for keyset pagination (AIP-158): a cursor is base64url JSON of the last row's sort key, or,
-for lists ordered by ``(created_at, id)``, a time cursor whose format the OpenAPI document states whole
-(:data:`TIME_CURSOR_PATTERN`): every string it matches is a key the list can start after, so no schema-valid
-cursor is refused.
+"""Cursors for keyset pagination (AIP-158). Each list's cursor has a format the OpenAPI document states whole
+(a pattern on the ``cursor`` query parameter): every string the pattern matches is a key the list can start
+after, so no schema-valid cursor is refused, and anything else is the schema's 422.
 
-Clients must treat it as opaque; the server may change its content between releases.
+- by name (models, webhook endpoints): the last name's UTF-8 bytes in hex (a name holds no NUL, so no ``00``);
+- by row (a dataset's samples): the last row's key, digits;
+- by creation time, newest first (jobs, deliveries): microseconds since the epoch, a dot, the last row's id.
+
+Clients must treat a cursor as opaque; the server may change its content between releases.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,9 +18,19 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Query
 
-from service.core.problems import InvalidInput
-
 T = TypeVar("T")
+
+_DESCRIPTION = "opaque cursor from a previous page's next_cursor"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+NAME_CURSOR_PATTERN = r"^(?:[0-9a-f][1-9a-f]|[1-9a-f][0-9a-f]){1,800}$"
+ROW_CURSOR_PATTERN = r"^[0-9]{1,18}$"
+# 17 digits of microseconds reach the year 5138; the id is a UUID's characters.
+TIME_CURSOR_PATTERN = r"^[0-9]{1,17}\.[0-9a-f-]{1,36}$"
+
+NameCursorQuery = Annotated[str | None, Query(pattern=NAME_CURSOR_PATTERN, description=_DESCRIPTION)]
+RowCursorQuery = Annotated[str | None, Query(pattern=ROW_CURSOR_PATTERN, description=_DESCRIPTION)]
+TimeCursorQuery = Annotated[str | None, Query(pattern=TIME_CURSOR_PATTERN, description=_DESCRIPTION)]
 
 
 @dataclass(frozen=True)
@@ -29,43 +39,21 @@ class Page(Generic[T]):
     next_cursor: str | None
 
 
-def encode_cursor(key: Sequence[Any]) -> str:
-    raw = json.dumps(list(key), separators=(",", ":"), default=str).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+def encode_name_cursor(key: Sequence[Any]) -> str:
+    return str(key[0]).encode().hex()
 
 
-def decode_cursor(cursor: str, length: int) -> list[Any]:
-    """The sort key inside ``cursor``; a malformed cursor is the client's error (422 ``invalid-cursor``)."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        key = json.loads(raw)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidInput("invalid-cursor", "the cursor is not one this API issued", cursor=cursor) from exc
-    if not isinstance(key, list) or len(key) != length:
-        raise InvalidInput("invalid-cursor", "the cursor is not one this API issued", cursor=cursor)
-    return key
+def decode_name_key(cursor: str) -> str:
+    """The name a name cursor starts after (bytes that are not UTF-8 still name a place in the order)."""
+    return bytes.fromhex(cursor).decode(errors="replace")
 
 
-def decode_time_cursor(cursor: str) -> tuple[datetime, str]:
-    """A ``(created_at, id)`` cursor, as the lists ordered by creation time issue it: a timezone-aware
-    timestamp (a naive one cannot be compared with the stored UTC times) and an id."""
-    created_at, row_id = decode_cursor(cursor, 2)
-    try:
-        when = datetime.fromisoformat(created_at)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput("invalid-cursor", "the cursor is not one this API issued", cursor=cursor) from exc
-    if when.tzinfo is None:
-        raise InvalidInput("invalid-cursor", "the cursor is not one this API issued", cursor=cursor)
-    return when, str(row_id)
+def encode_row_cursor(key: Sequence[Any]) -> str:
+    return str(int(key[0]))
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# Microseconds since the epoch (17 digits reach the year 5138), a dot, the row's id (a UUID's characters).
-TIME_CURSOR_PATTERN = r"^[0-9]{1,17}\.[0-9a-f-]{1,36}$"
-TimeCursorQuery = Annotated[
-    str | None,
-    Query(pattern=TIME_CURSOR_PATTERN, description="opaque cursor from a previous page's next_cursor"),
-]
+def decode_row_key(cursor: str) -> int:
+    return int(cursor)
 
 
 def encode_time_cursor(key: Sequence[Any]) -> str:
@@ -84,7 +72,7 @@ def page_from_rows(
     rows: Sequence[T],
     limit: int,
     key_of: Callable[[T], Sequence[Any]],
-    encode: Callable[[Sequence[Any]], str] = encode_cursor,
+    encode: Callable[[Sequence[Any]], str],
 ) -> Page[T]:
     """Rows were fetched with ``limit + 1``: the extra row only says whether another page exists."""
     if len(rows) <= limit:

@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from service.clients.security import requires
 from service.clients.service import Principal
+from service.core.pagination import RowCursorQuery
 from service.datasets import service
 from service.datasets.schemas import (
     DatasetCreate,
@@ -17,7 +18,7 @@ from service.datasets.schemas import (
     SamplePage,
 )
 from service.datasets.tables import Dataset
-from service.dependencies import CursorQuery, LimitQuery, SessionDep, SettingsDep, StoreDep, page_size
+from service.dependencies import LimitQuery, SessionDep, SettingsDep, StoreDep, page_size
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -68,7 +69,7 @@ def list_samples(
     caller: Annotated[Principal, requires("datasets:read")],
     session: SessionDep,
     settings: SettingsDep,
-    cursor: CursorQuery = None,
+    cursor: RowCursorQuery = None,
     limit: LimitQuery = None,
 ) -> SamplePage:
     service.get_dataset(session, dataset_id, caller.tenant)

@@ -13,7 +13,7 @@ from numpy.lib import format as npy_format
 from sqlalchemy.orm import Session
 
 from service.core.files import consume_data_file, inside_root, open_data_file
-from service.core.pagination import Page, decode_cursor, page_from_rows
+from service.core.pagination import Page, decode_row_key, encode_row_cursor, page_from_rows
 from service.core.problems import Conflict, InvalidInput, NotFound, listed_problem
 from service.core.settings import Settings
 from service.datasets import repository
@@ -211,9 +211,9 @@ def sample_erasures(
 
 
 def list_samples(session: Session, dataset_id: str, cursor: str | None, limit: int) -> Page[Sample]:
-    after_pk = int(decode_cursor(cursor, 1)[0]) if cursor else None
+    after_pk = decode_row_key(cursor) if cursor else None
     rows = repository.list_samples(session, dataset_id, after_pk, limit + 1)
-    return page_from_rows(rows, limit, key_of=lambda sample: (sample.id,))
+    return page_from_rows(rows, limit, key_of=lambda sample: (sample.id,), encode=encode_row_cursor)
 
 
 def resolve_sets(

@@ -12,11 +12,11 @@ from service.clients.security import requires
 from service.clients.service import Principal
 from service.core.fields import Identifier
 from service.core.files import consume_data_file, open_data_file
+from service.core.pagination import NameCursorQuery
 from service.core.problems import PAYLOAD_TOO_LARGE, PROBLEM_MEDIA_TYPE, InvalidInput, PayloadTooLarge
 from service.core.settings import Settings
 from service.deletion_requests.routes import dispatch_all
 from service.dependencies import (
-    CursorQuery,
     DispatcherDep,
     LimitQuery,
     SessionDep,
@@ -211,7 +211,7 @@ def list_models(
     caller: Annotated[Principal, requires("models:read")],
     session: SessionDep,
     settings: SettingsDep,
-    cursor: CursorQuery = None,
+    cursor: NameCursorQuery = None,
     limit: LimitQuery = None,
 ) -> ModelPage:
     """The caller's tenant's models, by name."""

@@ -10,7 +10,7 @@ from typing import IO, Any, BinaryIO
 
 from sqlalchemy.orm import Session
 
-from service.core.pagination import Page, decode_cursor, page_from_rows
+from service.core.pagination import Page, decode_name_key, encode_name_cursor, page_from_rows
 from service.core.problems import Conflict, Gone, InvalidInput, NotFound, ServerFault
 from service.core.settings import Settings
 from service.datasets import repository as datasets_repository
@@ -174,9 +174,9 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 def list_models(session: Session, tenant: str, cursor: str | None, limit: int) -> Page[Model]:
-    after_name = str(decode_cursor(cursor, 1)[0]) if cursor else None
+    after_name = decode_name_key(cursor) if cursor else None
     rows = repository.list_models(session, tenant, after_name, limit + 1)
-    return page_from_rows(rows, limit, key_of=lambda model: (model.name,))
+    return page_from_rows(rows, limit, key_of=lambda model: (model.name,), encode=encode_name_cursor)
 
 
 def active_version(session: Session, model: Model) -> ModelVersion:

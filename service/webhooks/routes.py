@@ -6,8 +6,9 @@ from fastapi import APIRouter, Response, status
 
 from service.clients.security import requires
 from service.clients.service import Principal
+from service.core.pagination import NameCursorQuery, TimeCursorQuery
 from service.core.settings import Settings
-from service.dependencies import CursorQuery, LimitQuery, SessionDep, SettingsDep, page_size
+from service.dependencies import LimitQuery, SessionDep, SettingsDep, page_size
 from service.webhooks import service
 from service.webhooks.schemas import (
     AttemptOut,
@@ -67,7 +68,7 @@ def list_endpoints(
     caller: Annotated[Principal, requires("webhooks:read")],
     session: SessionDep,
     settings: SettingsDep,
-    cursor: CursorQuery = None,
+    cursor: NameCursorQuery = None,
     limit: LimitQuery = None,
 ) -> EndpointPage:
     """The tenant's endpoints, by name (never their secrets)."""
@@ -99,7 +100,7 @@ def list_deliveries(
     session: SessionDep,
     settings: SettingsDep,
     state: str | None = None,
-    cursor: CursorQuery = None,
+    cursor: TimeCursorQuery = None,
     limit: LimitQuery = None,
 ) -> DeliveryPage:
     """The endpoint's deliveries newest first (state: pending | delivered | failed), each with its attempts:

@@ -33,7 +33,14 @@ from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
 from service.clients.service import Principal
-from service.core.pagination import Page, decode_cursor, decode_time_cursor, page_from_rows
+from service.core.pagination import (
+    Page,
+    decode_name_key,
+    decode_time_key,
+    encode_name_cursor,
+    encode_time_cursor,
+    page_from_rows,
+)
 from service.core.problems import Conflict, InvalidInput, NotFound
 from service.core.settings import Settings
 from service.datasets import repository as datasets_repository
@@ -174,9 +181,9 @@ def get_endpoint(session: Session, tenant: str, name: str) -> WebhookEndpoint:
 
 
 def list_endpoints(session: Session, tenant: str, cursor: str | None, limit: int) -> Page[WebhookEndpoint]:
-    after = str(decode_cursor(cursor, 1)[0]) if cursor else None
+    after = decode_name_key(cursor) if cursor else None
     rows = repository.list_endpoints(session, tenant, after, limit + 1)
-    return page_from_rows(rows, limit, key_of=lambda endpoint: (endpoint.name,))
+    return page_from_rows(rows, limit, key_of=lambda endpoint: (endpoint.name,), encode=encode_name_cursor)
 
 
 def delete_endpoint(session: Session, tenant: str, name: str) -> None:
@@ -200,9 +207,9 @@ def list_deliveries(
         raise InvalidInput(
             "unknown-state", f"no delivery state {state!r}", field="state", states=list(DELIVERY_STATES)
         )
-    before = decode_time_cursor(cursor) if cursor else None
+    before = decode_time_key(cursor) if cursor else None
     rows = repository.list_deliveries(session, endpoint.id, state=state, before=before, limit=limit + 1)
-    page = page_from_rows(rows, limit, key_of=lambda d: (d.created_at.isoformat(), d.id))
+    page = page_from_rows(rows, limit, key_of=lambda d: (d.created_at, d.id), encode=encode_time_cursor)
     events = repository.events_by_id(session, [d.event_id for d in page.items])
     attempts = repository.attempts_of(session, [d.id for d in page.items])
     views = [DeliveryView(d, events[d.event_id], attempts.get(d.id, [])) for d in page.items]

@@ -56,7 +56,9 @@ def test_samples_are_paginated_by_cursor(client: TestClient, dataset: dict[str, 
             break
     assert seen == [f"s{i}" for i in range(10)]
     bad = client.get(f"/datasets/{dataset['id']}/samples", params={"cursor": "not-a-cursor"})
-    assert_problem(bad, 422, "invalid-cursor")
+    assert_problem(bad, 422, "invalid-request")  # the document states the cursor's form
+    past_the_end = client.get(f"/datasets/{dataset['id']}/samples", params={"cursor": "999999999"})
+    assert past_the_end.json() == {"items": [], "next_cursor": None}
 
 
 def _mutations(tmp_path: Path) -> list[tuple[str, Any, str, str | None]]:

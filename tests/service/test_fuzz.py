@@ -37,11 +37,7 @@ SCHEMA_GAPS = {
     "POST /datasets": "array_path / array_object exactly-one rule; the data directory's files",
     "POST /models": "the data directory's files (a path naming no file is 422 file-not-found)",
     "POST /models/upload": "the spec form field's JSON",
-    "GET /models": "the cursor's format",
-    "GET /datasets/{dataset_id}/samples": "the cursor's format",
     "POST /webhook-endpoints": "the URL's scheme and host rules",
-    "GET /webhook-endpoints": "the cursor's format",
-    "GET /webhook-endpoints/{name}/deliveries": "the cursor's format",
 }
 
 
