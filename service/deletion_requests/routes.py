@@ -107,11 +107,20 @@ def create_deletion_request(
     the first answer (a different body with the same key is 422); keys are the calling client's own.
     """
     fingerprint = idempotency.fingerprint("POST", "/deletion-requests", body.model_dump(mode="json"))
-    if idempotency_key is not None:
-        record = idempotency.find_answer(session, caller.client_id, idempotency_key, fingerprint)
-        if record is not None:
-            return _replay(record)
-    created = service.create_request(session, settings, body, caller)
+    # The key is not read before the work: its record's primary key refuses a second answer (below). A retry
+    # of an answered request does the work again, is refused there, rolls back and replays.
+    try:
+        created = service.create_request(session, settings, body, caller)
+    except ProblemError:
+        # Refused now, but answered before (its samples since erased, say): the first answer stands.
+        record = (
+            idempotency.find_answer(session, caller.client_id, idempotency_key, fingerprint)
+            if idempotency_key is not None
+            else None
+        )
+        if record is None:
+            raise
+        return _replay(record)
     payload: dict[str, Any] = request_out(session, created.request, created.erasures).model_dump(mode="json")
     pending = created.request.state == "processing"
     headers = _headers(settings, created.request)

@@ -177,16 +177,18 @@ def prepare_request(
     if (data.model is None) == (data.dataset_id is None):
         raise InvalidInput("model-or-dataset", "give exactly one of model and dataset_id")
     if data.model is not None:
-        if lookups is None or data.model not in lookups.models:
-            found_model = session.execute(
+        if (
+            lookups is None
+        ):  # one request: the model read and locked at once (a bulk call locks them all later)
+            found_model = models_repository.lock_model_named(session, caller.tenant, data.model)
+        elif data.model in lookups.models:
+            found_model = lookups.models[data.model]
+        else:
+            found_model = lookups.models[data.model] = session.execute(
                 select(Model, Dataset)
                 .join(Dataset, Dataset.id == Model.dataset_id)
                 .where(Model.tenant == caller.tenant, Model.name == data.model)
             ).one_or_none()
-            if lookups is not None:
-                lookups.models[data.model] = found_model
-        else:
-            found_model = lookups.models[data.model]
         if found_model is None:
             raise NotFound("unknown-model", f"no model named {data.model!r}", field="model", model=data.model)
         model, dataset = found_model

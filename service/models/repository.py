@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import Row, func, insert, select
 from sqlalchemy.orm import Session
 
+from service.datasets.tables import Dataset
 from service.models.tables import Model, ModelVersion, model_version_requests
 
 
@@ -33,15 +34,35 @@ def lock_model(session: Session, model_id: str) -> Model | None:
     a row referencing the model takes (a deletion request, a job), so those never join a lock cycle. A lock
     the transaction holds already is not asked for again (a request's path, a bulk call's items): no other
     transaction can have changed the row since."""
-    transaction = session.get_transaction()
     held = session.info.get(_LOCKED)
-    if held is not None and held[0] is transaction and model_id in held[1]:
+    if held is not None and held[0] is session.get_transaction() and model_id in held[1]:
         return session.get(Model, model_id)
     model = session.get(Model, model_id, with_for_update={"key_share": True}, populate_existing=True)
+    _note_locked(session, model_id)
+    return model
+
+
+def lock_model_named(session: Session, tenant: str, name: str) -> Row[Model, Dataset] | None:
+    """The tenant's model by name, with its dataset, its row locked as :func:`lock_model` locks it: one
+    statement where a request would read the model, then lock it."""
+    row = session.execute(
+        select(Model, Dataset)
+        .join(Dataset, Dataset.id == Model.dataset_id)
+        .where(Model.tenant == tenant, Model.name == name)
+        .with_for_update(key_share=True, of=Model)
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    if row is not None:
+        _note_locked(session, row[0].id)
+    return row
+
+
+def _note_locked(session: Session, model_id: str) -> None:
+    transaction = session.get_transaction()
+    held = session.info.get(_LOCKED)
     if held is None or held[0] is not transaction:
         held = session.info[_LOCKED] = (transaction, set[str]())
     held[1].add(model_id)
-    return model
 
 
 def list_models(session: Session, tenant: str, after_name: str | None, limit: int) -> Sequence[Model]:
