@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import rfc8785
+from sqlalchemy import Update, insert, select, update
 from sqlalchemy import event as orm_event
-from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session, SessionTransaction
 
 from service.core.clock import utcnow
@@ -65,11 +65,16 @@ def append(
     return event
 
 
-def write_pending(session: Session) -> None:
+# A commit's events and the head's update go in one statement on Postgres (a data-modifying CTE) up to this
+# many events; a bulk call's thousands take an executemany and an UPDATE.
+_ONE_STATEMENT_EVENTS = 100
+
+
+def write_pending(session: Session, *, move_head: bool = False) -> None:
     """Chain the session's queued events after the head and write them in one INSERT. The head is locked
     (until the transaction ends) and read by the first write of a transaction; later ones (a batch settling
     request after request, each report reading its chain segment) go on from where it left the head, which
-    is written once, at the commit."""
+    is written once, at the commit (``move_head``: with the events, on Postgres in the same statement)."""
     events: list[TrailEvent] = session.info.pop(_PENDING, None) or []
     if not events:
         return
@@ -94,17 +99,26 @@ def write_pending(session: Session) -> None:
              "subject_id": event.subject_id, "data": event.data, "prev_hash": event.prev_hash,
              "hash": event.hash}
         )  # fmt: skip
-    session.connection().execute(insert(TrailEvent), rows)  # on the connection: no ORM bulk machinery
     session.info[_HELD] = (seq, prev)
+    connection = session.connection()  # the connection, not the ORM's bulk machinery
+    if move_head and connection.dialect.name == "postgresql" and len(rows) <= _ONE_STATEMENT_EVENTS:
+        appended = insert(TrailEvent).values(rows).cte("appended")
+        connection.execute(_head_update(session).add_cte(appended))
+        session.info.pop(_HELD)
+        return
+    connection.execute(insert(TrailEvent), rows)
+
+
+def _head_update(session: Session) -> Update:
+    seq, last = session.info[_HELD]
+    return update(TrailHead).where(TrailHead.id == _HEAD_ID).values(seq=seq, hash=last)
 
 
 @orm_event.listens_for(Session, "before_commit")
 def _write_at_commit(session: Session) -> None:
-    write_pending(session)
-    held = session.info.get(_HELD)
-    if held is not None:
-        seq, last = held
-        session.execute(update(TrailHead).where(TrailHead.id == _HEAD_ID).values(seq=seq, hash=last))
+    write_pending(session, move_head=True)
+    if _HELD in session.info:
+        session.execute(_head_update(session))
 
 
 @orm_event.listens_for(Session, "after_transaction_end")
