@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     # The membership audit (worker/audit). Reference models per model lineage (even), and their seed.
     audit_references: Annotated[int, Field(ge=2, le=64, multiple_of=2)] = 16
     audit_reference_seed: Annotated[int, Field(ge=0)] = 0
+    # References that forget too: a purge removes erased samples' columns from the model's reference set; once
+    # the share removed since the set was built reaches audit_references_refresh_share, or the set is older
+    # than audit_references_max_age_days (0: no age limit), a build job retrains it on the remaining data, and
+    # the old set's blob is deleted once the new one is in place.
+    audit_references_refresh_share: Annotated[float, Field(gt=0, le=1)] = 0.1
+    audit_references_max_age_days: Annotated[float, Field(ge=0)] = 0.0
     # The gate: each membership test (residual membership, over-forgetting) at family-wise level
     # audit_level over a request's samples; overall audit accuracy may drop at most gate_max_audit_drop
     # points; no class may drop more than gate_max_class_drop points with a significant paired test.

@@ -178,6 +178,50 @@ def retry_failed(session: Session, settings: Settings, job: Job) -> Job | None:
     return retry
 
 
+def queue(session: Session, model_id: str, due_at: datetime | None = None) -> Job:
+    """The model's queued purge job, or a new one ready now (what a superseded reference set needs)."""
+    job = session.scalars(
+        select(Job).where(Job.model_id == model_id, Job.kind == PURGE_KIND, Job.state == "queued")
+    ).first()
+    if job is None:
+        job = Job(
+            kind=PURGE_KIND, model_id=model_id, state="queued", method=PURGE_KIND, config={},
+            batch_open=False, sample_count=0, ready_at=utcnow(), due_at=due_at,
+        )  # fmt: skip
+        jobs_repository.add(session, job)
+        session.flush()
+    return job
+
+
+def superseded_sets(session: Session, model_id: str) -> int:
+    """How many of the model's reference sets, other than its newest, still have their blob."""
+    live = session.scalar(
+        select(func.count())
+        .select_from(AuditReferenceSet)
+        .where(AuditReferenceSet.model_id == model_id, AuditReferenceSet.purged_at.is_(None))
+    )
+    return max(0, int(live or 0) - 1)
+
+
+def refresh_references_if_due(session: Session, settings: Settings, model_id: str) -> Job | None:
+    """A build of the model's reference set when the share of its columns purged since it was built, or its
+    age, says it no longer describes the model's training data; None when not due (or one is pending)."""
+    from service.audit import service as audit_service  # audit reads the models this module purges
+
+    current = audit_service.current_set(session, model_id)
+    model = models_repository.get_model(session, model_id)
+    if current is None or model is None:
+        return None
+    built_on = max(1, int(current.summary.get("train_samples", 0)))
+    share = int(current.summary.get("columns_purged", 0)) / built_on
+    age_days = (utcnow() - current.created_at).total_seconds() / 86400
+    max_age = settings.audit_references_max_age_days
+    if share < settings.audit_references_refresh_share and not (max_age and age_days >= max_age):
+        return None
+    job, new = audit_service.request_build(session, settings, model, current.references)
+    return job if new else None
+
+
 def awaiting_purge(targets: Iterable[ErasureTarget]) -> bool:
     """A completed target whose copies are not yet purged: its request is not completed yet."""
     return any(t.state == "completed" and t.purge_job_id is not None and t.purged_at is None for t in targets)
@@ -332,16 +376,16 @@ def plan(session: Session, settings: Settings, key: bytes, job_id: str, model_id
             record.inputs.append(dataset.array_source)
     for target in _targets_to_purge(session, model_id, job_id):
         record.target_ids.append(target.id)
-    for job in session.scalars(select(Job).where(Job.model_id == model_id, Job.kind == "unlearn")):
-        audits = (job.metrics or {}).get("audits") or {}
-        if any(not audit.get("committed") for audit in audits.values()):
-            record.jobs_with_plain_ids.append(job.id)
         request = session.get(DeletionRequest, target.request_id)
         assert request is not None
         hashed = (
             subject_hash(key, dataset.id, request.subject_id) if request.subject_id else request.subject_hash
         )
         record.requests[request.id] = hashed
+    for job in session.scalars(select(Job).where(Job.model_id == model_id, Job.kind == "unlearn")):
+        audits = (job.metrics or {}).get("audits") or {}
+        if any(not audit.get("committed") for audit in audits.values()):
+            record.jobs_with_plain_ids.append(job.id)
     return PurgePlan(
         record=record,
         reference_set=ObjectRef(current.checkpoint_sha256, current.size, current.storage_uri)
@@ -434,7 +478,8 @@ def apply(session: Session, record: PurgeRecord, actor: str) -> list[str]:
         elif reference_set.checkpoint_sha256 != new["sha256"]:
             reference_set.checkpoint_sha256, reference_set.size = new["sha256"], new["size"]
             reference_set.storage_uri = new["uri"]
-            reference_set.summary = {**reference_set.summary, "columns_purged": entry["columns_removed"]}
+            purged = int(reference_set.summary.get("columns_purged", 0)) + int(entry["columns_removed"])
+            reference_set.summary = {**reference_set.summary, "columns_purged": purged}
     if record.array is not None:
         dataset = session.get(Dataset, record.dataset_id, with_for_update=True)
         if dataset is not None:

@@ -23,6 +23,7 @@ import worker.pipeline.audit as audit_stage
 import worker.pipeline.purge as purge_stage
 from service.core import logs
 from service.deletion_requests import repository as requests_repository
+from service.storage import ObjectNotFound, open_store
 from tests.audit.memorised import RECIPE, SPEC
 from tests.service.conftest import job_of
 from tests.service.memorised_service import CHECKPOINT, MemorisedService, memorised_service
@@ -200,6 +201,34 @@ def test_a_failed_purge_is_retried_and_the_request_waits_for_it(
     assert done["state"] == "completed" and done["erasures"][0]["purge"]["job_id"] == retry
 
 
+def test_references_forget_too_and_are_rebuilt_once_enough_of_them_was_erased(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(env.settings, "audit_references_refresh_share", 0.001)
+    request = env.post({"model": "model-b"}, env.samples(), **RETRAIN)
+    assert env.run(job_of(request)) == "succeeded"
+    old = env.client.get("/models/model-b/audit-references").json()
+    assert old["summary"]["columns_purged"] >= 5  # this request's samples at least
+    with env.session_factory() as session:  # the purge found the set stale and queued its rebuild
+        build = session.scalars(
+            text("SELECT id FROM jobs WHERE kind = 'build_references' AND state = 'queued'")
+        ).one()
+    assert env.run(build) == "succeeded"
+    new = env.client.get("/models/model-b/audit-references").json()
+    assert new["id"] != old["id"] and "columns_purged" not in new["summary"]
+    with env.session_factory() as session:  # and the rebuild queued the purge of the set it replaces
+        purge = session.scalars(text("SELECT id FROM jobs WHERE kind = 'purge' AND state = 'queued'")).one()
+    assert env.run(purge) == "succeeded"
+    with env.session_factory() as session:
+        purged_at = session.scalar(
+            text("SELECT purged_at FROM audit_reference_sets WHERE id = :i"), {"i": old["id"]}
+        )
+    assert purged_at is not None
+    digest = old["checkpoint_sha256"]
+    with pytest.raises(ObjectNotFound):
+        open_store(env.settings.storage_url).read(f"local:sha256/{digest[:2]}/{digest[2:]}")
+
+
 def _other_checkpoint(env: Env) -> str:
     """A checkpoint of the same architecture with other bytes (one weight moved)."""
     tensors = load_safetensors((env.tmp / CHECKPOINT).read_bytes())
@@ -220,17 +249,21 @@ def test_a_batch_of_requests_is_one_job_one_version_and_a_verdict_each(env: Env)
     versions = env.client.get("/models/model-a/versions").json()["items"]
     made = [v for v in versions if v["created_by_job_id"] == job_id]
     assert len(made) == 1 and set(made[0]["covered_request_ids"]) == {r["id"] for r in requests}
+    purges = set()
     for request in requests:
         settled = env.get(request)
         assert (
             settled["state"] == "completed" and settled["erasures"][0]["result_version"] == made[0]["number"]
         )
+        assert settled["erasures"][0]["purge"]["state"] == "done"
+        purges.add(settled["erasures"][0]["purge"]["job_id"])
         assert (
             settled["erasures"][0]["audit"]["verdict"] == job["metrics"]["audits"][request["id"]]["verdict"]
         )
         report = env.client.get(f"/deletion-requests/{request['id']}/report").json()
         assert report["erasures"][0]["job"]["requests_in_job"] == 4
         assert report["samples"]["count"] == 5
+    assert len(purges) == 1  # one purge job for the batch's requests
 
 
 def _force_failure(monkeypatch: pytest.MonkeyPatch, sample_ids: set[str]) -> None:

@@ -51,6 +51,9 @@ def purge_job(job: JobRun, heartbeat: Heartbeat) -> str:
         jobs_service.finish(session, claimed.job_id, "succeeded", worker_id=job.worker_id,
                             metrics={"ledger_record": record.name, "purge": summary})  # fmt: skip
         purges.finish_targets(session, record, job.worker_id)
+        refresh = purges.refresh_references_if_due(session, job.settings, claimed.model_id)
+    if refresh is not None:  # committed: if the queue is down, the sweeper sends it
+        job.dispatcher.dispatch(refresh.id)
     log.info("job %s: purged %d objects (%d checkpoints), %d dataset rows", claimed.job_id,
              len(record.objects), len(record.versions), len(record.purged_samples))  # fmt: skip
     return "succeeded"

@@ -11,6 +11,7 @@ from torch import nn
 
 from service.audit import service as audit_service
 from service.jobs import service as jobs_service
+from service.purges import service as purges
 from worker.audit import LabelledRows, ReferenceSet, build_reference_set
 from worker.audit.population import label_splits
 from worker.engine.config import TrainingConfig
@@ -40,6 +41,14 @@ def build_job(job: JobRun, heartbeat: Heartbeat) -> str:
             session, claimed.job_id, "succeeded", worker_id=job.worker_id,
             metrics={"reference_set_id": row, "references": _refs.describe()},
         )  # fmt: skip
+        # The set it replaces was scored by models trained on data erased since: its purge deletes it.
+        purge = (
+            purges.queue(session, claimed.model_id)
+            if purges.superseded_sets(session, claimed.model_id)
+            else None
+        )
+    if purge is not None:
+        job.dispatcher.dispatch(purge.id)
     return "succeeded"
 
 
