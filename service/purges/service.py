@@ -121,23 +121,33 @@ class PurgeRecord:
 # ---------------------------------------------------------------------------------------------- scheduling
 
 
+def queue(
+    session: Session, model_id: str, ready_at: datetime | None = None, due_at: datetime | None = None
+) -> tuple[Job, bool]:
+    """The model's queued purge job, made ready no later than ``ready_at`` (default: now) and due no later
+    than ``due_at``, or a new one; the second value says whether it is new."""
+    ready_at = ready_at or utcnow()
+    job = session.scalars(
+        select(Job).where(Job.model_id == model_id, Job.kind == PURGE_KIND, Job.state == "queued")
+    ).first()
+    if job is not None:
+        job.ready_at = min(job.ready_at or ready_at, ready_at)
+        job.due_at = min(job.due_at, due_at) if job.due_at is not None and due_at is not None else job.due_at
+        return job, False
+    job = Job(
+        kind=PURGE_KIND, model_id=model_id, state="queued", method=PURGE_KIND, config={},
+        batch_open=False, sample_count=0, ready_at=ready_at, due_at=due_at,
+    )  # fmt: skip
+    jobs_repository.add(session, job)
+    session.flush()
+    return job, True
+
+
 def schedule(session: Session, settings: Settings, target: ErasureTarget) -> Job:
     """Put a completed target into its model's queued purge job (a new one if none): ready after the grace
     window, never past the earliest due date the job holds. The caller dispatches the job once committed."""
-    now = utcnow()
-    ready = min(now + timedelta(seconds=settings.purge_after_s), target.due_at)
-    job = session.scalars(
-        select(Job).where(Job.model_id == target.model_id, Job.kind == PURGE_KIND, Job.state == "queued")
-    ).first()
-    if job is None:
-        job = Job(
-            kind=PURGE_KIND, model_id=target.model_id, state="queued", method=PURGE_KIND, config={},
-            batch_open=False, sample_count=0, ready_at=ready, due_at=target.due_at,
-        )  # fmt: skip
-        jobs_repository.add(session, job)
-    else:
-        job.ready_at = min(job.ready_at or ready, ready)
-        job.due_at = min(job.due_at or target.due_at, target.due_at)
+    ready = min(utcnow() + timedelta(seconds=settings.purge_after_s), target.due_at)
+    job, _new = queue(session, target.model_id, ready, target.due_at)
     job.sample_count += target.pending_count
     target.purge_job_id = job.id
     session.flush()
@@ -163,34 +173,9 @@ def _targets_to_purge(session: Session, model_id: str, job_id: str) -> list[Eras
 def retry_failed(session: Session, settings: Settings, job: Job) -> Job | None:
     """A purge job failed: its targets' requests must not wait on it for ever. A new purge job of the model is
     queued (after ``purge_retry_s``), which takes them over; None when one is already queued."""
-    queued = session.scalars(
-        select(Job).where(Job.model_id == job.model_id, Job.kind == PURGE_KIND, Job.state == "queued")
-    ).first()
-    if queued is not None:
-        return None
-    retry = Job(
-        kind=PURGE_KIND, model_id=job.model_id, state="queued", method=PURGE_KIND, config={},
-        batch_open=False, sample_count=job.sample_count,
-        ready_at=utcnow() + timedelta(seconds=settings.purge_retry_s), due_at=job.due_at,
-    )  # fmt: skip
-    jobs_repository.add(session, retry)
-    session.flush()
-    return retry
-
-
-def queue(session: Session, model_id: str, due_at: datetime | None = None) -> Job:
-    """The model's queued purge job, or a new one ready now (what a superseded reference set needs)."""
-    job = session.scalars(
-        select(Job).where(Job.model_id == model_id, Job.kind == PURGE_KIND, Job.state == "queued")
-    ).first()
-    if job is None:
-        job = Job(
-            kind=PURGE_KIND, model_id=model_id, state="queued", method=PURGE_KIND, config={},
-            batch_open=False, sample_count=0, ready_at=utcnow(), due_at=due_at,
-        )  # fmt: skip
-        jobs_repository.add(session, job)
-        session.flush()
-    return job
+    ready = utcnow() + timedelta(seconds=settings.purge_retry_s)
+    retry, new = queue(session, job.model_id, ready, job.due_at)
+    return retry if new else None
 
 
 def superseded_sets(session: Session, model_id: str) -> int:

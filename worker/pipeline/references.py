@@ -43,7 +43,7 @@ def build_job(job: JobRun, heartbeat: Heartbeat) -> str:
         )  # fmt: skip
         # The set it replaces was scored by models trained on data erased since: its purge deletes it.
         purge = (
-            purges.queue(session, claimed.model_id)
+            purges.queue(session, claimed.model_id)[0]
             if purges.superseded_sets(session, claimed.model_id)
             else None
         )
