@@ -52,6 +52,7 @@ def register_dataset(
     dataset = service.register_dataset(session, settings, store, body, caller.tenant)
     session.commit()
     service.consume_input(settings, store, dataset)
+    session.commit()
     response.headers["Location"] = f"/datasets/{dataset.id}"
     return _dataset_out(session, dataset)
 

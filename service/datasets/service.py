@@ -130,7 +130,8 @@ def register_dataset(
 
 
 def consume_input(settings: Settings, store: ObjectStore, dataset: Dataset) -> None:
-    """Once the registration committed: delete the input the array was stored from (``consume_inputs``)."""
+    """Once the registration committed: delete the input the array was stored from (``consume_inputs``), and
+    forget where it was (the caller commits): nothing is left there for a purge to delete."""
     source = dataset.array_source
     if not settings.consume_inputs or source is None:
         return
@@ -138,6 +139,7 @@ def consume_input(settings: Settings, store: ObjectStore, dataset: Dataset) -> N
         store.delete_input(source.removeprefix(INPUT_SOURCE))
     else:
         consume_data_file(settings.data_dir, source.removeprefix(DATA_SOURCE))
+    dataset.array_source = None
 
 
 def _checked_header(handle: BinaryIO, field: str) -> ArrayHeader:
