@@ -28,15 +28,19 @@ _OLD_KINDS = "kind IN ('unlearn', 'build_references')"
 _NEW_KINDS = "kind IN ('unlearn', 'build_references', 'purge')"
 
 
+def _replace_check(table: str, column: str, condition: str) -> None:
+    """The CHECK on ``column`` (named after it by the convention), made again with ``condition``."""
+    with op.batch_alter_table(table) as batch:
+        batch.drop_constraint(column, type_="check")
+        batch.create_check_constraint(column, condition)
+
+
 def upgrade() -> None:
+    _replace_check("jobs", "kind", _NEW_KINDS)
+    _replace_check("model_versions", "status", _NEW_STATUSES)
     with op.batch_alter_table("model_versions") as batch:
-        batch.drop_constraint("status", type_="check")
-        batch.create_check_constraint("status", _NEW_STATUSES)
         batch.add_column(sa.Column("purged_at", TIMESTAMP, nullable=True))
         batch.add_column(sa.Column("purge_reason", sa.Text(), nullable=True))
-    with op.batch_alter_table("jobs") as batch:
-        batch.drop_constraint("kind", type_="check")
-        batch.create_check_constraint("kind", _NEW_KINDS)
     with op.batch_alter_table("erasure_targets") as batch:
         batch.add_column(sa.Column("purge_job_id", sa.String(36), nullable=True))
         batch.add_column(sa.Column("purged_at", TIMESTAMP, nullable=True))
@@ -96,11 +100,8 @@ def downgrade() -> None:
         batch.drop_constraint(op.f("fk_erasure_targets_purge_job_id_jobs"), type_="foreignkey")
         batch.drop_column("purged_at")
         batch.drop_column("purge_job_id")
-    with op.batch_alter_table("jobs") as batch:
-        batch.drop_constraint("kind", type_="check")
-        batch.create_check_constraint("kind", _OLD_KINDS)
     with op.batch_alter_table("model_versions") as batch:
         batch.drop_column("purge_reason")
         batch.drop_column("purged_at")
-        batch.drop_constraint("status", type_="check")
-        batch.create_check_constraint("status", _OLD_STATUSES)
+    _replace_check("model_versions", "status", _OLD_STATUSES)
+    _replace_check("jobs", "kind", _OLD_KINDS)

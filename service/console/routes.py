@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from http import HTTPStatus
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request, Response
@@ -328,25 +328,6 @@ def _attachment(response: Response, filename: str) -> Response:
     return response
 
 
-@router.get("/requests/{request_id}/report.json", dependencies=[OwnPagesOnly])
-def report_json(
-    request: Request, request_id: str, current: SignedIn, session: SessionDep, settings: SettingsDep
-) -> Response:
-    """The signed bytes, as the API serves them (and recorded in the trail as a download, as there)."""
-    caller = _require(current, "reports:read")
-    answer = report_routes.get_report_json(request_id, caller, session, settings, request)
-    return _attachment(answer, f"erasure-report-{request_id}.json")
-
-
-@router.get("/requests/{request_id}/report.pdf", dependencies=[OwnPagesOnly])
-def report_pdf(
-    request: Request, request_id: str, current: SignedIn, session: SessionDep, settings: SettingsDep
-) -> Response:
-    caller = _require(current, "reports:read")
-    answer = report_routes.get_report_pdf(request_id, caller, session, settings, request)
-    return _attachment(answer, f"erasure-report-{request_id}.pdf")
-
-
 @router.get("/requests/{request_id}/report.sig", dependencies=[OwnPagesOnly])
 def report_signature(
     request: Request, request_id: str, current: SignedIn, session: SessionDep, settings: SettingsDep
@@ -358,6 +339,24 @@ def report_signature(
     signed_at = report.signed_at.isoformat() if report is not None and report.signed_at else ""
     answer = JSONResponse(document, headers={"Lethe-Signed-At": signed_at})
     return _attachment(answer, f"erasure-report-{request_id}.sig")
+
+
+# After report.sig: a path parameter would take "sig" as an extension too.
+@router.get("/requests/{request_id}/report.{extension}", dependencies=[OwnPagesOnly])
+def report_file(
+    request: Request,
+    request_id: str,
+    extension: Literal["json", "pdf"],
+    current: SignedIn,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> Response:
+    """The signed bytes or their PDF, as the API serves them (and recorded in the trail as a download, as
+    there)."""
+    caller = _require(current, "reports:read")
+    serve = report_routes.get_report_json if extension == "json" else report_routes.get_report_pdf
+    answer = serve(request_id, caller, session, settings, request)
+    return _attachment(answer, f"erasure-report-{request_id}.{extension}")
 
 
 @router.get("/models")
