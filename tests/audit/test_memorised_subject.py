@@ -35,13 +35,13 @@ def _references() -> ReferenceSet:
 
 def _audit(case: MemorisedCase, model: nn.Module) -> dict[str, Any]:
     data = case.dataset
-    rows = case.subject_rows
+    rows, held = case.subject_rows, case.remaining_rows
     return audit_unlearning(
         case.initial, model, _references(),
         forget_x=torch.from_numpy(data.x[rows]), forget_rows=rows,
         forget_sample_ids=[data.sample_ids[r] for r in rows], forget_subjects=[SUBJECT] * len(rows),
         audit_x=torch.from_numpy(data.x[data.heldout_rows]), audit_rows=data.heldout_rows,
-        rules=AuditRules(), runtime=CPU,
+        rules=AuditRules(), runtime=CPU, held=(torch.from_numpy(data.x[held]), held),
     )  # fmt: skip
 
 

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from worker.audit.gate import AuditRules, gate, verdict
+from worker.audit.evidence import Evidence, PowerCheck, both_attacks, detectable_share, matched_held_rows
+from worker.audit.gate import AuditRules, gate, pooled_verdict, verdict
 from worker.audit.membership import binomial_tail, holm, membership_test
 from worker.audit.references import ReferenceSet, balanced_masks
+from worker.audit.rmia import rmia_test
 from worker.audit.scores import stable_logit, stable_logit_all_labels
 from worker.audit.utility import paired_drop_p, utility_comparison, wilson_interval
 from worker.engine.config import TrainingConfig
@@ -30,6 +32,10 @@ def test_stable_logit_is_log_odds_of_the_label_and_does_not_saturate() -> None:
 def test_masks_put_every_sample_in_exactly_half_the_references() -> None:
     masks = balanced_masks(16, 1000, np.random.default_rng(0))
     assert (masks.sum(axis=0) == 8).all()
+    # Complementary pairs: every sample is in exactly one reference of each pair, so any prefix of whole
+    # pairs (the audit at K = 4 reads the first four of a larger set) is balanced too.
+    assert (masks[0::2] ^ masks[1::2]).all()
+    assert (masks[:4].sum(axis=0) == 2).all()
     assert masks.sum(axis=1).min() > 400 and masks.sum(axis=1).max() < 600
     with pytest.raises(ValueError, match="even"):
         balanced_masks(5, 10, np.random.default_rng(0))
@@ -95,21 +101,71 @@ def test_membership_test_separates_members_never_seen_and_over_forgotten(
         assert test.summary()["auc"] > 0.9 and test.summary()["tpr_at_1pct_fpr"] > 0.5
 
 
+@pytest.mark.parametrize(
+    ("shift", "residual", "under"), [(0.0, False, False), (3.0, True, False), (-3.0, False, True)]
+)
+def test_rmia_separates_members_never_seen_and_over_forgotten(
+    shift: float, residual: bool, under: bool
+) -> None:
+    synthetic = Synthetic(np.random.default_rng(5))
+    rows = np.sort(synthetic.rng.choice(600, 50, replace=False))
+    test = rmia_test(synthetic.refs, rows, *synthetic.audited(rows, shift))
+    assert (test.residual_p() < 1e-4) == residual, test.summary()
+    assert (test.over_forgetting_p() < 1e-4) == under, test.summary()
+    assert ((test.p_member > 0) & (test.p_member <= 1)).all()
+    if residual:
+        assert test.summary()["auc"] > 0.8  # ranks among 50 matched controls: coarser than LiRA's t
+
+
+def _evidence(synthetic: Synthetic, rows: np.ndarray, shift: float) -> Evidence:
+    return both_attacks(synthetic.refs, rows, *synthetic.audited(rows, shift))
+
+
 def test_verdicts_say_no_more_than_the_evidence() -> None:
     synthetic = Synthetic(np.random.default_rng(2))
-    refs = synthetic.refs
     rows = np.sort(synthetic.rng.choice(600, 50, replace=False))
-    member = membership_test(refs, rows, *synthetic.audited(rows, 3.0))
-    never_seen = membership_test(refs, rows, *synthetic.audited(rows, 0.0))
+    member, never_seen = _evidence(synthetic, rows, 3.0), _evidence(synthetic, rows, 0.0)
     rules = AuditRules()
-    assert verdict(member, never_seen, rules, unchanged=False, controls=500) == "forgotten"
-    assert verdict(never_seen, never_seen, rules, unchanged=False, controls=500) == "no_measurable_signal"
-    assert verdict(member, member, rules, unchanged=False, controls=500) == "residual_membership"
-    assert verdict(never_seen, never_seen, rules, unchanged=True, controls=500) == "unchanged"
-    assert verdict(member, never_seen, rules, unchanged=False, controls=99) == "insufficient_controls"
+    sees, blind = PowerCheck(member, never_seen, 0.025), PowerCheck(never_seen, never_seen, 0.025)
+
+    def read(before: Evidence, after: Evidence) -> str:
+        return verdict(before, after, rules, unchanged=False, controls=500, power=sees)
+
+    assert read(member, never_seen) == "forgotten"
+    assert read(never_seen, never_seen) == "no_measurable_signal"
+    assert read(member, member) == "residual_membership"
+    assert verdict(never_seen, never_seen, rules, unchanged=True, controls=500, power=sees) == "unchanged"
+    assert verdict(member, never_seen, rules, unchanged=False, controls=99, power=sees) == (
+        "insufficient_controls"
+    )
+    # The version's power check cannot flag samples it holds: the silence on the forgotten ones certifies
+    # nothing, though the base model showed a signal.
+    assert verdict(member, never_seen, rules, unchanged=False, controls=500, power=blind) == "unverifiable"
     few = rows[:10]
-    small = membership_test(refs, few, *synthetic.audited(few, 0.0))
-    assert verdict(small, small, rules, unchanged=False, controls=500) == "insufficient_power"
+    small = _evidence(synthetic, few, 0.0)
+    assert verdict(small, small, rules, unchanged=False, controls=500, power=sees) == "insufficient_power"
+
+
+def test_a_small_request_takes_its_batch_evidence_where_its_own_cannot_speak() -> None:
+    assert pooled_verdict("insufficient_power", "forgotten") == ("forgotten", "batch")
+    assert pooled_verdict("no_measurable_signal", "residual_membership") == ("residual_membership", "batch")
+    assert pooled_verdict("insufficient_power", "insufficient_power") == ("insufficient_power", "request")
+    assert pooled_verdict("residual_membership", "forgotten") == ("residual_membership", "request")
+    assert pooled_verdict("forgotten", "over_forgetting") == ("forgotten", "request")
+    assert pooled_verdict("insufficient_power", None) == ("insufficient_power", "request")
+    # What the share test can see: 3 of 5 samples member-like, 8 of 50 (the level split four ways).
+    assert detectable_share(5, 0.025) == 0.6 and detectable_share(50, 0.025) == 0.16
+
+
+def test_the_power_check_matches_held_samples_in_difficulty() -> None:
+    synthetic = Synthetic(np.random.default_rng(6))
+    refs = synthetic.refs
+    forget = np.sort(synthetic.rng.choice(600, 20, replace=False))
+    held = matched_held_rows(refs, forget, np.arange(600), per_sample=2)
+    assert len(held) == 40 and len(np.unique(held)) == 40 and not np.isin(held, forget).any()
+    out_median = np.nanmedian(np.where(refs.members, np.nan, refs.train_scores), axis=0)
+    gap = np.abs(np.median(out_median[held]) - np.median(out_median[forget]))
+    assert gap < 0.5 < np.std(out_median)
 
 
 def test_utility_flags_only_a_class_drop_significantly_beyond_the_bound() -> None:
@@ -130,8 +186,11 @@ def test_utility_flags_only_a_class_drop_significantly_beyond_the_bound() -> Non
     assert low < 88 < high
     synthetic = Synthetic(np.random.default_rng(3))
     rows = np.sort(synthetic.rng.choice(600, 50, replace=False))
-    test = membership_test(synthetic.refs, rows, *synthetic.audited(rows, 0.0))
-    decision = gate(test, test, utility, AuditRules(max_class_drop=5.0), unchanged=False, controls=500)
+    test = _evidence(synthetic, rows, 0.0)
+    power = PowerCheck(test, test, 0.025)
+    decision = gate(
+        test, test, utility, AuditRules(max_class_drop=5.0), unchanged=False, controls=500, power=power
+    )
     assert decision["classes_dropped_significantly"] == ["0"] and not decision["passed"]
     assert any("class 0 fell 30.0 points" in failure for failure in decision["failures"])
 
@@ -157,10 +216,15 @@ def test_reference_set_round_trips_through_bytes() -> None:
 def test_a_single_sample_request_is_tested_and_says_so_when_it_cannot_tell() -> None:
     synthetic = Synthetic(np.random.default_rng(5))
     row = np.array([17])
-    test = membership_test(synthetic.refs, row, *synthetic.audited(row, 0.0))
-    assert len(test) == 1 and np.isfinite(test.t).all()
+    test = _evidence(synthetic, row, 0.0)
+    assert len(test) == 1 and np.isfinite(test.lira.t).all()
     summary = test.summary()
-    assert summary["samples"] == 1 and 0 <= summary["residual_membership_p"] <= 1
-    assert verdict(test, test, AuditRules(), unchanged=False, controls=500) == "insufficient_power"
-    leaked = membership_test(synthetic.refs, row, *synthetic.audited(row, 12.0))
-    assert verdict(leaked, leaked, AuditRules(), unchanged=False, controls=500) == "residual_membership"
+    assert summary["samples"] == 1 and 0 <= summary["combined"]["residual_membership_p"] <= 1
+    power = PowerCheck(None, test, 0.025)
+    assert (
+        verdict(test, test, AuditRules(), unchanged=False, controls=500, power=power) == "insufficient_power"
+    )
+    leaked = _evidence(synthetic, row, 12.0)
+    assert verdict(leaked, leaked, AuditRules(), unchanged=False, controls=500, power=power) == (
+        "residual_membership"
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from worker.audit.membership import MembershipTest
+from worker.audit.evidence import ATTACKS, Evidence, PowerCheck
 
 # Verdicts, from the strongest claim the evidence supports to a failure.
 FORGOTTEN = "forgotten"  # the base model carried a membership signal; the new one carries none
@@ -19,7 +19,10 @@ OVER_FORGETTING = "over_forgetting"  # it treats them as less likely members tha
 UNCHANGED = "unchanged"  # the audited model is the base model, weight for weight: nothing was unlearned
 # Too few never-seen samples to calibrate the test: nothing can be shown either way, so nothing is certified.
 INSUFFICIENT_CONTROLS = "insufficient_controls"
-FAILING_VERDICTS = (INSUFFICIENT_CONTROLS, UNCHANGED, RESIDUAL_MEMBERSHIP, OVER_FORGETTING)
+# The base model showed a membership signal, but on the new version the test cannot flag samples it still
+# holds (the power check): the version hides membership from the audit, so its silence certifies nothing.
+UNVERIFIABLE = "unverifiable"
+FAILING_VERDICTS = (INSUFFICIENT_CONTROLS, UNCHANGED, RESIDUAL_MEMBERSHIP, OVER_FORGETTING, UNVERIFIABLE)
 
 # Per-sample outcomes, worst first: a subject's verdict is its worst sample's.
 SAMPLE_MEMBER = "member"
@@ -29,19 +32,31 @@ SAMPLE_CONSISTENT = "consistent_with_never_seen"
 
 @dataclass(frozen=True)
 class AuditRules:
-    level: float = 0.05  # family-wise level of each membership test, over all of a request's samples
+    # Family-wise level of the membership rules, both directions and both attacks, over a request's samples.
+    level: float = 0.05
     max_audit_drop: float = 2.0  # points of overall audit accuracy
     max_class_drop: float = 5.0  # points of one class's audit accuracy: a drop significantly beyond it fails
     min_samples: int = 20  # below this a request without a base signal is "insufficient power"
     min_controls: int = 100  # never-seen (audit) samples the test needs to calibrate against
 
+    @property
+    def direction_level(self) -> float:
+        """Each direction's level (residual membership, over-forgetting): half the level, so that an exact
+        retrain is turned down by the membership rules at most ``level`` of the time, both sides together."""
+        return self.level / 2
+
     def describe(self) -> list[str]:
         return [
-            f"residual membership: the per-sample test of the forgotten samples against never-seen controls "
-            f"(share beyond the controls' 95th percentile, binomial; and the most extreme sample, "
-            f"Holm-corrected over the samples) must not be significant at level {self.level}",
-            f"over-forgetting: the mirror test (share below the controls' 5th percentile, and the most "
-            f"extreme sample) must not be significant at level {self.level}",
+            f"residual membership: two per-sample attacks on the forgotten samples against never-seen "
+            f"controls of the same difficulty, LiRA (share beyond the controls' 95th percentile, "
+            f"binomial; the most extreme sample, Holm-corrected) and RMIA (the same share; the mean rank), "
+            f"the worse of the two (Bonferroni), must not be significant at level {self.direction_level}",
+            f"over-forgetting: the mirror test (below the controls' 5th percentile; the lowest sample or "
+            f"rank) must not be significant at level {self.direction_level} (the two directions together: "
+            f"{self.level})",
+            "power: where the model before unlearning showed a membership signal, the same test must flag, "
+            "under the new model, samples it still holds matched to the forgotten ones in difficulty "
+            f"(level {self.direction_level}); a version on which it cannot certifies nothing",
             "the audited model must differ from the base model",
             f"the audit split must hold at least {self.min_controls} never-seen samples to calibrate against",
             f"utility: overall audit accuracy may drop at most {self.max_audit_drop} points",
@@ -54,10 +69,12 @@ class AuditRules:
         return {**asdict(self), "text": self.describe()}
 
 
-def sample_outcomes(test: MembershipTest, level: float) -> list[str]:
-    """Each sample's outcome at the per-sample half of the level (Holm over the samples)."""
-    member = test.p_member_adjusted < level / 2
-    under = test.p_under_adjusted < level / 2
+def sample_outcomes(evidence: Evidence, level: float) -> list[str]:
+    """Each sample's outcome from LiRA's per-sample p-values (RMIA's ranks are too coarse to stand alone) at
+    LiRA's share of one direction's ``level`` (``AuditRules.direction_level``): halved for the two attacks,
+    halved again for LiRA's two tests (Holm over the samples)."""
+    member = evidence.lira.p_member_adjusted < level / (2 * ATTACKS)
+    under = evidence.lira.p_under_adjusted < level / (2 * ATTACKS)
     return [
         SAMPLE_MEMBER if m else SAMPLE_OVER_FORGOTTEN if u else SAMPLE_CONSISTENT
         for m, u in zip(member, under, strict=True)
@@ -65,33 +82,44 @@ def sample_outcomes(test: MembershipTest, level: float) -> list[str]:
 
 
 def verdict(
-    before: MembershipTest, after: MembershipTest, rules: AuditRules, *, unchanged: bool, controls: int
+    before: Evidence,
+    after: Evidence,
+    rules: AuditRules,
+    *,
+    unchanged: bool,
+    controls: int,
+    power: PowerCheck | None,
 ) -> str:
+    """``power`` None: not checked (a data subject's share of a request, read with the request's check)."""
     if controls < rules.min_controls:
         return INSUFFICIENT_CONTROLS
     if unchanged:
         return UNCHANGED
-    if after.residual_p() < rules.level:
+    if after.residual_p() < rules.direction_level:
         return RESIDUAL_MEMBERSHIP
-    if after.over_forgetting_p() < rules.level:
+    if after.over_forgetting_p() < rules.direction_level:
         return OVER_FORGETTING
-    if before.residual_p() < rules.level:
-        return FORGOTTEN
+    if before.residual_p() < rules.direction_level:
+        return FORGOTTEN if power is None or power.detects() else UNVERIFIABLE
     return INSUFFICIENT_POWER if len(after) < rules.min_samples else NO_MEASURABLE_SIGNAL
 
 
 def subject_verdicts(
-    subjects: list[str | None], before: MembershipTest, after: MembershipTest, rules: AuditRules
+    subjects: list[str | None], before: Evidence, after: Evidence, rules: AuditRules, request_verdict: str
 ) -> dict[str, dict[str, Any]]:
     """Per data subject: the request's test on the subject's samples alone, and the worst of its samples
     (a sample member-like within the whole request makes its subject's verdict residual membership)."""
-    after_outcomes = sample_outcomes(after, rules.level)
+    after_outcomes = sample_outcomes(after, rules.direction_level)
     result: dict[str, dict[str, Any]] = {}
     for subject in sorted({s for s in subjects if s is not None}):
         rows = [i for i, s in enumerate(subjects) if s == subject]
         own_before, own_after = before.subset(rows), after.subset(rows)
         outcomes = [after_outcomes[i] for i in rows]
-        subject_verdict = verdict(own_before, own_after, rules, unchanged=False, controls=rules.min_controls)
+        subject_verdict = verdict(
+            own_before, own_after, rules, unchanged=False, controls=rules.min_controls, power=None
+        )
+        if subject_verdict == FORGOTTEN and request_verdict == UNVERIFIABLE:
+            subject_verdict = UNVERIFIABLE  # the request's power check covers its subjects
         if SAMPLE_MEMBER in outcomes:
             subject_verdict = RESIDUAL_MEMBERSHIP
         elif SAMPLE_OVER_FORGOTTEN in outcomes and subject_verdict != RESIDUAL_MEMBERSHIP:
@@ -99,8 +127,8 @@ def subject_verdicts(
         result[subject] = {
             "verdict": subject_verdict,
             "samples": len(rows),
-            "member_share_before": round(float(own_before.above_controls.mean()), 4),
-            "member_share_after": round(float(own_after.above_controls.mean()), 4),
+            "member_share_before": round(float(own_before.lira.above_controls.mean()), 4),
+            "member_share_after": round(float(own_after.lira.above_controls.mean()), 4),
             "residual_membership_p_before": float(f"{own_before.residual_p():.4g}"),
             "residual_membership_p_after": float(f"{own_after.residual_p():.4g}"),
             "members_after": outcomes.count(SAMPLE_MEMBER),
@@ -110,13 +138,14 @@ def subject_verdicts(
 
 
 def gate(
-    before: MembershipTest,
-    after: MembershipTest,
+    before: Evidence,
+    after: Evidence,
     utility: dict[str, Any],
     rules: AuditRules,
     *,
     unchanged: bool,
     controls: int,
+    power: PowerCheck,
 ) -> dict[str, Any]:
     """Apply every rule; ``failures`` says in words which failed and by how much."""
     failures: list[str] = []
@@ -128,15 +157,26 @@ def gate(
     if unchanged:
         failures.append("the audited model is identical to the base model: nothing was unlearned")
     residual_p, under_p = after.residual_p(), after.over_forgetting_p()
-    if residual_p < rules.level:
+    lira, rmia = after.lira, after.rmia
+    if residual_p < rules.direction_level:
         failures.append(
-            f"residual membership: {int(after.above_controls.sum())} of {len(after)} forgotten samples score "
-            f"above never-seen controls' 95th percentile, p = {residual_p:.3g} < {rules.level}"
+            f"residual membership: {int(lira.above_controls.sum())} (LiRA) and "
+            f"{int(rmia.above_controls.sum())} (RMIA) of {len(after)} forgotten samples score above "
+            f"never-seen controls' 95th percentile, p = {residual_p:.3g} < {rules.direction_level}"
         )
-    if under_p < rules.level:
+    if under_p < rules.direction_level:
         failures.append(
-            f"over-forgetting: {int(after.below_controls.sum())} of {len(after)} forgotten samples score "
-            f"below never-seen controls' 5th percentile, p = {under_p:.3g} < {rules.level}"
+            f"over-forgetting: {int(lira.below_controls.sum())} (LiRA) and {int(rmia.below_controls.sum())} "
+            f"(RMIA) of {len(after)} forgotten samples score below never-seen controls' 5th percentile, "
+            f"p = {under_p:.3g} < {rules.direction_level}"
+        )
+    signal_before = before.residual_p() < rules.direction_level
+    if signal_before and not power.detects() and residual_p >= rules.direction_level:
+        held = power.summary()
+        failures.append(
+            f"unverifiable: the test flags {held['held_member_share']} of {held['held_samples']} samples the "
+            f"new model still holds (matched in difficulty), p = {held['held_residual_membership_p']} >= "
+            f"{rules.direction_level}: on this version it cannot see membership, so no erasure can be shown"
         )
     overall = utility["overall"]
     if overall["drop"] > rules.max_audit_drop:
@@ -162,3 +202,13 @@ def gate(
         "largest_class_drop": None if worst is None else worst["drop"],
         "classes_dropped_significantly": sorted(dropped),
     }
+
+
+def pooled_verdict(own: str, batch: str | None) -> tuple[str, str]:
+    """A request's verdict and the evidence that covers it (``request`` or ``batch``), when its job audited
+    the samples of all its requests together as well (``batch``). A request whose own samples cannot speak
+    (no signal, too few) takes the batch's verdict, failures included: its samples are part of that
+    evidence, and a version that still carries the batch's membership certifies none of it."""
+    if batch is None or own in FAILING_VERDICTS or own == FORGOTTEN or batch == INSUFFICIENT_POWER:
+        return own, "request"
+    return batch, "batch"

@@ -47,6 +47,26 @@ Calibration = Literal["difficulty", "class", "none"]
 
 
 @dataclass(frozen=True)
+class Query:
+    """Samples to test that are not train rows (the never-seen negative control): each one's OUT mask (K, n),
+    label (n,), reference phi at that label (K, n), and its own position among the controls, left out of
+    its yardstick (n,)."""
+
+    out: np.ndarray
+    labels: np.ndarray
+    reference_scores: np.ndarray
+    exclude_controls: np.ndarray
+
+    @classmethod
+    def of_train_rows(cls, refs: ReferenceSet, rows: np.ndarray) -> Query:
+        columns = refs.train_columns(rows)
+        return cls(
+            out=~refs.members[:, columns], labels=refs.train_labels[columns],
+            reference_scores=refs.train_scores[:, columns], exclude_controls=np.empty(0, dtype=np.int64),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class MembershipTest:
     """One audited model's per-sample evidence on one forget set (arrays aligned with the forget set)."""
 
@@ -155,11 +175,14 @@ def roc_points(positive_t: np.ndarray, control_t: np.ndarray) -> dict[str, list[
     return {"fpr": [round(float(f), 5) for f in ROC_FPRS], "tpr": [round(float(v), 4) for v in tpr]}
 
 
-def _spread(scores: np.ndarray, pooled_variance: float) -> np.ndarray:
-    """Per-column spread of ``scores`` (refs x samples), shrunk towards the pooled variance."""
+def _spread(scores: np.ndarray, pooled_variance: float, prior: float = SPREAD_PRIOR) -> np.ndarray:
+    """Per-column spread of ``scores`` (refs x samples), shrunk towards the pooled variance by ``prior``
+    pseudo-observations (``inf``: the pooled spread alone)."""
     m = scores.shape[0] - 1
-    variance = scores.var(axis=0, ddof=1) if m > 0 else np.zeros(scores.shape[1])
-    return np.sqrt((m * variance + SPREAD_PRIOR * pooled_variance) / (m + SPREAD_PRIOR))
+    if m <= 0 or np.isinf(prior):
+        return np.full(scores.shape[1], np.sqrt(pooled_variance))
+    variance = scores.var(axis=0, ddof=1)
+    return np.sqrt((m * variance + prior * pooled_variance) / (m + prior))
 
 
 def membership_test(
@@ -171,44 +194,50 @@ def membership_test(
     matched_controls: int = MATCHED_CONTROLS,
     calibration: Calibration = "difficulty",
     seed: int = 0,
+    spread_prior: float = SPREAD_PRIOR,
+    query: Query | None = None,
 ) -> MembershipTest:
     """Test each forgotten sample (dataset ``forget_rows``) under one audited model, given its phi on the
     forget rows and its logits on ``refs.audit_rows`` (same order).
 
     ``calibration`` is what z(x) is read against: ``difficulty`` (the audit's: matched controls, above),
     ``class`` (the never-seen controls of x's class at their own label) or ``none`` (z as it is: LiRA-offline
-    without controls). The last two exist for the calibration benchmark's comparison."""
-    columns = refs.train_columns(forget_rows)
-    labels = refs.train_labels[columns]
-    out_mask = ~refs.members
+    without controls). The last two exist for the calibration benchmark's comparison. ``spread_prior``: the
+    pooled variance's weight in pseudo-observations (``inf``: one fixed spread for every sample).
+
+    ``query``: other samples than the train rows ``forget_rows`` (which then only name them)."""
+    if query is None:
+        query = Query.of_train_rows(refs, forget_rows)
+    exclude = query.exclude_controls if len(query.exclude_controls) else None
     reference_audit = refs.audit_scores  # (K, N_a, C)
     model_audit = stable_logit_all_labels(model_audit_logits)  # (N_a, C)
     pooled = refs.pooled_variance
-    n = len(columns)
+    n = len(query.labels)
     offset, t = np.empty(n), np.empty(n)
     above, below = np.zeros(n, bool), np.zeros(n, bool)
     negatives: list[np.ndarray] = []
     negative_rows = set(np.random.default_rng(seed).permutation(n)[:MAX_AUC_NEGATIVE_ROWS].tolist())
-    for i, column in enumerate(columns):
-        out = out_mask[:, column]
+    for i in range(n):
+        out, label = query.out[:, i], int(query.labels[i])
         if not out.any():
-            raise ValueError(
-                f"train row {int(refs.train_rows[column])} has no reference that never trained on it"
-            )
-        own = refs.train_scores[out, column]
+            raise ValueError(f"row {int(forget_rows[i])} has no reference that never trained on it")
+        own = query.reference_scores[out, i]
         difficulty = np.median(own)  # what a model that never saw x scores it at: how typical x is
         offset[i] = model_forget_scores[i] - difficulty
-        z = offset[i] / _spread(own[:, None], pooled)[0]
+        z = offset[i] / _spread(own[:, None], pooled, spread_prior)[0]
         # Every control scored at x's label by x's own OUT references and by the audited model; the ones
         # those references find as hard as x are its yardstick.
-        controls = reference_audit[out, :, labels[i]]  # (K/2, N_a)
+        controls = reference_audit[out, :, label]  # (K/2, N_a)
         control_difficulty = np.median(controls, axis=0)
-        control_z = (model_audit[:, labels[i]] - control_difficulty) / _spread(controls, pooled)
+        control_z = (model_audit[:, label] - control_difficulty) / _spread(controls, pooled, spread_prior)
+        distance = np.abs(control_difficulty - difficulty)
+        if exclude is not None:
+            distance[exclude[i]] = np.inf
         if calibration == "difficulty":
-            size = min(matched_controls, len(control_z))
-            nearest = np.argpartition(np.abs(control_difficulty - difficulty), size - 1)[:size]
+            size = min(matched_controls, len(control_z) - (exclude is not None))
+            nearest = np.argpartition(distance, size - 1)[:size]
         elif calibration == "class":
-            nearest = np.flatnonzero(refs.audit_labels == labels[i])
+            nearest = np.flatnonzero((refs.audit_labels == label) & np.isfinite(distance))
         else:
             nearest = np.empty(0, dtype=np.int64)
         location, scale = _robust(control_z[nearest]) if len(nearest) else (0.0, 1.0)

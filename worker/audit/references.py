@@ -1,9 +1,11 @@
 """Reference models for the membership audit, built once per model lineage and dataset, not per request.
 
-K models of the audited model's architecture, each trained with the model's own recipe on a random half of
-the train split. The masks are balanced: every train sample is in exactly K/2 of them, so every sample has
-K/2 references that never saw it (its OUT references). Only the masks and each reference's score on every
-train and audit sample are kept; the reference weights are discarded once scored.
+K models of the audited model's architecture, each trained with the model's own recipe on half of the train
+split, in complementary pairs: reference 2i trains on a random half, reference 2i+1 on the other half. Every
+train sample is in exactly one of each pair, so it has K/2 references that never saw it (its OUT references)
+even at K = 4, and the first k references of a set (k even) are a set of their own. Only the masks and
+each reference's score on every train and audit sample are kept; the reference weights are discarded once
+scored.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class ReferenceSet:
     recipe: TrainingConfig
     seed: int
     build_seconds: float
+    # Wall time of each reference (training and scoring), so a prefix's cost is known (``first``).
+    reference_seconds: tuple[float, ...] = ()
 
     @functools.cached_property
     def audit_scores(self) -> np.ndarray:
@@ -96,6 +100,19 @@ class ReferenceSet:
             train_scores=np.ascontiguousarray(self.train_scores[:, keep]),
         )  # fmt: skip
 
+    def first(self, k: int) -> ReferenceSet:
+        """The set of its first ``k`` references (``k`` even: whole complementary pairs), costed as theirs."""
+        if k % 2 or not 2 <= k <= self.k:
+            raise ValueError(f"k must be even and between 2 and {self.k}, got {k}")
+        seconds = self.reference_seconds[:k]
+        return dataclasses.replace(
+            self, members=np.ascontiguousarray(self.members[:k]),
+            train_scores=np.ascontiguousarray(self.train_scores[:k]),
+            audit_logits=np.ascontiguousarray(self.audit_logits[:k]),
+            build_seconds=float(sum(seconds)) if seconds else self.build_seconds * k / self.k,
+            reference_seconds=seconds,
+        )  # fmt: skip
+
     def describe(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -105,6 +122,7 @@ class ReferenceSet:
             "recipe": dataclasses.asdict(self.recipe),
             "seed": self.seed,
             "build_seconds": round(self.build_seconds, 2),
+            "reference_seconds": [round(v, 3) for v in self.reference_seconds],
         }
 
     def to_bytes(self) -> bytes:
@@ -137,6 +155,7 @@ class ReferenceSet:
             recipe=TrainingConfig(**meta["recipe"]),
             seed=int(meta["seed"]),
             build_seconds=float(meta["build_seconds"]),
+            reference_seconds=tuple(float(v) for v in meta.get("reference_seconds", ())),
         )
 
 
@@ -147,10 +166,12 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 
 def balanced_masks(k: int, n: int, rng: np.random.Generator) -> np.ndarray:
-    """(k, n) membership: each column has exactly k // 2 members, chosen at random."""
+    """(k, n) membership in complementary pairs: row 2i is a random half of the n samples, row 2i+1 the other
+    half, so each column has exactly k // 2 members and any prefix of whole pairs stays balanced."""
     if k < 2 or k % 2:
         raise ValueError(f"the number of references must be even and at least 2, got {k}")
-    return rng.random((k, n)).argsort(axis=0) < k // 2
+    halves = np.stack([rng.permutation(n) < n // 2 for _ in range(k // 2)])
+    return np.stack([halves, ~halves], axis=1).reshape(k, n)
 
 
 def build_reference_set(
@@ -179,7 +200,9 @@ def build_reference_set(
     train_scores = np.empty((k, len(train_rows)))
     audit_logits = np.empty((k, len(audit_rows), spec.num_classes), dtype=np.float32)
     steps_per_reference = recipe.epochs * -(-(len(train_rows) // 2) // recipe.batch_size)
+    reference_seconds: list[float] = []
     for ref in range(k):
+        reference_started = time.monotonic()
         members = torch.from_numpy(np.flatnonzero(masks[ref]))
         data = TensorSplit(x_train[members], torch.from_numpy(train_labels)[members])
 
@@ -196,6 +219,7 @@ def build_reference_set(
         train(model, data, recipe, ctx)
         train_scores[ref] = membership_scores(model, x_train, train_labels, runtime)
         audit_logits[ref] = predict_logits(model, x_audit, ctx).numpy()
+        reference_seconds.append(time.monotonic() - reference_started)
     return ReferenceSet(
         train_rows=train_rows,
         train_labels=train_labels,
@@ -207,4 +231,5 @@ def build_reference_set(
         recipe=recipe,
         seed=seed,
         build_seconds=time.monotonic() - started,
+        reference_seconds=tuple(reference_seconds),
     )

@@ -16,7 +16,6 @@ the unlearning times it reports are those measured when each model was trained.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import sys
@@ -31,10 +30,8 @@ import torch
 from torch import nn
 
 from worker.audit import AuditRules, LabelledRows, ReferenceSet, audit_unlearning, build_reference_set
-from worker.audit.membership import Calibration, MembershipTest
-from worker.audit.run import test_model
 from worker.checkpoints import load_state_dict, state_dict_to_bytes
-from worker.datasets.builtin import load_dataset
+from worker.datasets.builtin import DATASETS, load_dataset
 from worker.engine.api import unlearn
 from worker.engine.config import TrainingConfig, make_config
 from worker.engine.context import RunContext
@@ -58,15 +55,9 @@ WAYS: dict[str, tuple[str, dict[str, Any]]] = {
     "neggrad": ("neggrad", {}),
 }
 DEFAULT_WAYS = ("retrain", "noop", "mixunlearn")
-# Other ways to read the same scores, for the design's justification: the audit's difficulty-matched
-# calibration, class-matched controls, no control calibration (LiRA-offline as is), and the audit with only
-# 8 of the 16 references.
-VARIANTS: tuple[tuple[str, Calibration, int | None], ...] = (
-    ("difficulty-matched", "difficulty", None),
-    ("class-matched", "class", None),
-    ("uncalibrated", "none", None),
-    ("difficulty-matched-k8", "difficulty", 8),
-)
+# Audits read from the first k references of one set of 16 (whole complementary pairs): the service's
+# default and the 16 it had, side by side on the same models.
+DEFAULT_AUDIT_KS = (4, 16)
 
 
 @dataclass(frozen=True)
@@ -81,10 +72,11 @@ class Study:
     references: int
     recipe: TrainingConfig
     seed: int
+    dataset: str = "mnist5k"
 
     def key(self) -> str:
         return (
-            f"s{self.seed}-n{self.subjects}-a{self.atypical}-w{self.wrong_labels}-m{self.samples_per_subject}"
+            f"{self.dataset}-s{self.seed}-n{self.subjects}-a{self.atypical}-w{self.wrong_labels}-m{self.samples_per_subject}"
             f"-k{self.references}-e{self.recipe.epochs}"
         )
 
@@ -117,9 +109,15 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run_study(study: Study, ways: list[str], cache: ModelCache, only: range | None = None) -> dict[str, Any]:
+def run_study(
+    study: Study,
+    ways: list[str],
+    cache: ModelCache,
+    only: range | None = None,
+    audit_ks: tuple[int, ...] = DEFAULT_AUDIT_KS,
+) -> dict[str, Any]:
     rng = np.random.default_rng(study.seed)
-    data = load_dataset("mnist5k")
+    data = load_dataset(study.dataset)
     spec = mnist_cnn_spec(data.num_classes, data.input_shape)
     x = torch.from_numpy(data.x)
     labels = data.y.copy()
@@ -164,21 +162,11 @@ def run_study(study: Study, ways: list[str], cache: ModelCache, only: range | No
         )
         references_path.write_bytes(refs.to_bytes())
     timings["reference_build_s"] = refs.build_seconds
-    base_predictions = predict_logits(initial, x, RunContext()).argmax(1).numpy()
     rules = AuditRules()
     audit_x = x[torch.from_numpy(refs.audit_rows)]
     forget_x = {s: x[torch.from_numpy(rows)] for s, rows in enumerate(groups)}
-    variant_refs = {name: _first_references(refs, k) if k else refs for name, _, k in VARIANTS}
-
-    def variants(model: ScoredModel, s: int) -> dict[str, MembershipTest]:
-        rows = groups[s]
-        return {
-            name: test_model(model, variant_refs[name], forget_x[s], rows, audit_x, refs.audit_rows, CPU,
-                             calibration=calibration)[0]
-            for name, calibration, _ in VARIANTS
-        }  # fmt: skip
-
-    scored_initial = ScoredModel(initial, CPU)
+    sets = {k: refs.first(k) for k in audit_ks}
+    base_predictions = predict_logits(initial, x, RunContext()).argmax(1).numpy()
 
     records: list[dict[str, Any]] = []
     for s, rows in enumerate(groups):
@@ -186,7 +174,7 @@ def run_study(study: Study, ways: list[str], cache: ModelCache, only: range | No
             continue
         memorised = int((base_predictions[flipped[s]] == labels[flipped[s]]).sum()) if s in flipped else 0
         remaining = np.setdiff1d(train_rows, rows)
-        base_variants = variants(scored_initial, s)
+        held = (x[torch.from_numpy(remaining)], remaining)
         for way in ways:
             method, overrides = WAYS[way]
             if method == "retrain":  # exact retraining follows the model's own recipe
@@ -198,134 +186,147 @@ def run_study(study: Study, ways: list[str], cache: ModelCache, only: range | No
                 functools.partial(unlearn, initial, spec, split(rows), split(remaining), config),
             )
             unlearn_s = cache.seconds(f"subject{s:02d}-{way}")
-            scored = ScoredModel(model, CPU)
-            audit = audit_unlearning(  # a fresh base: a job scores its base model too
-                ScoredModel(initial, CPU), scored, refs,
-                forget_x=forget_x[s], forget_rows=rows,
-                forget_sample_ids=[data.sample_ids[r] for r in rows],
-                forget_subjects=[f"subject-{s:02d}"] * len(rows),
-                audit_x=audit_x, audit_rows=refs.audit_rows,
-                rules=rules, runtime=CPU,
-            )  # fmt: skip
+            audits = {
+                k: audit_unlearning(  # a fresh base: a job scores its base model too
+                    ScoredModel(initial, CPU),
+                    ScoredModel(model, CPU),
+                    sets[k],
+                    forget_x=forget_x[s],
+                    forget_rows=rows,
+                    forget_sample_ids=[data.sample_ids[r] for r in rows],
+                    forget_subjects=[f"subject-{s:02d}"] * len(rows),
+                    audit_x=audit_x,
+                    audit_rows=refs.audit_rows,
+                    rules=rules,
+                    runtime=CPU,
+                    held=held,
+                )
+                for k in audit_ks
+            }
             record = {
                 "subject": s,
                 "atypical": s in flipped,
                 "memorised_wrong_labels": memorised,
                 "way": way,
-                "passed": audit["gate"]["passed"],
-                "verdict": audit["verdict"],
-                "failures": audit["gate"]["failures"],
-                "membership_before": audit["membership"]["before"],
-                "membership_after": audit["membership"]["after"],
-                "audit_drop": audit["gate"]["audit_drop"],
-                "largest_class_drop": audit["gate"]["largest_class_drop"],
                 "unlearn_seconds": round(unlearn_s, 3),
-                "audit_seconds": audit["seconds"],
-                "variants": {
-                    name: {
-                        "base_signal": bool(base_variants[name].residual_p() < rules.level),
-                        "residual": bool(test.residual_p() < rules.level),
-                        "over_forgetting": bool(test.over_forgetting_p() < rules.level),
-                        "auc_after": test.summary()["auc"],
-                    }
-                    for name, test in variants(scored, s).items()
-                },
+                "audits": {str(k): _audit_record(audit) for k, audit in audits.items()},
             }
             records.append(record)
+            line = " ".join(
+                f"k{k}:{'PASS' if a['gate']['passed'] else 'FAIL'} {a['verdict']:<20}"
+                for k, a in audits.items()
+            )
             _log(
-                f"subject {s:2d} {'atypical' if s in flipped else 'clean   '} mem={memorised:2d} {way:<10} "
-                f"{'PASS' if record['passed'] else 'FAIL'} {record['verdict']:<20} "
-                f"residual p={audit['gate']['residual_membership_p']:.3g} "
-                f"under p={audit['gate']['over_forgetting_p']:.3g} drop={record['audit_drop']} "
-                f"({unlearn_s:.1f} s + audit {audit['seconds']:.2f} s)"
+                f"subject {s:2d} {'atypical' if s in flipped else 'clean   '} mem={memorised:2d} {way:<12} "
+                f"{line} ({unlearn_s:.1f} s)"
             )
     return {
         "study": {**study.__dict__, "recipe": study.recipe.__dict__},
         "timings": timings,
+        "reference_seconds": list(refs.reference_seconds),
         "rules": rules.to_dict(),
         "records": records,
-        "summary": summarise(records, refs.build_seconds),
+        "summary": {str(k): summarise(records, str(k), sets[k].build_seconds) for k in audit_ks},
     }
 
 
-def _first_references(refs: ReferenceSet, k: int) -> ReferenceSet:
-    """The set with only its first ``k`` references (each sample keeps about k/2 OUT ones, at least one)."""
-    members = refs.members[:k].copy()
-    members[:, ~(~members).any(axis=0)] = False  # a sample in all k: let it be OUT of every one (rare)
-    return dataclasses.replace(
-        refs, members=members, train_scores=refs.train_scores[:k], audit_logits=refs.audit_logits[:k]
-    )
+def _audit_record(audit: dict[str, Any]) -> dict[str, Any]:
+    """What the study keeps of one audit: the verdict, the gate, both attacks' p-values, the power check."""
 
+    def attack(block: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "residual_p": block["residual_membership_p"],
+            "over_forgetting_p": block["over_forgetting_p"],
+            "member_share": block["member_share"],
+            "over_forgetting_share": block["over_forgetting_share"],
+            "auc": block["auc"],
+        }
 
-def _rate(records: list[dict[str, Any]], accepted: bool) -> dict[str, Any]:
-    n = len(records)
-    hits = sum(r["passed"] == accepted for r in records)
-    return {"rate": round(hits / n, 3) if n else None, "of": n}
-
-
-def _variant_rates(group: list[dict[str, Any]], name: str) -> dict[str, float]:
-    """Share of a group's records the variant rejects (and why), and in which the base showed a signal."""
-    outcomes = [r["variants"][name] for r in group]
-
-    def share(values: list[bool]) -> float:
-        return round(float(np.mean(values)), 3)
-
+    membership = {
+        when: {
+            "residual_p": block["combined"]["residual_membership_p"],
+            "over_forgetting_p": block["combined"]["over_forgetting_p"],
+            "lira": attack(block),
+            "rmia": attack(block["rmia"]),
+        }
+        for when, block in audit["membership"].items()
+    }
     return {
-        "rejected": share([o["residual"] or o["over_forgetting"] for o in outcomes]),
-        "residual": share([o["residual"] for o in outcomes]),
-        "over_forgetting": share([o["over_forgetting"] for o in outcomes]),
-        "base_signal": share([o["base_signal"] for o in outcomes]),
+        "passed": audit["gate"]["passed"],
+        "verdict": audit["verdict"],
+        "failures": audit["gate"]["failures"],
+        "audit_drop": audit["gate"]["audit_drop"],
+        "membership": membership,
+        "power": audit["power"],
+        "seconds": audit["seconds"],
     }
 
 
-def _groups(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Records by way, the no-op split into atypical (memorised) and clean subjects."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for record in records:
-        way = record["way"]
-        if way == "noop":
-            way = "noop-atypical" if record["atypical"] else "noop-clean"
-        groups.setdefault(way, []).append(record)
-    return groups
+def _rate(records: list[dict[str, Any]], k: str, accepted: bool) -> dict[str, Any]:
+    n = len(records)
+    hits = sum(r["audits"][k]["passed"] == accepted for r in records)
+    return {"rate": round(hits / n, 3) if n else None, "hits": hits, "of": n}
 
 
-def _way_summary(group: list[dict[str, Any]]) -> dict[str, Any]:
+def _attack_rates(group: list[dict[str, Any]], k: str) -> dict[str, Any]:
+    """How often each attack alone (at the whole level) and the audit see residual membership or
+    over-forgetting after unlearning, and a base signal before; the power check's detection rate."""
+    level = AuditRules().level
+    out: dict[str, Any] = {}
+    for attack in ("lira", "rmia"):
+        after = [r["audits"][k]["membership"]["after"][attack] for r in group]
+        before = [r["audits"][k]["membership"]["before"][attack] for r in group]
+        out[attack] = {
+            "residual": round(float(np.mean([a["residual_p"] < level for a in after])), 3),
+            "over_forgetting": round(float(np.mean([a["over_forgetting_p"] < level for a in after])), 3),
+            "base_signal": round(float(np.mean([b["residual_p"] < level for b in before])), 3),
+            "auc_after_median": round(float(np.median([a["auc"] for a in after])), 4),
+        }
+    power = [r["audits"][k]["power"] for r in group]
+    out["power_detects"] = round(float(np.mean([p["detects_held_members"] for p in power])), 3)
+    out["never_seen_flagged"] = round(
+        float(np.mean([p["never_seen_residual_membership_p"] < level for p in power])), 3
+    )
+    return out
+
+
+def _way_summary(group: list[dict[str, Any]], k: str) -> dict[str, Any]:
     """How often a way passes, its verdicts, and the audit's time against its unlearning's (one run)."""
     verdicts: dict[str, int] = {}
     for record in group:
-        verdicts[record["verdict"]] = verdicts.get(record["verdict"], 0) + 1
+        name = record["audits"][k]["verdict"]
+        verdicts[name] = verdicts.get(name, 0) + 1
     unlearn = float(np.sum([r["unlearn_seconds"] for r in group]))
-    audit = float(np.sum([r["audit_seconds"] for r in group]))
+    audit = float(np.sum([r["audits"][k]["seconds"] for r in group]))
     return {
-        "accepted": _rate(group, accepted=True),
+        "accepted": _rate(group, k, accepted=True),
         "verdicts": verdicts,
         "unlearn_seconds_mean": round(unlearn / len(group), 3),
         "audit_over_unlearn": round(audit / unlearn, 4),
+        "attacks": _attack_rates(group, k),
     }
 
 
-def summarise(records: list[dict[str, Any]], reference_build_s: float) -> dict[str, Any]:
+def summarise(records: list[dict[str, Any]], k: str, reference_build_s: float) -> dict[str, Any]:
     by_way: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_way.setdefault(record["way"], []).append(record)
-    summary: dict[str, Any] = {}
+        kind = "atypical" if record["atypical"] else "clean"
+        by_way.setdefault(f"{record['way']}-{kind}", []).append(record)
+    summary: dict[str, Any] = {"reference_build_s": round(reference_build_s, 2)}
     if "retrain" in by_way:
-        summary["retrain_accepted"] = _rate(by_way["retrain"], accepted=True)
+        summary["retrain_accepted"] = _rate(by_way["retrain"], k, accepted=True)
         retrain_s = float(np.mean([r["unlearn_seconds"] for r in by_way["retrain"]]))
         summary["reference_build_over_retrain"] = round(reference_build_s / retrain_s, 2)
     if "noop" in by_way:
         noop = by_way["noop"]
         summary["noop_rejected_memorised_5plus"] = _rate(
-            [r for r in noop if r["memorised_wrong_labels"] >= 5], accepted=False
+            [r for r in noop if r["memorised_wrong_labels"] >= 5], k, accepted=False
         )
-        summary["noop_rejected_atypical"] = _rate([r for r in noop if r["atypical"]], accepted=False)
-        summary["noop_rejected_clean"] = _rate([r for r in noop if not r["atypical"]], accepted=False)
-    summary["ways"] = {way: _way_summary(group) for way, group in by_way.items()}
-    summary["variants"] = {
-        name: {way: _variant_rates(group, name) for way, group in _groups(records).items()}
-        for name, _, _ in VARIANTS
-    }
-    summary["audit_seconds_mean"] = round(float(np.mean([r["audit_seconds"] for r in records])), 3)
+        summary["noop_rejected_atypical"] = _rate([r for r in noop if r["atypical"]], k, accepted=False)
+        summary["noop_rejected_clean"] = _rate([r for r in noop if not r["atypical"]], k, accepted=False)
+    summary["ways"] = {way: _way_summary(group, k) for way, group in by_way.items()}
+    summary["audit_seconds_mean"] = round(float(np.mean([r["audits"][k]["seconds"] for r in records])), 3)
     return summary
 
 
@@ -333,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--dataset", default="mnist5k", choices=DATASETS)
     parser.add_argument("--subjects", type=int, default=20)
     parser.add_argument("--atypical", type=int, default=10, help="subjects given wrong labels")
     parser.add_argument("--wrong-labels", type=int, default=15, help="wrong labels per atypical subject")
@@ -344,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--subject-range", default=None, help="A:B, audit only subjects A..B-1 of the protocol (a quick look)"
     )
+    parser.add_argument(
+        "--audit-k", default=",".join(map(str, DEFAULT_AUDIT_KS)),
+        help="comma list: audit with the first k of the --references (whole pairs)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--cache-dir", type=Path, default=Path("results/audit-cache"))
@@ -357,12 +363,14 @@ def main(argv: list[str] | None = None) -> int:
         references=args.references,
         recipe=TrainingConfig(epochs=args.epochs),
         seed=args.seed,
+        dataset=args.dataset,
     )
     only = None
     if args.subject_range:
         first, last = (int(v) for v in args.subject_range.split(":"))
         only = range(first, last)
-    result = run_study(study, args.ways.split(","), ModelCache(args.cache_dir, study), only)
+    audit_ks = tuple(int(k) for k in args.audit_k.split(","))
+    result = run_study(study, args.ways.split(","), ModelCache(args.cache_dir, study), only, audit_ks)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["summary"], indent=2))
