@@ -41,7 +41,6 @@ from worker.engine.training import train
 DEMO_DIR = Path("var/demo")
 SAMPLES_PER_SUBJECT = 50
 SEED = 0
-DEMO_REFERENCES = 8
 
 
 def say(text: str = "") -> None:
@@ -157,7 +156,7 @@ def progress_printer() -> Callable[[dict[str, Any]], None]:
         if job["state"] == "running" and progress.get("phase") == "audit_references":
             line = (
                 f"  running: first audited job of this model, audit reference model {progress['epoch']}/"
-                f"{progress['total_epochs']} (the demo's {DEMO_REFERENCES}, the service's 16)"
+                f"{progress['total_epochs']}"
             )
         elif job["state"] == "running" and progress.get("total_steps"):
             losses = ", ".join(f"{name} {value:.3f}" for name, value in progress["losses"].items())
@@ -323,8 +322,6 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR, serve: bool = F
         storage_url=str(workdir / "store"),
         cache_dir=workdir / "cache",
         dispatcher="inprocess",
-        # Half the service's default of 16 reference models, to stay within a few minutes on 2 cores.
-        audit_references=DEMO_REFERENCES,
         report_key_dir=workdir / "report-keys",
         # One request at a time here: no reason to wait for others to coalesce with.
         batch_wait_s=0,

@@ -90,8 +90,10 @@ class Settings(BaseSettings):
     page_size_default: int = 50
     page_size_max: int = 500
 
-    # The membership audit (worker/audit). Reference models per model lineage (even), and their seed.
-    audit_references: Annotated[int, Field(ge=2, le=64, multiple_of=2)] = 16
+    # The membership audit (worker/audit). Reference models per model lineage (even: complementary pairs), and
+    # their seed. 4: about 2.4 exact retrains on mnist5k, kept the exact-retrain and no-op rates of 16 on the
+    # calibration protocol (docs/audit.md).
+    audit_references: Annotated[int, Field(ge=2, le=64, multiple_of=2)] = 4
     audit_reference_seed: Annotated[int, Field(ge=0)] = 0
     # References that forget too: a purge removes erased samples' columns from the model's reference set; once
     # the share removed since the set was built reaches audit_references_refresh_share, or the set is older

@@ -63,7 +63,19 @@ class AuditOutcome(BaseModel):
 
     verdict: str = Field(
         description="forgotten | no_measurable_signal | insufficient_power | residual_membership | "
-        "over_forgetting: the strongest claim the evidence supports, never more"
+        "over_forgetting | unverifiable | unchanged | insufficient_controls: the strongest claim the "
+        "evidence supports, never more"
+    )
+    evidence: dict[str, Any] | None = Field(
+        default=None,
+        description="which samples the verdict rests on: `scope` request (its own) or batch (its job's "
+        "samples pooled, where its own are too few to speak), their number, and the smallest member-like "
+        "share the test would have flagged among them",
+    )
+    power: dict[str, Any] | None = Field(
+        default=None,
+        description="the power check on the new version: the share of samples it still holds (matched in "
+        "difficulty) and of never-seen samples that the same test flags",
     )
     passed: bool = Field(description="the gate accepted the erasure of this request's samples")
     failures: list[str] = Field(description="the rules that failed, in words")
@@ -79,6 +91,8 @@ class AuditOutcome(BaseModel):
             passed=audit["gate"]["passed"],
             failures=audit["gate"]["failures"],
             subjects=audit["subjects"],
+            evidence=audit.get("evidence"),
+            power=audit.get("power"),
         )
 
 

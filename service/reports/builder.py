@@ -76,6 +76,8 @@ def _evidence(audit: dict[str, Any], salt: bytes) -> dict[str, Any]:
         "method": audit["method"],
         "references": audit["references"],
         "membership": audit["membership"],
+        "evidence": audit.get("evidence"),
+        "power": audit.get("power"),
         "subjects": subjects,
         "samples": samples,
         "utility": audit["utility"],

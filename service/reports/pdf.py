@@ -25,7 +25,8 @@ A4 = (8.27, 11.69)
 VERDICT_WORDS = {
     "forgotten": "FORGOTTEN: the membership signal the model carried is gone",
     "no_measurable_signal": "NO MEASURABLE SIGNAL: not even the model before unlearning showed one",
-    "insufficient_power": "INSUFFICIENT POWER: too few samples to show a signal either way",
+    "insufficient_power": "INSUFFICIENT POWER: the test could not show a signal either way",
+    "unverifiable": "NOT SHOWN: on the new version the test cannot flag samples it still holds",
     "residual_membership": "NOT ERASED: the model still treats the samples as members",
     "over_forgetting": "NOT ACCEPTED: the samples look less like members than never-seen data",
     "unchanged": "NOT ERASED: the model is unchanged",
@@ -71,20 +72,52 @@ def _erasure_lines(erasure: dict[str, Any]) -> list[tuple[str, str]]:
                      f"{len(erasure['attempts'])} attempt(s)"),
     ]  # fmt: skip
     if membership:
+        rmia_before, rmia_after = before.get("rmia") or {}, after.get("rmia") or {}
+        combined = after.get("combined") or {}
         rows += [
-            ("Member-like share", f"{before.get('member_share')} before -> {after.get('member_share')} after "
-                                  f"(5 % expected of never-seen data; p = {after.get('member_share_p')})"),
-            ("Over-forgetting share",
-             f"{after.get('over_forgetting_share')} (p = {after.get('over_forgetting_share_p')})"),
+            ("Member-like share", f"LiRA {before.get('member_share')} before -> {after.get('member_share')} "
+                                  f"after; RMIA {rmia_before.get('member_share')} -> "
+                                  f"{rmia_after.get('member_share')} (5 % expected of never-seen data)"),
+            ("Over-forgetting share", f"LiRA {after.get('over_forgetting_share')}, RMIA "
+                                      f"{rmia_after.get('over_forgetting_share')}"),
+            ("Both attacks, after", f"residual membership p = {combined.get('residual_membership_p')}, "
+                                    f"over-forgetting p = {combined.get('over_forgetting_p')} (the worse of "
+                                    f"the two, Bonferroni)"),
             ("Attack AUC, TPR@1%FPR", f"{before.get('auc')}, {before.get('tpr_at_1pct_fpr')} before -> "
-                                      f"{after.get('auc')}, {after.get('tpr_at_1pct_fpr')} after"),
+                                      f"{after.get('auc')}, {after.get('tpr_at_1pct_fpr')} after (LiRA)"),
         ]  # fmt: skip
+    scope = evidence.get("evidence") or {}
+    if scope:
+        rows.append(("Evidence", _scope_line(scope)))
+    power = evidence.get("power") or {}
+    if power:
+        rows.append(("Power on this version", _power_line(power)))
     for failure in outcome.get("failures") or []:
         rows.append(("Failed rule", failure))
     if outcome.get("error"):
         rows.append(("Job error", f"{outcome['error']['reason']}: {outcome['error']['detail']}"))
     rows.append(("Limitations", erasure["limitations"]))
     return rows
+
+
+def _scope_line(scope: dict[str, Any]) -> str:
+    own = (f"this request's {scope.get('samples')} samples; the test flags a member-like share of "
+           f"{scope.get('detectable_member_share')} or more")  # fmt: skip
+    batch = scope.get("batch")
+    if scope.get("scope") == "batch" and batch:
+        return (f"pooled: its job's {batch['samples']} samples, this request's included ({batch['verdict']}; "
+                f"detects a share of {batch['detectable_member_share']} or more); alone: {own}")  # fmt: skip
+    return own
+
+
+def _power_line(power: dict[str, Any]) -> str:
+    return (
+        f"the same test flags {power.get('held_member_share')} of {power.get('held_samples')} samples the "
+        f"new model still holds, matched in difficulty (p = {power.get('held_residual_membership_p')}), and "
+        f"{power.get('never_seen_member_share')} of {power.get('never_seen_samples')} never-seen samples: "
+        + ("it can see membership on this version" if power.get("detects_held_members")
+           else "it could NOT flag samples this version holds, so its silence certifies nothing")
+    )  # fmt: skip
 
 
 def _summary_pages(report: dict[str, Any], sha256: str, key_id: str) -> list[Figure]:

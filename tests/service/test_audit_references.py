@@ -37,7 +37,7 @@ def test_a_build_is_a_job_and_a_second_request_answers_the_unfinished_one(
     assert first.status_code == 202 and first.headers["Location"] == f"/jobs/{first.json()['id']}"
     job = first.json()
     assert (job["kind"], job["state"], job["request_ids"]) == ("build_references", "queued", [])
-    assert job["config"] == {"references": 16, "seed": 0}
+    assert job["config"] == {"references": 4, "seed": 0}
     again = client.post(f"/models/{model['name']}/audit-references", json={"references": 4})
     assert again.status_code == 202 and again.json()["id"] == job["id"]
     assert dispatcher.dispatched == [job["id"]]

@@ -203,6 +203,7 @@ def run_scenario(
         ]
     erased = sum(e["pending_count"] for r in settled for e in r["erasures"] if e["state"] == "completed")
     unlearn_jobs = [j for j in jobs if j["kind"] == "unlearn"]
+    verdicts = [e["verdict"] for r in settled for e in r["erasures"]]
     running = sorted(j["timings"]["running_seconds"] for j in unlearn_jobs if j["timings"]["running_seconds"])
     return {
         "requests": len(ids),
@@ -212,6 +213,10 @@ def run_scenario(
         "last_completed_after_last_post_s": round(last - start - posted_s, 1),
         "states": dict(Counter(r["state"] for r in settled)),
         "verdicts": dict(Counter(e["verdict"] for r in settled for e in r["erasures"])),
+        # Settled with evidence either way: any verdict but `insufficient_power` (and no audit at all).
+        "with_evidence_share": round(
+            sum(v not in (None, "insufficient_power") for v in verdicts) / len(verdicts), 3
+        ),
         "jobs": len(unlearn_jobs),
         "job_states": dict(Counter(j["state"] for j in unlearn_jobs)),
         "job_methods": dict(Counter(j["method"] for j in unlearn_jobs)),
@@ -227,7 +232,10 @@ def run_scenario(
     }
 
 
-def run(requests: int, over_s: float, timeout_s: float) -> dict[str, Any]:
+SCENARIOS = ("coalesced", "one_job_per_request", "four_models_one_worker", "four_models_two_workers")
+
+
+def run(requests: int, over_s: float, timeout_s: float, only: tuple[str, ...] = SCENARIOS) -> dict[str, Any]:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     results: dict[str, Any] = {}  # scenario -> its figures
     with (
@@ -274,6 +282,8 @@ def run(requests: int, over_s: float, timeout_s: float) -> dict[str, Any]:
         }
         for name, (workers, targets, settings) in scenarios.items():
             first = next(subjects)
+            if name not in only:
+                continue
             with stack(base_env, tmp, name, workers, **settings) as running:
                 results[name] = run_scenario(
                     running, targets, range(first, first + requests), over_s, timeout_s
@@ -284,9 +294,21 @@ def run(requests: int, over_s: float, timeout_s: float) -> dict[str, Any]:
                     "batch_max_samples": 10_000,
                 }
             print(json.dumps({name: results[name]}, indent=2), flush=True)
+    if set(only) == set(SCENARIOS):
+        results["ratios"] = _ratios(results)
+    results["setup"] = {
+        "dataset": "mnist5k", "samples_per_subject": PER_SUBJECT, "requests_per_scenario": requests,
+        "posted_over_s": over_s, "method": "mixunlearn (default)", "audit_references": REFERENCES,
+        "initial_model": f"mnist_cnn, {RECIPE.epochs} epochs", "worker": "celery --pool solo, 1 torch thread",
+        "machine": machine(), "scenarios": list(only),
+    }  # fmt: skip
+    return results
+
+
+def _ratios(results: dict[str, Any]) -> dict[str, Any]:
     coalesced, alone = results["coalesced"], results["one_job_per_request"]
     single_job_s = alone["job_running_s"]["median"]
-    results["ratios"] = {
+    return {
         "single_request_job_s": single_job_s,
         # The last request is posted about a minute after the first: the bound is read from the last POST.
         "coalesced_after_last_post_over_5x_single_job_plus_wait": round(
@@ -304,13 +326,6 @@ def run(requests: int, over_s: float, timeout_s: float) -> dict[str, Any]:
             2,
         ),
     }
-    results["setup"] = {
-        "dataset": "mnist5k", "samples_per_subject": PER_SUBJECT, "requests_per_scenario": requests,
-        "posted_over_s": over_s, "method": "mixunlearn (default)", "audit_references": REFERENCES,
-        "initial_model": f"mnist_cnn, {RECIPE.epochs} epochs", "worker": "celery --pool solo, 1 torch thread",
-        "machine": machine(),
-    }  # fmt: skip
-    return results
 
 
 def _share_references(database_url: str, models: list[str]) -> None:
@@ -342,8 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--over", type=float, default=60.0, help="seconds over which they are posted")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds a scenario may take")
     parser.add_argument("--json", type=Path, default=Path("results/bench-coalescing.json"))
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}"
+    )
     args = parser.parse_args(argv)
-    result = run(args.requests, args.over, args.timeout)
+    only = tuple(args.scenarios.split(","))
+    if unknown := set(only) - set(SCENARIOS):
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    result = run(args.requests, args.over, args.timeout, only)
     write_result(result, args.json)
     return 0
 
