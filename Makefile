@@ -34,9 +34,17 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/lethe bench --dataset mnist5k --setup class --seeds 5 --json results/bench-class.json
 
+# The audit's calibration study: three held-out seeds on mnist5k and digits (about 20 min a seed on mnist5k on
+# 2 cores), K = 4 and 16 from one set, then the table (docs/audit.md) and the reference set's cost.
+AUDIT_WAYS ?= retrain,noop,mixunlearn
 bench-audit: $(STAMP)
-	$(BIN)/python -m worker.bench.audit_calibration --seed 1 --ways retrain,noop,mixunlearn,mixunlearn-lr1e-3 \
-		--json results/audit-calibration.json
+	for dataset in digits mnist5k; do for seed in 3 4 5; do \
+		$(BIN)/python -m worker.bench.audit_calibration --dataset $$dataset --seed $$seed --ways $(AUDIT_WAYS) \
+			--json results/audit/$$dataset-$$seed.json || exit 1; \
+	done; done
+	$(BIN)/python -m worker.bench.audit_table results/audit/*.json --ways $(AUDIT_WAYS) \
+		--json docs/results/audit-calibration.json
+	$(BIN)/python -m worker.bench.audit_cost --dataset mnist5k --json docs/results/audit-cost-mnist5k.json
 
 # Lethe's POST /deletion-requests against the bare stack's floor (one run, one load client), the bulk
 # endpoint and a 2,000-request cancel; about 3 minutes.

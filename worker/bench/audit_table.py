@@ -106,7 +106,9 @@ def markdown(rows: list[dict[str, Any]], ways: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("runs", type=Path, nargs="+", help="JSON files written by audit_calibration")
-    parser.add_argument("--ways", default="mixunlearn", help="comma list of other ways to tabulate")
+    parser.add_argument(
+        "--ways", default="mixunlearn", help="comma list of ways to tabulate beside retrain and the no-op"
+    )
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
     runs = [json.loads(path.read_text()) for path in args.runs]
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda row: (row["dataset"], row["seed"], row["k"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": rows, "runs": runs}, indent=1) + "\n")
-    print(markdown(rows, [w for w in args.ways.split(",") if w]))
+    print(markdown(rows, [w for w in args.ways.split(",") if w and w not in ("retrain", "noop")]))
     return 0
 
 
