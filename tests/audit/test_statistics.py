@@ -11,6 +11,7 @@ from worker.audit.gate import AuditRules, gate, pooled_verdict, verdict
 from worker.audit.membership import binomial_tail, holm, membership_test
 from worker.audit.references import ReferenceSet, balanced_masks
 from worker.audit.rmia import rmia_test
+from worker.audit.run import with_batch_evidence
 from worker.audit.scores import stable_logit, stable_logit_all_labels
 from worker.audit.utility import paired_drop_p, utility_comparison, wilson_interval
 from worker.engine.config import TrainingConfig
@@ -228,3 +229,25 @@ def test_a_single_sample_request_is_tested_and_says_so_when_it_cannot_tell() -> 
     assert verdict(leaked, leaked, AuditRules(), unchanged=False, controls=500, power=power) == (
         "residual_membership"
     )
+
+
+def _audit_dict(verdict_name: str, samples: int, failures: list[str]) -> dict[str, object]:
+    return {
+        "verdict": verdict_name,
+        "evidence": {"scope": "request", "samples": samples, "detectable_member_share": 0.5},
+        "gate": {"passed": not failures, "failures": failures},
+        "membership": {}, "power": {},
+    }  # fmt: skip
+
+
+def test_a_request_reads_its_jobs_pooled_audit_where_its_own_samples_cannot_speak() -> None:
+    small = _audit_dict("insufficient_power", 5, [])
+    leaking_batch = _audit_dict("residual_membership", 50, ["residual membership: 9 of 50 ..."])
+    combined = with_batch_evidence(small, leaking_batch)
+    assert combined["verdict"] == "residual_membership" and not combined["gate"]["passed"]
+    assert combined["evidence"]["scope"] == "batch" and combined["evidence"]["batch"]["samples"] == 50
+    assert "pooled audit of 50 samples" in combined["gate"]["failures"][-1]
+    forgotten = with_batch_evidence(small, _audit_dict("forgotten", 50, []))
+    assert forgotten["verdict"] == "forgotten" and forgotten["gate"]["passed"]
+    own = with_batch_evidence(_audit_dict("forgotten", 25, []), leaking_batch)
+    assert own["verdict"] == "forgotten" and own["evidence"]["scope"] == "request"
