@@ -113,7 +113,7 @@ def run_study(
     study: Study,
     ways: list[str],
     cache: ModelCache,
-    only: range | None = None,
+    only: set[int] | None = None,
     audit_ks: tuple[int, ...] = DEFAULT_AUDIT_KS,
 ) -> dict[str, Any]:
     rng = np.random.default_rng(study.seed)
@@ -344,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ways", default=",".join(DEFAULT_WAYS), help=f"comma list of {', '.join(WAYS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--subject-range", default=None, help="A:B, audit only subjects A..B-1 of the protocol (a quick look)"
+        "--subject-range",
+        default=None,
+        help="A:B[,C:D...], only subjects A..B-1 (and C..D-1) of the protocol (atypical ones come first)",
     )
     parser.add_argument(
         "--audit-k", default=",".join(map(str, DEFAULT_AUDIT_KS)),
@@ -365,10 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         dataset=args.dataset,
     )
-    only = None
+    only: set[int] | None = None
     if args.subject_range:
-        first, last = (int(v) for v in args.subject_range.split(":"))
-        only = range(first, last)
+        only = set()
+        for part in args.subject_range.split(","):
+            first, last = (int(v) for v in part.split(":"))
+            only.update(range(first, last))
     audit_ks = tuple(int(k) for k in args.audit_k.split(","))
     result = run_study(study, args.ways.split(","), ModelCache(args.cache_dir, study), only, audit_ks)
     args.json.parent.mkdir(parents=True, exist_ok=True)
