@@ -55,9 +55,9 @@ WAYS: dict[str, tuple[str, dict[str, Any]]] = {
     "neggrad": ("neggrad", {}),
 }
 DEFAULT_WAYS = ("retrain", "noop", "mixunlearn")
-# Audits read from the first k references of one set of 16 (whole complementary pairs): the service's
-# default and the 16 it had, side by side on the same models.
-DEFAULT_AUDIT_KS = (4, 16)
+# Audits read from the first k references of one set of 16 (whole complementary pairs): the cheaper sets
+# (4 is the service's default) and the 16 it had, side by side on the same models.
+DEFAULT_AUDIT_KS = (2, 4, 8, 16)
 
 
 @dataclass(frozen=True)
