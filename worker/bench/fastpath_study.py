@@ -45,6 +45,15 @@ def register() -> None:
         audit_calibration.WAYS.setdefault(name, way)
 
 
+# Gate failures by rule, as worker.audit.gate words them.
+_FAILURES = {
+    "residual_membership": "residual membership:",
+    "over_forgetting": "over-forgetting:",
+    "audit_drop": "audit accuracy fell",
+    "class_drop": "class ",
+}
+
+
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     by_way: dict[str, list[dict[str, Any]]] = {}
     for record in records:
@@ -63,8 +72,10 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
             entry[kind] = {
                 "accepted": sum(r["passed"] for r in members),
                 "of": len(members),
-                "over_forgetting": sum("over_forgetting" in " ".join(r["failures"]) for r in members),
-                "residual": sum("residual_membership" in " ".join(r["failures"]) for r in members),
+                **{
+                    reason: sum(any(f.startswith(prefix) for f in r["failures"]) for r in members)
+                    for reason, prefix in _FAILURES.items()
+                },
             }
         entry["unlearn_seconds_mean"] = round(seconds, 3)
         if retrain_s:
