@@ -14,6 +14,7 @@ from worker.engine.config import (
     NegGradConfig,
     RandLabelConfig,
     RandLabelMixupConfig,
+    RepairConfig,
     RetrainConfig,
     UGradSLConfig,
     UnlearnConfig,
@@ -36,6 +37,7 @@ _IMPLEMENTATIONS: dict[type[UnlearnConfig], str] = {
     RandLabelMixupConfig: "randlabel_mixup",
     UGradSLConfig: "ugradsl",
     MixUnlearnConfig: "mixunlearn",
+    RepairConfig: "repair",
 }
 
 
