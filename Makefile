@@ -36,7 +36,7 @@ bench: $(STAMP)
 
 # The audit's calibration study: three held-out seeds on mnist5k and digits (about 20 min a seed on mnist5k on
 # 2 cores), K = 4 and 16 from one set, then the table (docs/audit.md) and the reference set's cost.
-AUDIT_WAYS ?= retrain,noop,mixunlearn
+AUDIT_WAYS ?= retrain,noop,mixunlearn,repair
 bench-audit: $(STAMP)
 	for dataset in digits mnist5k; do for seed in 3 4 5; do \
 		$(BIN)/python -m worker.bench.audit_calibration --dataset $$dataset --seed $$seed --ways $(AUDIT_WAYS) \

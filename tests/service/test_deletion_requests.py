@@ -26,7 +26,7 @@ from tests.service.conftest import (
     write_array,
 )
 from tests.service.test_datasets import assert_problem
-from worker.engine.config import config_to_dict, make_config
+from worker.engine.config import DEFAULT_METHOD, config_to_dict, make_config
 
 TABLES = (DeletionRequest, DeletionRequestSample, ErasureTarget, Job, IdempotencyRecord)
 
@@ -53,8 +53,8 @@ def test_a_request_is_accepted_with_its_job_queued_and_dispatched(
     [erasure] = request["erasures"]
     assert (erasure["state"], erasure["pending_count"], erasure["already_erased_count"]) == ("pending", 2, 0)
     # The full effective configuration is recorded, not just the overrides.
-    assert request["method"] == "mixunlearn" and request["config"] == config_to_dict(
-        make_config("mixunlearn")
+    assert request["method"] == DEFAULT_METHOD and request["config"] == config_to_dict(
+        make_config(DEFAULT_METHOD)
     )
     received = datetime.fromisoformat(request["received_at"])
     assert datetime.fromisoformat(request["due_at"]) - received == timedelta(days=30)

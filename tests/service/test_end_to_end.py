@@ -44,7 +44,7 @@ from worker.demo import (
     train_initial_checkpoint,
     write_dataset,
 )
-from worker.engine.config import TrainingConfig
+from worker.engine.config import DEFAULT_METHOD, TrainingConfig
 from worker.engine.spec import ModelSpec
 from worker.pipeline import run_job
 from worker.tasks import message_job_ids, sweep
@@ -240,9 +240,10 @@ def test_requests_produce_a_lineage_of_active_versions(env: Env) -> None:
     scraped = httpx.get(f"http://127.0.0.1:{env.worker_env['LETHE_WORKER_METRICS_PORT']}/metrics").text
     for phase in ("load", "unlearn", "audit", "register"):
         assert (
-            f'lethe_job_phase_seconds_count{{kind="unlearn",method="mixunlearn",phase="{phase}"}}' in scraped
+            f'lethe_job_phase_seconds_count{{kind="unlearn",method="{DEFAULT_METHOD}",phase="{phase}"}}'
+            in scraped
         )
-    assert 'lethe_worker_jobs_total{kind="unlearn",method="mixunlearn",state="succeeded"}' in scraped
+    assert f'lethe_worker_jobs_total{{kind="unlearn",method="{DEFAULT_METHOD}",state="succeeded"}}' in scraped
     # The worker's JSON log lines of the job carry the HTTP request id that queued it, with the job's ids.
     lines = [json.loads(line) for line in env.worker_log.read_text().splitlines() if line.startswith("{")]
     job_lines = [line for line in lines if line.get("job_id") == job["id"]]

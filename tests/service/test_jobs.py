@@ -17,7 +17,7 @@ from service.models import service as models_service
 from service.storage import StoredObject
 from tests.service.conftest import RecordingDispatcher, dataset_body, job_of, register_model, write_array
 from tests.service.test_datasets import assert_problem
-from worker.engine.config import config_to_dict, make_config
+from worker.engine.config import DEFAULT_METHOD, config_to_dict, make_config
 
 LEASE = timedelta(minutes=2)
 
@@ -105,7 +105,7 @@ def test_claim_runs_a_job_once_and_serialises_jobs_of_one_model(
     assert claimed.forget_sample_ids == ("s1", "s2") and claimed.state == "running"
     assert claimed.base_version.id == model["active_version"]["id"] and claimed.model_name == "toy-model"
     assert claimed.array_uri.startswith("local:sha256/") and claimed.config == config_to_dict(
-        make_config("mixunlearn")
+        make_config(DEFAULT_METHOD)
     )
     session.commit()
     # A message is a ticket: redelivered, it cannot run the job again; the second job's model is busy, so

@@ -53,8 +53,15 @@ WAYS: dict[str, tuple[str, dict[str, Any]]] = {
     "finetune": ("finetune", {}),
     "finetune-5": ("finetune", {"epochs": 5}),
     "neggrad": ("neggrad", {}),
+    # The fast path (issue 20): damage then repair at its defaults, and the alternatives it was chosen against
+    # on seed 0 (RepairConfig's docstring has their results; docs/results/fastpath-validation-seed0.json).
+    "repair": ("repair", {}),
+    "repair-1epoch": ("repair", {"epochs": 1, "min_steps": 0}),
+    "repair-reinit1": ("repair", {"reinit_layers": 1, "epochs": 1, "min_steps": 0}),
+    "repair-reinit2": ("repair", {"reinit_layers": 2, "epochs": 1, "min_steps": 0}),
+    "repair-mixunlearn": ("repair", {"mixunlearn_steps": 40, "epochs": 1, "min_steps": 0}),
 }
-DEFAULT_WAYS = ("retrain", "noop", "mixunlearn")
+DEFAULT_WAYS = ("retrain", "noop", "mixunlearn", "repair")
 # Audits read from the first k references of one set of 16 (whole complementary pairs): the cheaper sets
 # (4 is the service's default) and the 16 it had, side by side on the same models.
 DEFAULT_AUDIT_KS = (2, 4, 8, 16)

@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from worker.audit.gate import AuditRules
+
+RULES = AuditRules()
 # A subject counts as memorised when the base model predicts at least this many of its wrong labels.
 MEMORISED = 5
 
@@ -22,6 +25,19 @@ def _passed(record: dict[str, Any], k: str) -> bool:
 
 def _verdict(record: dict[str, Any], k: str) -> str:
     return str(record["audits"][k]["verdict"])
+
+
+MEMBERSHIP_FAILURES = ("residual membership", "over-forgetting", "unverifiable")
+
+
+def _passed_with(record: dict[str, Any], k: str, attack: str) -> bool:
+    """Would the gate have passed with ``attack``'s test alone (at one direction's level, no Bonferroni
+    factor), every other rule as it was?"""
+    audit = record["audits"][k]
+    level = RULES.direction_level
+    after = audit["membership"]["after"][attack]
+    others = [f for f in audit["failures"] if not f.startswith(MEMBERSHIP_FAILURES)]
+    return not others and after["residual_p"] >= level and after["over_forgetting_p"] >= level
 
 
 def _count(records: list[dict[str, Any]], test: Any) -> str:
@@ -53,6 +69,8 @@ def rows_of(run: dict[str, Any]) -> list[dict[str, Any]]:
                 "rejected_memorised": _count(memorised, lambda r, k=k: not _passed(r, k)),
                 "rejected_atypical": _count(atypical, lambda r, k=k: not _passed(r, k)),
                 "over_forgetting": _count(group, lambda r, k=k: _verdict(r, k) == "over_forgetting"),
+                "accepted_lira_alone": _count(group, lambda r, k=k: _passed_with(r, k, "lira")),
+                "accepted_rmia_alone": _count(group, lambda r, k=k: _passed_with(r, k, "rmia")),
                 "power_detects": _count(
                     group, lambda r, k=k: r["audits"][k]["power"]["detects_held_members"]
                 ),
@@ -74,7 +92,8 @@ def rows_of(run: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]], ways: list[str]) -> str:
-    header = ["dataset", "seed", "K", "refs / retrain", "retrain accepted", "retrain over-forgetting"]
+    header = ["dataset", "seed", "K", "refs / retrain", "retrain accepted (atypical, clean)"]
+    header += ["retrain accepted: LiRA alone, RMIA alone", "retrain over-forgetting"]
     header += ["no-op rejected: memorised", "no-op rejected: atypical", "no-op rejected: clean"]
     for way in ways:
         header += [f"{way} accepted (atypical, clean)", f"{way} where retrain is", f"{way} time / retrain"]
@@ -82,7 +101,12 @@ def markdown(rows: list[dict[str, Any]], ways: list[str]) -> str:
     for row in rows:
         retrain, noop = row.get("retrain", {}), row.get("noop", {})
         cells = [row["dataset"], str(row["seed"]), str(row["k"]), str(row["references_over_retrain"])]
-        cells += [retrain.get("accepted", "-"), retrain.get("over_forgetting", "-")]
+        cells += [
+            f"{retrain.get('accepted', '-')} "
+            f"({retrain.get('accepted_atypical')}, {retrain.get('accepted_clean')})",
+            f"{retrain.get('accepted_lira_alone', '-')}, {retrain.get('accepted_rmia_alone', '-')}",
+            retrain.get("over_forgetting", "-"),
+        ]
         clean_rejected = "-"
         if noop:
             accepted, total = noop["accepted_clean"].split("/")

@@ -45,7 +45,7 @@ from service.storage import StoredObject
 from worker.bench.common import BENCH_TENANT, bench_backends, bench_headers, free_port, machine, write_result
 from worker.datasets.builtin import load_dataset
 from worker.demo import dataset_body, train_initial_checkpoint, write_dataset
-from worker.engine.config import TrainingConfig
+from worker.engine.config import DEFAULT_METHOD, TrainingConfig
 from worker.engine.spec import mnist_cnn_spec
 
 REDIS_URL = os.environ.get("LETHE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -298,7 +298,7 @@ def run(requests: int, over_s: float, timeout_s: float, only: tuple[str, ...] = 
         results["ratios"] = _ratios(results)
     results["setup"] = {
         "dataset": "mnist5k", "samples_per_subject": PER_SUBJECT, "requests_per_scenario": requests,
-        "posted_over_s": over_s, "method": "mixunlearn (default)", "audit_references": REFERENCES,
+        "posted_over_s": over_s, "method": f"{DEFAULT_METHOD} (default)", "audit_references": REFERENCES,
         "initial_model": f"mnist_cnn, {RECIPE.epochs} epochs", "worker": "celery --pool solo, 1 torch thread",
         "machine": machine(), "scenarios": list(only),
     }  # fmt: skip

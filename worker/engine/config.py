@@ -151,7 +151,8 @@ class RepairConfig(UnlearnConfig):
     re-initialised layers and is not relearnt, and the surviving layers keep the cost low.
 
     Every default was chosen on the audit's calibration protocol at seed 0 (mnist5k, 20 subjects of 50
-    samples, 10 with 15 wrong labels; ``worker.bench.fastpath_study``; seeds 3 and up are held out).
+    samples, 10 with 15 wrong labels; ``worker.bench.audit_calibration`` ways ``repair*``; seeds 3 and up are
+    held out).
 
     With these defaults, on that protocol (docs/results/fastpath-validation-seed0.json) the gate accepted
     20 / 20 subjects (10 / 10 atypical, 10 / 10 clean; no over-forgetting) where exact retraining passed 18 /
@@ -225,7 +226,9 @@ RENAMED_METHODS: dict[str, tuple[str, str]] = {
         "representation alignment)",
     ),
 }
-DEFAULT_METHOD = "mixunlearn"
+# The fast path the audit certifies (issue 20; docs/audit.md): MixUnlearn left membership where a no-op does
+# on memorised subjects. Label-free datasets keep the label-agnostic MixUnlearn (repair fine-tunes on labels).
+DEFAULT_METHOD = "repair"
 DEFAULT_LABEL_AGNOSTIC_METHOD = "mixunlearn-agnostic"
 
 
