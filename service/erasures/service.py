@@ -30,7 +30,7 @@ from service.jobs.tables import Job
 from service.models import repository as models_repository
 from service.models.tables import Model
 from service.purges import service as purges
-from service.reports.generation import generate as generate_report
+from service.reports.generation import generate_many as generate_reports
 from service.trail import service as trail
 from service.webhooks import service as webhooks
 
@@ -306,10 +306,32 @@ def settle(
 
 def settle_job(session: Session, job: Job, state: str, actor: str) -> None:
     """A job ended without per-request outcomes (failed, canceled): its pending targets end the same way."""
-    for target in repository.targets_of_job(session, job.id, lock=True):
-        if target.state == "pending":
-            attempt = {"job_id": job.id, "state": state, "error_reason": job.error_reason}
-            settle(session, target, state, actor, attempt=attempt)
+    pending = [t for t in repository.targets_of_job(session, job.id, lock=True) if t.state == "pending"]
+    settle_many(session, pending, state, actor, attempt={"job_id": job.id, "state": state,
+                                                          "error_reason": job.error_reason})  # fmt: skip
+
+
+def settle_many(
+    session: Session, targets: Sequence[ErasureTarget], state: str, actor: str, *, attempt: dict[str, Any]
+) -> None:
+    """:func:`settle` on each of many targets with one attempt (a job that ended without per-request
+    outcomes), in a few statements whatever their number: their requests and those requests' targets read
+    once, the rows written by one flush, the settled requests' reports generated together."""
+    if not targets:
+        return
+    now = utcnow()
+    request_ids = list(dict.fromkeys(target.request_id for target in targets))
+    found = {request.id: request for request in requests_repository.get_many(session, request_ids)}
+    requests = [found[request_id] for request_id in request_ids]
+    siblings = repository.targets_of_requests(session, request_ids)
+    for target in targets:
+        target.attempts = [*target.attempts, attempt]
+        _settle(session, target, state, now, actor, verdict=attempt.get("verdict"), flush=False)
+    settled = [
+        request for request in requests if _close_request(session, request, siblings[request.id], now, actor)
+    ]
+    session.flush()
+    _settled(session, settled, now, actor)
 
 
 def _settle(
@@ -321,12 +343,14 @@ def _settle(
     *,
     verdict: str | None,
     version_id: str | None = None,
+    flush: bool = True,
 ) -> None:
     target.state = state
     target.verdict = verdict
     target.result_version_id = version_id
     target.settled_at = when
-    session.flush()
+    if flush:
+        session.flush()
     trail.append(
         session, f"erasure.{state}", actor=actor, subject_type="erasure", subject_id=target.id,
         request_id=target.request_id,
@@ -340,23 +364,37 @@ def settle_request_if_done(session: Session, request: DeletionRequest, when: dat
     every copy those erasures cover was purged (until then it stays processing: see service.purges)."""
     if request.state != "processing":
         return
-    targets = repository.targets_of_request(session, request.id)
+    if _close_request(session, request, repository.targets_of_request(session, request.id), when, actor):
+        session.flush()
+        _settled(session, [request], when, actor)
+
+
+def _close_request(
+    session: Session, request: DeletionRequest, targets: Sequence[ErasureTarget], when: datetime, actor: str
+) -> bool:
+    """Settle the processing request unless one of its ``targets`` (all of them) keeps it open; True if so."""
+    if request.state != "processing":
+        return False
     states = {target.state for target in targets}
     if "pending" in states:
-        return
+        return False
     unfulfilled = next((state for state in _UNFULFILLED if state in states), None)
     if unfulfilled is None and purges.awaiting_purge(targets):
-        return
+        return False
     request.state = unfulfilled or "completed"
     request.completed_at = when
-    session.flush()
     trail.append(
         session, "request.settled", actor=actor, subject_type="request", subject_id=request.id,
         request_id=request.id, data={"state": request.state, "completed_at": when.isoformat()},
     )  # fmt: skip
-    generate_report(session, request, actor)
-    # The outbox row of the settled event, in this transaction: sent only if the settlement commits.
-    webhooks.request_settled(session, request, when)
+    return True
+
+
+def _settled(session: Session, requests: Sequence[DeletionRequest], when: datetime, actor: str) -> None:
+    """What follows the settling of requests (written): their reports, and their webhook events' outbox rows,
+    in this transaction: sent only if the settlement commits."""
+    generate_reports(session, requests, actor)
+    webhooks.requests_settled(session, requests, when)
 
 
 def targets_of_request(session: Session, request_id: str) -> Sequence[ErasureTarget]:
