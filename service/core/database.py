@@ -6,17 +6,36 @@ Postgres, timestamps are always timezone-aware UTC, and SQLite gets its foreign 
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import JSON, CheckConstraint, DateTime, Engine, MetaData, create_engine, event
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Engine,
+    MetaData,
+    Table,
+    Text,
+    bindparam,
+    cast,
+    create_engine,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session, make_transient_to_detached, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 # Deterministic constraint names, so migrations can drop and alter them on every backend (SQLite batch mode).
@@ -108,3 +127,128 @@ def one_of(column: str, values: tuple[str, ...]) -> CheckConstraint:
     """A CHECK that ``column`` holds one of ``values`` (named ``ck_<table>_<column>`` by the convention)."""
     allowed = ", ".join(f"'{value}'" for value in values)
     return CheckConstraint(f"{column} IN ({allowed})", name=column)
+
+
+def row_of(obj: Base) -> dict[str, Any]:
+    """A new object's column values as an INSERT takes them, each column's Python default applied where it
+    has no value (as a flush would), and every one held by the object (none is left to load once it is
+    written: the object is not yet in a session, so they go straight into its state)."""
+    state = inspect(obj)
+    held = state.dict
+    row = {}
+    for prop in state.mapper.column_attrs:
+        column = prop.columns[0]
+        value = held.get(prop.key)
+        if value is None and column.default is not None and not column.default.is_clause_element:
+            default: Any = column.default
+            value = default.arg(None) if default.is_callable else default.arg
+        held[prop.key] = row[column.key] = value
+    return row
+
+
+# Up to this many rows a table, write_together sends them as arrays in one statement; a bulk call's thousands
+# go by executemany, each row's values dumped faster than the same values quoted into an array literal.
+_ARRAY_ROWS = 100
+
+
+def write_together(
+    session: Session,
+    inserts: Sequence[tuple[type[Base], Sequence[Base | dict[str, Any]]]],
+    updates: Sequence[tuple[type[Base], Sequence[dict[str, Any]]]] = (),
+) -> None:
+    """INSERT the new objects (or plain rows) of several tables, each after those it refers to, and UPDATE
+    rows of some (each row: its primary key and the columns it sets). On Postgres, up to :data:`_ARRAY_ROWS`
+    rows a table, in one statement: a data-modifying CTE a table, its rows sent as one array a column
+    (``INSERT ... SELECT unnest(...)``, ``UPDATE ... FROM (SELECT unnest(...))``: a statement of one shape,
+    built and compiled once), foreign keys checked at its end; otherwise a statement a table (an
+    executemany). A JSON column's None is SQL NULL, as a flush that leaves it out writes. The new objects
+    then belong to the session as if loaded: no flush writes them again."""
+    written = [
+        (model, [row_of(item) if isinstance(item, Base) else item for item in items])
+        for model, items in inserts
+        if items
+    ]
+    changed = [(model, rows) for model, rows in updates if rows]
+    if not written and not changed:
+        return
+    connection = session.connection()  # the connection, not the ORM's unit of work
+    if connection.dialect.name == "postgresql" and all(
+        len(rows) <= _ARRAY_ROWS for _model, rows in [*written, *changed]
+    ):
+        shape = (
+            tuple((model, tuple(rows[0])) for model, rows in written),
+            tuple((model, tuple(rows[0])) for model, rows in changed),
+        )
+        if shape not in _STATEMENTS:
+            _STATEMENTS[shape] = _statement(*shape)
+        parameters = {}
+        for prefix, group in (("insert", written), ("update", changed)):
+            for model, rows in group:
+                table = _table(model)
+                for name in rows[0]:
+                    values = [row[name] for row in rows]
+                    if isinstance(table.c[name].type, JSON):
+                        values = [None if value is None else json.dumps(value) for value in values]
+                    parameters[f"{prefix}_{table.name}_{name}"] = values
+        connection.execute(_STATEMENTS[shape], parameters)
+    else:
+        for model, rows in written:
+            table = _table(model)
+            # A JSON column none of the rows sets is left out (SQL NULL); executemany would write JSON null.
+            unset = {name for name in rows[0] if isinstance(table.c[name].type, JSON)} - {
+                name for row in rows for name, value in row.items() if value is not None
+            }
+            connection.execute(
+                insert(table), [{k: v for k, v in row.items() if k not in unset} for row in rows]
+            )
+        for model, rows in changed:
+            table = _table(model)
+            [key] = table.primary_key.columns
+            names = [name for name in rows[0] if name != key.name]
+            statement = update(table).where(key == bindparam("row_key"))
+            statement = statement.values({name: bindparam(f"row_{name}") for name in names})
+            connection.execute(
+                statement,
+                [{f"row_{k}" if k != key.name else "row_key": v for k, v in r.items()} for r in rows],
+            )
+    for _model, items in inserts:
+        for item in items:
+            if isinstance(item, Base):
+                make_transient_to_detached(item)
+                session.add(item)
+
+
+_Shape = tuple[tuple[type[Base], tuple[str, ...]], ...]
+_STATEMENTS: dict[tuple[_Shape, _Shape], Any] = {}  # write_together's statements, by tables and columns
+
+
+def _table(model: type[Base]) -> Table:
+    return model.__table__  # type: ignore[return-value]
+
+
+def _arrays(prefix: str, table: Table, names: Sequence[str]) -> list[Any]:
+    """``unnest(:prefix_table_column)`` for each column (a JSON column's array as text, each value cast back:
+    None is SQL NULL, as a flush that leaves it out writes)."""
+    arrays = []
+    for name in names:
+        column, key = table.c[name], f"{prefix}_{table.name}_{name}"
+        if isinstance(column.type, JSON):
+            arrays.append(cast(func.unnest(bindparam(key, type_=ARRAY(Text))), JSONB).label(name))
+        else:
+            arrays.append(func.unnest(bindparam(key, type_=ARRAY(column.type))).label(name))
+    return arrays
+
+
+def _statement(inserts: _Shape, updates: _Shape) -> Any:
+    statements: list[Any] = []
+    for model, names in inserts:
+        table = _table(model)
+        statements.append(insert(table).from_select(names, select(*_arrays("insert", table, names))))
+    for model, names in updates:
+        table = _table(model)
+        [key] = table.primary_key.columns
+        rows = select(*_arrays("update", table, names)).subquery(f"{table.name}_rows")
+        values = {name: rows.c[name] for name in names if name != key.name}
+        statements.append(update(table).where(key == rows.c[key.name]).values(values))
+    *ctes, last = statements
+    return last.add_cte(*(statement.cte(f"write_{i}") for i, statement in enumerate(ctes)))

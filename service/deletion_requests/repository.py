@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
@@ -11,22 +11,11 @@ from service.datasets.tables import Sample
 from service.deletion_requests.tables import DeletionRequest, DeletionRequestSample
 
 
-def add(session: Session, request: DeletionRequest) -> None:
-    session.add(request)
-    session.flush()
-
-
 def get(session: Session, request_id: str) -> DeletionRequest | None:
     return session.get(DeletionRequest, request_id)
 
 
-def add_samples(session: Session, request_id: str, sample_pks: Sequence[int]) -> None:
-    session.execute(
-        insert(DeletionRequestSample), [{"request_id": request_id, "sample_pk": pk} for pk in sample_pks]
-    )
-
-
-def add_samples_of(session: Session, pks_by_request: dict[str, Sequence[int]]) -> None:
+def add_samples_of(session: Session, pks_by_request: Mapping[str, Sequence[int]]) -> None:
     """Many requests' samples at once: COPY on Postgres (a bulk call's 10,000 rows in a few milliseconds),
     elsewhere (the SQLite demo) one executemany."""
     rows = [(request_id, pk) for request_id, pks in pks_by_request.items() for pk in pks]

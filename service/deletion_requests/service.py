@@ -18,14 +18,14 @@ from sqlalchemy.orm import Session
 
 from service.clients.service import Principal
 from service.core.clock import utcnow
-from service.core.database import new_id
+from service.core.database import Base, new_id
 from service.core.problems import InvalidInput, NotFound, listed_problem
 from service.core.settings import Settings
 from service.datasets import repository as datasets_repository
 from service.datasets.tables import Dataset, Sample
 from service.deletion_requests import repository
 from service.deletion_requests.schemas import DeletionRequestCreate
-from service.deletion_requests.tables import DeletionRequest
+from service.deletion_requests.tables import DeletionRequest, DeletionRequestSample
 from service.erasures import repository as erasures_repository
 from service.erasures import service as erasures
 from service.erasures.service import Dispatch
@@ -114,35 +114,50 @@ def create_request(
 ) -> CreatedRequest:
     """Validate a deletion request completely, then add it, its samples and one erasure target per model it
     applies to (the caller's tenant's named model, or every model of its named dataset), each queued into its
-    model's open job (:func:`prepare_request`, then :func:`add_request`). The caller commits, then
+    model's open job (:func:`prepare_request`, then :func:`create_requests`). The caller commits, then
     dispatches."""
     prepared = prepare_request(session, settings, data, caller)
-    targets, dispatches = add_request(
-        session, settings, prepared.request, prepared.models, prepared.pks, actor=caller.actor
-    )
-    return CreatedRequest(prepared.request, _new_views(prepared.models, targets), dispatches)
+    [created], dispatches = create_requests(session, settings, [prepared], caller.actor)
+    return CreatedRequest(created.request, created.erasures, dispatches)
+
+
+# A batch's samples up to this many are written in the statement that writes its requests; more (a bulk
+# call's) by COPY, after it, faster than an array parameter of that size.
+_SAMPLES_IN_STATEMENT = 1_000
 
 
 def create_requests(
     session: Session, settings: Settings, batch: Sequence[PreparedRequest], actor: str
 ) -> tuple[list[CreatedRequest], list[Dispatch]]:
-    """Add many prepared requests at once (a bulk call), as :func:`add_request` on each in turn would, in a
-    few statements whatever their number: the models locked once, the requests and their samples inserted
-    together, the targets opened and coalesced together (``erasures.open_targets_many``). Returns them
-    and the jobs to dispatch (each request's own ``dispatches`` are empty). The caller commits, then
+    """Add prepared requests, with their samples, each opening its targets (``erasures.open_targets_many``),
+    in a few statements whatever their number: the models locked once (in one order, before anything takes
+    the trail's head: the claim and the registration of versions take a model's lock, then the head, and
+    the other way round would deadlock), the requests, their targets and jobs written together. Returns
+    them and the jobs to dispatch (each request's own ``dispatches`` are empty). The caller commits, then
     dispatches."""
     for model_id in sorted({model.id for prepared in batch for model in prepared.models}):
         models_repository.lock_model(session, model_id)
-    for prepared in batch:
-        prepared.request.id = new_id()
-    session.add_all([prepared.request for prepared in batch])
-    session.flush()
-    repository.add_samples_of(session, {prepared.request.id: prepared.pks for prepared in batch})
+    requests = [prepared.request for prepared in batch]
+    for request in requests:
+        request.id = new_id()
+    pks = {prepared.request.id: prepared.pks for prepared in batch}
+    written_with: list[tuple[type[Base], Sequence[Base | dict[str, Any]]]] = [(DeletionRequest, requests)]
+    if sum(map(len, pks.values())) <= _SAMPLES_IN_STATEMENT:
+        samples = [
+            {"request_id": request_id, "sample_pk": pk} for request_id, found in pks.items() for pk in found
+        ]
+        written_with.append((DeletionRequestSample, samples))
     for prepared in batch:
         _record_created(session, prepared.request, prepared.models, len(prepared.pks), actor)
     opened, dispatches = erasures.open_targets_many(
-        session, settings, [(p.request, p.models, p.pks) for p in batch], actor=actor
+        session,
+        settings,
+        [(p.request, p.models, p.pks) for p in batch],
+        actor=actor,
+        written_with=written_with,
     )
+    if sum(map(len, pks.values())) > _SAMPLES_IN_STATEMENT:
+        repository.add_samples_of(session, pks)
     # Each job once, as soon as any of its messages would have it run.
     soonest: dict[str, Dispatch] = {}
     for dispatch in dispatches:
@@ -232,28 +247,6 @@ def prepare_request(
         completed_at=None,
     )
     return PreparedRequest(request, models, [sample.id for sample in samples])
-
-
-def add_request(
-    session: Session,
-    settings: Settings,
-    request: DeletionRequest,
-    models: Sequence[Model],
-    pks: Sequence[int],
-    *,
-    actor: str,
-) -> tuple[list[ErasureTarget], list[Dispatch]]:
-    """Insert a validated request with its samples and open its targets; returns them (one per model, in
-    order) and the jobs to dispatch."""
-    # Every model's lock first, in one order, before anything takes the trail's head: the claim and the
-    # registration of versions take a model's lock, then the head; taking them the other way round here
-    # would deadlock concurrent requests with them and with each other.
-    for model in sorted(models, key=lambda m: m.id):
-        models_repository.lock_model(session, model.id)
-    repository.add(session, request)
-    repository.add_samples(session, request.id, pks)
-    _record_created(session, request, models, len(pks), actor)
-    return erasures.open_targets(session, settings, request, models, pks, actor=actor)
 
 
 def _record_created(
@@ -439,8 +432,7 @@ def honour_earlier_requests(
         never_held = set(train.values()) - declared
         erasures_repository.add_erased(session, model.id, never_held, first_version_id, None, now)
     included = repository.requested_sample_pks(session, model.dataset_id) - never_held
-    dispatches: list[Dispatch] = []
-    queued: list[str] = []
+    carried: list[PreparedRequest] = []
     for origin in repository.list_origin_candidates(session, model.dataset_id):
         pks = [pk for pk in repository.sample_pks(session, origin.id) if pk not in never_held]
         if not pks:
@@ -450,8 +442,9 @@ def honour_earlier_requests(
             subject_id=origin.subject_id, reason=origin.reason, method=origin.method, config=origin.config,
             state="processing", sample_count=len(pks), received_at=now, due_at=origin.due_at,
         )  # fmt: skip
-        dispatches += add_request(session, settings, request, [model], pks, actor="api")[1]
-        queued.append(request.id)
+        carried.append(PreparedRequest(request, [model], pks))
+    _created, dispatches = create_requests(session, settings, carried, actor="api") if carried else ([], [])
+    queued = [prepared.request.id for prepared in carried]
     notice = {
         "declared_training_samples": None if training_sample_ids is None else len(training_sample_ids),
         "erasure_requested_samples_included": len(included),

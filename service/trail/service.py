@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import rfc8785
-from sqlalchemy import Update, insert, select, update
 from sqlalchemy import event as orm_event
+from sqlalchemy import select
 from sqlalchemy.orm import Session, SessionTransaction
 
 from service.core.clock import utcnow
+from service.core.database import write_together
 from service.trail.tables import GENESIS, TrailEvent, TrailHead
 
 _HEAD_ID = 1
@@ -65,60 +66,48 @@ def append(
     return event
 
 
-# A commit's events and the head's update go in one statement on Postgres (a data-modifying CTE) up to this
-# many events; a bulk call's thousands take an executemany and an UPDATE.
-_ONE_STATEMENT_EVENTS = 100
-
-
 def write_pending(session: Session, *, move_head: bool = False) -> None:
-    """Chain the session's queued events after the head and write them in one INSERT. The head is locked
+    """Chain the session's queued events after the head and write them in one statement. The head is locked
     (until the transaction ends) and read by the first write of a transaction; later ones (a batch settling
     request after request, each report reading its chain segment) go on from where it left the head, which
     is written once, at the commit (``move_head``: with the events, on Postgres in the same statement)."""
     events: list[TrailEvent] = session.info.pop(_PENDING, None) or []
-    if not events:
-        return
-    held: tuple[int, str] | None = session.info.get(_HELD)
-    if held is None:
-        head = session.execute(
-            select(TrailHead.seq, TrailHead.hash).where(TrailHead.id == _HEAD_ID).with_for_update()
-        ).one_or_none()
-        held = (0, GENESIS) if head is None else (head.seq, head.hash)
-        if head is None:  # the first event of a database creates the head row
-            session.add(TrailHead(id=_HEAD_ID, seq=held[0], hash=held[1]))
-            session.flush()
-    seq, prev = held
     rows = []
-    for event in events:
-        seq += 1
-        event.seq, event.prev_hash = seq, prev
-        event.hash = prev = event_hash(prev, event)
-        rows.append(
-            {"seq": event.seq, "occurred_at": event.occurred_at, "actor": event.actor, "kind": event.kind,
-             "request_id": event.request_id, "subject_type": event.subject_type,
-             "subject_id": event.subject_id, "data": event.data, "prev_hash": event.prev_hash,
-             "hash": event.hash}
-        )  # fmt: skip
-    session.info[_HELD] = (seq, prev)
-    connection = session.connection()  # the connection, not the ORM's bulk machinery
-    if move_head and connection.dialect.name == "postgresql" and len(rows) <= _ONE_STATEMENT_EVENTS:
-        appended = insert(TrailEvent).values(rows).cte("appended")
-        connection.execute(_head_update(session).add_cte(appended))
-        session.info.pop(_HELD)
-        return
-    connection.execute(insert(TrailEvent), rows)
+    if events:
+        seq, prev = session.info.get(_HELD) or _lock_head(session)
+        for event in events:
+            seq += 1
+            event.seq, event.prev_hash = seq, prev
+            event.hash = prev = event_hash(prev, event)
+            rows.append(
+                {"seq": event.seq, "occurred_at": event.occurred_at, "actor": event.actor, "kind": event.kind,
+                 "request_id": event.request_id, "subject_type": event.subject_type,
+                 "subject_id": event.subject_id, "data": event.data, "prev_hash": event.prev_hash,
+                 "hash": event.hash}
+            )  # fmt: skip
+        session.info[_HELD] = (seq, prev)
+    if move_head and _HELD in session.info:
+        seq, last = session.info.pop(_HELD)
+        head = {"id": _HEAD_ID, "seq": seq, "hash": last}
+        write_together(session, [(TrailEvent, rows)], [(TrailHead, [head])])
+    elif rows:
+        write_together(session, [(TrailEvent, rows)])
 
 
-def _head_update(session: Session) -> Update:
-    seq, last = session.info[_HELD]
-    return update(TrailHead).where(TrailHead.id == _HEAD_ID).values(seq=seq, hash=last)
+def _lock_head(session: Session) -> tuple[int, str]:
+    head = session.execute(
+        select(TrailHead.seq, TrailHead.hash).where(TrailHead.id == _HEAD_ID).with_for_update()
+    ).one_or_none()
+    if head is None:  # the first event of a database creates the head row
+        session.add(TrailHead(id=_HEAD_ID, seq=0, hash=GENESIS))
+        session.flush()
+        return 0, GENESIS
+    return head.seq, head.hash
 
 
 @orm_event.listens_for(Session, "before_commit")
 def _write_at_commit(session: Session) -> None:
     write_pending(session, move_head=True)
-    if _HELD in session.info:
-        session.execute(_head_update(session))
 
 
 @orm_event.listens_for(Session, "after_transaction_end")
