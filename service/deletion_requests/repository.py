@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.datasets.tables import Sample
@@ -13,20 +13,6 @@ from service.deletion_requests.tables import DeletionRequest, DeletionRequestSam
 
 def get(session: Session, request_id: str) -> DeletionRequest | None:
     return session.get(DeletionRequest, request_id)
-
-
-def add_samples_of(session: Session, pks_by_request: Mapping[str, Sequence[int]]) -> None:
-    """Many requests' samples at once: COPY on Postgres (a bulk call's 10,000 rows in a few milliseconds),
-    elsewhere (the SQLite demo) one executemany."""
-    rows = [(request_id, pk) for request_id, pks in pks_by_request.items() for pk in pks]
-    connection = session.connection()
-    if connection.dialect.name == "postgresql":
-        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        with cursor.copy("COPY deletion_request_samples (request_id, sample_pk) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-    elif rows:
-        session.execute(insert(DeletionRequestSample), [{"request_id": r, "sample_pk": pk} for r, pk in rows])
 
 
 def list_origin_candidates(session: Session, dataset_id: str) -> Sequence[DeletionRequest]:

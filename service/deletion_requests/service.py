@@ -6,6 +6,7 @@ targets (``service.erasures``), and a request settles with its last target.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -55,11 +56,9 @@ class ErasureView:
 
 @dataclass
 class Lookups:
-    """What the items of one bulk call share, read once: the tenant's models by name (with their dataset),
-    and each method configuration checked."""
+    """What the items of one bulk call share, read once: the tenant's models by name (with their dataset)."""
 
     models: dict[str, Row[Model, Dataset] | None] = field(default_factory=dict)
-    configs: dict[tuple[str | None, str, bool], tuple[str, dict[str, object]]] = field(default_factory=dict)
     # Per dataset: the samples of the call's data subjects, read in one query, by subject id and by keyed
     # hash (a purge keeps only the hash).
     subjects: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
@@ -121,11 +120,6 @@ def create_request(
     return CreatedRequest(created.request, created.erasures, dispatches)
 
 
-# A batch's samples up to this many are written in the statement that writes its requests; more (a bulk
-# call's) by COPY, after it, faster than an array parameter of that size.
-_SAMPLES_IN_STATEMENT = 1_000
-
-
 def create_requests(
     session: Session, settings: Settings, batch: Sequence[PreparedRequest], actor: str
 ) -> tuple[list[CreatedRequest], list[Dispatch]]:
@@ -140,13 +134,11 @@ def create_requests(
     requests = [prepared.request for prepared in batch]
     for request in requests:
         request.id = new_id()
-    pks = {prepared.request.id: prepared.pks for prepared in batch}
-    written_with: list[tuple[type[Base], Sequence[Base | dict[str, Any]]]] = [(DeletionRequest, requests)]
-    if sum(map(len, pks.values())) <= _SAMPLES_IN_STATEMENT:
-        samples = [
-            {"request_id": request_id, "sample_pk": pk} for request_id, found in pks.items() for pk in found
-        ]
-        written_with.append((DeletionRequestSample, samples))
+    samples = [{"request_id": p.request.id, "sample_pk": pk} for p in batch for pk in p.pks]
+    written_with: list[tuple[type[Base], Sequence[Base | dict[str, Any]]]] = [
+        (DeletionRequest, requests),
+        (DeletionRequestSample, samples),
+    ]
     for prepared in batch:
         _record_created(session, prepared.request, prepared.models, len(prepared.pks), actor)
     opened, dispatches = erasures.open_targets_many(
@@ -156,8 +148,6 @@ def create_requests(
         actor=actor,
         written_with=written_with,
     )
-    if sum(map(len, pks.values())) > _SAMPLES_IN_STATEMENT:
-        repository.add_samples_of(session, pks)
     # Each job once, as soon as any of its messages would have it run.
     soonest: dict[str, Dispatch] = {}
     for dispatch in dispatches:
@@ -220,13 +210,7 @@ def prepare_request(
             )
         dataset = found
         models = erasures_repository.models_of_dataset(session, dataset.id)
-    config_key = (data.method, json.dumps(data.config, sort_keys=True), dataset.labelled)
-    if lookups is None or config_key not in lookups.configs:
-        method, config = _method_and_config(data, dataset)
-        if lookups is not None:
-            lookups.configs[config_key] = method, config
-    else:
-        method, config = lookups.configs[config_key]
+    method, config = _method_and_config(data, dataset)
     samples = _named_samples(session, settings, data, dataset, lookups)
     now = utcnow()
     request = DeletionRequest(
@@ -283,7 +267,7 @@ def _due_at(settings: Settings, requested: datetime | None, now: datetime) -> da
 def _method_and_config(data: DeletionRequestCreate, dataset: Dataset) -> tuple[str, dict[str, object]]:
     method = data.method or (DEFAULT_METHOD if dataset.labelled else DEFAULT_LABEL_AGNOSTIC_METHOD)
     try:
-        config = make_config(method, data.config)
+        config = json.loads(_full_config(method, json.dumps(data.config, sort_keys=True)))
     except ConfigError as exc:
         field = "method" if method not in METHODS else "config"
         raise InvalidInput("invalid-method-config", str(exc), field=field, method=method) from exc
@@ -295,7 +279,14 @@ def _method_and_config(data: DeletionRequestCreate, dataset: Dataset) -> tuple[s
             method=method,
             label_agnostic_methods=sorted(name for name, info in METHODS.items() if not info.label_aware),
         )
-    return method, config_to_dict(config)
+    return method, config
+
+
+@functools.lru_cache(maxsize=1024)
+def _full_config(method: str, given: str) -> str:
+    """The full configuration (defaults included) of ``method`` given ``given`` (JSON), as JSON: checked once
+    per process (the methods and their defaults are code), each request getting its own copy."""
+    return json.dumps(config_to_dict(make_config(method, json.loads(given))))
 
 
 def _named_samples(

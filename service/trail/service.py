@@ -21,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, SessionTransaction
 
 from service.core.clock import utcnow
-from service.core.database import write_together
+from service.core.database import Writes, commit_writer, write_together
 from service.trail.tables import GENESIS, TrailEvent, TrailHead
 
 _HEAD_ID = 1
@@ -66,32 +66,43 @@ def append(
     return event
 
 
-def write_pending(session: Session, *, move_head: bool = False) -> None:
+def write_pending(session: Session) -> None:
     """Chain the session's queued events after the head and write them in one statement. The head is locked
     (until the transaction ends) and read by the first write of a transaction; later ones (a batch settling
     request after request, each report reading its chain segment) go on from where it left the head, which
-    is written once, at the commit (``move_head``: with the events, on Postgres in the same statement)."""
+    is written once, at the commit (with the commit's events and other rows, in one statement)."""
+    write_together(session, [(TrailEvent, _chained(session))])
+
+
+@commit_writer
+def _at_commit(session: Session) -> Writes:
+    rows = _chained(session)
+    if _HELD not in session.info:
+        return [], []
+    seq, last = session.info.pop(_HELD)
+    return [(TrailEvent, rows)], [(TrailHead, [{"id": _HEAD_ID, "seq": seq, "hash": last}])]
+
+
+def _chained(session: Session) -> list[dict[str, Any]]:
+    """The session's queued events chained after the head (locked and read by the transaction's first
+    chaining, then where the last one left it), as rows."""
     events: list[TrailEvent] = session.info.pop(_PENDING, None) or []
+    if not events:
+        return []
+    seq, prev = session.info.get(_HELD) or _lock_head(session)
     rows = []
-    if events:
-        seq, prev = session.info.get(_HELD) or _lock_head(session)
-        for event in events:
-            seq += 1
-            event.seq, event.prev_hash = seq, prev
-            event.hash = prev = event_hash(prev, event)
-            rows.append(
-                {"seq": event.seq, "occurred_at": event.occurred_at, "actor": event.actor, "kind": event.kind,
-                 "request_id": event.request_id, "subject_type": event.subject_type,
-                 "subject_id": event.subject_id, "data": event.data, "prev_hash": event.prev_hash,
-                 "hash": event.hash}
-            )  # fmt: skip
-        session.info[_HELD] = (seq, prev)
-    if move_head and _HELD in session.info:
-        seq, last = session.info.pop(_HELD)
-        head = {"id": _HEAD_ID, "seq": seq, "hash": last}
-        write_together(session, [(TrailEvent, rows)], [(TrailHead, [head])])
-    elif rows:
-        write_together(session, [(TrailEvent, rows)])
+    for event in events:
+        seq += 1
+        event.seq, event.prev_hash = seq, prev
+        event.hash = prev = event_hash(prev, event)
+        rows.append(
+            {"seq": event.seq, "occurred_at": event.occurred_at, "actor": event.actor, "kind": event.kind,
+             "request_id": event.request_id, "subject_type": event.subject_type,
+             "subject_id": event.subject_id, "data": event.data, "prev_hash": event.prev_hash,
+             "hash": event.hash}
+        )  # fmt: skip
+    session.info[_HELD] = (seq, prev)
+    return rows
 
 
 def _lock_head(session: Session) -> tuple[int, str]:
@@ -103,11 +114,6 @@ def _lock_head(session: Session) -> tuple[int, str]:
         session.flush()
         return 0, GENESIS
     return head.seq, head.hash
-
-
-@orm_event.listens_for(Session, "before_commit")
-def _write_at_commit(session: Session) -> None:
-    write_pending(session, move_head=True)
 
 
 @orm_event.listens_for(Session, "after_transaction_end")
