@@ -99,6 +99,8 @@ class PreparedRequest:
     request: DeletionRequest
     models: Sequence[Model]
     pks: list[int]
+    # Which of the pks its one model erased, when read with them (a request naming a model and a subject).
+    erased: set[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -144,8 +146,8 @@ def create_requests(
     opened, dispatches = erasures.open_targets_many(
         session,
         settings,
-        [(p.request, p.models, p.pks) for p in batch],
-        actor=actor,
+        [(p.request, p.models, p.pks, p.erased) for p in batch],
+        actor,
         written_with=written_with,
     )
     # Each job once, as soon as any of its messages would have it run.
@@ -211,7 +213,9 @@ def prepare_request(
         dataset = found
         models = erasures_repository.models_of_dataset(session, dataset.id)
     method, config = _method_and_config(data, dataset)
-    samples = _named_samples(session, settings, data, dataset, lookups)
+    # A request on one model read and locked here: which of its samples the model erased is read with them.
+    erased_by = models[0].id if data.model is not None and lookups is None else None
+    samples, erased = _named_samples(session, settings, data, dataset, lookups, erased_by)
     now = utcnow()
     request = DeletionRequest(
         dataset_id=dataset.id,
@@ -230,7 +234,7 @@ def prepare_request(
         due_at=_due_at(settings, data.due_at, now),
         completed_at=None,
     )
-    return PreparedRequest(request, models, [sample.id for sample in samples])
+    return PreparedRequest(request, models, [sample.id for sample in samples], erased)
 
 
 def _record_created(
@@ -295,18 +299,24 @@ def _named_samples(
     data: DeletionRequestCreate,
     dataset: Dataset,
     lookups: Lookups | None = None,
-) -> list[Sample]:
-    """The train samples the request names, checked: known, of this dataset, not audit, not repeated."""
+    erased_by: str | None = None,
+) -> tuple[list[Sample], set[int] | None]:
+    """The train samples the request names, checked: known, of this dataset, not audit, not repeated; with
+    ``erased_by`` (a model's id), which of a subject's samples that model erased, read with them (else
+    None)."""
     if (data.sample_ids is None) == (data.subject_id is None):
         raise InvalidInput("samples-or-subject", "give exactly one of sample_ids and subject_id")
     if data.subject_id is not None:
         hashed = subject_hash(pseudonym_key(settings), dataset.id, data.subject_id)
         preloaded = lookups.subjects.get(dataset.id) if lookups is not None else None
-        subject_samples = (
-            sorted({*preloaded.get(data.subject_id, ()), *preloaded.get(hashed, ())}, key=lambda s: s.id)
-            if preloaded is not None
-            else datasets_repository.subject_samples(session, dataset.id, data.subject_id, hashed)
-        )
+        erased = None
+        if preloaded is not None:
+            found = {*preloaded.get(data.subject_id, ()), *preloaded.get(hashed, ())}
+            subject_samples: Sequence[Sample] = sorted(found, key=lambda s: s.id)
+        else:
+            subject_samples, erased = datasets_repository.subject_samples(
+                session, dataset.id, data.subject_id, hashed, erased_by
+            )
         train = [sample for sample in subject_samples if sample.split == "train"]
         if not train:
             raise NotFound(
@@ -316,7 +326,7 @@ def _named_samples(
                 subject_id=data.subject_id,
             )
         _check_size(settings, len(train))
-        return train
+        return train, erased
     sample_ids = data.sample_ids or []  # the schema refuses an empty list
     _check_size(settings, len(sample_ids))
     duplicates = sorted(sample_id for sample_id, count in Counter(sample_ids).items() if count > 1)
@@ -350,7 +360,7 @@ def _named_samples(
             "sample_ids",
             audit,
         )
-    return samples
+    return samples, None
 
 
 def _check_size(settings: Settings, count: int) -> None:

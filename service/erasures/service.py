@@ -50,7 +50,7 @@ class Dispatch:
 def open_targets_many(
     session: Session,
     settings: Settings,
-    batch: Sequence[tuple[DeletionRequest, Sequence[Model], Sequence[int]]],
+    batch: Sequence[tuple[DeletionRequest, Sequence[Model], Sequence[int], set[int] | None]],
     actor: str = "api",
     *,
     written_with: Sequence[tuple[type[Base], Sequence[Base | dict[str, Any]]]] = (),
@@ -64,11 +64,14 @@ def open_targets_many(
     Returns each request's targets (one per model, in order) and the jobs to dispatch."""
     now = utcnow()
     erased: dict[str, set[int]] = {}
-    for model_id in sorted({model.id for _request, models, _pks in batch for model in models}):
-        wanted = sorted(
-            {pk for _request, models, pks in batch if model_id in {m.id for m in models} for pk in pks}
-        )
-        erased[model_id] = repository.erased_pks(session, model_id, wanted)
+    for model_id in sorted({model.id for _request, models, _pks, _known in batch for model in models}):
+        of_model = [item for item in batch if model_id in {model.id for model in item[1]}]
+        known = [item[3] for item in of_model if len(item[1]) == 1]
+        if len(known) == len(of_model) and all(found is not None for found in known):
+            erased[model_id] = set().union(*(found or () for found in known))  # read with the samples
+        else:
+            wanted = sorted({pk for item in of_model for pk in item[2]})
+            erased[model_id] = repository.erased_pks(session, model_id, wanted)
     wait = settings.batch_wait_s
     # Per (model, method, configuration): its open jobs oldest first, as a request one at a time finds them.
     open_jobs: dict[tuple[str, str, str], list[Job]] = {}
@@ -76,7 +79,7 @@ def open_targets_many(
     opened: list[list[ErasureTarget]] = []
     new_jobs: list[Job] = []
     joined: dict[str, Job] = {}  # the jobs read here whose count, due date or seal changed
-    for request, models, pks in batch:
+    for request, models, pks, _known in batch:
         targets = []
         for model in models:
             held = len(erased[model.id].intersection(pks))
@@ -117,7 +120,7 @@ def open_targets_many(
         [*written_with, (Job, new_jobs), (ErasureTarget, [t for targets in opened for t in targets])],
         [(Job, updates)],
     )
-    for (request, _models, _pks), targets in zip(batch, opened, strict=True):
+    for (request, *_rest), targets in zip(batch, opened, strict=True):
         for target in targets:
             if target.pending_count == 0:
                 _settle(session, target, "completed", now, actor, verdict=ALREADY_ERASED)
