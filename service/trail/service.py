@@ -2,11 +2,11 @@
 was committed) and verifying the chain. Never commits.
 
 One global chain, in commit order. :func:`append` only queues an event on the session; when the session
-commits, its queued events are chained after the head and written in one statement, and the head is moved
-in a second one. The head's row lock, which serialises every writer of the chain, is so held from just
-before the commit to the commit, not from the first event of a transaction to its end. Something that reads
-the transaction's own events before it commits (a report's chain segment) writes them first
-(:func:`write_pending`)."""
+commits, its queued events are chained after the head and written, with the head's move and the other rows
+the commit writes (``core.database.commit_writer``), in one statement on Postgres. The head's row lock,
+which serialises every writer of the chain, is so held from just before the commit to the commit, not from
+the first event of a transaction to its end. Something that reads the transaction's own events before it
+commits (a report's chain segment) writes them first (:func:`write_pending`)."""
 
 from __future__ import annotations
 
