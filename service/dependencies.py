@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from service.core.settings import Settings
@@ -13,14 +14,21 @@ from service.dispatch import JobDispatcher
 from service.storage import ObjectStore
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """The request's unit of work: routes commit it; anything uncommitted is rolled back on close."""
-    with request.app.state.session_factory() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """The request's unit of work: routes commit it; anything uncommitted is rolled back on close. Async, as
+    the app-state lookups below: FastAPI runs a sync dependency on a worker thread, a hand-off at each end
+    of the request that costs more than opening a session (no I/O) or closing one with no transaction open;
+    only the rollback of an open one is handed to a thread (it waits for the database)."""
+    session: Session = request.app.state.session_factory()
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
-# The app-state lookups are async: FastAPI runs a sync dependency on a worker thread, a hand-off that costs
-# more than the lookup.
 async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings

@@ -6,17 +6,45 @@ Postgres, timestamps are always timezone-aware UTC, and SQLite gets its foreign 
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
+import psycopg
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import JSON, CheckConstraint, DateTime, Engine, MetaData, create_engine, event
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from psycopg import sql
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Engine,
+    MetaData,
+    Table,
+    Text,
+    bindparam,
+    cast,
+    create_engine,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Session,
+    SessionTransaction,
+    make_transient_to_detached,
+    sessionmaker,
+)
 from sqlalchemy.types import TypeDecorator
 
 # Deterministic constraint names, so migrations can drop and alter them on every backend (SQLite batch mode).
@@ -108,3 +136,200 @@ def one_of(column: str, values: tuple[str, ...]) -> CheckConstraint:
     """A CHECK that ``column`` holds one of ``values`` (named ``ck_<table>_<column>`` by the convention)."""
     allowed = ", ".join(f"'{value}'" for value in values)
     return CheckConstraint(f"{column} IN ({allowed})", name=column)
+
+
+def row_of(obj: Base) -> dict[str, Any]:
+    """A new object's column values as an INSERT takes them, each column's Python default applied where it
+    has no value (as a flush would), and every one held by the object (none is left to load once it is
+    written: the object is not yet in a session, so they go straight into its state)."""
+    state = inspect(obj)
+    held = state.dict
+    row = {}
+    for prop in state.mapper.column_attrs:
+        column = prop.columns[0]
+        value = held.get(prop.key)
+        if value is None and column.default is not None and not column.default.is_clause_element:
+            default: Any = column.default
+            value = default.arg(None) if default.is_callable else default.arg
+        held[prop.key] = row[column.key] = value
+    return row
+
+
+# Up to this many rows a table, write_together sends them as arrays in one statement; a bulk call's thousands
+# go by COPY, each row's values written faster than the same values quoted into an array literal.
+_ARRAY_ROWS = 100
+
+
+def write_together(
+    session: Session,
+    inserts: Sequence[tuple[type[Base], Sequence[Base | dict[str, Any]]]],
+    updates: Sequence[tuple[type[Base], Sequence[dict[str, Any]]]] = (),
+) -> None:
+    """INSERT the new objects (or plain rows) of several tables, each after those it refers to, and UPDATE
+    rows of some (each row: its primary key and the columns it sets). On Postgres, up to :data:`_ARRAY_ROWS`
+    rows a table, in one statement: a data-modifying CTE a table, its rows sent as one array a column
+    (``INSERT ... SELECT unnest(...)``, ``UPDATE ... FROM (SELECT unnest(...))``: a statement of one shape,
+    built and compiled once), foreign keys checked at its end; more (a bulk call's thousands), a COPY a
+    table; elsewhere (SQLite) an executemany a table. A JSON column's None is SQL NULL, as a flush that
+    leaves it out writes. The new objects then belong to the session as if loaded: no flush writes them
+    again."""
+    written = _merged((model, [row_of(item) if isinstance(item, Base) else item for item in items])
+                      for model, items in inserts)  # fmt: skip
+    changed = _merged(updates)
+    if not written and not changed:
+        return
+    connection = session.connection()  # the connection, not the ORM's unit of work
+    if connection.dialect.name == "postgresql" and all(
+        len(rows) <= _ARRAY_ROWS for _model, rows in [*written, *changed]
+    ):
+        shape = (
+            tuple((model, tuple(rows[0])) for model, rows in written),
+            tuple((model, tuple(rows[0])) for model, rows in changed),
+        )
+        if shape not in _STATEMENTS:
+            _STATEMENTS[shape] = _statement(*shape)
+        parameters = {}
+        for prefix, group in (("insert", written), ("update", changed)):
+            for i, (model, rows) in enumerate(group):
+                table = _table(model)
+                for name in rows[0]:
+                    values = [row[name] for row in rows]
+                    if isinstance(table.c[name].type, JSON):
+                        values = [None if value is None else json.dumps(value) for value in values]
+                    parameters[f"{prefix}{i}_{table.name}_{name}"] = values
+        connection.execute(_STATEMENTS[shape], parameters)
+    else:
+        for model, rows in written:
+            table = _table(model)
+            if connection.dialect.name == "postgresql":
+                _copy(connection, table, rows)
+                continue
+            # A JSON column none of the rows sets is left out (SQL NULL); executemany would write JSON null.
+            unset = {name for name in rows[0] if isinstance(table.c[name].type, JSON)} - {
+                name for row in rows for name, value in row.items() if value is not None
+            }
+            connection.execute(
+                insert(table), [{k: v for k, v in row.items() if k not in unset} for row in rows]
+            )
+        for model, rows in changed:
+            table = _table(model)
+            [key] = table.primary_key.columns
+            names = [name for name in rows[0] if name != key.name]
+            statement = update(table).where(key == bindparam("row_key"))
+            statement = statement.values({name: bindparam(f"row_{name}") for name in names})
+            connection.execute(
+                statement,
+                [{f"row_{k}" if k != key.name else "row_key": v for k, v in r.items()} for r in rows],
+            )
+    for _model, items in inserts:
+        for item in items:
+            if isinstance(item, Base):
+                make_transient_to_detached(item)
+                session.add(item)
+
+
+# Rows queued on a session to be written at its commit (Session.info), and what adds rows at that moment.
+_AT_COMMIT = "lethe.write_at_commit"
+Inserts = list[tuple[type[Base], Sequence[Base | dict[str, Any]]]]
+Updates = list[tuple[type[Base], Sequence[dict[str, Any]]]]
+Writes = tuple[Inserts, Updates]
+_COMMIT_WRITERS: list[Callable[[Session], Writes]] = []
+
+
+def write_at_commit(session: Session, model: type[Base], rows: Sequence[dict[str, Any]]) -> None:
+    """Queue new rows to be written when the session's transaction commits, in the statement that writes
+    everything written then (the trail's events: see :func:`commit_writer`); a rollback discards them.
+    For rows nothing reads back before the commit (an idempotency answer)."""
+    session.info.setdefault(_AT_COMMIT, []).append((model, rows))
+
+
+def commit_writer(writer: Callable[[Session], Writes]) -> Callable[[Session], Writes]:
+    """Register what a module writes at every commit (rows to insert, rows to update), computed then: its
+    rows go in the commit's one statement with those queued by :func:`write_at_commit`."""
+    _COMMIT_WRITERS.append(writer)
+    return writer
+
+
+@event.listens_for(Session, "before_commit")
+def _write_at_commit(session: Session) -> None:
+    inserts: Inserts = session.info.pop(_AT_COMMIT, [])
+    updates: Updates = []
+    for writer in _COMMIT_WRITERS:
+        more_inserts, more_updates = writer(session)
+        inserts += more_inserts
+        updates += more_updates
+    write_together(session, inserts, updates)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _discard_at_end(session: Session, transaction: SessionTransaction) -> None:
+    # A transaction that ends without committing (rollback, close) takes its queued rows with it.
+    if transaction.parent is None:
+        session.info.pop(_AT_COMMIT, None)
+
+
+_Shape = tuple[tuple[type[Base], tuple[str, ...]], ...]
+_STATEMENTS: dict[tuple[_Shape, _Shape], Any] = {}  # write_together's statements, by tables and columns
+
+
+def _table(model: type[Base]) -> Table:
+    return model.__table__  # type: ignore[return-value]
+
+
+def _arrays(prefix: str, table: Table, names: Sequence[str]) -> list[Any]:
+    """``unnest(:prefix_table_column)`` for each column (a JSON column's array as text, each value cast back:
+    None is SQL NULL, as a flush that leaves it out writes)."""
+    arrays = []
+    for name in names:
+        column, key = table.c[name], f"{prefix}_{table.name}_{name}"
+        if isinstance(column.type, JSON):
+            arrays.append(cast(func.unnest(bindparam(key, type_=ARRAY(Text))), JSONB).label(name))
+        else:
+            arrays.append(func.unnest(bindparam(key, type_=ARRAY(column.type))).label(name))
+    return arrays
+
+
+def _copy(connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """The rows by COPY (a JSON value as its text); a constraint it breaks is raised as an INSERT's would be
+    (SQLAlchemy's IntegrityError)."""
+    names = list(rows[0])
+    json_columns = [i for i, name in enumerate(names) if isinstance(table.c[name].type, JSON)]
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, names))
+    )
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        with cursor.copy(statement) as copy:
+            for row in rows:
+                values = [row[name] for name in names]
+                for i in json_columns:
+                    values[i] = None if values[i] is None else json.dumps(values[i])
+                copy.write_row(values)
+    except psycopg.IntegrityError as exc:
+        raise IntegrityError(f"COPY {table.name}", None, exc) from exc
+
+
+def _merged(
+    groups: Iterable[tuple[type[Base], Sequence[dict[str, Any]]]],
+) -> list[tuple[type[Base], list[dict[str, Any]]]]:
+    """The rows of each table (and set of columns) together, where it first comes, empty groups left out."""
+    merged: dict[tuple[type[Base], tuple[str, ...]], list[dict[str, Any]]] = {}
+    for model, rows in groups:
+        if rows:
+            merged.setdefault((model, tuple(rows[0])), []).extend(rows)
+    return [(model, rows) for (model, _names), rows in merged.items()]
+
+
+def _statement(inserts: _Shape, updates: _Shape) -> Any:
+    statements: list[Any] = []
+    for i, (model, names) in enumerate(inserts):
+        table = _table(model)
+        statements.append(insert(table).from_select(names, select(*_arrays(f"insert{i}", table, names))))
+    for i, (model, names) in enumerate(updates):
+        table = _table(model)
+        [key] = table.primary_key.columns
+        rows = select(*_arrays(f"update{i}", table, names)).subquery(f"rows_{i}")
+        values = {name: rows.c[name] for name in names if name != key.name}
+        statements.append(update(table).where(key == rows.c[key.name]).values(values))
+    *ctes, last = statements
+    return last.add_cte(*(statement.cte(f"write_{i}") for i, statement in enumerate(ctes)))

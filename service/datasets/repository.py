@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
-from sqlalchemy import Row, func, insert, or_, select
+from sqlalchemy import Row, exists, func, insert, literal, or_, select
 from sqlalchemy.orm import Session
 
 from service.datasets.tables import Dataset, Sample
+from service.erasures.tables import ErasedSample
 
 _CHUNK = 5_000
 
@@ -115,17 +116,25 @@ def samples_of_subjects(
 
 
 def subject_samples(
-    session: Session, dataset_id: str, subject_id: str, subject_hash: str
-) -> Sequence[Sample]:
-    """The subject's samples: by its id, or by its keyed hash once a purge pseudonymised them."""
-    return session.scalars(
-        select(Sample)
+    session: Session, dataset_id: str, subject_id: str, subject_hash: str, erased_by: str | None = None
+) -> tuple[Sequence[Sample], set[int] | None]:
+    """The subject's samples: by its id, or by its keyed hash once a purge pseudonymised them; with
+    ``erased_by`` (a model's id), which of them that model erased (pks), read in the same query."""
+    erased = (
+        exists().where(ErasedSample.model_id == erased_by, ErasedSample.sample_pk == Sample.id)
+        if erased_by is not None
+        else literal(False)
+    )
+    rows = session.execute(
+        select(Sample, erased)
         .where(
             Sample.dataset_id == dataset_id,
             or_(Sample.subject_id == subject_id, Sample.subject_hash == subject_hash),
         )
         .order_by(Sample.id)
     ).all()
+    samples = [sample for sample, _erased in rows]
+    return samples, {sample.id for sample, was in rows if was} if erased_by is not None else None
 
 
 def split_rows(session: Session, dataset_id: str, split: str) -> Sequence[SampleRow]:

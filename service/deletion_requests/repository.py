@@ -4,40 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.datasets.tables import Sample
 from service.deletion_requests.tables import DeletionRequest, DeletionRequestSample
 
 
-def add(session: Session, request: DeletionRequest) -> None:
-    session.add(request)
-    session.flush()
-
-
 def get(session: Session, request_id: str) -> DeletionRequest | None:
     return session.get(DeletionRequest, request_id)
-
-
-def add_samples(session: Session, request_id: str, sample_pks: Sequence[int]) -> None:
-    session.execute(
-        insert(DeletionRequestSample), [{"request_id": request_id, "sample_pk": pk} for pk in sample_pks]
-    )
-
-
-def add_samples_of(session: Session, pks_by_request: dict[str, Sequence[int]]) -> None:
-    """Many requests' samples at once: COPY on Postgres (a bulk call's 10,000 rows in a few milliseconds),
-    elsewhere (the SQLite demo) one executemany."""
-    rows = [(request_id, pk) for request_id, pks in pks_by_request.items() for pk in pks]
-    connection = session.connection()
-    if connection.dialect.name == "postgresql":
-        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        with cursor.copy("COPY deletion_request_samples (request_id, sample_pk) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-    elif rows:
-        session.execute(insert(DeletionRequestSample), [{"request_id": r, "sample_pk": pk} for r, pk in rows])
 
 
 def list_origin_candidates(session: Session, dataset_id: str) -> Sequence[DeletionRequest]:
@@ -75,11 +50,22 @@ def requested_sample_pks(session: Session, dataset_id: str) -> set[int]:
 
 def all_sample_ids(session: Session, request_id: str) -> list[str]:
     """External ids of every sample the request names (already forgotten ones included)."""
-    return list(
-        session.scalars(
-            select(Sample.sample_id)
-            .join(DeletionRequestSample, DeletionRequestSample.sample_pk == Sample.id)
-            .where(DeletionRequestSample.request_id == request_id)
-            .order_by(Sample.row)
-        )
+    return all_sample_ids_of(session, [request_id])[request_id]
+
+
+def all_sample_ids_of(session: Session, request_ids: Sequence[str]) -> dict[str, list[str]]:
+    """:func:`all_sample_ids` of many requests in one query, by request."""
+    found: dict[str, list[str]] = {request_id: [] for request_id in request_ids}
+    rows = session.execute(
+        select(DeletionRequestSample.request_id, Sample.sample_id)
+        .join(Sample, Sample.id == DeletionRequestSample.sample_pk)
+        .where(DeletionRequestSample.request_id.in_(request_ids))
+        .order_by(Sample.row)
     )
+    for request_id, sample_id in rows:
+        found[request_id].append(sample_id)
+    return found
+
+
+def get_many(session: Session, request_ids: Sequence[str]) -> Sequence[DeletionRequest]:
+    return session.scalars(select(DeletionRequest).where(DeletionRequest.id.in_(request_ids))).all()

@@ -230,9 +230,14 @@ def _bulk_items(
         status_code = status.HTTP_202_ACCEPTED if made.request.state == "processing" else status.HTTP_200_OK
         if key is not None:
             idempotency.remember_answer(
-                session, caller.client_id, key, fingerprint, status_code, answer,
-                _headers(settings, made.request), flush=False,
-            )  # fmt: skip
+                session,
+                caller.client_id,
+                key,
+                fingerprint,
+                status_code,
+                answer,
+                _headers(settings, made.request),
+            )
         outcomes[index] = {"index": index, "status": status_code, "replayed": False, "request": answer}
     return [outcomes[index] for index in range(len(items))], dispatches
 

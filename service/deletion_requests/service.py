@@ -6,6 +6,7 @@ targets (``service.erasures``), and a request settles with its last target.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -18,14 +19,14 @@ from sqlalchemy.orm import Session
 
 from service.clients.service import Principal
 from service.core.clock import utcnow
-from service.core.database import new_id
+from service.core.database import Base, new_id
 from service.core.problems import InvalidInput, NotFound, listed_problem
 from service.core.settings import Settings
 from service.datasets import repository as datasets_repository
 from service.datasets.tables import Dataset, Sample
 from service.deletion_requests import repository
 from service.deletion_requests.schemas import DeletionRequestCreate
-from service.deletion_requests.tables import DeletionRequest
+from service.deletion_requests.tables import DeletionRequest, DeletionRequestSample
 from service.erasures import repository as erasures_repository
 from service.erasures import service as erasures
 from service.erasures.service import Dispatch
@@ -55,11 +56,9 @@ class ErasureView:
 
 @dataclass
 class Lookups:
-    """What the items of one bulk call share, read once: the tenant's models by name (with their dataset),
-    and each method configuration checked."""
+    """What the items of one bulk call share, read once: the tenant's models by name (with their dataset)."""
 
     models: dict[str, Row[Model, Dataset] | None] = field(default_factory=dict)
-    configs: dict[tuple[str | None, str, bool], tuple[str, dict[str, object]]] = field(default_factory=dict)
     # Per dataset: the samples of the call's data subjects, read in one query, by subject id and by keyed
     # hash (a purge keeps only the hash).
     subjects: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
@@ -100,6 +99,8 @@ class PreparedRequest:
     request: DeletionRequest
     models: Sequence[Model]
     pks: list[int]
+    # Which of the pks its one model erased, when read with them (a request naming a model and a subject).
+    erased: set[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,34 +115,40 @@ def create_request(
 ) -> CreatedRequest:
     """Validate a deletion request completely, then add it, its samples and one erasure target per model it
     applies to (the caller's tenant's named model, or every model of its named dataset), each queued into its
-    model's open job (:func:`prepare_request`, then :func:`add_request`). The caller commits, then
+    model's open job (:func:`prepare_request`, then :func:`create_requests`). The caller commits, then
     dispatches."""
     prepared = prepare_request(session, settings, data, caller)
-    targets, dispatches = add_request(
-        session, settings, prepared.request, prepared.models, prepared.pks, actor=caller.actor
-    )
-    return CreatedRequest(prepared.request, _new_views(prepared.models, targets), dispatches)
+    [created], dispatches = create_requests(session, settings, [prepared], caller.actor)
+    return CreatedRequest(created.request, created.erasures, dispatches)
 
 
 def create_requests(
     session: Session, settings: Settings, batch: Sequence[PreparedRequest], actor: str
 ) -> tuple[list[CreatedRequest], list[Dispatch]]:
-    """Add many prepared requests at once (a bulk call), as :func:`add_request` on each in turn would, in a
-    few statements whatever their number: the models locked once, the requests and their samples inserted
-    together, the targets opened and coalesced together (``erasures.open_targets_many``). Returns them
-    and the jobs to dispatch (each request's own ``dispatches`` are empty). The caller commits, then
+    """Add prepared requests, with their samples, each opening its targets (``erasures.open_targets_many``),
+    in a few statements whatever their number: the models locked once (in one order, before anything takes
+    the trail's head: the claim and the registration of versions take a model's lock, then the head, and
+    the other way round would deadlock), the requests, their targets and jobs written together. Returns
+    them and the jobs to dispatch (each request's own ``dispatches`` are empty). The caller commits, then
     dispatches."""
     for model_id in sorted({model.id for prepared in batch for model in prepared.models}):
         models_repository.lock_model(session, model_id)
-    for prepared in batch:
-        prepared.request.id = new_id()
-    session.add_all([prepared.request for prepared in batch])
-    session.flush()
-    repository.add_samples_of(session, {prepared.request.id: prepared.pks for prepared in batch})
+    requests = [prepared.request for prepared in batch]
+    for request in requests:
+        request.id = new_id()
+    samples = [{"request_id": p.request.id, "sample_pk": pk} for p in batch for pk in p.pks]
+    written_with: list[tuple[type[Base], Sequence[Base | dict[str, Any]]]] = [
+        (DeletionRequest, requests),
+        (DeletionRequestSample, samples),
+    ]
     for prepared in batch:
         _record_created(session, prepared.request, prepared.models, len(prepared.pks), actor)
     opened, dispatches = erasures.open_targets_many(
-        session, settings, [(p.request, p.models, p.pks) for p in batch], actor=actor
+        session,
+        settings,
+        [(p.request, p.models, p.pks, p.erased) for p in batch],
+        actor,
+        written_with=written_with,
     )
     # Each job once, as soon as any of its messages would have it run.
     soonest: dict[str, Dispatch] = {}
@@ -205,14 +212,10 @@ def prepare_request(
             )
         dataset = found
         models = erasures_repository.models_of_dataset(session, dataset.id)
-    config_key = (data.method, json.dumps(data.config, sort_keys=True), dataset.labelled)
-    if lookups is None or config_key not in lookups.configs:
-        method, config = _method_and_config(data, dataset)
-        if lookups is not None:
-            lookups.configs[config_key] = method, config
-    else:
-        method, config = lookups.configs[config_key]
-    samples = _named_samples(session, settings, data, dataset, lookups)
+    method, config = _method_and_config(data, dataset)
+    # A request on one model read and locked here: which of its samples the model erased is read with them.
+    erased_by = models[0].id if data.model is not None and lookups is None else None
+    samples, erased = _named_samples(session, settings, data, dataset, lookups, erased_by)
     now = utcnow()
     request = DeletionRequest(
         dataset_id=dataset.id,
@@ -231,29 +234,7 @@ def prepare_request(
         due_at=_due_at(settings, data.due_at, now),
         completed_at=None,
     )
-    return PreparedRequest(request, models, [sample.id for sample in samples])
-
-
-def add_request(
-    session: Session,
-    settings: Settings,
-    request: DeletionRequest,
-    models: Sequence[Model],
-    pks: Sequence[int],
-    *,
-    actor: str,
-) -> tuple[list[ErasureTarget], list[Dispatch]]:
-    """Insert a validated request with its samples and open its targets; returns them (one per model, in
-    order) and the jobs to dispatch."""
-    # Every model's lock first, in one order, before anything takes the trail's head: the claim and the
-    # registration of versions take a model's lock, then the head; taking them the other way round here
-    # would deadlock concurrent requests with them and with each other.
-    for model in sorted(models, key=lambda m: m.id):
-        models_repository.lock_model(session, model.id)
-    repository.add(session, request)
-    repository.add_samples(session, request.id, pks)
-    _record_created(session, request, models, len(pks), actor)
-    return erasures.open_targets(session, settings, request, models, pks, actor=actor)
+    return PreparedRequest(request, models, [sample.id for sample in samples], erased)
 
 
 def _record_created(
@@ -290,7 +271,7 @@ def _due_at(settings: Settings, requested: datetime | None, now: datetime) -> da
 def _method_and_config(data: DeletionRequestCreate, dataset: Dataset) -> tuple[str, dict[str, object]]:
     method = data.method or (DEFAULT_METHOD if dataset.labelled else DEFAULT_LABEL_AGNOSTIC_METHOD)
     try:
-        config = make_config(method, data.config)
+        config = json.loads(_full_config(method, json.dumps(data.config, sort_keys=True)))
     except ConfigError as exc:
         field = "method" if method not in METHODS else "config"
         raise InvalidInput("invalid-method-config", str(exc), field=field, method=method) from exc
@@ -302,7 +283,14 @@ def _method_and_config(data: DeletionRequestCreate, dataset: Dataset) -> tuple[s
             method=method,
             label_agnostic_methods=sorted(name for name, info in METHODS.items() if not info.label_aware),
         )
-    return method, config_to_dict(config)
+    return method, config
+
+
+@functools.lru_cache(maxsize=1024)
+def _full_config(method: str, given: str) -> str:
+    """The full configuration (defaults included) of ``method`` given ``given`` (JSON), as JSON: checked once
+    per process (the methods and their defaults are code), each request getting its own copy."""
+    return json.dumps(config_to_dict(make_config(method, json.loads(given))))
 
 
 def _named_samples(
@@ -311,18 +299,24 @@ def _named_samples(
     data: DeletionRequestCreate,
     dataset: Dataset,
     lookups: Lookups | None = None,
-) -> list[Sample]:
-    """The train samples the request names, checked: known, of this dataset, not audit, not repeated."""
+    erased_by: str | None = None,
+) -> tuple[list[Sample], set[int] | None]:
+    """The train samples the request names, checked: known, of this dataset, not audit, not repeated; with
+    ``erased_by`` (a model's id), which of a subject's samples that model erased, read with them (else
+    None)."""
     if (data.sample_ids is None) == (data.subject_id is None):
         raise InvalidInput("samples-or-subject", "give exactly one of sample_ids and subject_id")
     if data.subject_id is not None:
         hashed = subject_hash(pseudonym_key(settings), dataset.id, data.subject_id)
         preloaded = lookups.subjects.get(dataset.id) if lookups is not None else None
-        subject_samples = (
-            sorted({*preloaded.get(data.subject_id, ()), *preloaded.get(hashed, ())}, key=lambda s: s.id)
-            if preloaded is not None
-            else datasets_repository.subject_samples(session, dataset.id, data.subject_id, hashed)
-        )
+        erased = None
+        if preloaded is not None:
+            found = {*preloaded.get(data.subject_id, ()), *preloaded.get(hashed, ())}
+            subject_samples: Sequence[Sample] = sorted(found, key=lambda s: s.id)
+        else:
+            subject_samples, erased = datasets_repository.subject_samples(
+                session, dataset.id, data.subject_id, hashed, erased_by
+            )
         train = [sample for sample in subject_samples if sample.split == "train"]
         if not train:
             raise NotFound(
@@ -332,7 +326,7 @@ def _named_samples(
                 subject_id=data.subject_id,
             )
         _check_size(settings, len(train))
-        return train
+        return train, erased
     sample_ids = data.sample_ids or []  # the schema refuses an empty list
     _check_size(settings, len(sample_ids))
     duplicates = sorted(sample_id for sample_id, count in Counter(sample_ids).items() if count > 1)
@@ -366,7 +360,7 @@ def _named_samples(
             "sample_ids",
             audit,
         )
-    return samples
+    return samples, None
 
 
 def _check_size(settings: Settings, count: int) -> None:
@@ -439,8 +433,7 @@ def honour_earlier_requests(
         never_held = set(train.values()) - declared
         erasures_repository.add_erased(session, model.id, never_held, first_version_id, None, now)
     included = repository.requested_sample_pks(session, model.dataset_id) - never_held
-    dispatches: list[Dispatch] = []
-    queued: list[str] = []
+    carried: list[PreparedRequest] = []
     for origin in repository.list_origin_candidates(session, model.dataset_id):
         pks = [pk for pk in repository.sample_pks(session, origin.id) if pk not in never_held]
         if not pks:
@@ -450,8 +443,9 @@ def honour_earlier_requests(
             subject_id=origin.subject_id, reason=origin.reason, method=origin.method, config=origin.config,
             state="processing", sample_count=len(pks), received_at=now, due_at=origin.due_at,
         )  # fmt: skip
-        dispatches += add_request(session, settings, request, [model], pks, actor="api")[1]
-        queued.append(request.id)
+        carried.append(PreparedRequest(request, [model], pks))
+    _created, dispatches = create_requests(session, settings, carried, actor="api") if carried else ([], [])
+    queued = [prepared.request.id for prepared in carried]
     notice = {
         "declared_training_samples": None if training_sample_ids is None else len(training_sample_ids),
         "erasure_requested_samples_included": len(included),

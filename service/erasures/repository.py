@@ -23,9 +23,16 @@ def add_target(session: Session, target: ErasureTarget) -> None:
 
 
 def targets_of_request(session: Session, request_id: str) -> Sequence[ErasureTarget]:
-    return session.scalars(
-        select(ErasureTarget).where(ErasureTarget.request_id == request_id).order_by(ErasureTarget.created_at)
-    ).all()
+    return targets_of_requests(session, [request_id])[request_id]
+
+
+def targets_of_requests(session: Session, request_ids: Sequence[str]) -> dict[str, list[ErasureTarget]]:
+    """Each request's targets, oldest first, in one query."""
+    found: dict[str, list[ErasureTarget]] = {request_id: [] for request_id in request_ids}
+    query = select(ErasureTarget).where(ErasureTarget.request_id.in_(request_ids))
+    for target in session.scalars(query.order_by(ErasureTarget.created_at)):
+        found[target.request_id].append(target)
+    return found
 
 
 def targets_of_job(session: Session, job_id: str, *, lock: bool = False) -> Sequence[ErasureTarget]:
@@ -33,8 +40,13 @@ def targets_of_job(session: Session, job_id: str, *, lock: bool = False) -> Sequ
     return session.scalars(query.with_for_update() if lock else query).all()
 
 
-def count_targets_of_job(session: Session, job_id: str) -> int:
-    return int(session.scalar(select(func.count()).where(ErasureTarget.job_id == job_id)) or 0)
+def count_targets_of_jobs(session: Session, job_ids: Sequence[str]) -> dict[str, int]:
+    rows = session.execute(
+        select(ErasureTarget.job_id, func.count())
+        .where(ErasureTarget.job_id.in_(job_ids))
+        .group_by(ErasureTarget.job_id)
+    )
+    return {job_id: 0 for job_id in job_ids} | {str(job_id): int(count) for job_id, count in rows}
 
 
 def request_ids_of_jobs(session: Session, job_ids: Sequence[str]) -> dict[str, list[str]]:

@@ -16,9 +16,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from service.core.clock import utcnow
-from service.core.database import new_id
+from service.core.database import Base, new_id, write_together
 from service.core.settings import Settings
 from service.datasets import repository as datasets_repository
 from service.deletion_requests import repository as requests_repository
@@ -30,7 +31,7 @@ from service.jobs.tables import Job
 from service.models import repository as models_repository
 from service.models.tables import Model
 from service.purges import service as purges
-from service.reports.generation import generate as generate_report
+from service.reports.generation import generate_many as generate_reports
 from service.trail import service as trail
 from service.webhooks import service as webhooks
 
@@ -46,65 +47,39 @@ class Dispatch:
     delay_s: float = 0.0
 
 
-def open_targets(
-    session: Session,
-    settings: Settings,
-    request: DeletionRequest,
-    models: Sequence[Model],
-    sample_pks: Sequence[int],
-    actor: str = "api",
-) -> tuple[list[ErasureTarget], list[Dispatch]]:
-    """One target per model for the request's samples, each queued into its model's open job, or completed
-    at once when the model holds none of them. Settles the request when nothing is left pending. Returns
-    the targets (one per model, in order) and the jobs to dispatch."""
-    now = utcnow()
-    targets: list[ErasureTarget] = []
-    dispatches: list[Dispatch] = []
-    for model in models:
-        erased = repository.erased_pks(session, model.id, sample_pks)
-        target = ErasureTarget(
-            request_id=request.id, model_id=model.id, state="pending",
-            pending_count=len(sample_pks) - len(erased), already_erased_count=len(erased), attempts=[],
-            due_at=request.due_at,
-        )  # fmt: skip
-        session.add(target)  # written by the flush that gives it its job: one INSERT, no UPDATE after it
-        targets.append(target)
-        if target.pending_count == 0:
-            _settle(session, target, "completed", now, actor, verdict=ALREADY_ERASED)
-        else:
-            dispatches += _enqueue(
-                session, settings, target, request.method, request.config, coalesce=True, actor=actor
-            )
-    if all(target.state != "pending" for target in targets):  # every model completed at once
-        settle_request_if_done(session, request, now, actor)
-    return targets, dispatches
-
-
 def open_targets_many(
     session: Session,
     settings: Settings,
-    batch: Sequence[tuple[DeletionRequest, Sequence[Model], Sequence[int]]],
+    batch: Sequence[tuple[DeletionRequest, Sequence[Model], Sequence[int], set[int] | None]],
     actor: str = "api",
+    *,
+    written_with: Sequence[tuple[type[Base], Sequence[Base | dict[str, Any]]]] = (),
 ) -> tuple[list[list[ErasureTarget]], list[Dispatch]]:
-    """:func:`open_targets` for many new requests (each with its models and sample pks), as calling it on
-    each in turn would, in a few statements: the erased samples read once per model, and the coalescing
-    done on the jobs in hand, each model's open jobs read (and locked) once; the queued targets are written
-    by the caller's next flush. The caller holds every model's lock. Returns each request's targets and the
-    jobs to dispatch."""
+    """One target per model for each new request's samples (each with its models and sample pks), each
+    queued into its model's open job, or completed at once when the model holds none of them; a request
+    is settled when nothing of it is left pending. The erased samples are read once per model, and the
+    coalescing done on the jobs in hand, each model's open jobs read (and locked) once; the targets, the
+    new jobs and the counts of the jobs they joined are written in one statement (on Postgres) with
+    ``written_with``, the new rows they refer to (their requests). The caller holds every model's lock.
+    Returns each request's targets (one per model, in order) and the jobs to dispatch."""
     now = utcnow()
     erased: dict[str, set[int]] = {}
-    for model_id in sorted({model.id for _request, models, _pks in batch for model in models}):
-        wanted = sorted(
-            {pk for _request, models, pks in batch if model_id in {m.id for m in models} for pk in pks}
-        )
-        erased[model_id] = repository.erased_pks(session, model_id, wanted)
+    for model_id in sorted({model.id for _request, models, _pks, _known in batch for model in models}):
+        of_model = [item for item in batch if model_id in {model.id for model in item[1]}]
+        known = [item[3] for item in of_model if len(item[1]) == 1]
+        if len(known) == len(of_model) and all(found is not None for found in known):
+            erased[model_id] = set().union(*(found or () for found in known))  # read with the samples
+        else:
+            wanted = sorted({pk for item in of_model for pk in item[2]})
+            erased[model_id] = repository.erased_pks(session, model_id, wanted)
     wait = settings.batch_wait_s
-    # Per (model, method, configuration): its open jobs oldest first, as _enqueue would find them.
+    # Per (model, method, configuration): its open jobs oldest first, as a request one at a time finds them.
     open_jobs: dict[tuple[str, str, str], list[Job]] = {}
     dispatches: list[Dispatch] = []
     opened: list[list[ErasureTarget]] = []
-    queued: list[ErasureTarget] = []
-    for request, models, pks in batch:
+    new_jobs: list[Job] = []
+    joined: dict[str, Job] = {}  # the jobs read here whose count, due date or seal changed
+    for request, models, pks, _known in batch:
         targets = []
         for model in models:
             held = len(erased[model.id].intersection(pks))
@@ -114,34 +89,53 @@ def open_targets_many(
             )  # fmt: skip
             targets.append(target)
             if target.pending_count == 0:
-                session.add(target)
-                _settle(session, target, "completed", now, actor, verdict=ALREADY_ERASED)
-                continue
-            queued.append(target)
+                continue  # completed once written (below)
             key = (model.id, request.method, json.dumps(request.config, sort_keys=True))
             if key not in open_jobs:
-                with session.no_autoflush:
+                with session.no_autoflush:  # the jobs taken so far are written with the targets
                     candidates = repository.open_batches(session, model.id, request.method)
                 open_jobs[key] = [job for job in candidates if job.config == request.config]
             jobs = open_jobs[key]
             job = jobs[0] if jobs else None
             if job is not None and job.sample_count + target.pending_count > settings.batch_max_samples:
-                dispatches.append(_seal(jobs.pop(0), now))
+                full = jobs.pop(0)
+                dispatches.append(_seal(full, now))
+                joined[full.id] = full
                 job = None
             if job is None:
-                job = _new_job(session, target, request.method, request.config, open_for=wait, flush=False)
-                jobs.append(job)  # the newest: a later request takes an older open job first, as _enqueue
+                job = _new_job(target, request.method, request.config, open_for=wait)
+                new_jobs.append(job)
+                jobs.append(job)  # the newest: a later request takes an older open job first
                 dispatches.append(Dispatch(job.id, wait))
             _attach(session, job, target, actor, flush=False)
+            joined[job.id] = job
             if job.sample_count >= settings.batch_max_samples:
                 jobs.remove(job)
                 dispatches.append(_seal(job, now))
         opened.append(targets)
-        if all(target.state != "pending" for target in targets):
+    created = {job.id for job in new_jobs}
+    updates = [_job_update(job, now) for job in joined.values() if job.id not in created]
+    write_together(
+        session,
+        [*written_with, (Job, new_jobs), (ErasureTarget, [t for targets in opened for t in targets])],
+        [(Job, updates)],
+    )
+    for (request, *_rest), targets in zip(batch, opened, strict=True):
+        for target in targets:
+            if target.pending_count == 0:
+                _settle(session, target, "completed", now, actor, verdict=ALREADY_ERASED)
+        if all(target.state != "pending" for target in targets):  # every model completed at once
             settle_request_if_done(session, request, now, actor)
-    session.flush()  # the new jobs first: the targets name them (no relationship orders the two)
-    session.add_all(queued)
     return opened, dispatches
+
+
+def _job_update(job: Job, now: datetime) -> dict[str, Any]:
+    """The row update of a job read here that took targets (or was sealed); its object then as if written."""
+    values = {"sample_count": job.sample_count, "due_at": job.due_at, "batch_open": job.batch_open,
+              "ready_at": job.ready_at, "updated_at": now}  # fmt: skip
+    for key, value in values.items():
+        set_committed_value(job, key, value)
+    return {"id": job.id, **values}
 
 
 def _enqueue(
@@ -174,7 +168,8 @@ def _enqueue(
             break
     if job is None:
         wait = settings.batch_wait_s if coalesce else 0.0
-        job = _new_job(session, target, method, config, open_for=wait if coalesce else None)
+        job = _new_job(target, method, config, open_for=wait if coalesce else None)
+        jobs_repository.add(session, job)
         dispatches.append(Dispatch(job.id, wait))
     _attach(session, job, target, actor)
     if job.batch_open and job.sample_count >= settings.batch_max_samples:
@@ -182,28 +177,14 @@ def _enqueue(
     return dispatches
 
 
-def _new_job(
-    session: Session,
-    target: ErasureTarget,
-    method: str,
-    config: dict[str, Any],
-    *,
-    open_for: float | None,
-    flush: bool = True,
-) -> Job:
-    """A queued job of the target's model; it takes more requests for ``open_for`` seconds (None: none).
-    Written now, or (``flush`` False) by the session's next flush."""
+def _new_job(target: ErasureTarget, method: str, config: dict[str, Any], *, open_for: float | None) -> Job:
+    """A queued job of the target's model; it takes more requests for ``open_for`` seconds (None: none)."""
     now = utcnow()
-    job = Job(
+    return Job(
         id=new_id(), model_id=target.model_id, state="queued", method=method, config=config,
         batch_open=open_for is not None, sample_count=0, ready_at=now + timedelta(seconds=open_for or 0.0),
         due_at=target.due_at,
     )  # fmt: skip
-    if flush:
-        jobs_repository.add(session, job)
-    else:
-        session.add(job)
-    return job
 
 
 def _attach(session: Session, job: Job, target: ErasureTarget, actor: str, *, flush: bool = True) -> None:
@@ -306,10 +287,32 @@ def settle(
 
 def settle_job(session: Session, job: Job, state: str, actor: str) -> None:
     """A job ended without per-request outcomes (failed, canceled): its pending targets end the same way."""
-    for target in repository.targets_of_job(session, job.id, lock=True):
-        if target.state == "pending":
-            attempt = {"job_id": job.id, "state": state, "error_reason": job.error_reason}
-            settle(session, target, state, actor, attempt=attempt)
+    pending = [t for t in repository.targets_of_job(session, job.id, lock=True) if t.state == "pending"]
+    settle_many(session, pending, state, actor, attempt={"job_id": job.id, "state": state,
+                                                          "error_reason": job.error_reason})  # fmt: skip
+
+
+def settle_many(
+    session: Session, targets: Sequence[ErasureTarget], state: str, actor: str, *, attempt: dict[str, Any]
+) -> None:
+    """:func:`settle` on each of many targets with one attempt (a job that ended without per-request
+    outcomes), in a few statements whatever their number: their requests and those requests' targets read
+    once, the rows written by one flush, the settled requests' reports generated together."""
+    if not targets:
+        return
+    now = utcnow()
+    request_ids = list(dict.fromkeys(target.request_id for target in targets))
+    found = {request.id: request for request in requests_repository.get_many(session, request_ids)}
+    requests = [found[request_id] for request_id in request_ids]
+    siblings = repository.targets_of_requests(session, request_ids)
+    for target in targets:
+        target.attempts = [*target.attempts, attempt]
+        _settle(session, target, state, now, actor, verdict=attempt.get("verdict"), flush=False)
+    settled = [
+        request for request in requests if _close_request(session, request, siblings[request.id], now, actor)
+    ]
+    session.flush()
+    _settled(session, settled, now, actor)
 
 
 def _settle(
@@ -321,12 +324,14 @@ def _settle(
     *,
     verdict: str | None,
     version_id: str | None = None,
+    flush: bool = True,
 ) -> None:
     target.state = state
     target.verdict = verdict
     target.result_version_id = version_id
     target.settled_at = when
-    session.flush()
+    if flush:
+        session.flush()
     trail.append(
         session, f"erasure.{state}", actor=actor, subject_type="erasure", subject_id=target.id,
         request_id=target.request_id,
@@ -340,23 +345,37 @@ def settle_request_if_done(session: Session, request: DeletionRequest, when: dat
     every copy those erasures cover was purged (until then it stays processing: see service.purges)."""
     if request.state != "processing":
         return
-    targets = repository.targets_of_request(session, request.id)
+    if _close_request(session, request, repository.targets_of_request(session, request.id), when, actor):
+        session.flush()
+        _settled(session, [request], when, actor)
+
+
+def _close_request(
+    session: Session, request: DeletionRequest, targets: Sequence[ErasureTarget], when: datetime, actor: str
+) -> bool:
+    """Settle the processing request unless one of its ``targets`` (all of them) keeps it open; True if so."""
+    if request.state != "processing":
+        return False
     states = {target.state for target in targets}
     if "pending" in states:
-        return
+        return False
     unfulfilled = next((state for state in _UNFULFILLED if state in states), None)
     if unfulfilled is None and purges.awaiting_purge(targets):
-        return
+        return False
     request.state = unfulfilled or "completed"
     request.completed_at = when
-    session.flush()
     trail.append(
         session, "request.settled", actor=actor, subject_type="request", subject_id=request.id,
         request_id=request.id, data={"state": request.state, "completed_at": when.isoformat()},
     )  # fmt: skip
-    generate_report(session, request, actor)
-    # The outbox row of the settled event, in this transaction: sent only if the settlement commits.
-    webhooks.request_settled(session, request, when)
+    return True
+
+
+def _settled(session: Session, requests: Sequence[DeletionRequest], when: datetime, actor: str) -> None:
+    """What follows the settling of requests (written): their reports, and their webhook events' outbox rows,
+    in this transaction: sent only if the settlement commits."""
+    generate_reports(session, requests, actor)
+    webhooks.requests_settled(session, requests, when)
 
 
 def targets_of_request(session: Session, request_id: str) -> Sequence[ErasureTarget]:

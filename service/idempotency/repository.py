@@ -12,11 +12,6 @@ def get(session: Session, client_id: str, key: str) -> IdempotencyRecord | None:
     return session.get(IdempotencyRecord, (client_id, key))
 
 
-def add(session: Session, record: IdempotencyRecord) -> None:
-    session.add(record)
-    session.flush()
-
-
 def delete_older_than(session: Session, moment: datetime) -> int:
     result = session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.created_at < moment))
     return int(getattr(result, "rowcount", 0) or 0)

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.core.clock import utcnow
+from service.core.database import write_at_commit
 from service.core.problems import InvalidInput
 from service.idempotency import repository
 from service.idempotency.tables import IdempotencyRecord
@@ -49,25 +50,14 @@ def remember_answer(
     status_code: int,
     body: Any,
     headers: dict[str, str],
-    *,
-    flush: bool = True,
 ) -> None:
-    """Store the first answer to ``key``: now, or (``flush`` False: a bulk call's many answers, one INSERT)
-    with the session's next flush."""
-    record = IdempotencyRecord(
-        client_id=client_id,
-        key=key,
-        fingerprint=request_fingerprint,
-        status_code=status_code,
-        body=body,
-        headers=headers,
-        # What the answer created: the purge of a deletion request drops the answers that echoed it.
-        resource_id=body.get("id") if isinstance(body, dict) else None,
-    )
-    if flush:
-        repository.add(session, record)
-    else:
-        session.add(record)
+    """Store the first answer to ``key``, written with the transaction's commit (in its one statement: see
+    ``core.database.write_at_commit``); a key answered meanwhile makes that commit fail (its primary key)."""
+    # resource_id: what the answer created: the purge of a deletion request drops the answers that echoed it.
+    resource_id = body.get("id") if isinstance(body, dict) else None
+    row = {"client_id": client_id, "key": key, "fingerprint": request_fingerprint, "status_code": status_code,
+           "body": body, "headers": headers, "resource_id": resource_id, "created_at": utcnow()}  # fmt: skip
+    write_at_commit(session, IdempotencyRecord, [row])
 
 
 def expire(session: Session, ttl_s: float) -> int:

@@ -28,7 +28,6 @@ from service.core.clock import utcnow
 from service.core.pagination import Page, decode_time_key, encode_time_cursor, page_from_rows
 from service.core.problems import Conflict, NotFound
 from service.datasets import repository as datasets_repository
-from service.deletion_requests.tables import DeletionRequest
 from service.erasures import service as erasures
 from service.erasures.tables import ErasureTarget
 from service.jobs import repository
@@ -324,18 +323,11 @@ def settle_pending(session: Session, job_id: str, actor: str, *, limit: int = SE
     pending = select(ErasureTarget).where(ErasureTarget.job_id == job_id, ErasureTarget.state == "pending")
     targets = session.scalars(pending.order_by(ErasureTarget.due_at).limit(limit).with_for_update()).all()
     attempt = {"job_id": job.id, "state": job.state, "error_reason": job.error_reason}
-    # Held while the chunk settles: each request's settlement reads the request, the job's model and dataset,
-    # and the session finds them in hand (it keeps only the objects something refers to).
+    # Held while the chunk settles: the reports read the job's model and dataset, and the session finds them
+    # in hand (it keeps only the objects something refers to).
     model = models_repository.get_model(session, job.model_id)
-    in_hand = (
-        model,
-        datasets_repository.get_dataset(session, model.dataset_id) if model else None,
-        session.scalars(
-            select(DeletionRequest).where(DeletionRequest.id.in_([t.request_id for t in targets]))
-        ).all(),
-    )
-    for target in targets:
-        erasures.settle(session, target, job.state, actor, attempt=attempt)
+    in_hand = (model, datasets_repository.get_dataset(session, model.dataset_id) if model else None)
+    erasures.settle_many(session, targets, job.state, actor, attempt=attempt)
     del in_hand
     left = session.scalar(select(func.count()).select_from(pending.subquery())) or 0
     total = len(targets) + left + int((job.progress or {}).get("settled", 0))

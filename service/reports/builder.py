@@ -3,7 +3,10 @@ and subject ids) appear only as salted commitments."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
@@ -27,6 +30,31 @@ NOT_AUDITED = (
     "No audit ran for this request (it did not reach one): nothing here is evidence that the samples were "
     "erased from the model."
 )
+
+
+@dataclass(frozen=True)
+class Rows:
+    """What the reports of some settled requests read beyond the requests, in a few queries whatever their
+    number: each request's sample ids and targets, and how many requests each of their jobs held."""
+
+    sample_ids: dict[str, list[str]]
+    targets: dict[str, list[ErasureTarget]]
+    requests_in_job: dict[str, int]
+
+    @classmethod
+    def load(cls, session: Session, request_ids: Sequence[str]) -> Rows:
+        targets = erasures_repository.targets_of_requests(session, request_ids)
+        job_ids = sorted({t.job_id for found in targets.values() for t in found if t.job_id is not None})
+        return cls(
+            requests_repository.all_sample_ids_of(session, request_ids),
+            targets,
+            erasures_repository.count_targets_of_jobs(session, job_ids) if job_ids else {},
+        )
+
+
+@functools.cache
+def _code_version() -> str:
+    return metadata.version("lethe")  # reads the installed distribution's files: once per process
 
 
 def canonical_bytes(content: dict[str, Any]) -> bytes:
@@ -86,7 +114,7 @@ def _evidence(audit: dict[str, Any], salt: bytes) -> dict[str, Any]:
 
 
 def _erasure(
-    session: Session, request: DeletionRequest, target: ErasureTarget, salt: bytes
+    session: Session, request: DeletionRequest, target: ErasureTarget, salt: bytes, rows: Rows
 ) -> dict[str, Any]:
     """What one model did with the request: provenance, the outcome and the audit's evidence."""
     model = models_repository.get_model(session, target.model_id)
@@ -105,7 +133,7 @@ def _erasure(
         job_provenance = {
             "id": job.id,
             "worker": job.worker_id,
-            "requests_in_job": erasures_repository.count_targets_of_job(session, job.id),
+            "requests_in_job": rows.requests_in_job[job.id],
             "created_at": job.created_at.isoformat(),
             "started_at": job.started_at.isoformat() if job.started_at else None,
             "finished_at": job.finished_at.isoformat() if job.finished_at else None,
@@ -169,10 +197,11 @@ def commit_audit(audit: dict[str, Any], salt: bytes) -> dict[str, Any]:
     return {**audit, "samples": samples, "subjects": subjects, "committed": True}
 
 
-def build_content(session: Session, request: DeletionRequest, salt: bytes) -> dict[str, Any]:
+def build_content(session: Session, request: DeletionRequest, salt: bytes, rows: Rows) -> dict[str, Any]:
+    """The report's content (its trail segment apart); ``rows``: what :meth:`Rows.load` read for it."""
     dataset = datasets_repository.get_dataset(session, request.dataset_id)
     assert dataset is not None  # a foreign key
-    sample_ids = requests_repository.all_sample_ids(session, request.id)
+    sample_ids = rows.sample_ids[request.id]
     completed = request.completed_at
     return {
         "format": FORMAT,
@@ -209,10 +238,7 @@ def build_content(session: Session, request: DeletionRequest, salt: bytes) -> di
         else "approximate (empirically audited)",
         "config": request.config,
         "seed": request.config.get("seed"),
-        "code_version": metadata.version("lethe"),
+        "code_version": _code_version(),
         # One entry per model the request applies to: the request is completed only if each one is.
-        "erasures": [
-            _erasure(session, request, target, salt)
-            for target in erasures_repository.targets_of_request(session, request.id)
-        ],
+        "erasures": [_erasure(session, request, target, salt, rows) for target in rows.targets[request.id]],
     }

@@ -2,25 +2,26 @@
 was committed) and verifying the chain. Never commits.
 
 One global chain, in commit order. :func:`append` only queues an event on the session; when the session
-commits, its queued events are chained after the head and written in one statement, and the head is moved
-in a second one. The head's row lock, which serialises every writer of the chain, is so held from just
-before the commit to the commit, not from the first event of a transaction to its end. Something that reads
-the transaction's own events before it commits (a report's chain segment) writes them first
-(:func:`write_pending`)."""
+commits, its queued events are chained after the head and written, with the head's move and the other rows
+the commit writes (``core.database.commit_writer``), in one statement on Postgres. The head's row lock,
+which serialises every writer of the chain, is so held from just before the commit to the commit, not from
+the first event of a transaction to its end. Something that reads the transaction's own events before it
+commits (a report's chain segment) writes them first (:func:`write_pending`)."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import rfc8785
-from sqlalchemy import Update, insert, select, update
 from sqlalchemy import event as orm_event
+from sqlalchemy import select
 from sqlalchemy.orm import Session, SessionTransaction
 
 from service.core.clock import utcnow
+from service.core.database import Writes, commit_writer, write_together
 from service.trail.tables import GENESIS, TrailEvent, TrailHead
 
 _HEAD_ID = 1
@@ -65,29 +66,30 @@ def append(
     return event
 
 
-# A commit's events and the head's update go in one statement on Postgres (a data-modifying CTE) up to this
-# many events; a bulk call's thousands take an executemany and an UPDATE.
-_ONE_STATEMENT_EVENTS = 100
-
-
-def write_pending(session: Session, *, move_head: bool = False) -> None:
-    """Chain the session's queued events after the head and write them in one INSERT. The head is locked
+def write_pending(session: Session) -> None:
+    """Chain the session's queued events after the head and write them in one statement. The head is locked
     (until the transaction ends) and read by the first write of a transaction; later ones (a batch settling
     request after request, each report reading its chain segment) go on from where it left the head, which
-    is written once, at the commit (``move_head``: with the events, on Postgres in the same statement)."""
+    is written once, at the commit (with the commit's events and other rows, in one statement)."""
+    write_together(session, [(TrailEvent, _chained(session))])
+
+
+@commit_writer
+def _at_commit(session: Session) -> Writes:
+    rows = _chained(session)
+    if _HELD not in session.info:
+        return [], []
+    seq, last = session.info.pop(_HELD)
+    return [(TrailEvent, rows)], [(TrailHead, [{"id": _HEAD_ID, "seq": seq, "hash": last}])]
+
+
+def _chained(session: Session) -> list[dict[str, Any]]:
+    """The session's queued events chained after the head (locked and read by the transaction's first
+    chaining, then where the last one left it), as rows."""
     events: list[TrailEvent] = session.info.pop(_PENDING, None) or []
     if not events:
-        return
-    held: tuple[int, str] | None = session.info.get(_HELD)
-    if held is None:
-        head = session.execute(
-            select(TrailHead.seq, TrailHead.hash).where(TrailHead.id == _HEAD_ID).with_for_update()
-        ).one_or_none()
-        held = (0, GENESIS) if head is None else (head.seq, head.hash)
-        if head is None:  # the first event of a database creates the head row
-            session.add(TrailHead(id=_HEAD_ID, seq=held[0], hash=held[1]))
-            session.flush()
-    seq, prev = held
+        return []
+    seq, prev = session.info.get(_HELD) or _lock_head(session)
     rows = []
     for event in events:
         seq += 1
@@ -100,25 +102,18 @@ def write_pending(session: Session, *, move_head: bool = False) -> None:
              "hash": event.hash}
         )  # fmt: skip
     session.info[_HELD] = (seq, prev)
-    connection = session.connection()  # the connection, not the ORM's bulk machinery
-    if move_head and connection.dialect.name == "postgresql" and len(rows) <= _ONE_STATEMENT_EVENTS:
-        appended = insert(TrailEvent).values(rows).cte("appended")
-        connection.execute(_head_update(session).add_cte(appended))
-        session.info.pop(_HELD)
-        return
-    connection.execute(insert(TrailEvent), rows)
+    return rows
 
 
-def _head_update(session: Session) -> Update:
-    seq, last = session.info[_HELD]
-    return update(TrailHead).where(TrailHead.id == _HEAD_ID).values(seq=seq, hash=last)
-
-
-@orm_event.listens_for(Session, "before_commit")
-def _write_at_commit(session: Session) -> None:
-    write_pending(session, move_head=True)
-    if _HELD in session.info:
-        session.execute(_head_update(session))
+def _lock_head(session: Session) -> tuple[int, str]:
+    head = session.execute(
+        select(TrailHead.seq, TrailHead.hash).where(TrailHead.id == _HEAD_ID).with_for_update()
+    ).one_or_none()
+    if head is None:  # the first event of a database creates the head row
+        session.add(TrailHead(id=_HEAD_ID, seq=0, hash=GENESIS))
+        session.flush()
+        return 0, GENESIS
+    return head.seq, head.hash
 
 
 @orm_event.listens_for(Session, "after_transaction_end")
@@ -178,11 +173,23 @@ def verify_chain(session: Session) -> ChainCheck:
 
 def request_segment(session: Session, request_id: str) -> dict[str, Any] | None:
     """The request's events so far: how many, and the first and last hash (a report carries these)."""
+    return request_segments(session, [request_id])[request_id]
+
+
+def request_segments(session: Session, request_ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+    """:func:`request_segment` of many requests: the session's queued events written once, then one query."""
     write_pending(session)
-    events = session.scalars(
-        select(TrailEvent).where(TrailEvent.request_id == request_id).order_by(TrailEvent.seq)
-    ).all()
-    if not events:
-        return None
-    return {"events": len(events), "first_seq": events[0].seq, "first_hash": events[0].hash,
-            "last_seq": events[-1].seq, "last_hash": events[-1].hash}  # fmt: skip
+    rows = session.execute(
+        select(TrailEvent.request_id, TrailEvent.seq, TrailEvent.hash)
+        .where(TrailEvent.request_id.in_(request_ids))
+        .order_by(TrailEvent.seq)
+    )
+    segments: dict[str, dict[str, Any] | None] = dict.fromkeys(request_ids)
+    for request_id, seq, hash_ in rows:
+        segment = segments[str(request_id)]
+        if segment is None:
+            segments[str(request_id)] = {"events": 1, "first_seq": seq, "first_hash": hash_, "last_seq": seq,
+                                    "last_hash": hash_}  # fmt: skip
+        else:
+            segment.update(events=segment["events"] + 1, last_seq=seq, last_hash=hash_)
+    return segments

@@ -279,9 +279,31 @@ def _erasures_summary(session: Session, request_id: str) -> list[dict[str, Any]]
 def request_settled(session: Session, request: DeletionRequest, when: datetime) -> WebhookEvent | None:
     """The ``deletion_request.settled`` event of a request that settled in this transaction, with one
     delivery per endpoint of its tenant subscribed to it (none: no event)."""
-    dataset = datasets_repository.get_dataset(session, request.dataset_id)
-    assert dataset is not None  # a foreign key
-    endpoints = repository.subscribed_endpoints(session, SETTLED, dataset.tenant)
+    return requests_settled(session, [request], when)[0]
+
+
+def requests_settled(
+    session: Session, requests: Sequence[DeletionRequest], when: datetime
+) -> list[WebhookEvent | None]:
+    """:func:`request_settled` of each of many requests; each tenant's endpoints read once."""
+    endpoints: dict[str, Sequence[WebhookEndpoint]] = {}
+    events: list[WebhookEvent | None] = []
+    for request in requests:
+        dataset = datasets_repository.get_dataset(session, request.dataset_id)
+        assert dataset is not None  # a foreign key
+        if dataset.tenant not in endpoints:
+            endpoints[dataset.tenant] = repository.subscribed_endpoints(session, SETTLED, dataset.tenant)
+        events.append(_settled_event(session, request, when, dataset.tenant, endpoints[dataset.tenant]))
+    return events
+
+
+def _settled_event(
+    session: Session,
+    request: DeletionRequest,
+    when: datetime,
+    tenant: str,
+    endpoints: Sequence[WebhookEndpoint],
+) -> WebhookEvent | None:
     if not endpoints:
         return None
     data = {
@@ -292,7 +314,7 @@ def request_settled(session: Session, request: DeletionRequest, when: datetime) 
         "erasures": _erasures_summary(session, request.id),
         "report_url": f"/deletion-requests/{request.id}/report",
     }  # fmt: skip
-    return _add_event(session, SETTLED, dataset.tenant, request.id, data, when, endpoints)
+    return _add_event(session, SETTLED, tenant, request.id, data, when, endpoints)
 
 
 def expire_events(session: Session, settings: Settings, now: datetime) -> int:

@@ -90,7 +90,17 @@ def _body_of(model: str) -> load_client.BodyOf:
     return lambda i: {"model": model, "subject_id": f"subject-{i % SUBJECTS:04d}", "config": {"epochs": 1}}
 
 
+def _answered(run: dict[str, Any], server: str) -> dict[str, Any]:
+    """The run, once every request was answered 200 or 202: a server that refused requests (a 422 from a
+    broken handler, say) would be timed on its refusals, not on the work."""
+    refused = {code: n for code, n in run["statuses"].items() if code not in ("200", "202")}
+    if refused:
+        raise RuntimeError(f"{server} answered {refused} (by status): the run measures nothing")
+    return run
+
+
 def _checked(database_url: str, model: str, run: dict[str, Any], prefix: str) -> dict[str, Any]:
+    _answered(run, "Lethe")
     accepted = run.pop("accepted_ids")
     run["ledger"] = load_client.ledger(database_url, model, accepted, run["requests"], prefix)
     return run
@@ -128,9 +138,9 @@ def run(duration: float, connections: int, rate: float, bulk: int, cancel: int) 
         baseline_env = {"LETHE_BENCH_BASELINE_URL": database_url}
         with _served("worker.bench.baseline_app:create_app", baseline_env) as url:
             baseline_body = {"model": "bench", "subject_id": "subject-0001", "config": {"epochs": 1}}
-            baseline = asyncio.run(load_client.closed_loop(
+            baseline = _answered(asyncio.run(load_client.closed_loop(
                 url, {}, "/deletion-requests", lambda _i: baseline_body, connections, duration
-            ))  # fmt: skip
+            )), "the baseline")  # fmt: skip
             baseline.pop("accepted_ids")
         env = {"LETHE_DATABASE_URL": database_url, "LETHE_REDIS_URL": REDIS_URL,
                "LETHE_STORAGE_URL": str(directory / "store"), "LETHE_DISPATCHER": "celery",

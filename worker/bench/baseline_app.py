@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, status
+from fastapi import Depends, FastAPI, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import JSON, DateTime, String, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -42,6 +42,13 @@ class RequestIn(BaseModel):
     config: dict[str, Any] | None = None
 
 
+def session(request: Request) -> Iterator[Session]:
+    """The request's session, as Lethe's ``get_session`` gives it (a module-level dependency: the handler's
+    annotations are strings, resolved in this module's namespace)."""
+    with request.app.state.session_factory() as s:
+        yield s
+
+
 class RequestOut(BaseModel):
     id: str
     model: str
@@ -52,13 +59,8 @@ class RequestOut(BaseModel):
 def create_app() -> FastAPI:
     engine = create_engine(os.environ["LETHE_BENCH_BASELINE_URL"], pool_size=POOL_SIZE)
     _Base.metadata.create_all(engine)
-    factory = sessionmaker(engine, expire_on_commit=False)
-
-    def session() -> Iterator[Session]:
-        with factory() as s:
-            yield s
-
     app = FastAPI()
+    app.state.session_factory = sessionmaker(engine, expire_on_commit=False)
 
     @app.post("/deletion-requests", status_code=status.HTTP_202_ACCEPTED, response_model=RequestOut)
     def create(body: RequestIn, s: Annotated[Session, Depends(session)]) -> RequestOut:
