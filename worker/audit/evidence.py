@@ -1,7 +1,10 @@
 """Both attacks on one set of samples under one model, and the power check each version gets.
 
-``Evidence`` holds the LiRA test and the RMIA test of the same samples; its p-values are the worse of the two
-with a Bonferroni factor of 2, so a verdict read from them keeps the configured family-wise level.
+``Evidence`` holds the LiRA test and the RMIA test of the same samples. Both are in every report; the verdict
+reads the attacks in ``GATING_ATTACKS``, the worse of them with a Bonferroni factor (their number), so it
+keeps the configured family-wise level. RMIA is reported and does not gate: on the held-out calibration
+seeds it turned down exact retrains (alone, it accepted 5 of 10 on mnist5k seed 3 at K = 4, where LiRA
+accepted 9; docs/audit.md), and an attack that rejects the gold standard cannot decide what is erased.
 
 ``PowerCheck``: the same test, under the same version, on samples it still holds, matched one to one to the
 request's samples in difficulty (their OUT references' median score at their label), and on never-seen
@@ -23,7 +26,8 @@ from worker.audit.references import ReferenceSet
 from worker.audit.rmia import RankTest, rmia_test
 from worker.audit.scores import stable_logit_all_labels
 
-ATTACKS = 2  # LiRA and RMIA: each attack's p-value is doubled, so "the worse of the two" keeps the level
+# The attacks whose tests decide the verdict; each one's p-value is multiplied by their number.
+GATING_ATTACKS: tuple[str, ...] = ("lira",)
 
 
 @dataclass(frozen=True)
@@ -37,19 +41,23 @@ class Evidence:
     def subset(self, rows: list[int]) -> Evidence:
         return Evidence(self.lira.subset(rows), self.rmia.subset(rows))
 
+    def _gating(self) -> list[MembershipTest | RankTest]:
+        return [getattr(self, attack) for attack in GATING_ATTACKS]
+
     def residual_p(self) -> float:
-        return min(1.0, ATTACKS * min(self.lira.residual_p(), self.rmia.residual_p()))
+        return min(1.0, len(GATING_ATTACKS) * min(test.residual_p() for test in self._gating()))
 
     def over_forgetting_p(self) -> float:
-        return min(1.0, ATTACKS * min(self.lira.over_forgetting_p(), self.rmia.over_forgetting_p()))
+        return min(1.0, len(GATING_ATTACKS) * min(test.over_forgetting_p() for test in self._gating()))
 
     def summary(self) -> dict[str, Any]:
         """LiRA's summary at the top (the per-sample attack the report's figures draw), RMIA's beside it,
-        and the two combined: the p-values the verdict reads."""
+        and the gating attacks combined: the p-values the verdict reads."""
         return {
             **self.lira.summary(),
             "rmia": self.rmia.summary(),
             "combined": {
+                "gating_attacks": list(GATING_ATTACKS),
                 "residual_membership_p": float(f"{self.residual_p():.4g}"),
                 "over_forgetting_p": float(f"{self.over_forgetting_p():.4g}"),
             },
@@ -77,7 +85,7 @@ def detectable_share(samples: int, level: float) -> float | None:
     """The smallest share of member-like samples (beyond the controls' 95th percentile) that the share test
     flags among ``samples`` at ``level`` (its Bonferroni halves included): what the audit could see."""
     for k in range(1, samples + 1):
-        if ATTACKS * 2 * float(stats.binom.sf(k - 1, samples, SHARE_TAIL)) < level:
+        if len(GATING_ATTACKS) * 2 * float(stats.binom.sf(k - 1, samples, SHARE_TAIL)) < level:
             return round(k / samples, 4)
     return None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from worker.audit.evidence import ATTACKS, Evidence, PowerCheck
+from worker.audit.evidence import GATING_ATTACKS, Evidence, PowerCheck
 
 # Verdicts, from the strongest claim the evidence supports to a failure.
 FORGOTTEN = "forgotten"  # the base model carried a membership signal; the new one carries none
@@ -47,12 +47,12 @@ class AuditRules:
 
     def describe(self) -> list[str]:
         return [
-            f"residual membership: two per-sample attacks on the forgotten samples against never-seen "
-            f"controls of the same difficulty, LiRA (share beyond the controls' 95th percentile, "
-            f"binomial; the most extreme sample, Holm-corrected) and RMIA (the same share; the mean rank), "
-            f"the worse of the two (Bonferroni), must not be significant at level {self.direction_level}",
-            f"over-forgetting: the mirror test (below the controls' 5th percentile; the lowest sample or "
-            f"rank) must not be significant at level {self.direction_level} (the two directions together: "
+            f"residual membership: the per-sample LiRA test of the forgotten samples against never-seen "
+            f"controls of the same difficulty (share beyond the controls' 95th percentile, binomial; the "
+            f"most extreme sample, Holm-corrected) must not be significant at level "
+            f"{self.direction_level}; RMIA's test of the same samples is reported beside it, not gating",
+            f"over-forgetting: the mirror test (below the controls' 5th percentile; the lowest sample) "
+            f"must not be significant at level {self.direction_level} (the two directions together: "
             f"{self.level})",
             "power: where the model before unlearning showed a membership signal, the same test must flag, "
             "under the new model, samples it still holds matched to the forgotten ones in difficulty "
@@ -71,10 +71,10 @@ class AuditRules:
 
 def sample_outcomes(evidence: Evidence, level: float) -> list[str]:
     """Each sample's outcome from LiRA's per-sample p-values (RMIA's ranks are too coarse to stand alone) at
-    LiRA's share of one direction's ``level`` (``AuditRules.direction_level``): halved for the two attacks,
-    halved again for LiRA's two tests (Holm over the samples)."""
-    member = evidence.lira.p_member_adjusted < level / (2 * ATTACKS)
-    under = evidence.lira.p_under_adjusted < level / (2 * ATTACKS)
+    LiRA's share of one direction's ``level`` (``AuditRules.direction_level``): divided among the gating
+    attacks, halved again for LiRA's two tests (Holm over the samples)."""
+    member = evidence.lira.p_member_adjusted < level / (2 * len(GATING_ATTACKS))
+    under = evidence.lira.p_under_adjusted < level / (2 * len(GATING_ATTACKS))
     return [
         SAMPLE_MEMBER if m else SAMPLE_OVER_FORGOTTEN if u else SAMPLE_CONSISTENT
         for m, u in zip(member, under, strict=True)

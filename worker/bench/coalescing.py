@@ -254,6 +254,8 @@ def run(requests: int, over_s: float, timeout_s: float, only: tuple[str, ...] = 
             "LETHE_STORAGE_URL": str(tmp / "store"), "LETHE_DISPATCHER": "celery",
             "LETHE_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "LETHE_AUDIT_REFERENCES": str(REFERENCES),
             "LETHE_DATA_DIR": str(tmp),
+            # Four models are registered from one checkpoint file: it must outlive the first registration.
+            "LETHE_CONSUME_INPUTS": "false",
         }  # fmt: skip
         models = [f"mnist-cnn-{i}" for i in range(MODELS)]
         with (
