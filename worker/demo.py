@@ -382,7 +382,8 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR, serve: bool = F
 
         subject = "subject-0008"
         say(f"5. A data subject asks for erasure: POST /deletion-requests for {subject!r} ...")
-        # Default method (repair for labelled data) and config; any method and field of worker.engine.config can be set.
+        # The default method (repair for labelled data) and config; any method and field of
+        # worker.engine.config can be set.
         body = {"model": model["name"], "subject_id": subject, "reason": "GDPR Art. 17"}
         job = _erase(client, body, model, first=True)
         if job["state"] == "rejected":
