@@ -148,7 +148,11 @@ def stack(base_env: dict[str, str], tmp: Path, name: str, workers: int, **settin
         for process in [api, *processes]:
             process.send_signal(signal.SIGTERM)
         for process in [api, *processes]:
-            process.wait(timeout=60)
+            try:  # a worker finishing a job (a purge, a refresh) can take longer on a loaded machine
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def _post_evenly(
