@@ -25,8 +25,9 @@ with a Bonferroni factor of 2, so its level is the configured one.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 from scipy import stats
@@ -34,6 +35,9 @@ from sklearn.metrics import roc_auc_score
 
 from worker.audit.references import ReferenceSet
 from worker.audit.scores import stable_logit_all_labels
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 STUDENT_T_DOF = 4
 SHARE_TAIL = 0.05  # the share tests count samples beyond the controls' 5 % tails ...
@@ -83,12 +87,7 @@ class MembershipTest:
 
     def subset(self, rows: list[int]) -> MembershipTest:
         """The same evidence for some of the samples (a data subject's), tested on its own."""
-        index = np.asarray(rows, dtype=np.int64)
-        return MembershipTest(
-            offset=self.offset[index], t=self.t[index], p_member=self.p_member[index],
-            p_under=self.p_under[index], above_controls=self.above_controls[index],
-            below_controls=self.below_controls[index], control_t=self.control_t,
-        )  # fmt: skip
+        return rows_of(self, rows, shared="control_t")
 
     @property
     def p_member_adjusted(self) -> np.ndarray:
@@ -125,6 +124,20 @@ class MembershipTest:
             **attack_power(self.t, self.control_t),
             "roc": roc_points(self.t, self.control_t),
         }
+
+
+TestT = TypeVar("TestT", bound="DataclassInstance")
+
+
+def rows_of(test: TestT, rows: list[int], shared: str) -> TestT:
+    """A per-sample test (a dataclass of arrays aligned with its samples) for some of its samples; the
+    ``shared`` field (the controls' scores) is kept whole."""
+    index = np.asarray(rows, dtype=np.int64)
+    fields = {
+        f.name: getattr(test, f.name) if f.name == shared else getattr(test, f.name)[index]
+        for f in dataclasses.fields(test)
+    }
+    return dataclasses.replace(test, **fields)
 
 
 def _p(value: float) -> float:

@@ -28,7 +28,14 @@ from typing import Any
 import numpy as np
 from scipy.special import expit, log_expit
 
-from worker.audit.membership import MATCHED_CONTROLS, SHARE_TAIL, Query, attack_power, binomial_tail
+from worker.audit.membership import (
+    MATCHED_CONTROLS,
+    SHARE_TAIL,
+    Query,
+    attack_power,
+    binomial_tail,
+    rows_of,
+)
 from worker.audit.references import ReferenceSet
 from worker.audit.scores import stable_logit_all_labels
 
@@ -49,12 +56,7 @@ class RankTest:
         return len(self.rank)
 
     def subset(self, rows: list[int]) -> RankTest:
-        index = np.asarray(rows, dtype=np.int64)
-        return RankTest(
-            ratio=self.ratio[index], rank=self.rank[index], p_member=self.p_member[index],
-            p_under=self.p_under[index], above_controls=self.above_controls[index],
-            below_controls=self.below_controls[index], control_rank=self.control_rank,
-        )  # fmt: skip
+        return rows_of(self, rows, shared="control_rank")
 
     def residual_p(self) -> float:
         return binomial_tail(int(self.above_controls.sum()), len(self))

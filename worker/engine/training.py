@@ -23,6 +23,26 @@ def set_batchnorm_mode(model: nn.Module, train: bool) -> None:
             module.train(train)
 
 
+def supervised_step(
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ctx: RunContext,
+) -> torch.Tensor:
+    """One cross-entropy step on a batch (mixed precision where the runtime has it); the batch's loss."""
+    device = ctx.runtime.device
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    with ctx.runtime.autocast():
+        loss = F.cross_entropy(model(x), y)
+    optimiser.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimiser)
+    scaler.update()
+    return loss
+
+
 def train(
     model: nn.Module,
     data: TensorSplit,
@@ -45,14 +65,7 @@ def train(
     step = 0
     for epoch in range(1, config.epochs + 1):
         for rows in batches(len(data), config.batch_size, generator):
-            x = data.x[rows].to(device, non_blocking=True)
-            y = labels[rows].to(device, non_blocking=True)
-            with ctx.runtime.autocast():
-                loss = F.cross_entropy(model(x), y)
-            optimiser.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimiser)
-            scaler.update()
+            loss = supervised_step(model, optimiser, scaler, data.x[rows], labels[rows], ctx)
             step += 1
             ctx.step(step, total, epoch, config.epochs, {"ce": float(loss.detach())})
     return model.eval()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +22,21 @@ from worker.engine.config import UnlearnConfig
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
 from worker.engine.training import batches, set_batchnorm_mode
+
+ConfigT = TypeVar("ConfigT", bound=UnlearnConfig)
+
+
+def config_as(config: UnlearnConfig, kind: type[ConfigT], method: str) -> ConfigT:
+    """``config`` as the configuration type ``method`` runs on (the engine dispatches by type)."""
+    if not isinstance(config, kind):
+        raise TypeError(f"{method} needs a {kind.__name__}, got {type(config).__name__}")
+    return config
+
+
+def require_remaining(retain: TensorSplit, method: str) -> None:
+    if len(retain) == 0:
+        raise ValueError(f"{method} needs a non-empty remaining set")
+
 
 # RunContext.generator offsets: independent streams of the run's seed; methods use METHOD_STREAM and up.
 _ORDER_STREAM, _PAIR_STREAM = 0, 1

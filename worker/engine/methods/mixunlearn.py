@@ -24,7 +24,14 @@ from torch.nn import functional as F
 from worker.engine.config import MixUnlearnConfig, UnlearnConfig
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
-from worker.engine.methods._loops import Cycler, frozen_copy, numpy_stream, unlearning_mode
+from worker.engine.methods._loops import (
+    Cycler,
+    config_as,
+    frozen_copy,
+    numpy_stream,
+    require_remaining,
+    unlearning_mode,
+)
 from worker.engine.methods.losses import gen_loss, mix_loss, real_loss, sharpen
 from worker.engine.methods.mixblock import Lambda, MixBlock, apply_mask, at_least_float32
 from worker.engine.models import FeatureTap
@@ -90,10 +97,8 @@ def run(
     config: UnlearnConfig,
     ctx: RunContext,
 ) -> nn.Module:
-    if not isinstance(config, MixUnlearnConfig):
-        raise TypeError(f"mixunlearn needs a MixUnlearnConfig, got {type(config).__name__}")
-    if len(retain) == 0:
-        raise ValueError("MixUnlearn needs a non-empty remaining set")
+    config = config_as(config, MixUnlearnConfig, "mixunlearn")
+    require_remaining(retain, "MixUnlearn")
     device = ctx.runtime.device
     y_f, y_r = _labels(forget, config), _labels(retain, config)
     use_generator = config.use_mixblock and config.use_mix_loss

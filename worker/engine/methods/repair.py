@@ -20,16 +20,16 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from worker.engine.config import MixUnlearnConfig, RepairConfig, UnlearnConfig
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
 from worker.engine.methods import mixunlearn
-from worker.engine.methods._loops import Cycler, unlearning_mode
+from worker.engine.methods._loops import Cycler, config_as, require_remaining, unlearning_mode
 from worker.engine.models import build_model
 from worker.engine.progress import ProgressEvent
 from worker.engine.spec import ModelSpec
+from worker.engine.training import supervised_step
 
 # Independent random streams of the run's seed (RunContext.generator offsets).
 _FRESH_STREAM, _ORDER_STREAM, _FORGET_STEP_STREAM = 0, 1, 2
@@ -82,12 +82,10 @@ def run(
     config: UnlearnConfig,
     ctx: RunContext,
 ) -> nn.Module:
-    if not isinstance(config, RepairConfig):
-        raise TypeError(f"repair needs a RepairConfig, got {type(config).__name__}")
+    config = config_as(config, RepairConfig, "repair")
+    require_remaining(retain, "repair")
     forget.require_labels()  # label-aware (config.METHODS): refuse unlabelled requests like Retrain
     labels = retain.require_labels()
-    if len(retain) == 0:
-        raise ValueError("repair needs a non-empty remaining set")
     device = ctx.runtime.device
     steps = repair_steps(len(retain), config)
     before = _forget_step_steps(len(forget), config)
@@ -120,14 +118,7 @@ def run(
     unlearning_mode(model, config)
     for step in range(1, steps + 1):
         rows = order.take(config.batch_size)
-        x = retain.x[rows].to(device, non_blocking=True)
-        y = labels[rows].to(device, non_blocking=True)
-        with ctx.runtime.autocast():
-            loss = F.cross_entropy(model(x), y)
-        optimiser.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimiser)
-        scaler.update()
+        loss = supervised_step(model, optimiser, scaler, retain.x[rows], labels[rows], ctx)
         scheduler.step()
         epoch = min(epochs, 1 + (step - 1) * config.batch_size // len(retain))
         ctx.step(before + step, total, epoch, epochs, {"ce": float(loss.detach())})
