@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import Row, bindparam, select
 from sqlalchemy.orm import Session
 
 from service.clients.tables import ApiClient
@@ -17,6 +18,19 @@ def add(session: Session, client: ApiClient) -> None:
 
 def get(session: Session, client_id: str) -> ApiClient | None:
     return session.get(ApiClient, client_id)
+
+
+# Every authenticated request's query: built once (the statement and its cache key), read as plain columns.
+_CREDENTIALS = select(
+    ApiClient.id, ApiClient.name, ApiClient.tenant, ApiClient.scopes, ApiClient.secret_sha256,
+    ApiClient.revoked_at,
+).where(ApiClient.id == bindparam("client_id"))  # fmt: skip
+Credentials = Row[str, str, str, list[str], str, datetime | None]
+
+
+def credentials(session: Session, client_id: str) -> Credentials | None:
+    """What authenticating a token needs of its client: id, name, tenant, scopes, digest, revocation."""
+    return session.execute(_CREDENTIALS, {"client_id": client_id}).one_or_none()
 
 
 def get_by_name(session: Session, name: str) -> ApiClient | None:

@@ -137,7 +137,7 @@ def authenticate(session: Session, token: str) -> Principal | None:
     client_id, _, secret = rest.partition(".")
     if prefix != TOKEN_PREFIX or not client_id or not secret or len(client_id) > 36:
         return None
-    client = repository.get(session, client_id)
+    client = repository.credentials(session, client_id)
     expected = client.secret_sha256 if client is not None else _ABSENT_DIGEST
     matches = hmac.compare_digest(expected, _digest(secret))
     if client is None or not matches or client.revoked_at is not None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
-from sqlalchemy import Row, exists, func, insert, literal, or_, select
+from sqlalchemy import Row, bindparam, exists, func, insert, literal, or_, select
 from sqlalchemy.orm import Session
 
 from service.datasets.tables import Dataset, Sample
@@ -115,24 +116,37 @@ def samples_of_subjects(
     ).all()
 
 
+def _subject_samples(erased: Any) -> Any:
+    return (
+        select(Sample, erased)
+        .where(
+            Sample.dataset_id == bindparam("dataset_id"),
+            or_(
+                Sample.subject_id == bindparam("subject_id"),
+                Sample.subject_hash == bindparam("subject_hash"),
+            ),
+        )
+        .order_by(Sample.id)
+    )
+
+
+# A deletion request's query of its subject: built once (the statements and their cache keys).
+_SUBJECT_SAMPLES = _subject_samples(literal(False))
+_SUBJECT_SAMPLES_ERASED_BY = _subject_samples(
+    exists().where(ErasedSample.model_id == bindparam("model_id"), ErasedSample.sample_pk == Sample.id)
+)
+
+
 def subject_samples(
     session: Session, dataset_id: str, subject_id: str, subject_hash: str, erased_by: str | None = None
 ) -> tuple[Sequence[Sample], set[int] | None]:
     """The subject's samples: by its id, or by its keyed hash once a purge pseudonymised them; with
     ``erased_by`` (a model's id), which of them that model erased (pks), read in the same query."""
-    erased = (
-        exists().where(ErasedSample.model_id == erased_by, ErasedSample.sample_pk == Sample.id)
-        if erased_by is not None
-        else literal(False)
-    )
-    rows = session.execute(
-        select(Sample, erased)
-        .where(
-            Sample.dataset_id == dataset_id,
-            or_(Sample.subject_id == subject_id, Sample.subject_hash == subject_hash),
-        )
-        .order_by(Sample.id)
-    ).all()
+    parameters = {"dataset_id": dataset_id, "subject_id": subject_id, "subject_hash": subject_hash}
+    if erased_by is None:
+        rows = session.execute(_SUBJECT_SAMPLES, parameters).all()
+    else:
+        rows = session.execute(_SUBJECT_SAMPLES_ERASED_BY, {**parameters, "model_id": erased_by}).all()
     samples = [sample for sample, _erased in rows]
     return samples, {sample.id for sample, was in rows if was} if erased_by is not None else None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import bindparam, func, insert, select
 from sqlalchemy.orm import Session
 
 from service.datasets.tables import Sample
@@ -155,13 +155,20 @@ def erased_from_every_model(session: Session, dataset_id: str, model_count: int)
     return int(session.scalar(select(func.count()).select_from(per_sample)) or 0)
 
 
+# Every new erasure target's query: built once (the statement and its cache key).
+_OPEN_BATCHES = (
+    select(Job)
+    .where(
+        Job.model_id == bindparam("model_id"),
+        Job.state == "queued",
+        Job.batch_open.is_(True),
+        Job.method == bindparam("method"),
+    )
+    .order_by(Job.created_at)
+    .with_for_update()
+)
+
+
 def open_batches(session: Session, model_id: str, method: str) -> Sequence[Job]:
     """The model's queued jobs that still take requests of ``method``, locked, oldest first."""
-    return session.scalars(
-        select(Job)
-        .where(
-            Job.model_id == model_id, Job.state == "queued", Job.batch_open.is_(True), Job.method == method
-        )
-        .order_by(Job.created_at)
-        .with_for_update()
-    ).all()
+    return session.scalars(_OPEN_BATCHES, {"model_id": model_id, "method": method}).all()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import Row, func, insert, select
+from sqlalchemy import Row, bindparam, func, insert, select
 from sqlalchemy.orm import Session
 
 from service.datasets.tables import Dataset
@@ -42,16 +42,20 @@ def lock_model(session: Session, model_id: str) -> Model | None:
     return model
 
 
+# Every deletion request's first query: built once (the statement and its cache key).
+_LOCK_NAMED = (
+    select(Model, Dataset)
+    .join(Dataset, Dataset.id == Model.dataset_id)
+    .where(Model.tenant == bindparam("tenant"), Model.name == bindparam("name"))
+    .with_for_update(key_share=True, of=Model)
+    .execution_options(populate_existing=True)
+)
+
+
 def lock_model_named(session: Session, tenant: str, name: str) -> Row[Model, Dataset] | None:
     """The tenant's model by name, with its dataset, its row locked as :func:`lock_model` locks it: one
     statement where a request would read the model, then lock it."""
-    row = session.execute(
-        select(Model, Dataset)
-        .join(Dataset, Dataset.id == Model.dataset_id)
-        .where(Model.tenant == tenant, Model.name == name)
-        .with_for_update(key_share=True, of=Model)
-        .execution_options(populate_existing=True)
-    ).one_or_none()
+    row = session.execute(_LOCK_NAMED, {"tenant": tenant, "name": name}).one_or_none()
     if row is not None:
         _note_locked(session, row[0].id)
     return row

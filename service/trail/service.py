@@ -105,10 +105,12 @@ def _chained(session: Session) -> list[dict[str, Any]]:
     return rows
 
 
+# Every commit that appends events takes the head by this statement: built once (and its cache key).
+_LOCK_HEAD = select(TrailHead.seq, TrailHead.hash).where(TrailHead.id == _HEAD_ID).with_for_update()
+
+
 def _lock_head(session: Session) -> tuple[int, str]:
-    head = session.execute(
-        select(TrailHead.seq, TrailHead.hash).where(TrailHead.id == _HEAD_ID).with_for_update()
-    ).one_or_none()
+    head = session.execute(_LOCK_HEAD).one_or_none()
     if head is None:  # the first event of a database creates the head row
         session.add(TrailHead(id=_HEAD_ID, seq=0, hash=GENESIS))
         session.flush()
