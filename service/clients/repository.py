@@ -30,7 +30,8 @@ Credentials = Row[str, str, str, list[str], str, datetime | None]
 
 def credentials(session: Session, client_id: str) -> Credentials | None:
     """What authenticating a token needs of its client: id, name, tenant, scopes, digest, revocation."""
-    return session.execute(_CREDENTIALS, {"client_id": client_id}).one_or_none()
+    # On the session's connection: plain columns need none of the ORM's execution.
+    return session.connection().execute(_CREDENTIALS, {"client_id": client_id}).one_or_none()
 
 
 def get_by_name(session: Session, name: str) -> ApiClient | None:

@@ -110,7 +110,7 @@ _LOCK_HEAD = select(TrailHead.seq, TrailHead.hash).where(TrailHead.id == _HEAD_I
 
 
 def _lock_head(session: Session) -> tuple[int, str]:
-    head = session.execute(_LOCK_HEAD).one_or_none()
+    head = session.connection().execute(_LOCK_HEAD).one_or_none()  # plain columns: no ORM execution
     if head is None:  # the first event of a database creates the head row
         session.add(TrailHead(id=_HEAD_ID, seq=0, hash=GENESIS))
         session.flush()
