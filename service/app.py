@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -39,9 +40,12 @@ def create_app(
     dispatcher: JobDispatcher | None = None,
     *,
     session_factory: sessionmaker[Session] | None = None,
+    freeze_startup_heap: bool = False,
 ) -> FastAPI:
     """Build the API. ``dispatcher`` defaults to the one ``settings.dispatcher`` names; ``session_factory``
-    defaults to one on ``settings.database_url`` (tests pass theirs, bound to a rolled-back transaction)."""
+    defaults to one on ``settings.database_url`` (tests pass theirs, bound to a rolled-back transaction).
+    ``freeze_startup_heap``: what a served process sets (:func:`create_served_app`), never a test that
+    builds many apps in one process."""
     settings = settings or Settings()
     engine = None
     if session_factory is None:
@@ -52,6 +56,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if freeze_startup_heap:
+            # The modules, routes, schemas and mappers built at startup leave the collector's generations:
+            # its full collections then walk a request's garbage, not the whole heap. Measured at 50 POST/s
+            # (one run, alternated): p99 26-32 ms frozen, 35-132 ms not.
+            gc.collect()
+            gc.freeze()
         yield
         if engine is not None:
             engine.dispose()
@@ -109,3 +119,9 @@ def create_app(
     # The compliance console: HTML pages for people, same process, clients and tenants (not in the OpenAPI).
     app.mount("/console", create_console(app))
     return app
+
+
+def create_served_app() -> FastAPI:
+    """The app as ``lethe api`` serves it: settings from the environment, the startup heap frozen. A uvicorn
+    factory (``uvicorn --factory service.app:create_served_app``), as the benchmarks serve it."""
+    return create_app(Settings(), freeze_startup_heap=True)

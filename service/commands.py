@@ -40,7 +40,7 @@ def _api(_args: argparse.Namespace) -> int:
     configure(settings.log_format, settings.log_level)
     # The app writes its own access line (with the request id); uvicorn keeps the root logger's format.
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, freeze_startup_heap=True),
         host=settings.api_host,
         port=settings.api_port,
         log_config=None,

@@ -38,6 +38,23 @@ def test_the_api_never_imports_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+def test_a_served_app_freezes_its_startup_heap_and_a_test_app_does_not(tmp_path: Path) -> None:
+    # In a process of its own: a frozen heap is never collected again, which no test process should carry.
+    code = f"""
+import gc
+from fastapi.testclient import TestClient
+from service.app import create_app
+from service.core.settings import Settings
+settings = Settings(database_url="sqlite:///{tmp_path}/db.sqlite", data_dir="{tmp_path}")
+with TestClient(create_app(settings)):
+    assert gc.get_freeze_count() == 0
+with TestClient(create_app(settings, freeze_startup_heap=True)) as client:
+    assert gc.get_freeze_count() > 10_000, gc.get_freeze_count()
+    assert client.get("/healthz").status_code == 200
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
 def test_every_error_is_a_problem(client: TestClient) -> None:
     assert_problem(client.get("/nowhere"), 404, "not-found")
     assert_problem(client.delete("/jobs"), 405, "method-not-allowed")

@@ -151,7 +151,7 @@ def run(duration: float, connections: int, rate: float, bulk: int, cancel: int) 
                "LETHE_RATE_LIMIT": "1000000/minute"}  # fmt: skip
         headers = bench_headers(database_url)
         with (
-            _served("service.app:create_app", env) as url,
+            _served("service.app:create_served_app", env) as url,
             httpx.Client(base_url=url, headers=headers) as client,
         ):
             dataset_id = (

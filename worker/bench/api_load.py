@@ -1,11 +1,11 @@
 """Service benchmark: POST /deletion-requests at a fixed rate, and a job's overhead before its first step.
 
 ``python -m worker.bench.api_load`` against the local Postgres (a fresh database, dropped afterwards) and
-Redis (one database index, flushed): uvicorn serves ``service.app:create_app`` in a subprocess with the real
-Celery dispatcher and no worker, so each request commits its request + job rows and publishes a message.
-Loopback only; the count and the duration are bounded. The load is open-loop: requests leave on a fixed
-schedule and latency runs from the scheduled send, so a slow server cannot hide its queueing (no coordinated
-omission).
+Redis (one database index, flushed): uvicorn serves ``service.app:create_served_app`` in a subprocess with
+the real Celery dispatcher and no worker, so each request commits its request + job rows and publishes a
+message. Loopback only; the count and the duration are bounded. The load is open-loop: requests leave on
+a fixed schedule and latency runs from the scheduled send, so a slow server cannot hide its queueing (no
+coordinated omission).
 
 Pick-up to first step: a job of the same 5,000-sample dataset run by ``worker.pipeline.run_job`` in this
 process; the time from the call (claim, checkpoint load and hash check, sample resolution, array reads) to the
@@ -224,7 +224,7 @@ def run(rate: float, duration: float, max_requests: int, repeats: int, profile: 
                    # The limiter runs (its cost is measured) but does not cap the offered load.
                    "LETHE_RATE_LIMIT": "1000000/minute"}  # fmt: skip
             server = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+                [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_served_app",
                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],
                 env=env,
             )  # fmt: skip

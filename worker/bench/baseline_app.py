@@ -1,14 +1,17 @@
-"""The bare stack's floor, for ``worker.bench.api_load --compare``: FastAPI + SQLAlchemy + psycopg, one
-endpoint that validates a body like a deletion request's and inserts one row in one transaction, served the
-way Lethe is (one uvicorn process, a sync handler, a pool as large as Lethe's). Nothing else: no
-authentication, no idempotency, no trail, no queue. ``uvicorn --factory worker.bench.baseline_app:create_app``
-with ``LETHE_BENCH_BASELINE_URL`` naming its database (the table is created at start)."""
+"""The bare stack's floor, for ``worker.bench.api_compare``: FastAPI + SQLAlchemy + psycopg, one endpoint
+that validates a body like a deletion request's and inserts one row in one transaction, served the way Lethe
+is (one uvicorn process, a sync handler, a pool as large as Lethe's, the startup heap frozen). Nothing else:
+no authentication, no idempotency, no trail, no queue. ``uvicorn --factory
+worker.bench.baseline_app:create_app`` with ``LETHE_BENCH_BASELINE_URL`` naming its database (the table is
+created at start)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -59,7 +62,14 @@ class RequestOut(BaseModel):
 def create_app() -> FastAPI:
     engine = create_engine(os.environ["LETHE_BENCH_BASELINE_URL"], pool_size=POOL_SIZE)
     _Base.metadata.create_all(engine)
-    app = FastAPI()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        gc.collect()  # served as Lethe is: its startup heap frozen (service.app.create_served_app)
+        gc.freeze()
+        yield
+
+    app = FastAPI(lifespan=lifespan)
     app.state.session_factory = sessionmaker(engine, expire_on_commit=False)
 
     @app.post("/deletion-requests", status_code=status.HTTP_202_ACCEPTED, response_model=RequestOut)

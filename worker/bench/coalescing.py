@@ -95,7 +95,7 @@ def stack(base_env: dict[str, str], tmp: Path, name: str, workers: int, **settin
     env = {**base_env, **{f"LETHE_{key.upper()}": str(value) for key, value in settings.items()}}
     port = free_port()
     api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1",
+        [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_served_app", "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "warning", "--no-access-log"],
         env=env,
     )  # fmt: skip

@@ -57,8 +57,8 @@ def api_upload(tmp: Path, store: str, storage_url: str) -> list[dict[str, Any]]:
                "LETHE_STORAGE_URL": storage_url, "LETHE_DATA_DIR": str(tmp), "LETHE_RATE_LIMIT": "",
                "LETHE_LOG_LEVEL": "WARNING"}  # fmt: skip
         server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning", "--no-access-log"],
+            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_served_app",
+             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],
             env=env,
         )  # fmt: skip
         try:
