@@ -1,16 +1,18 @@
 """Lethe's ``POST /deletion-requests`` against its stack's floor, in one run, with one load client.
 
 ``python -m worker.bench.api_compare`` (``make bench-api``), against the local Postgres (a fresh database,
-dropped afterwards) and Redis (one index, flushed). Each server is one uvicorn process in a subprocess,
-started in turn (never both at once), loaded by :mod:`worker.bench.load_client` from this process:
+dropped afterwards) and Redis (one index, flushed). Each server is one uvicorn process in a subprocess (both
+up throughout, loaded one at a time), loaded by :mod:`worker.bench.load_client` from this process:
 
-1. the baseline (:mod:`worker.bench.baseline_app`: validate a similar body, insert one row, one
-   transaction), ``--connections`` senders back to back for ``--duration`` s: its saturation throughput;
-2. Lethe, the same: authenticated, rate-limited (far above the load), idempotent, every request with its
-   samples, erasure target, place in its model's open job, trail events and a Celery message (no worker);
-3. Lethe at a fixed ``--rate`` (open loop, latency from the scheduled send): p50 / p99;
-4. ``POST /deletion-requests/bulk``: ``--bulk`` requests in calls of 1,000 items: accepted per second;
-5. ``POST /jobs/{id}/cancel`` of one job holding ``--cancel`` requests (queued in bulk): seconds.
+1. ``--rounds`` alternated rounds of the baseline (:mod:`worker.bench.baseline_app`: validate a similar
+   body, insert one row, one transaction) and of Lethe (authenticated, rate-limited far above the load,
+   idempotent, every request with its samples, erasure target, place in its model's open job, trail events),
+   each ``--connections`` senders back to back for ``--duration`` s: saturation throughputs, and Lethe's
+   share of the baseline's per round (their median is the headline: one round each way can fall in a
+   minute when the machine is busier);
+2. ``--rate-runs`` runs of Lethe at a fixed ``--rate`` (open loop, latency from the scheduled send);
+3. ``POST /deletion-requests/bulk``: ``--bulk`` requests in calls of 1,000 items: accepted per second;
+4. ``POST /jobs/{id}/cancel`` of one job holding ``--cancel`` requests (queued in bulk): seconds.
 
 Every Lethe run's database is checked against what the client was told (the ledger: lost, duplicated by
 key). The ratios are computed within the run, so the machine's other load weighs on both sides.
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,19 +132,23 @@ def _bulk(client: httpx.Client, model: str, count: int, prefix: str) -> tuple[di
     return result, accepted
 
 
-def run(duration: float, connections: int, rate: float, bulk: int, cancel: int) -> dict[str, Any]:
+def _baseline_round(url: str, connections: int, duration: float) -> dict[str, Any]:
+    body = {"model": "bench", "subject_id": "subject-0001", "config": {"epochs": 1}}
+    run = asyncio.run(
+        load_client.closed_loop(url, {}, "/deletion-requests", lambda _i: body, connections, duration)
+    )
+    _answered(run, "the baseline").pop("accepted_ids")
+    return run
+
+
+def run(
+    duration: float, connections: int, rate: float, bulk: int, cancel: int, rounds: int, rate_runs: int
+) -> dict[str, Any]:
     with (
         bench_backends("lethe_bench_compare", REDIS_URL) as database_url,
         tempfile.TemporaryDirectory(prefix="lethe-bench-") as tmp,
     ):
         directory = Path(tmp)
-        baseline_env = {"LETHE_BENCH_BASELINE_URL": database_url}
-        with _served("worker.bench.baseline_app:create_app", baseline_env) as url:
-            baseline_body = {"model": "bench", "subject_id": "subject-0001", "config": {"epochs": 1}}
-            baseline = _answered(asyncio.run(load_client.closed_loop(
-                url, {}, "/deletion-requests", lambda _i: baseline_body, connections, duration
-            )), "the baseline")  # fmt: skip
-            baseline.pop("accepted_ids")
         env = {"LETHE_DATABASE_URL": database_url, "LETHE_REDIS_URL": REDIS_URL,
                "LETHE_STORAGE_URL": str(directory / "store"), "LETHE_DISPATCHER": "celery",
                "LETHE_BATCH_WAIT_S": "0", "LETHE_DATA_DIR": tmp,
@@ -151,6 +158,10 @@ def run(duration: float, connections: int, rate: float, bulk: int, cancel: int) 
                "LETHE_RATE_LIMIT": "1000000/minute"}  # fmt: skip
         headers = bench_headers(database_url)
         with (
+            # Both served throughout (the idle one costs nothing), so their rounds can alternate.
+            _served(
+                "worker.bench.baseline_app:create_app", {"LETHE_BENCH_BASELINE_URL": database_url}
+            ) as floor,
             _served("service.app:create_served_app", env) as url,
             httpx.Client(base_url=url, headers=headers) as client,
         ):
@@ -159,16 +170,24 @@ def run(duration: float, connections: int, rate: float, bulk: int, cancel: int) 
                 .raise_for_status()
                 .json()["id"]
             )
-            for name in ("bench-saturation", "bench-rate", "bench-bulk", "bench-cancel"):
+            saturation_models = [f"bench-saturation-{i}" for i in range(rounds)]
+            rate_models = [f"bench-rate-{i}" for i in range(rate_runs)]
+            for name in (*saturation_models, *rate_models, "bench-bulk", "bench-cancel"):
                 _register_model(client, directory, dataset_id, name)
             path = "/deletion-requests"
-            saturated = load_client.closed_loop(
-                url, headers, path, _body_of("bench-saturation"), connections, duration, "sat-"
-            )
-            saturation = _checked(database_url, "bench-saturation", asyncio.run(saturated), "sat-")
-            count = int(rate * duration)
-            paced = load_client.open_loop(url, headers, path, _body_of("bench-rate"), rate, count, "rate-")
-            fixed = _checked(database_url, "bench-rate", asyncio.run(paced), "rate-")
+            baseline, saturation = [], []
+            # Alternated rounds: a change in the machine's other load between them weighs on both sides.
+            for model in saturation_models:
+                baseline.append(_baseline_round(floor, connections, duration))
+                saturated = load_client.closed_loop(
+                    url, headers, path, _body_of(model), connections, duration, f"{model}-"
+                )
+                saturation.append(_checked(database_url, model, asyncio.run(saturated), f"{model}-"))
+            fixed = []
+            for model in rate_models:
+                count = int(rate * duration)
+                paced = load_client.open_loop(url, headers, path, _body_of(model), rate, count, f"{model}-")
+                fixed.append(_checked(database_url, model, asyncio.run(paced), f"{model}-"))
             bulk_run, accepted = _bulk(client, "bench-bulk", bulk, "bulk-")
             bulk_run["ledger"] = load_client.ledger(database_url, "bench-bulk", accepted, bulk, "bulk-")
             _cancel_run, cancel_accepted = _bulk(client, "bench-cancel", cancel, "cancel-")
@@ -182,15 +201,20 @@ def run(duration: float, connections: int, rate: float, bulk: int, cancel: int) 
                 client.get(f"/deletion-requests/{request_id}").json()["state"] == "canceled"
                 for request_id in canceled["request_ids"]
             )
-    lethe_tput, base_tput = saturation["throughput_per_s"], baseline["throughput_per_s"]
+    shares = [
+        round(lethe["throughput_per_s"] / floor["throughput_per_s"], 3)
+        for lethe, floor in zip(saturation, baseline, strict=True)
+    ]
     return {
         "benchmark": "api-compare",
         "duration_s": duration,
         "connections": connections,
+        "rounds": rounds,
         "baseline_saturation": baseline,
         "lethe_saturation": saturation,
-        "lethe_throughput_share_of_baseline": round(lethe_tput / base_tput, 3),
+        "lethe_throughput_share_of_baseline": {"per_round": shares, "median": statistics.median(shares)},
         "lethe_fixed_rate": fixed,
+        "lethe_fixed_rate_worst_p99_ms": max(run["latency_ms"]["p99"] for run in fixed),
         "lethe_bulk": bulk_run,
         "lethe_cancel": {
             "requests_in_job": held,
@@ -209,9 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=50.0, help="requests per second of the fixed-rate run")
     parser.add_argument("--bulk", type=int, default=5_000, help="requests posted in bulk")
     parser.add_argument("--cancel", type=int, default=2_000, help="requests in the job that is canceled")
+    parser.add_argument("--rounds", type=int, default=3, help="alternated saturation rounds of each server")
+    parser.add_argument("--rate-runs", type=int, default=2, help="fixed-rate runs of Lethe")
     parser.add_argument("--json", type=Path, default=Path("docs/results/bench-api-compare.json"))
     args = parser.parse_args(argv)
-    write_result(run(args.duration, args.connections, args.rate, args.bulk, args.cancel), args.json)
+    result = run(
+        args.duration, args.connections, args.rate, args.bulk, args.cancel, args.rounds, args.rate_runs
+    )
+    write_result(result, args.json)
     return 0
 
 
