@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-import rfc8785
 from sqlalchemy.orm import Session
 
+from service.core import canonical
 from service.datasets import repository as datasets_repository
 from service.deletion_requests import repository as requests_repository
 from service.deletion_requests.tables import DeletionRequest
@@ -59,7 +59,7 @@ def _code_version() -> str:
 
 def canonical_bytes(content: dict[str, Any]) -> bytes:
     """RFC 8785 (JSON Canonicalization Scheme): the same content always gives the same bytes to sign."""
-    return rfc8785.dumps(content)
+    return canonical.dumps(content)
 
 
 def _pseudonym(salt: bytes, kind: str, value: str) -> str:

@@ -15,11 +15,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import rfc8785
 from sqlalchemy import event as orm_event
 from sqlalchemy import select
 from sqlalchemy.orm import Session, SessionTransaction
 
+from service.core import canonical
 from service.core.clock import utcnow
 from service.core.database import Writes, commit_writer, write_together
 from service.trail.tables import GENESIS, TrailEvent, TrailHead
@@ -39,7 +39,7 @@ def event_hash(prev_hash: str, event: TrailEvent) -> str:
         "subject_id": event.subject_id,
         "data": event.data,
     }
-    return hashlib.sha256(prev_hash.encode() + rfc8785.dumps(body)).hexdigest()
+    return hashlib.sha256(prev_hash.encode() + canonical.dumps(body)).hexdigest()
 
 
 _PENDING = "lethe.trail.pending"  # the session's queued events (Session.info)
