@@ -25,6 +25,7 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    any_,
     bindparam,
     cast,
     column,
@@ -36,7 +37,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import (
@@ -131,6 +132,14 @@ def head_revision() -> str:
 def new_id() -> str:
     """Primary keys of resources the API exposes: random UUIDs, as text so SQLite and Postgres agree."""
     return str(uuid.uuid4())
+
+
+def among(session: Session, column: Any, values: Sequence[Any]) -> Any:
+    """``column IN (values)``; on Postgres ``column = ANY(:values)``, one array parameter however many values
+    (an IN list is rendered and sent a parameter a value: a tenth of a bulk call's CPU went to that)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+    return column.in_(values)
 
 
 def one_of(column: str, values: tuple[str, ...]) -> CheckConstraint:

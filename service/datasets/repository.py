@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import Row, bindparam, exists, func, insert, literal, or_, select
 from sqlalchemy.orm import Session
 
+from service.core.database import among
 from service.datasets.tables import Dataset, Sample
 from service.erasures.tables import ErasedSample
 
@@ -110,7 +111,10 @@ def samples_of_subjects(
         select(Sample)
         .where(
             Sample.dataset_id == dataset_id,
-            or_(Sample.subject_id.in_(subject_ids), Sample.subject_hash.in_(subject_hashes)),
+            or_(
+                among(session, Sample.subject_id, subject_ids),
+                among(session, Sample.subject_hash, subject_hashes),
+            ),
         )
         .order_by(Sample.id)
     ).all()

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from service.clients.security import requires
 from service.clients.service import Principal
+from service.core.database import among
 from service.core.problems import InvalidInput, ProblemError, problem_body
 from service.core.settings import Settings
 from service.deletion_requests import service
@@ -187,7 +188,7 @@ def _bulk_items(
     # The call's answered keys read in one query; held here, find_answer finds them in the session.
     held = session.scalars(
         select(IdempotencyRecord).where(
-            IdempotencyRecord.client_id == caller.client_id, IdempotencyRecord.key.in_(keys)
+            IdempotencyRecord.client_id == caller.client_id, among(session, IdempotencyRecord.key, keys)
         )
     ).all()
     answered = {record.key for record in held}

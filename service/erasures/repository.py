@@ -8,6 +8,7 @@ from datetime import datetime
 from sqlalchemy import bindparam, func, insert, select
 from sqlalchemy.orm import Session
 
+from service.core.database import among
 from service.datasets.tables import Sample
 from service.deletion_requests.tables import DeletionRequestSample
 from service.erasures.tables import ErasedSample, ErasureTarget
@@ -73,7 +74,7 @@ def erased_pks(session: Session, model_id: str, sample_pks: Sequence[int]) -> se
         found.update(
             session.scalars(
                 select(ErasedSample.sample_pk).where(
-                    ErasedSample.model_id == model_id, ErasedSample.sample_pk.in_(chunk)
+                    ErasedSample.model_id == model_id, among(session, ErasedSample.sample_pk, chunk)
                 )
             )
         )
