@@ -44,7 +44,9 @@ bench-audit: $(STAMP)
 	done; done
 	$(BIN)/python -m worker.bench.audit_table results/audit/*.json --ways $(AUDIT_WAYS) \
 		--json docs/results/audit-calibration.json
-	$(BIN)/python -m worker.bench.audit_cost --dataset mnist5k --json docs/results/audit-cost-mnist5k.json
+	for dataset in digits mnist5k; do \
+		$(BIN)/python -m worker.bench.audit_cost --dataset $$dataset --json docs/results/audit-cost-$$dataset.json || exit 1; \
+	done
 
 # Lethe's POST /deletion-requests against the bare stack's floor (one run, one load client), the bulk
 # endpoint and a 2,000-request cancel; about 3 minutes.
