@@ -111,3 +111,24 @@ def test_more_layers_than_the_model_has_is_refused(memorised: Memorised) -> None
         unlearn(memorised.model, SPEC, memorised.forget, memorised.retain, config)
     with pytest.raises(ConfigError, match=r"repair\.reinit_layers must be >= 0"):
         make_config("repair", {"reinit_layers": -1})
+
+
+def _kl_from(base: nn.Module, model: nn.Module, x: torch.Tensor) -> float:
+    target = torch.log_softmax(predict_logits(base, x, RunContext()), 1)
+    log_probs = torch.log_softmax(predict_logits(model, x, RunContext()), 1)
+    return float(torch.nn.functional.kl_div(log_probs, target, reduction="batchmean", log_target=True))
+
+
+def test_distillation_holds_the_repair_to_the_base_model_on_what_it_keeps_and_still_forgets(
+    memorised: Memorised,
+) -> None:
+    plain = unlearn(memorised.model, SPEC, memorised.forget, memorised.retain, make_config("repair"))
+    distilled = unlearn(
+        memorised.model, SPEC, memorised.forget, memorised.retain, make_config("repair", {"distill": 1.0})
+    )
+    kept = memorised.retain.x
+    assert _kl_from(memorised.model, distilled, kept) < 0.75 * _kl_from(memorised.model, plain, kept)
+    # D_f never enters the loss, the base model's view of it included: its wrong labels are not relearnt.
+    assert memorised.wrong_labels_predicted(distilled) < 0.2
+    with pytest.raises(ConfigError, match=r"repair\.distill must be in \[0, 1\]"):
+        make_config("repair", {"distill": 1.5})

@@ -60,6 +60,8 @@ WAYS: dict[str, tuple[str, dict[str, Any]]] = {
     "repair-reinit1": ("repair", {"reinit_layers": 1, "epochs": 1, "min_steps": 0}),
     "repair-reinit2": ("repair", {"reinit_layers": 2, "epochs": 1, "min_steps": 0}),
     "repair-mixunlearn": ("repair", {"mixunlearn_steps": 40, "epochs": 1, "min_steps": 0}),
+    "repair-distill": ("repair", {"distill": 1.0}),
+    "repair-distill-half": ("repair", {"distill": 0.5}),
 }
 DEFAULT_WAYS = ("retrain", "noop", "mixunlearn", "repair")
 # Audits read from the first k references of one set of 16 (whole complementary pairs): the cheaper sets

@@ -189,6 +189,10 @@ class RepairConfig(UnlearnConfig):
     reinit_layers: int = 3
     min_steps: int = 200
     mixunlearn_steps: int = 0
+    # The repair's loss on a D_r batch: (1 - distill) cross-entropy on the labels + distill KL(base model's
+    # softmax || the repaired model's), the base model being the one handed in, before the damage. Not yet a
+    # default: being measured (docs/audit.md).
+    distill: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -281,7 +285,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "min_steps", "seed", "weight_decay", "retain_weight", "omega", "reinit_layers", "mixunlearn_steps",
 }  # fmt: skip
-_UNIT_INTERVAL = {"p", "distance_threshold"}
+_UNIT_INTERVAL = {"p", "distance_threshold", "distill"}
 # UGradSL's rate: negative label smoothing (the paper's alpha < 0; a positive rate is plain label smoothing).
 _NEGATIVE = {"smoothing"}
 _MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed

@@ -15,10 +15,12 @@ Only ``model``, ``forget`` and ``retain`` are read: no audit evidence (reference
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from worker.engine.config import MixUnlearnConfig, RepairConfig, UnlearnConfig
@@ -74,6 +76,42 @@ def _forget_step_steps(n_forget: int, config: RepairConfig) -> int:
     return per_epoch * -(-config.mixunlearn_steps // per_epoch)
 
 
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    teacher = copy.deepcopy(model).eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
+def _distilled_step(
+    model: nn.Module,
+    teacher: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: RepairConfig,
+    ctx: RunContext,
+) -> torch.Tensor:
+    """One step of (1 - distill) cross-entropy + distill KL(base || repaired) on a D_r batch: the repaired
+    model is held to what the base model said of the data it keeps (its confidence on its own training samples
+    included), and never sees D_f."""
+    device = ctx.runtime.device
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    with ctx.runtime.autocast():
+        with torch.no_grad():
+            target = F.log_softmax(teacher(x).float(), dim=1)
+        logits = model(x)
+        log_probs = F.log_softmax(logits.float(), dim=1)
+        kl = F.kl_div(log_probs, target, reduction="batchmean", log_target=True)
+        loss = (1 - config.distill) * F.cross_entropy(logits, y) + config.distill * kl
+    optimiser.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimiser)
+    scaler.update()
+    return loss
+
+
 def run(
     model: nn.Module,
     spec: ModelSpec,
@@ -105,6 +143,7 @@ def run(
         model = mixunlearn.run(model, spec, forget, retain, mix, step_ctx)
 
     model.to(device)
+    teacher = _frozen_copy(model) if config.distill > 0 else None
     reinitialise_last(model, fresh_model(spec, ctx.generator(_FRESH_STREAM)).to(device), config.reinit_layers)
 
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -118,7 +157,11 @@ def run(
     unlearning_mode(model, config)
     for step in range(1, steps + 1):
         rows = order.take(config.batch_size)
-        loss = supervised_step(model, optimiser, scaler, retain.x[rows], labels[rows], ctx)
+        if teacher is None:
+            loss = supervised_step(model, optimiser, scaler, retain.x[rows], labels[rows], ctx)
+        else:
+            x, y = retain.x[rows], labels[rows]
+            loss = _distilled_step(model, teacher, optimiser, scaler, x, y, config, ctx)
         scheduler.step()
         epoch = min(epochs, 1 + (step - 1) * config.batch_size // len(retain))
         ctx.step(before + step, total, epoch, epochs, {"ce": float(loss.detach())})
