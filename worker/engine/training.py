@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -23,6 +25,14 @@ def set_batchnorm_mode(model: nn.Module, train: bool) -> None:
             module.train(train)
 
 
+# A batch's loss from the model's logits, the batch and its labels (on the runtime's device).
+BatchLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(logits: torch.Tensor, _x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y)
+
+
 def supervised_step(
     model: nn.Module,
     optimiser: torch.optim.Optimizer,
@@ -30,12 +40,14 @@ def supervised_step(
     x: torch.Tensor,
     y: torch.Tensor,
     ctx: RunContext,
+    loss_of: BatchLoss = cross_entropy,
 ) -> torch.Tensor:
-    """One cross-entropy step on a batch (mixed precision where the runtime has it); the batch's loss."""
+    """One step on a batch (mixed precision where the runtime has it), cross-entropy unless ``loss_of`` says
+    otherwise; the batch's loss."""
     device = ctx.runtime.device
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     with ctx.runtime.autocast():
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_of(model(x), x, y)
     optimiser.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimiser)

@@ -31,7 +31,7 @@ from worker.engine.methods._loops import Cycler, config_as, require_remaining, u
 from worker.engine.models import build_model
 from worker.engine.progress import ProgressEvent
 from worker.engine.spec import ModelSpec
-from worker.engine.training import supervised_step
+from worker.engine.training import BatchLoss, cross_entropy, supervised_step
 
 # Independent random streams of the run's seed (RunContext.generator offsets).
 _FRESH_STREAM, _ORDER_STREAM, _FORGET_STEP_STREAM = 0, 1, 2
@@ -83,33 +83,18 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
-def _distilled_step(
-    model: nn.Module,
-    teacher: nn.Module,
-    optimiser: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    config: RepairConfig,
-    ctx: RunContext,
-) -> torch.Tensor:
-    """One step of (1 - distill) cross-entropy + distill KL(base || repaired) on a D_r batch: the repaired
-    model is held to what the base model said of the data it keeps (its confidence on its own training samples
-    included), and never sees D_f."""
-    device = ctx.runtime.device
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    with ctx.runtime.autocast():
+def _distilled_loss(teacher: nn.Module, distill: float) -> BatchLoss:
+    """(1 - distill) cross-entropy + distill KL(base || repaired) on a D_r batch: the repaired model is held
+    to what the base model said of the data it keeps (its confidence on its own training samples included),
+    and never sees D_f."""
+
+    def loss_of(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             target = F.log_softmax(teacher(x).float(), dim=1)
-        logits = model(x)
-        log_probs = F.log_softmax(logits.float(), dim=1)
-        kl = F.kl_div(log_probs, target, reduction="batchmean", log_target=True)
-        loss = (1 - config.distill) * F.cross_entropy(logits, y) + config.distill * kl
-    optimiser.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimiser)
-    scaler.update()
-    return loss
+        kl = F.kl_div(F.log_softmax(logits.float(), dim=1), target, reduction="batchmean", log_target=True)
+        return (1 - distill) * F.cross_entropy(logits, y) + distill * kl
+
+    return loss_of
 
 
 def run(
@@ -143,7 +128,7 @@ def run(
         model = mixunlearn.run(model, spec, forget, retain, mix, step_ctx)
 
     model.to(device)
-    teacher = _frozen_copy(model) if config.distill > 0 else None
+    loss_of = _distilled_loss(_frozen_copy(model), config.distill) if config.distill > 0 else cross_entropy
     reinitialise_last(model, fresh_model(spec, ctx.generator(_FRESH_STREAM)).to(device), config.reinit_layers)
 
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -157,11 +142,7 @@ def run(
     unlearning_mode(model, config)
     for step in range(1, steps + 1):
         rows = order.take(config.batch_size)
-        if teacher is None:
-            loss = supervised_step(model, optimiser, scaler, retain.x[rows], labels[rows], ctx)
-        else:
-            x, y = retain.x[rows], labels[rows]
-            loss = _distilled_step(model, teacher, optimiser, scaler, x, y, config, ctx)
+        loss = supervised_step(model, optimiser, scaler, retain.x[rows], labels[rows], ctx, loss_of)
         scheduler.step()
         epoch = min(epochs, 1 + (step - 1) * config.batch_size // len(retain))
         ctx.step(before + step, total, epoch, epochs, {"ce": float(loss.detach())})
