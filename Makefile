@@ -48,8 +48,8 @@ bench-audit: $(STAMP)
 		$(BIN)/python -m worker.bench.audit_cost --dataset $$dataset --json docs/results/audit-cost-$$dataset.json || exit 1; \
 	done
 
-# Lethe's POST /deletion-requests against the bare stack's floor (one run, one load client), the bulk
-# endpoint and a 2,000-request cancel; about 3 minutes.
+# Lethe's POST /deletion-requests against the bare stack's floor (one run, one load client, three alternated
+# saturation rounds each), two runs at 50 /s, the bulk endpoint and a 2,000-request cancel; about 5 minutes.
 bench-api: $(STAMP)
 	$(BIN)/python -m worker.bench.api_compare --json docs/results/bench-api-compare.json
 
