@@ -8,7 +8,14 @@ import torch
 
 from worker.audit.evidence import Evidence, PowerCheck, both_attacks, detectable_share, matched_held_rows
 from worker.audit.gate import AuditRules, gate, pooled_verdict, verdict
-from worker.audit.membership import binomial_tail, holm, membership_test
+from worker.audit.membership import (
+    MATCHED_CONTROLS,
+    beyond_tail,
+    binomial_tail,
+    holm,
+    membership_test,
+    tail_rate,
+)
 from worker.audit.references import ReferenceSet, balanced_masks
 from worker.audit.rmia import rmia_test
 from worker.audit.run import with_batch_evidence
@@ -45,8 +52,30 @@ def test_masks_put_every_sample_in_exactly_half_the_references() -> None:
 def test_holm_and_binomial_tail() -> None:
     adjusted = holm(np.array([0.01, 0.04, 0.03, 0.5]))
     assert np.allclose(adjusted, [0.04, 0.09, 0.09, 0.5])
-    assert binomial_tail(0, 50) == pytest.approx(1.0)
-    assert binomial_tail(10, 50) < 0.01 < binomial_tail(5, 50)
+    assert binomial_tail(0, 50, 0.05) == pytest.approx(1.0)
+    assert binomial_tail(10, 50, 0.05) < 0.01 < binomial_tail(5, 50, 0.05)
+
+
+def test_the_share_test_holds_its_level_whatever_the_controls_tails() -> None:
+    """Never-seen samples drawn like their controls, from heavy tails (Student-t, 3 degrees of freedom), each
+    read against the 50 of 500 controls nearest its difficulty (so samples of one difficulty share most of
+    theirs, as a subject's samples do): the rank rule puts 2 in 51 of them beyond a tail, and the share test
+    rejects at most at its level. The rule it replaced (t > 1.645 after standardising by the controls'
+    median and MAD) put about 8 % beyond it, and rejected about 10 % of such requests at the same level."""
+    rng = np.random.default_rng(0)
+    trials, m, level = 4000, 50, 0.0125
+    difficulty, wanted = rng.uniform(0, 1, 500), rng.uniform(0, 1, m)
+    nearest = np.argsort(np.abs(difficulty[None, :] - wanted[:, None]), axis=1)[:, :MATCHED_CONTROLS]
+    rate = tail_rate(MATCHED_CONTROLS)
+    assert rate == pytest.approx(2 / 51)
+    flagged, rejected = 0, 0
+    for _ in range(trials):  # a new version: new scores for the controls and the samples
+        scores, values = rng.standard_t(3, 500), rng.standard_t(3, m)
+        above = sum(beyond_tail(float(v), scores[near])[0] for v, near in zip(values, nearest, strict=True))
+        flagged += above
+        rejected += binomial_tail(above, m, rate) < level
+    assert flagged / (trials * m) == pytest.approx(rate, abs=0.003)
+    assert rejected / trials <= level
 
 
 CLASSES = 5
@@ -101,8 +130,8 @@ def test_each_attack_separates_members_never_seen_and_over_forgotten(
     rows = np.sort(synthetic.rng.choice(600, 50, replace=False))
     test = run(synthetic.refs, rows, *synthetic.audited(rows, shift))
     summary = test.summary()
-    assert (test.residual_p() < 1e-4) == residual, summary
-    assert (test.over_forgetting_p() < 1e-4) == under, summary
+    assert (test.residual_p() < 1e-3) == residual, summary
+    assert (test.over_forgetting_p() < 1e-3) == under, summary
     assert ((test.p_member > 0) & (test.p_member <= 1)).all()
     if not residual and not under:
         assert test.residual_p() > 0.05 and test.over_forgetting_p() > 0.05, summary

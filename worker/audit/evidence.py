@@ -19,9 +19,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
-from worker.audit.membership import SHARE_TAIL, SPREAD_PRIOR, MembershipTest, Query, membership_test
+from worker.audit.membership import (
+    MATCHED_CONTROLS,
+    SPREAD_PRIOR,
+    MembershipTest,
+    Query,
+    binomial_tail,
+    membership_test,
+    tail_rate,
+)
 from worker.audit.references import ReferenceSet
 from worker.audit.rmia import RankTest, rmia_test
 from worker.audit.scores import stable_logit_all_labels
@@ -82,10 +89,11 @@ def both_attacks(
 
 
 def detectable_share(samples: int, level: float) -> float | None:
-    """The smallest share of member-like samples (beyond the controls' 95th percentile) that the share test
-    flags among ``samples`` at ``level`` (its Bonferroni halves included): what the audit could see."""
+    """The smallest share of member-like samples (beyond their matched controls' upper tail) that the share
+    test flags among ``samples`` at ``level`` (its Bonferroni halves included): what the audit could see."""
+    rate = tail_rate(MATCHED_CONTROLS)
     for k in range(1, samples + 1):
-        if len(GATING_ATTACKS) * 2 * float(stats.binom.sf(k - 1, samples, SHARE_TAIL)) < level:
+        if len(GATING_ATTACKS) * 2 * binomial_tail(k, samples, rate) < level:
             return round(k / samples, 4)
     return None
 

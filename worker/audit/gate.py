@@ -48,10 +48,10 @@ class AuditRules:
     def describe(self) -> list[str]:
         return [
             f"residual membership: the per-sample LiRA test of the forgotten samples against never-seen "
-            f"controls of the same difficulty (share beyond the controls' 95th percentile, binomial; the "
-            f"most extreme sample, Holm-corrected) must not be significant at level "
+            f"controls of the same difficulty (share beyond their upper 5 % tail by rank, binomial at its "
+            f"exact null rate; the most extreme sample, Holm-corrected) must not be significant at level "
             f"{self.direction_level}; RMIA's test of the same samples is reported beside it, not gating",
-            f"over-forgetting: the mirror test (below the controls' 5th percentile; the lowest sample) "
+            f"over-forgetting: the mirror test (beyond the controls' lower 5 % tail; the lowest sample) "
             f"must not be significant at level {self.direction_level} (the two directions together: "
             f"{self.level})",
             "power: where the model before unlearning showed a membership signal, the same test must flag, "
@@ -161,14 +161,14 @@ def gate(
     if residual_p < rules.direction_level:
         failures.append(
             f"residual membership: {int(lira.above_controls.sum())} (LiRA) and "
-            f"{int(rmia.above_controls.sum())} (RMIA) of {len(after)} forgotten samples score above "
-            f"never-seen controls' 95th percentile, p = {residual_p:.3g} < {rules.direction_level}"
+            f"{int(rmia.above_controls.sum())} (RMIA) of {len(after)} forgotten samples score beyond "
+            f"their never-seen controls' upper 5 % tail, p = {residual_p:.3g} < {rules.direction_level}"
         )
     if under_p < rules.direction_level:
         failures.append(
             f"over-forgetting: {int(lira.below_controls.sum())} (LiRA) and {int(rmia.below_controls.sum())} "
-            f"(RMIA) of {len(after)} forgotten samples score below never-seen controls' 5th percentile, "
-            f"p = {under_p:.3g} < {rules.direction_level}"
+            f"(RMIA) of {len(after)} forgotten samples score beyond their never-seen controls' lower 5 % "
+            f"tail, p = {under_p:.3g} < {rules.direction_level}"
         )
     signal_before = before.residual_p() < rules.direction_level
     if signal_before and not power.detects() and residual_p >= rules.direction_level:

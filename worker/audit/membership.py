@@ -15,9 +15,16 @@ LiRA-offline (Carlini et al. 2022) calibrated on never-seen controls under the s
    (robust median / MAD). The result t(x) has a never-seen sample's distribution under H0.
 3. Per sample: p_member = P(T >= t), p_under = P(T <= t) under a Student-t with ``STUDENT_T_DOF`` degrees
    of freedom (heavier tails than a Gaussian: never-seen data has hard samples, and a Gaussian tail would
-   call them members once corrected for many samples). Per request: the share of samples above the
-   controls' 95th percentile (and below their 5th: over-forgetting, which is itself a tell), each with a
-   one-sided binomial p-value; the attack's AUC and TPR at 1 % / 0.1 % FPR against the controls.
+   call them members once corrected for many samples). Per request: the share of samples beyond their
+   matched controls' upper 5 % tail (and their lower one: over-forgetting, which is itself a tell), each
+   with a one-sided binomial p-value; the attack's AUC and TPR at 1 % / 0.1 % FPR against the controls.
+
+"Beyond the tail" is a rank among the sample's own matched controls, not t > 1.645 (:func:`beyond_tail`): a
+sample exchangeable with its controls lands there with a known probability (2 in 51 among 50 controls),
+whatever their distribution. The Gaussian threshold on a statistic standardised by 50 controls' median and
+MAD was not: the estimated location and scale, and tails heavier than a Gaussian's, put 6-8 % of never-seen
+samples beyond it where the binomial assumed 5 % (measured on the calibration runs' never-seen and exactly
+retrained samples, and in simulation), so the share test turned exact retrains down several times its level.
 
 A request-level test combines the share test and the most extreme sample (Holm-corrected over the samples)
 with a Bonferroni factor of 2, so its level is the configured one.
@@ -40,8 +47,7 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 STUDENT_T_DOF = 4
-SHARE_TAIL = 0.05  # the share tests count samples beyond the controls' 5 % tails ...
-SHARE_QUANTILE = float(stats.norm.ppf(1 - SHARE_TAIL))  # ... of the calibrated (standard normal) statistic
+SHARE_TAIL = 0.05  # the share tests count samples beyond their matched controls' 5 % tails
 SPREAD_PRIOR = 4.0  # pseudo-observations of the pooled variance in each sample's spread
 # Controls nearest in difficulty that calibrate each sample: fewer than a class holds in the audit split, so a
 # typical sample is read against typical controls of its class, not against confusable ones of other classes.
@@ -78,16 +84,17 @@ class MembershipTest:
     t: np.ndarray  # the calibrated statistic (a never-seen sample's distribution under H0)
     p_member: np.ndarray  # one-sided: still looks like a member
     p_under: np.ndarray  # one-sided: looks less like a member than never-seen data
-    above_controls: np.ndarray  # bool: t above the controls' 95th percentile (calibrated: 1.645)
-    below_controls: np.ndarray  # bool: t below their 5th percentile
+    above_controls: np.ndarray  # bool: beyond the matched controls' upper tail (:func:`beyond_tail`)
+    below_controls: np.ndarray  # bool: beyond their lower tail
     control_t: np.ndarray  # t of never-seen controls under the same normalisation (the attack's negatives)
+    tail_rate: float  # the chance a sample exchangeable with its controls is beyond a tail (the share's null)
 
     def __len__(self) -> int:
         return len(self.t)
 
     def subset(self, rows: list[int]) -> MembershipTest:
         """The same evidence for some of the samples (a data subject's), tested on its own."""
-        return rows_of(self, rows, shared="control_t")
+        return rows_of(self, rows, shared=("control_t", "tail_rate"))
 
     @property
     def p_member_adjusted(self) -> np.ndarray:
@@ -99,11 +106,13 @@ class MembershipTest:
 
     def residual_p(self) -> float:
         """p-value of "some of these samples are still members": share test and most extreme sample."""
-        return _combined(binomial_tail(int(self.above_controls.sum()), len(self)), self.p_member_adjusted)
+        above = binomial_tail(int(self.above_controls.sum()), len(self), self.tail_rate)
+        return _combined(above, self.p_member_adjusted)
 
     def over_forgetting_p(self) -> float:
         """p-value of "these samples look less like members than never-seen data" (the mirror test)."""
-        return _combined(binomial_tail(int(self.below_controls.sum()), len(self)), self.p_under_adjusted)
+        below = binomial_tail(int(self.below_controls.sum()), len(self), self.tail_rate)
+        return _combined(below, self.p_under_adjusted)
 
     def summary(self) -> dict[str, Any]:
         n = len(self)
@@ -111,10 +120,10 @@ class MembershipTest:
         return {
             "samples": n,
             "member_share": round(above / n, 4),
-            "member_share_expected": SHARE_TAIL,
-            "member_share_p": _p(binomial_tail(above, n)),
+            "member_share_expected": round(self.tail_rate, 4),
+            "member_share_p": _p(binomial_tail(above, n, self.tail_rate)),
             "over_forgetting_share": round(below / n, 4),
-            "over_forgetting_share_p": _p(binomial_tail(below, n)),
+            "over_forgetting_share_p": _p(binomial_tail(below, n, self.tail_rate)),
             "min_sample_p_member_holm": _p(float(self.p_member_adjusted.min())),
             "min_sample_p_under_holm": _p(float(self.p_under_adjusted.min())),
             "residual_membership_p": _p(self.residual_p()),
@@ -129,12 +138,12 @@ class MembershipTest:
 TestT = TypeVar("TestT", bound="DataclassInstance")
 
 
-def rows_of(test: TestT, rows: list[int], shared: str) -> TestT:
+def rows_of(test: TestT, rows: list[int], shared: tuple[str, ...]) -> TestT:
     """A per-sample test (a dataclass of arrays aligned with its samples) for some of its samples; the
-    ``shared`` field (the controls' scores) is kept whole."""
+    ``shared`` fields (the controls' scores, the null rate) are kept whole."""
     index = np.asarray(rows, dtype=np.int64)
     fields = {
-        f.name: getattr(test, f.name) if f.name == shared else getattr(test, f.name)[index]
+        f.name: getattr(test, f.name) if f.name in shared else getattr(test, f.name)[index]
         for f in dataclasses.fields(test)
     }
     return dataclasses.replace(test, **fields)
@@ -148,9 +157,23 @@ def _combined(share_p: float, adjusted: np.ndarray) -> float:
     return min(1.0, 2.0 * min(share_p, float(adjusted.min())))
 
 
-def binomial_tail(successes: int, n: int, rate: float = SHARE_TAIL) -> float:
+def binomial_tail(successes: int, n: int, rate: float) -> float:
     """P(X >= successes) for X ~ Binomial(n, rate)."""
     return float(stats.binom.sf(successes - 1, n, rate))
+
+
+def tail_rate(controls: int, tail: float = SHARE_TAIL) -> float:
+    """The probability that a sample exchangeable with its ``controls`` matched controls is beyond their
+    ``tail`` by :func:`beyond_tail` (exactly, for continuous scores; at most, with ties)."""
+    return float(np.floor(tail * (controls + 1))) / (controls + 1)
+
+
+def beyond_tail(value: float, yardstick: np.ndarray, tail: float = SHARE_TAIL) -> tuple[bool, bool]:
+    """Whether ``value`` is beyond the upper and the lower ``tail`` of ``yardstick`` (its matched controls),
+    by rank: its conformal p-value, (1 + controls at or beyond it) / (controls + 1), is at most ``tail``.
+    Distribution-free: no location, scale or tail shape is assumed of the controls."""
+    allowed = np.floor(tail * (len(yardstick) + 1)) - 1  # controls that may lie at or beyond it
+    return bool((yardstick >= value).sum() <= allowed), bool((yardstick <= value).sum() <= allowed)
 
 
 def holm(p: np.ndarray) -> np.ndarray:
@@ -228,6 +251,7 @@ def membership_test(
     n = len(query.labels)
     offset, t = np.empty(n), np.empty(n)
     above, below = np.zeros(n, bool), np.zeros(n, bool)
+    rate = 0.0
     negatives: list[np.ndarray] = []
     negative_rows = set(np.random.default_rng(seed).permutation(n)[:MAX_AUC_NEGATIVE_ROWS].tolist())
     for i in range(n):
@@ -255,7 +279,12 @@ def membership_test(
             nearest = np.empty(0, dtype=np.int64)
         location, scale = _robust(control_z[nearest]) if len(nearest) else (0.0, 1.0)
         t[i] = (z - location) / scale
-        above[i], below[i] = t[i] > SHARE_QUANTILE, t[i] < -SHARE_QUANTILE
+        if len(nearest):
+            above[i], below[i] = beyond_tail(z, control_z[nearest])
+            rate = max(rate, tail_rate(len(nearest)))
+        else:  # z alone (no controls): read as a standard normal
+            above[i], below[i] = t[i] > stats.norm.isf(SHARE_TAIL), t[i] < stats.norm.ppf(SHARE_TAIL)
+            rate = SHARE_TAIL
         if i in negative_rows and len(nearest):
             control_t = (control_z[nearest] - location) / scale
             negatives.append(control_t)
@@ -267,6 +296,7 @@ def membership_test(
         above_controls=above,
         below_controls=below,
         control_t=np.concatenate(negatives) if negatives else np.empty(0),
+        tail_rate=rate or SHARE_TAIL,
     )
 
 

@@ -13,8 +13,9 @@ of the same difficulty; for a mislabelled sample, controls the references also f
 gamma plays no part once the ratio is ranked among controls: any gamma gives the same ranks.
 
 Per sample: p_member = (1 + #controls with r >= r(x)) / (m + 1), exact for a sample exchangeable with its
-controls; p_under the mirror. Per request: the share of samples above their controls' 95th percentile, and the
-share below their 5th (binomial). The per-sample ranks are too coarse for a Holm-corrected extreme-sample test
+controls; p_under the mirror. Per request: the share of samples beyond their controls' upper 5 % tail, and the
+share beyond their lower one, by the LiRA test's rank rule (``membership.beyond_tail``; binomial at its exact
+null rate). The per-sample ranks are too coarse for a Holm-corrected extreme-sample test
 (1 in 51 at best). A mean-rank test was tried and dropped: the samples' ranks share controls (few distinct OUT
 masks at small K), its variance is larger than independent ranks', and it turned exact retrains down (over-
 forgetting, p = 0.011 on the memorised digits case) and flagged never-seen samples.
@@ -33,8 +34,10 @@ from worker.audit.membership import (
     SHARE_TAIL,
     Query,
     attack_power,
+    beyond_tail,
     binomial_tail,
     rows_of,
+    tail_rate,
 )
 from worker.audit.references import ReferenceSet
 from worker.audit.scores import stable_logit_all_labels
@@ -48,21 +51,22 @@ class RankTest:
     rank: np.ndarray  # share of x's matched controls with a lower ratio (ties half), in [0, 1]
     p_member: np.ndarray
     p_under: np.ndarray
-    above_controls: np.ndarray  # bool: above the matched controls' 95th percentile
-    below_controls: np.ndarray  # bool: below their 5th
+    above_controls: np.ndarray  # bool: beyond the matched controls' upper tail
+    below_controls: np.ndarray  # bool: beyond their lower tail
     control_rank: np.ndarray  # ranks of never-seen controls among their own matched set (the negatives)
+    tail_rate: float  # the chance a sample exchangeable with its controls is beyond a tail
 
     def __len__(self) -> int:
         return len(self.rank)
 
     def subset(self, rows: list[int]) -> RankTest:
-        return rows_of(self, rows, shared="control_rank")
+        return rows_of(self, rows, shared=("control_rank", "tail_rate"))
 
     def residual_p(self) -> float:
-        return binomial_tail(int(self.above_controls.sum()), len(self))
+        return binomial_tail(int(self.above_controls.sum()), len(self), self.tail_rate)
 
     def over_forgetting_p(self) -> float:
-        return binomial_tail(int(self.below_controls.sum()), len(self))
+        return binomial_tail(int(self.below_controls.sum()), len(self), self.tail_rate)
 
     def summary(self) -> dict[str, Any]:
         n = len(self)
@@ -103,6 +107,7 @@ def rmia_test(
     ratio, rank = np.empty(n), np.empty(n)
     p_member, p_under = np.empty(n), np.empty(n)
     above, below = np.zeros(n, bool), np.zeros(n, bool)
+    rate = SHARE_TAIL if n == 0 else 0.0
     negatives: list[np.ndarray] = []
     cache: dict[tuple[bytes, int], tuple[np.ndarray, np.ndarray]] = {}
     for i in range(n):
@@ -124,13 +129,13 @@ def rmia_test(
         rank[i] = (lower + 0.5 * ties) / size
         p_member[i] = (1 + size - lower) / (size + 1)
         p_under[i] = (1 + lower + ties) / (size + 1)
-        low, high = np.quantile(yardstick, [SHARE_TAIL, 1 - SHARE_TAIL])
-        above[i], below[i] = ratio[i] > high, ratio[i] < low
+        above[i], below[i] = beyond_tail(ratio[i], yardstick)
+        rate = max(rate, tail_rate(size))
         if len(negatives) < 64:  # a sample of the controls' own ranks, the attack's negatives for its AUC
             order = yardstick.argsort().argsort()
             negatives.append((order + 0.5) / size)
     return RankTest(
         ratio=ratio, rank=rank, p_member=p_member, p_under=p_under, above_controls=above,
-        below_controls=below,
+        below_controls=below, tail_rate=rate,
         control_rank=np.concatenate(negatives) if negatives else np.empty(0),
     )  # fmt: skip
