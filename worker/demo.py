@@ -219,9 +219,10 @@ def _print_audit(metrics: dict[str, Any], request_id: str) -> None:
         f"{membership['after']['samples']} forgotten samples vs never-seen controls), before -> after:"
     )
     rows = [
-        ("share scored above never-seen controls' 95th pct", "member_share"),
-        ("  its binomial p-value (5% expected)", "member_share_p"),
-        ("share scored below their 5th pct (over-forgetting)", "over_forgetting_share"),
+        ("share beyond never-seen controls' upper 5% tail", "member_share"),
+        ("  expected of never-seen data", "member_share_expected"),
+        ("  its binomial p-value", "member_share_p"),
+        ("share beyond their lower 5% tail (over-forgetting)", "over_forgetting_share"),
         ("  its binomial p-value", "over_forgetting_share_p"),
         ("most member-like sample, Holm-corrected p", "min_sample_p_member_holm"),
         ("attack AUC (forgotten vs never-seen)", "auc"),

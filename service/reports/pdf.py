@@ -77,7 +77,8 @@ def _erasure_lines(erasure: dict[str, Any]) -> list[tuple[str, str]]:
         rows += [
             ("Member-like share", f"LiRA {before.get('member_share')} before -> {after.get('member_share')} "
                                   f"after; RMIA {rmia_before.get('member_share')} -> "
-                                  f"{rmia_after.get('member_share')} (5 % expected of never-seen data)"),
+                                  f"{rmia_after.get('member_share')} ({after.get('member_share_expected')} "
+                                  f"expected of never-seen data)"),
             ("Over-forgetting share", f"LiRA {after.get('over_forgetting_share')}, RMIA "
                                       f"{rmia_after.get('over_forgetting_share')}"),
             ("The gate's test, after", f"residual membership p = {combined.get('residual_membership_p')}, "
