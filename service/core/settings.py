@@ -102,8 +102,8 @@ class Settings(BaseSettings):
     audit_references_refresh_share: Annotated[float, Field(gt=0, le=1)] = 0.1
     audit_references_max_age_days: Annotated[float, Field(ge=0)] = 0.0
     # The gate: each membership test (residual membership, over-forgetting) at family-wise level
-    # audit_level over a request's samples; overall audit accuracy may drop at most gate_max_audit_drop
-    # points; no class may drop more than gate_max_class_drop points with a significant paired test.
+    # audit_level over a request's samples; neither overall audit accuracy nor any class may drop
+    # significantly more than gate_max_audit_drop (gate_max_class_drop) points (exact paired tests).
     audit_level: Annotated[float, Field(gt=0, lt=1)] = 0.05
     gate_max_audit_drop: float = 2.0
     gate_max_class_drop: float = 5.0

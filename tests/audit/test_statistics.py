@@ -199,8 +199,12 @@ def test_utility_flags_only_a_class_drop_significantly_beyond_the_bound() -> Non
     after[:30] = 1  # class 0: 100 -> 70, thirty lost: far beyond 5 points
     after[100:115] = 0  # class 1: 98 -> 85, fifteen lost and two gained: beyond 5, not significantly
     after[200:203] = 0  # class 2: 100 -> 97
-    utility = utility_comparison(labels, before, after, class_bound=5.0)
+    utility = utility_comparison(labels, before, after, class_bound=5.0, overall_bound=2.0)
     per_class = utility["per_class"]
+    # Overall 99.33 -> 84.0: 48 lost, 2 gained of 300, far beyond 2 points; a bound that asks for a rise
+    # (as a test forcing a rejection sets it) is missed even by a model that changed nothing.
+    assert utility["overall"]["drop"] == 15.33 and utility["overall"]["beyond_bound_p"] < 1e-6
+    assert paired_drop_p(before == labels, before == labels, -1.0) == 0.0
     assert (per_class["0"]["drop"], per_class["1"]["drop"], per_class["2"]["drop"]) == (30.0, 13.0, 3.0)
     assert per_class["1"]["drop_p"] < 0.01 < 0.05 / 3 < per_class["1"]["beyond_bound_p"]
     assert per_class["0"]["beyond_bound_p"] < 1e-6 and per_class["2"]["beyond_bound_p"] == 1.0

@@ -59,7 +59,8 @@ class AuditRules:
             f"(level {self.direction_level}); a version on which it cannot certifies nothing",
             "the audited model must differ from the base model",
             f"the audit split must hold at least {self.min_controls} never-seen samples to calibrate against",
-            f"utility: overall audit accuracy may drop at most {self.max_audit_drop} points",
+            f"utility: overall audit accuracy may not drop significantly more than {self.max_audit_drop} "
+            f"points (exact paired test of a drop beyond the bound, level {self.level})",
             f"utility per class: no class may lose significantly more than {self.max_class_drop} points on "
             f"never-seen data (exact paired test of a drop beyond the bound, level {self.level}, Bonferroni "
             f"over the classes)",
@@ -179,9 +180,11 @@ def gate(
             f"{rules.direction_level}: on this version it cannot see membership, so no erasure can be shown"
         )
     overall = utility["overall"]
-    if overall["drop"] > rules.max_audit_drop:
+    if overall["beyond_bound_p"] < rules.level:
         failures.append(
-            f"audit accuracy fell {overall['drop']} points (at most {rules.max_audit_drop} allowed)"
+            f"audit accuracy fell {overall['drop']} points on never-seen data ({overall['before']} -> "
+            f"{overall['after']}): significantly more than {rules.max_audit_drop} points, paired p = "
+            f"{overall['beyond_bound_p']:.3g} < {rules.level}"
         )
     classes = utility["per_class"]
     class_level = rules.level / max(1, len(classes))

@@ -215,6 +215,7 @@ def audit_unlearning(
         scored["before"][1].argmax(1).numpy(),
         scored["after"][1].argmax(1).numpy(),
         rules.max_class_drop,
+        rules.max_audit_drop,
     )
     power = power_check(unlearned, refs, forget_rows, held, scored["after"][1].numpy(), rules, runtime, seed)
     unchanged = _identical(base, unlearned)
