@@ -47,6 +47,7 @@ from sqlalchemy.orm import (
     make_transient_to_detached,
     sessionmaker,
 )
+from sqlalchemy.sql.expression import Executable
 from sqlalchemy.types import TypeDecorator
 
 # Deterministic constraint names, so migrations can drop and alter them on every backend (SQLite batch mode).
@@ -228,6 +229,11 @@ def write_together(
                 statement,
                 [{f"row_{k}" if k != key.name else "row_key": v for k, v in r.items()} for r in rows],
             )
+    _adopt(session, inserts)
+
+
+def _adopt(session: Session, inserts: Sequence[tuple[type[Base], Sequence[Base | dict[str, Any]]]]) -> None:
+    """The new objects of ``inserts`` belong to the session as if loaded: no flush writes them again."""
     for _model, items in inserts:
         for item in items:
             if isinstance(item, Base):
@@ -243,11 +249,40 @@ Writes = tuple[Inserts, Updates]
 _COMMIT_WRITERS: list[Callable[[Session], Writes]] = []
 
 
-def write_at_commit(session: Session, model: type[Base], rows: Sequence[dict[str, Any]]) -> None:
-    """Queue new rows to be written when the session's transaction commits, in the statement that writes
-    everything written then (the trail's events: see :func:`commit_writer`); a rollback discards them.
-    For rows nothing reads back before the commit (an idempotency answer)."""
-    session.info.setdefault(_AT_COMMIT, []).append((model, rows))
+def write_at_commit(
+    session: Session,
+    inserts: Sequence[tuple[type[Base], Sequence[Base | dict[str, Any]]]],
+    updates: Sequence[tuple[type[Base], Sequence[dict[str, Any]]]] = (),
+) -> None:
+    """:func:`write_together` when the session's transaction commits, in the statement that writes
+    everything written then (the trail's events: see :func:`commit_writer`); a rollback discards them. The
+    new objects belong to the session at once, as if written. For rows nothing reads back from the database
+    before the commit (an idempotency answer; a deletion request, whose answer is built from the objects in
+    hand): one round trip fewer, and none while the transaction holds a job's row."""
+    queued: Writes = session.info.setdefault(_AT_COMMIT, ([], []))
+    queued[0].extend(
+        (model, [row_of(i) if isinstance(i, Base) else i for i in items]) for model, items in inserts
+    )
+    queued[1].extend(updates)
+    _adopt(session, inserts)
+
+
+class PreconditionFailed(Exception):
+    """A statement queued by :func:`require_at_commit` matched no row: the commit wrote nothing."""
+
+
+_REQUIRED = "lethe.required_at_commit"
+
+
+def require_at_commit(
+    session: Session, statement: Executable, parameters: dict[str, Any], reason: str
+) -> None:
+    """Run ``statement`` with ``parameters`` (an UPDATE ... RETURNING whose WHERE states what must still
+    hold) when the session commits, before anything queued for that commit is written; if it returns no
+    row, the commit raises :class:`PreconditionFailed` (``reason``) having written nothing. An optimistic
+    write: a row read without its lock is changed there, relative to what it then holds, and stays locked
+    only until the commit."""
+    session.info.setdefault(_REQUIRED, []).append((statement, parameters, reason))
 
 
 def commit_writer(writer: Callable[[Session], Writes]) -> Callable[[Session], Writes]:
@@ -259,8 +294,12 @@ def commit_writer(writer: Callable[[Session], Writes]) -> Callable[[Session], Wr
 
 @event.listens_for(Session, "before_commit")
 def _write_at_commit(session: Session) -> None:
-    inserts: Inserts = session.info.pop(_AT_COMMIT, [])
-    updates: Updates = []
+    for statement, parameters, reason in session.info.pop(_REQUIRED, []):
+        if session.connection().execute(statement, parameters).first() is None:
+            raise PreconditionFailed(reason)
+    queued_inserts, queued_updates = session.info.pop(_AT_COMMIT, ([], []))
+    inserts: Inserts = list(queued_inserts)
+    updates: Updates = list(queued_updates)
     for writer in _COMMIT_WRITERS:
         more_inserts, more_updates = writer(session)
         inserts += more_inserts
@@ -273,6 +312,7 @@ def _discard_at_end(session: Session, transaction: SessionTransaction) -> None:
     # A transaction that ends without committing (rollback, close) takes its queued rows with it.
     if transaction.parent is None:
         session.info.pop(_AT_COMMIT, None)
+        session.info.pop(_REQUIRED, None)
 
 
 _Shape = tuple[tuple[type[Base], tuple[str, ...]], ...]

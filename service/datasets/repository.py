@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Row, bindparam, exists, func, insert, literal, or_, select
 from sqlalchemy.orm import Session
@@ -15,6 +15,18 @@ from service.erasures.tables import ErasedSample
 _CHUNK = 5_000
 
 SampleRow = Row[int, str, int, int | None, str | None]
+
+
+class SubjectSample(NamedTuple):
+    """What a deletion request reads of its subject's samples (a bulk call reads thousands: plain tuples)."""
+
+    id: int
+    subject_id: str | None
+    subject_hash: str | None
+    split: str
+
+
+_SUBJECT_COLUMNS = (Sample.id, Sample.subject_id, Sample.subject_hash, Sample.split)
 # A new sample's (sample_id, row, label, split, subject_id).
 SampleValues = tuple[str, int, int | None, str, str | None]
 _COPY_COLUMNS = ("dataset_id", "sample_id", "row", "label", "split", "subject_id")
@@ -105,10 +117,10 @@ def sample_ids_in_other_datasets(session: Session, dataset: Dataset, sample_ids:
 
 def samples_of_subjects(
     session: Session, dataset_id: str, subject_ids: Sequence[str], subject_hashes: Sequence[str]
-) -> Sequence[Sample]:
+) -> list[SubjectSample]:
     """:func:`subject_samples` of many subjects at once (a bulk call's), ordered by id."""
-    return session.scalars(
-        select(Sample)
+    rows = session.execute(
+        select(*_SUBJECT_COLUMNS)
         .where(
             Sample.dataset_id == dataset_id,
             or_(
@@ -117,12 +129,13 @@ def samples_of_subjects(
             ),
         )
         .order_by(Sample.id)
-    ).all()
+    )
+    return [SubjectSample(*row) for row in rows]
 
 
 def _subject_samples(erased: Any) -> Any:
     return (
-        select(Sample, erased)
+        select(*_SUBJECT_COLUMNS, erased)
         .where(
             Sample.dataset_id == bindparam("dataset_id"),
             or_(
@@ -143,7 +156,7 @@ _SUBJECT_SAMPLES_ERASED_BY = _subject_samples(
 
 def subject_samples(
     session: Session, dataset_id: str, subject_id: str, subject_hash: str, erased_by: str | None = None
-) -> tuple[Sequence[Sample], set[int] | None]:
+) -> tuple[list[SubjectSample], set[int] | None]:
     """The subject's samples: by its id, or by its keyed hash once a purge pseudonymised them; with
     ``erased_by`` (a model's id), which of them that model erased (pks), read in the same query."""
     parameters = {"dataset_id": dataset_id, "subject_id": subject_id, "subject_hash": subject_hash}
@@ -151,8 +164,8 @@ def subject_samples(
         rows = session.execute(_SUBJECT_SAMPLES, parameters).all()
     else:
         rows = session.execute(_SUBJECT_SAMPLES_ERASED_BY, {**parameters, "model_id": erased_by}).all()
-    samples = [sample for sample, _erased in rows]
-    return samples, {sample.id for sample, was in rows if was} if erased_by is not None else None
+    samples = [SubjectSample(*row[:4]) for row in rows]
+    return samples, {row[0] for row in rows if row[4]} if erased_by is not None else None
 
 
 def split_rows(session: Session, dataset_id: str, split: str) -> Sequence[SampleRow]:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, status
@@ -12,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from service.clients.security import requires
 from service.clients.service import Principal
-from service.core.database import among
+from service.core.database import PreconditionFailed, among
 from service.core.problems import InvalidInput, ProblemError, problem_body
 from service.core.settings import Settings
 from service.deletion_requests import service
@@ -108,44 +109,69 @@ def create_deletion_request(
     the first answer (a different body with the same key is 422); keys are the calling client's own.
     """
     fingerprint = idempotency.fingerprint("POST", "/deletion-requests", body.model_dump(mode="json"))
-    # The key is not read before the work: its record's primary key refuses a second answer (below). A retry
-    # of an answered request does the work again, is refused there, rolls back and replays.
+    request = _Create(session, settings, dispatcher, body, caller, idempotency_key, fingerprint)
     try:
-        created = service.create_request(session, settings, body, caller)
-    except ProblemError:
-        # Refused now, but answered before (its samples since erased, say): the first answer stands.
-        record = (
-            idempotency.find_answer(session, caller.client_id, idempotency_key, fingerprint)
-            if idempotency_key is not None
-            else None
-        )
-        if record is None:
-            raise
-        return _replay(record)
-    payload: dict[str, Any] = request_out(session, created.request, created.erasures).model_dump(mode="json")
-    pending = created.request.state == "processing"
-    headers = _headers(settings, created.request)
-    status_code = status.HTTP_202_ACCEPTED if pending else status.HTTP_200_OK
-    try:
-        if idempotency_key is not None:
-            idempotency.remember_answer(
-                session, caller.client_id, idempotency_key, fingerprint, status_code, payload, headers
-            )
-        session.commit()
-    except IntegrityError:
-        # A concurrent request with the same key committed first (its row is seen when this one inserts or
-        # commits): answer as it did.
+        return request.run(optimistic=True)
+    except PreconditionFailed:
+        # The open job it joined unlocked was claimed, sealed or filled before the commit, which wrote
+        # nothing: once more, under the job's lock.
         session.rollback()
-        record = (
-            idempotency.find_answer(session, caller.client_id, idempotency_key, fingerprint)
-            if idempotency_key
-            else None
+        return request.run(optimistic=False)
+
+
+@dataclass(frozen=True)
+class _Create:
+    """One ``POST /deletion-requests``: created, answered and committed (:meth:`run`)."""
+
+    session: Session
+    settings: Settings
+    dispatcher: JobDispatcher
+    body: DeletionRequestCreate
+    caller: Principal
+    idempotency_key: str | None
+    fingerprint: str
+
+    def run(self, *, optimistic: bool) -> JSONResponse:
+        session, settings, caller, key = self.session, self.settings, self.caller, self.idempotency_key
+        # The key is not read before the work: its record's primary key refuses a second answer (below). A
+        # retry of an answered request does the work again, is refused there, rolls back and replays.
+        try:
+            created = service.create_request(session, settings, self.body, caller, optimistic=optimistic)
+        except ProblemError:
+            # Refused now, but answered before (its samples since erased, say): the first answer stands.
+            record = self._answered()
+            if record is None:
+                raise
+            return _replay(record)
+        payload: dict[str, Any] = request_out(session, created.request, created.erasures).model_dump(
+            mode="json"
         )
-        if record is None:
-            raise
-        return _replay(record)
-    dispatch_all(dispatcher, created.dispatches)
-    return JSONResponse(payload, status_code=status_code, headers=headers)
+        pending = created.request.state == "processing"
+        headers = _headers(settings, created.request)
+        status_code = status.HTTP_202_ACCEPTED if pending else status.HTTP_200_OK
+        try:
+            if key is not None:
+                idempotency.remember_answer(
+                    session, caller.client_id, key, self.fingerprint, status_code, payload, headers
+                )
+            session.commit()
+        except IntegrityError:
+            # A concurrent request with the same key committed first (its row is seen when this one inserts
+            # or commits): answer as it did.
+            session.rollback()
+            record = self._answered()
+            if record is None:
+                raise
+            return _replay(record)
+        dispatch_all(self.dispatcher, created.dispatches)
+        return JSONResponse(payload, status_code=status_code, headers=headers)
+
+    def _answered(self) -> IdempotencyRecord | None:
+        if self.idempotency_key is None:
+            return None
+        return idempotency.find_answer(
+            self.session, self.caller.client_id, self.idempotency_key, self.fingerprint
+        )
 
 
 @router.post("/bulk", response_model=BulkOut)

@@ -23,6 +23,7 @@ from service.core.database import Base, new_id
 from service.core.problems import InvalidInput, NotFound, listed_problem
 from service.core.settings import Settings
 from service.datasets import repository as datasets_repository
+from service.datasets.repository import SubjectSample
 from service.datasets.tables import Dataset, Sample
 from service.deletion_requests import repository
 from service.deletion_requests.schemas import DeletionRequestCreate
@@ -61,7 +62,7 @@ class Lookups:
     models: dict[str, Row[Model, Dataset] | None] = field(default_factory=dict)
     # Per dataset: the samples of the call's data subjects, read in one query, by subject id and by keyed
     # hash (a purge keeps only the hash).
-    subjects: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
+    subjects: dict[str, dict[str, list[SubjectSample]]] = field(default_factory=dict)
 
     def preload(
         self, session: Session, settings: Settings, items: Sequence[DeletionRequestCreate], tenant: str
@@ -111,28 +112,47 @@ class CreatedRequest:
 
 
 def create_request(
-    session: Session, settings: Settings, data: DeletionRequestCreate, caller: Principal
+    session: Session,
+    settings: Settings,
+    data: DeletionRequestCreate,
+    caller: Principal,
+    *,
+    optimistic: bool = False,
 ) -> CreatedRequest:
     """Validate a deletion request completely, then add it, its samples and one erasure target per model it
     applies to (the caller's tenant's named model, or every model of its named dataset), each queued into its
     model's open job (:func:`prepare_request`, then :func:`create_requests`). The caller commits, then
-    dispatches."""
+    dispatches. ``optimistic``: see ``erasures.open_targets_many`` (for a request on one model; its commit
+    may then raise ``PreconditionFailed``: roll back and call again without it)."""
     prepared = prepare_request(session, settings, data, caller)
-    [created], dispatches = create_requests(session, settings, [prepared], caller.actor)
+    optimistic = optimistic and len(prepared.models) == 1
+    [created], dispatches = create_requests(
+        session, settings, [prepared], caller.actor, optimistic=optimistic
+    )
     return CreatedRequest(created.request, created.erasures, dispatches)
 
 
 def create_requests(
-    session: Session, settings: Settings, batch: Sequence[PreparedRequest], actor: str
+    session: Session,
+    settings: Settings,
+    batch: Sequence[PreparedRequest],
+    actor: str,
+    *,
+    optimistic: bool = False,
 ) -> tuple[list[CreatedRequest], list[Dispatch]]:
     """Add prepared requests, with their samples, each opening its targets (``erasures.open_targets_many``),
-    in a few statements whatever their number: the models locked once (in one order, before anything takes
-    the trail's head: the claim and the registration of versions take a model's lock, then the head, and
-    the other way round would deadlock), the requests, their targets and jobs written together. Returns
-    them and the jobs to dispatch (each request's own ``dispatches`` are empty). The caller commits, then
-    dispatches."""
-    for model_id in sorted({model.id for prepared in batch for model in prepared.models}):
-        models_repository.lock_model(session, model_id)
+    in a few statements whatever their number: the requests, their targets and jobs written together.
+    Returns them and the jobs to dispatch (each request's own ``dispatches`` are empty). The caller commits,
+    then dispatches. ``optimistic``: one request on one model (see ``erasures.open_targets_many``).
+
+    Locks: a single request on one model (the API's hot path) takes no model lock to join its model's open
+    job, only that job's row (``erasures.open_targets_many``). Anything larger locks its models first, once,
+    in one order, before any job row or the trail's head: it may go on to need a model's lock (no open job
+    to join) while holding another job's row, and the claim takes a model's lock, then its job's, then the
+    head; taking them the other way round would deadlock."""
+    if len(batch) > 1 or any(len(prepared.models) > 1 for prepared in batch):
+        for model_id in sorted({model.id for prepared in batch for model in prepared.models}):
+            models_repository.lock_model(session, model_id)
     requests = [prepared.request for prepared in batch]
     for request in requests:
         request.id = new_id()
@@ -149,6 +169,7 @@ def create_requests(
         [(p.request, p.models, p.pks, p.erased) for p in batch],
         actor,
         written_with=written_with,
+        optimistic=optimistic,
     )
     # Each job once, as soon as any of its messages would have it run.
     soonest: dict[str, Dispatch] = {}
@@ -184,10 +205,8 @@ def prepare_request(
     if (data.model is None) == (data.dataset_id is None):
         raise InvalidInput("model-or-dataset", "give exactly one of model and dataset_id")
     if data.model is not None:
-        if (
-            lookups is None
-        ):  # one request: the model read and locked at once (a bulk call locks them all later)
-            found_model = models_repository.lock_model_named(session, caller.tenant, data.model)
+        if lookups is None:
+            found_model = models_repository.model_named(session, caller.tenant, data.model)
         elif data.model in lookups.models:
             found_model = lookups.models[data.model]
         else:
@@ -213,7 +232,7 @@ def prepare_request(
         dataset = found
         models = erasures_repository.models_of_dataset(session, dataset.id)
     method, config = _method_and_config(data, dataset)
-    # A request on one model read and locked here: which of its samples the model erased is read with them.
+    # A request on one model: which of its samples the model erased is read with them.
     erased_by = models[0].id if data.model is not None and lookups is None else None
     samples, erased = _named_samples(session, settings, data, dataset, lookups, erased_by)
     now = utcnow()
@@ -300,7 +319,7 @@ def _named_samples(
     dataset: Dataset,
     lookups: Lookups | None = None,
     erased_by: str | None = None,
-) -> tuple[list[Sample], set[int] | None]:
+) -> tuple[Sequence[SubjectSample | Sample], set[int] | None]:
     """The train samples the request names, checked: known, of this dataset, not audit, not repeated; with
     ``erased_by`` (a model's id), which of a subject's samples that model erased, read with them (else
     None)."""
@@ -312,7 +331,7 @@ def _named_samples(
         erased = None
         if preloaded is not None:
             found = {*preloaded.get(data.subject_id, ()), *preloaded.get(hashed, ())}
-            subject_samples: Sequence[Sample] = sorted(found, key=lambda s: s.id)
+            subject_samples: Sequence[SubjectSample] = sorted(found, key=lambda s: s.id)
         else:
             subject_samples, erased = datasets_repository.subject_samples(
                 session, dataset.id, data.subject_id, hashed, erased_by

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.core.database import among
@@ -156,7 +156,7 @@ def erased_from_every_model(session: Session, dataset_id: str, model_count: int)
     return int(session.scalar(select(func.count()).select_from(per_sample)) or 0)
 
 
-# Every new erasure target's query: built once (the statement and its cache key).
+# Every new erasure target's query: built once (the statements and their cache keys).
 _OPEN_BATCHES = (
     select(Job)
     .where(
@@ -166,10 +166,37 @@ _OPEN_BATCHES = (
         Job.method == bindparam("method"),
     )
     .order_by(Job.created_at)
-    .with_for_update()
 )
+_OPEN_BATCHES_LOCKED = _OPEN_BATCHES.with_for_update()
 
 
-def open_batches(session: Session, model_id: str, method: str) -> Sequence[Job]:
-    """The model's queued jobs that still take requests of ``method``, locked, oldest first."""
-    return session.scalars(_OPEN_BATCHES, {"model_id": model_id, "method": method}).all()
+def open_batches(session: Session, model_id: str, method: str, *, lock: bool = True) -> Sequence[Job]:
+    """The model's queued jobs that still take requests of ``method``, oldest first, locked (or not)."""
+    statement = _OPEN_BATCHES_LOCKED if lock else _OPEN_BATCHES
+    return session.scalars(statement, {"model_id": model_id, "method": method}).all()
+
+
+# Joining an open job read without its lock (a request on one model): built once.
+JOIN_OPEN_JOB = (
+    update(Job)
+    .where(
+        Job.id == bindparam("job_id"),
+        Job.state == "queued",
+        Job.batch_open.is_(True),
+        Job.sample_count + bindparam("samples") < bindparam("limit"),
+    )
+    .values(
+        sample_count=Job.sample_count + bindparam("samples"),
+        due_at=case(
+            (
+                Job.due_at.is_(None) | (Job.due_at > bindparam("due_at", type_=Job.__table__.c.due_at.type)),
+                bindparam("due_at", type_=Job.__table__.c.due_at.type),
+            ),
+            else_=Job.due_at,
+        ),
+        updated_at=bindparam("now", type_=Job.__table__.c.updated_at.type),
+    )
+    .returning(Job.id)
+)
+"""An open job takes ``samples`` more, its due date the earlier of its own and ``due_at``: matches (and
+returns) its row only while it is queued, open, and stays under ``limit`` samples."""

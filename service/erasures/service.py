@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service.core.clock import utcnow
-from service.core.database import Base, new_id, write_together
+from service.core.database import Base, new_id, require_at_commit, write_at_commit, write_together
 from service.core.settings import Settings
 from service.datasets import repository as datasets_repository
 from service.deletion_requests import repository as requests_repository
@@ -54,14 +54,23 @@ def open_targets_many(
     actor: str = "api",
     *,
     written_with: Sequence[tuple[type[Base], Sequence[Base | dict[str, Any]]]] = (),
+    optimistic: bool = False,
 ) -> tuple[list[list[ErasureTarget]], list[Dispatch]]:
     """One target per model for each new request's samples (each with its models and sample pks), each
     queued into its model's open job, or completed at once when the model holds none of them; a request
     is settled when nothing of it is left pending. The erased samples are read once per model, and the
     coalescing done on the jobs in hand, each model's open jobs read (and locked) once; the targets, the
     new jobs and the counts of the jobs they joined are written in one statement (on Postgres) with
-    ``written_with``, the new rows they refer to (their requests). The caller holds every model's lock.
-    Returns each request's targets (one per model, in order) and the jobs to dispatch."""
+    ``written_with``, the new rows they refer to (their requests). The caller holds every model's lock, or
+    is one request on one model, which joins an open job under that job's row lock alone (``_open_jobs``).
+    Returns each request's targets (one per model, in order) and the jobs to dispatch.
+
+    ``optimistic`` (one request on one model, the API's hot path): an open job with room is joined as read
+    without its lock, by a guarded update run when the session commits (``core.database.require_at_commit``),
+    and every row is written by that commit: the job's row is locked only from then to the commit, not
+    while the caller builds its answer. If the job was claimed, sealed or filled meanwhile, the commit
+    raises ``PreconditionFailed`` having written nothing, and the caller does it again without
+    ``optimistic``. Where the request completes at once, or no job is open, it goes as without."""
     now = utcnow()
     erased: dict[str, set[int]] = {}
     for model_id in sorted({model.id for _request, models, _pks, _known in batch for model in models}):
@@ -79,6 +88,7 @@ def open_targets_many(
     opened: list[list[ErasureTarget]] = []
     new_jobs: list[Job] = []
     joined: dict[str, Job] = {}  # the jobs read here whose count, due date or seal changed
+    unlocked: dict[str, int] = {}  # the job joined as read without its lock (optimistic): samples added
     for request, models, pks, _known in batch:
         targets = []
         for model in models:
@@ -92,9 +102,12 @@ def open_targets_many(
                 continue  # completed once written (below)
             key = (model.id, request.method, json.dumps(request.config, sort_keys=True))
             if key not in open_jobs:
-                with session.no_autoflush:  # the jobs taken so far are written with the targets
-                    candidates = repository.open_batches(session, model.id, request.method)
-                open_jobs[key] = [job for job in candidates if job.config == request.config]
+                room_for = target.pending_count if optimistic else None
+                open_jobs[key], locked = _open_jobs(
+                    session, model.id, request.method, request.config, room_for, settings.batch_max_samples
+                )
+                if not locked:
+                    unlocked[open_jobs[key][0].id] = target.pending_count
             jobs = open_jobs[key]
             job = jobs[0] if jobs else None
             if job is not None and job.sample_count + target.pending_count > settings.batch_max_samples:
@@ -115,11 +128,26 @@ def open_targets_many(
         opened.append(targets)
     created = {job.id for job in new_jobs}
     updates = [_job_update(job, now) for job in joined.values() if job.id not in created]
-    write_together(
-        session,
-        [*written_with, (Job, new_jobs), (ErasureTarget, [t for targets in opened for t in targets])],
-        [(Job, updates)],
-    )
+    targets = [target for of_request in opened for target in of_request]
+    inserts: list[tuple[type[Base], Sequence[Base | dict[str, Any]]]] = [
+        *written_with,
+        (Job, new_jobs),
+        (ErasureTarget, targets),
+    ]
+    if optimistic and all(target.pending_count for target in targets):
+        for job_id, samples in unlocked.items():
+            due = min(target.due_at for target in targets if target.job_id == job_id)
+            parameters = {"job_id": job_id, "samples": samples, "due_at": due,
+                          "limit": settings.batch_max_samples, "now": now}  # fmt: skip
+            require_at_commit(
+                session,
+                repository.JOIN_OPEN_JOB,
+                parameters,
+                f"job {job_id} no longer takes {samples} samples",
+            )
+        write_at_commit(session, inserts, [(Job, [row for row in updates if row["id"] not in unlocked])])
+    else:
+        write_together(session, inserts, [(Job, updates)])
     for (request, *_rest), targets in zip(batch, opened, strict=True):
         for target in targets:
             if target.pending_count == 0:
@@ -127,6 +155,34 @@ def open_targets_many(
         if all(target.state != "pending" for target in targets):  # every model completed at once
             settle_request_if_done(session, request, now, actor)
     return opened, dispatches
+
+
+def _open_jobs(
+    session: Session, model_id: str, method: str, config: dict[str, Any], room_for: int | None, limit: int
+) -> tuple[list[Job], bool]:
+    """The model's open jobs of this method and configuration, oldest first, and whether their rows are
+    locked. Locked: a job takes no target once a worker has claimed it (the claim changes its state under
+    the same lock; a job claimed meanwhile is not found). With none open, the model's lock is taken and they
+    are read again, so that concurrent requests do not each open a job (one that opens a job holds the
+    model's lock until it commits). A request that fills a job opens the next without it: it holds that
+    job's row, and the model's lock is taken before a job's (the claim's order), never after; two jobs
+    opened at once then run one after the other.
+
+    With ``room_for`` (samples), they are read without locks first, and returned so when the oldest has
+    room for that many more without filling up (see ``open_targets_many``'s ``optimistic``)."""
+    if room_for is not None:
+        with session.no_autoflush:
+            candidates = repository.open_batches(session, model_id, method, lock=False)
+        jobs = [job for job in candidates if job.config == config]
+        if jobs and jobs[0].sample_count + room_for < limit:
+            return jobs, False
+    while True:
+        with session.no_autoflush:  # the jobs taken so far are written with the targets
+            candidates = repository.open_batches(session, model_id, method)
+        jobs = [job for job in candidates if job.config == config]
+        if jobs or models_repository.holds_lock(session, model_id):
+            return jobs, True
+        models_repository.lock_model(session, model_id)
 
 
 def _job_update(job: Job, now: datetime) -> dict[str, Any]:

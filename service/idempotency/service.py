@@ -57,7 +57,7 @@ def remember_answer(
     resource_id = body.get("id") if isinstance(body, dict) else None
     row = {"client_id": client_id, "key": key, "fingerprint": request_fingerprint, "status_code": status_code,
            "body": body, "headers": headers, "resource_id": resource_id, "created_at": utcnow()}  # fmt: skip
-    write_at_commit(session, IdempotencyRecord, [row])
+    write_at_commit(session, [(IdempotencyRecord, [row])])
 
 
 def expire(session: Session, ttl_s: float) -> int:

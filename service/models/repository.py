@@ -34,31 +34,30 @@ def lock_model(session: Session, model_id: str) -> Model | None:
     a row referencing the model takes (a deletion request, a job), so those never join a lock cycle. A lock
     the transaction holds already is not asked for again (a request's path, a bulk call's items): no other
     transaction can have changed the row since."""
-    held = session.info.get(_LOCKED)
-    if held is not None and held[0] is session.get_transaction() and model_id in held[1]:
+    if holds_lock(session, model_id):
         return session.get(Model, model_id)
     model = session.get(Model, model_id, with_for_update={"key_share": True}, populate_existing=True)
     _note_locked(session, model_id)
     return model
 
 
+def holds_lock(session: Session, model_id: str) -> bool:
+    """Whether this transaction has taken the model's row lock."""
+    held = session.info.get(_LOCKED)
+    return held is not None and held[0] is session.get_transaction() and model_id in held[1]
+
+
 # Every deletion request's first query: built once (the statement and its cache key).
-_LOCK_NAMED = (
+_NAMED = (
     select(Model, Dataset)
     .join(Dataset, Dataset.id == Model.dataset_id)
     .where(Model.tenant == bindparam("tenant"), Model.name == bindparam("name"))
-    .with_for_update(key_share=True, of=Model)
-    .execution_options(populate_existing=True)
 )
 
 
-def lock_model_named(session: Session, tenant: str, name: str) -> Row[Model, Dataset] | None:
-    """The tenant's model by name, with its dataset, its row locked as :func:`lock_model` locks it: one
-    statement where a request would read the model, then lock it."""
-    row = session.execute(_LOCK_NAMED, {"tenant": tenant, "name": name}).one_or_none()
-    if row is not None:
-        _note_locked(session, row[0].id)
-    return row
+def model_named(session: Session, tenant: str, name: str) -> Row[Model, Dataset] | None:
+    """The tenant's model by name, with its dataset."""
+    return session.execute(_NAMED, {"tenant": tenant, "name": name}).one_or_none()
 
 
 def _note_locked(session: Session, model_id: str) -> None:

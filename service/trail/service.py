@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
 from sqlalchemy import event as orm_event
 from sqlalchemy import select
@@ -28,7 +29,43 @@ _HEAD_ID = 1
 _PAGE = 1000
 
 
-def event_hash(prev_hash: str, event: TrailEvent) -> str:
+class HashedFields(Protocol):
+    """What an event's hash covers: a stored :class:`TrailEvent` or one still queued."""
+
+    @property
+    def seq(self) -> int | None: ...
+    @property
+    def occurred_at(self) -> datetime: ...
+    @property
+    def actor(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def request_id(self) -> str | None: ...
+    @property
+    def subject_type(self) -> str: ...
+    @property
+    def subject_id(self) -> str: ...
+    @property
+    def data(self) -> dict[str, Any]: ...
+
+
+@dataclass(slots=True)
+class QueuedEvent:
+    """An event appended in a transaction that has not committed: a plain object (a bulk call queues
+    thousands; an ORM instance costs several times as much), a row of :class:`TrailEvent` once chained."""
+
+    occurred_at: datetime
+    actor: str
+    kind: str
+    request_id: str | None
+    subject_type: str
+    subject_id: str
+    data: dict[str, Any]
+    seq: int | None = None
+
+
+def event_hash(prev_hash: str, event: HashedFields) -> str:
     body: dict[str, Any] = {
         "seq": event.seq,
         "occurred_at": event.occurred_at.isoformat(),
@@ -55,15 +92,11 @@ def append(
     subject_id: str,
     request_id: str | None = None,
     data: dict[str, Any] | None = None,
-) -> TrailEvent:
+) -> None:
     """Queue an event in the session's transaction; it gets its place in the chain (``seq``, hashes) when
     the transaction commits, and is discarded with a rollback."""
-    event = TrailEvent(
-        occurred_at=utcnow(), actor=actor, kind=kind, request_id=request_id, subject_type=subject_type,
-        subject_id=subject_id, data=data or {},
-    )  # fmt: skip
+    event = QueuedEvent(utcnow(), actor, kind, request_id, subject_type, subject_id, data or {})
     session.info.setdefault(_PENDING, []).append(event)
-    return event
 
 
 def write_pending(session: Session) -> None:
@@ -86,21 +119,21 @@ def _at_commit(session: Session) -> Writes:
 def _chained(session: Session) -> list[dict[str, Any]]:
     """The session's queued events chained after the head (locked and read by the transaction's first
     chaining, then where the last one left it), as rows."""
-    events: list[TrailEvent] = session.info.pop(_PENDING, None) or []
+    events: list[QueuedEvent] = session.info.pop(_PENDING, None) or []
     if not events:
         return []
     seq, prev = session.info.get(_HELD) or _lock_head(session)
     rows = []
     for event in events:
         seq += 1
-        event.seq, event.prev_hash = seq, prev
-        event.hash = prev = event_hash(prev, event)
+        event.seq = seq
+        own = event_hash(prev, event)
         rows.append(
-            {"seq": event.seq, "occurred_at": event.occurred_at, "actor": event.actor, "kind": event.kind,
+            {"seq": seq, "occurred_at": event.occurred_at, "actor": event.actor, "kind": event.kind,
              "request_id": event.request_id, "subject_type": event.subject_type,
-             "subject_id": event.subject_id, "data": event.data, "prev_hash": event.prev_hash,
-             "hash": event.hash}
+             "subject_id": event.subject_id, "data": event.data, "prev_hash": prev, "hash": own}
         )  # fmt: skip
+        prev = own
     session.info[_HELD] = (seq, prev)
     return rows
 

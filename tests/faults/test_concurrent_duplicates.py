@@ -12,13 +12,14 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.app import create_app
 from service.core.database import make_engine, make_session_factory, migrate
 from service.core.settings import Settings
 from service.deletion_requests.tables import DeletionRequest
+from service.erasures import repository as erasures_repository
 from service.jobs import service as jobs_service
 from service.jobs.tables import Job
 from tests.faults.conftest import Cluster
@@ -116,3 +117,34 @@ def test_twenty_requests_for_one_subject_share_one_job_and_unlearn_its_samples_o
     assert isinstance(claimed, jobs_service.ClaimedJob)
     assert len(claimed.targets) == CONCURRENT
     assert claimed.forget_sample_ids == ("s0", "s1", "s2")  # alice's train samples, each once
+
+
+def test_a_request_whose_open_job_is_claimed_before_it_commits_joins_the_next_job(
+    api: tuple[httpx.Client, sessionmaker[Session]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request joins its model's open job as read without the job's lock; a worker that claims the job
+    before the request commits leaves it nothing to join: the commit writes nothing, and the request is made
+    again under the lock, into a new job. The claimed job keeps exactly what it held."""
+    client, factory = api
+    body = {"model": client.headers["X-Model"], "subject_id": "alice"}
+    first = client.post("/deletion-requests", json=body).json()["erasures"][0]["job_id"]
+    read = erasures_repository.open_batches
+
+    def claimed_after_the_read(session: Session, model_id: str, method: str, *, lock: bool = True) -> Any:
+        jobs = read(session, model_id, method, lock=lock)
+        if not lock:  # a worker takes the job between this read and the request's commit
+            with factory.begin() as worker:
+                worker.execute(update(Job).where(Job.id == first).values(state="running", batch_open=False))
+        return jobs
+
+    monkeypatch.setattr(erasures_repository, "open_batches", claimed_after_the_read)
+    answer = client.post("/deletion-requests", json=body, headers={"Idempotency-Key": "late"})
+    assert answer.status_code == 202, answer.text
+    second = answer.json()["erasures"][0]["job_id"]
+    assert second != first
+    jobs = {job_id: client.get(f"/jobs/{job_id}").json() for job_id in (first, second)}
+    assert [len(jobs[first]["request_ids"]), jobs[first]["sample_count"]] == [1, 3]
+    assert jobs[second]["request_ids"] == [answer.json()["id"]] and jobs[second]["sample_count"] == 3
+    replayed = client.post("/deletion-requests", json=body, headers={"Idempotency-Key": "late"})
+    assert replayed.headers.get("idempotent-replayed") == "true" and replayed.json() == answer.json()
+    assert client.get("/audit-trail/verification").json()["valid"] is True

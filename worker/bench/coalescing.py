@@ -44,7 +44,7 @@ from service.core.database import make_engine, make_session_factory
 from service.storage import StoredObject
 from worker.bench.common import BENCH_TENANT, bench_backends, bench_headers, free_port, machine, write_result
 from worker.datasets.builtin import load_dataset
-from worker.demo import dataset_body, train_initial_checkpoint, write_dataset
+from worker.demo import SEED, dataset_body, train_initial_checkpoint, write_dataset
 from worker.engine.config import DEFAULT_METHOD, TrainingConfig
 from worker.engine.spec import mnist_cnn_spec
 
@@ -239,7 +239,9 @@ def run_scenario(
 SCENARIOS = ("coalesced", "one_job_per_request", "four_models_one_worker", "four_models_two_workers")
 
 
-def run(requests: int, over_s: float, timeout_s: float, only: tuple[str, ...] = SCENARIOS) -> dict[str, Any]:
+def run(
+    requests: int, over_s: float, timeout_s: float, only: tuple[str, ...] = SCENARIOS, seed: int = SEED
+) -> dict[str, Any]:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     results: dict[str, Any] = {}  # scenario -> its figures
     with (
@@ -252,7 +254,7 @@ def run(requests: int, over_s: float, timeout_s: float, only: tuple[str, ...] = 
         write_dataset(dataset, array_path)
         spec = mnist_cnn_spec(dataset.num_classes, dataset.input_shape)
         checkpoint = tmp / "initial.safetensors"
-        checkpoint.write_bytes(train_initial_checkpoint(dataset, spec, RECIPE))
+        checkpoint.write_bytes(train_initial_checkpoint(dataset, spec, RECIPE, seed=seed))
         base_env = {
             **os.environ, "LETHE_DATABASE_URL": database_url, "LETHE_REDIS_URL": REDIS_URL,
             "LETHE_STORAGE_URL": str(tmp / "store"), "LETHE_DISPATCHER": "celery",
@@ -279,7 +281,9 @@ def run(requests: int, over_s: float, timeout_s: float, only: tuple[str, ...] = 
             _wait_for(lambda: client.get(f"/jobs/{job_id}").json()["done"], "reference build", 1800)
             results["reference_build_s"] = round(time.monotonic() - built, 1)
         _share_references(database_url, models)
-        subjects = iter(range(0, len(dataset.train_rows) // PER_SUBJECT, requests))
+        # Each scenario its own block of subjects; another seed, another model and other subjects.
+        count = len(dataset.train_rows) // PER_SUBJECT
+        subjects = iter((seed * len(SCENARIOS) + i) * requests % count for i in range(len(SCENARIOS)))
         scenarios: dict[str, tuple[int, list[str], dict[str, float]]] = {
             "coalesced": (1, [models[0]], {}),
             "one_job_per_request": (1, [models[0]], {"batch_max_samples": 1, "batch_wait_s": 0}),
@@ -305,7 +309,7 @@ def run(requests: int, over_s: float, timeout_s: float, only: tuple[str, ...] = 
     results["setup"] = {
         "dataset": "mnist5k", "samples_per_subject": PER_SUBJECT, "requests_per_scenario": requests,
         "posted_over_s": over_s, "method": f"{DEFAULT_METHOD} (default)", "audit_references": REFERENCES,
-        "initial_model": f"mnist_cnn, {RECIPE.epochs} epochs", "worker": "celery --pool solo, 1 torch thread",
+        "initial_model": f"mnist_cnn, {RECIPE.epochs} epochs, seed {seed}", "worker": "celery --pool solo, 1 torch thread",
         "machine": machine(), "scenarios": list(only),
     }  # fmt: skip
     return results
@@ -366,11 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}"
     )
+    parser.add_argument(
+        "--seed", type=int, default=SEED, help="the initial model's training seed; also picks the subjects"
+    )
     args = parser.parse_args(argv)
     only = tuple(args.scenarios.split(","))
     if unknown := set(only) - set(SCENARIOS):
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
-    result = run(args.requests, args.over, args.timeout, only)
+    result = run(args.requests, args.over, args.timeout, only, args.seed)
     write_result(result, args.json)
     return 0
 
