@@ -309,8 +309,8 @@ def run(
     results["setup"] = {
         "dataset": "mnist5k", "samples_per_subject": PER_SUBJECT, "requests_per_scenario": requests,
         "posted_over_s": over_s, "method": f"{DEFAULT_METHOD} (default)", "audit_references": REFERENCES,
-        "initial_model": f"mnist_cnn, {RECIPE.epochs} epochs, seed {seed}", "worker": "celery --pool solo, 1 torch thread",
-        "machine": machine(), "scenarios": list(only),
+        "initial_model": f"mnist_cnn, {RECIPE.epochs} epochs, seed {seed}",
+        "worker": "celery --pool solo, 1 torch thread", "machine": machine(), "scenarios": list(only),
     }  # fmt: skip
     return results
 
