@@ -23,8 +23,11 @@ from sqlalchemy import (
     DateTime,
     Engine,
     MetaData,
+    Row,
+    Select,
     Table,
     Text,
+    Update,
     any_,
     bindparam,
     cast,
@@ -34,6 +37,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    literal,
     select,
     update,
 )
@@ -47,7 +51,6 @@ from sqlalchemy.orm import (
     make_transient_to_detached,
     sessionmaker,
 )
-from sqlalchemy.sql.expression import Executable
 from sqlalchemy.types import TypeDecorator
 
 # Deterministic constraint names, so migrations can drop and alter them on every backend (SQLite batch mode).
@@ -229,11 +232,6 @@ def write_together(
                 statement,
                 [{f"row_{k}" if k != key.name else "row_key": v for k, v in r.items()} for r in rows],
             )
-    _adopt(session, inserts)
-
-
-def _adopt(session: Session, inserts: Sequence[tuple[type[Base], Sequence[Base | dict[str, Any]]]]) -> None:
-    """The new objects of ``inserts`` belong to the session as if loaded: no flush writes them again."""
     for _model, items in inserts:
         for item in items:
             if isinstance(item, Base):
@@ -255,16 +253,16 @@ def write_at_commit(
     updates: Sequence[tuple[type[Base], Sequence[dict[str, Any]]]] = (),
 ) -> None:
     """:func:`write_together` when the session's transaction commits, in the statement that writes
-    everything written then (the trail's events: see :func:`commit_writer`); a rollback discards them. The
-    new objects belong to the session at once, as if written. For rows nothing reads back from the database
-    before the commit (an idempotency answer; a deletion request, whose answer is built from the objects in
-    hand): one round trip fewer, and none while the transaction holds a job's row."""
+    everything written then (the trail's events: see :func:`commit_writer`); a rollback discards them. New
+    objects are written as they stand now and stay out of the session (nothing of them is written again).
+    For rows nothing reads back from the database before the commit (an idempotency answer; a deletion
+    request, whose answer is built from the objects in hand): one round trip fewer, and none while the
+    transaction holds a job's row."""
     queued: Writes = session.info.setdefault(_AT_COMMIT, ([], []))
     queued[0].extend(
         (model, [row_of(i) if isinstance(i, Base) else i for i in items]) for model, items in inserts
     )
     queued[1].extend(updates)
-    _adopt(session, inserts)
 
 
 class PreconditionFailed(Exception):
@@ -274,14 +272,13 @@ class PreconditionFailed(Exception):
 _REQUIRED = "lethe.required_at_commit"
 
 
-def require_at_commit(
-    session: Session, statement: Executable, parameters: dict[str, Any], reason: str
-) -> None:
+def require_at_commit(session: Session, statement: Update, parameters: dict[str, Any], reason: str) -> None:
     """Run ``statement`` with ``parameters`` (an UPDATE ... RETURNING whose WHERE states what must still
     hold) when the session commits, before anything queued for that commit is written; if it returns no
     row, the commit raises :class:`PreconditionFailed` (``reason``) having written nothing. An optimistic
     write: a row read without its lock is changed there, relative to what it then holds, and stays locked
-    only until the commit."""
+    only until the commit. A commit that appends trail events runs it with the head's lock, in one
+    statement (:func:`select_after_required`)."""
     session.info.setdefault(_REQUIRED, []).append((statement, parameters, reason))
 
 
@@ -292,18 +289,49 @@ def commit_writer(writer: Callable[[Session], Writes]) -> Callable[[Session], Wr
     return writer
 
 
+AnySelect = Select[*tuple[Any, ...]]
+_GUARDED: dict[tuple[Update, AnySelect], AnySelect] = {}  # a statement behind an update: built once
+
+
+def select_after_required(session: Session, statement: AnySelect) -> Row[*tuple[Any, ...]] | None:
+    """The one row of ``statement`` (a SELECT that may lock it), read after the session's updates queued
+    by :func:`require_at_commit` run; :class:`PreconditionFailed` when one matched no row. With one such
+    update, in one round trip: the update a CTE that the row's selection depends on (an initial plan run
+    before the scan), so its row locks are taken first, as everywhere (a job's row before the trail's
+    head); no row then means the update matched none, or ``statement`` found none (both are refused: the
+    caller retries without the update)."""
+    required = session.info.pop(_REQUIRED, [])
+    connection = session.connection()
+    if len(required) != 1:
+        _run_required(connection, required)
+        return connection.execute(statement).one_or_none()
+    [(update_statement, parameters, reason)] = required
+    key = (update_statement, statement)
+    if key not in _GUARDED:
+        done = update_statement.cte("required")
+        _GUARDED[key] = statement.where(select(literal(1)).select_from(done).exists()).add_cte(done)
+    row = connection.execute(_GUARDED[key], parameters).one_or_none()
+    if row is None:
+        raise PreconditionFailed(reason)
+    return row
+
+
+def _run_required(connection: Connection, required: Sequence[tuple[Update, dict[str, Any], str]]) -> None:
+    for statement, parameters, reason in required:
+        if connection.execute(statement, parameters).first() is None:
+            raise PreconditionFailed(reason)
+
+
 @event.listens_for(Session, "before_commit")
 def _write_at_commit(session: Session) -> None:
-    for statement, parameters, reason in session.info.pop(_REQUIRED, []):
-        if session.connection().execute(statement, parameters).first() is None:
-            raise PreconditionFailed(reason)
     queued_inserts, queued_updates = session.info.pop(_AT_COMMIT, ([], []))
     inserts: Inserts = list(queued_inserts)
     updates: Updates = list(queued_updates)
-    for writer in _COMMIT_WRITERS:
+    for writer in _COMMIT_WRITERS:  # the trail's takes the head with the required updates first
         more_inserts, more_updates = writer(session)
         inserts += more_inserts
         updates += more_updates
+    _run_required(session.connection(), session.info.pop(_REQUIRED, []))  # a commit that appends no event
     write_together(session, inserts, updates)
 
 

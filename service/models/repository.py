@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sqlalchemy import Row, bindparam, func, insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from service.datasets.tables import Dataset
 from service.models.tables import Model, ModelVersion, model_version_requests
@@ -52,6 +52,11 @@ _NAMED = (
     select(Model, Dataset)
     .join(Dataset, Dataset.id == Model.dataset_id)
     .where(Model.tenant == bindparam("tenant"), Model.name == bindparam("name"))
+    # What a deletion request reads of them (the model's spec and training notice are JSON it never uses).
+    .options(
+        load_only(Model.id, Model.tenant, Model.name, Model.dataset_id),
+        load_only(Dataset.id, Dataset.tenant, Dataset.name, Dataset.num_classes),
+    )
 )
 
 

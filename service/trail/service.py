@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from service.core import canonical
 from service.core.clock import utcnow
-from service.core.database import Writes, commit_writer, write_together
+from service.core.database import Writes, commit_writer, select_after_required, write_together
 from service.trail.tables import GENESIS, TrailEvent, TrailHead
 
 _HEAD_ID = 1
@@ -143,7 +143,8 @@ _LOCK_HEAD = select(TrailHead.seq, TrailHead.hash).where(TrailHead.id == _HEAD_I
 
 
 def _lock_head(session: Session) -> tuple[int, str]:
-    head = session.connection().execute(_LOCK_HEAD).one_or_none()  # plain columns: no ORM execution
+    # Plain columns (no ORM execution), after (or with) the updates the commit requires.
+    head = select_after_required(session, _LOCK_HEAD)
     if head is None:  # the first event of a database creates the head row
         session.add(TrailHead(id=_HEAD_ID, seq=0, hash=GENESIS))
         session.flush()
