@@ -302,7 +302,7 @@ def select_after_required(session: Session, statement: AnySelect) -> Row[*tuple[
     caller retries without the update)."""
     required = session.info.pop(_REQUIRED, [])
     connection = session.connection()
-    if len(required) != 1:
+    if len(required) != 1 or connection.dialect.name != "postgresql":  # SQLite: no UPDATE in a WITH
         _run_required(connection, required)
         return connection.execute(statement).one_or_none()
     [(update_statement, parameters, reason)] = required

@@ -128,8 +128,13 @@ def test_the_same_api_runs_on_sqlite(tmp_path: Path) -> None:
         job_id = job_of(accepted.json())
         assert accepted.status_code == 202 and dispatcher.dispatched == [job_id]
         assert client.get(f"/jobs/{job_id}").json()["state"] == "queued"
+        # A second request joins the open job as a request on Postgres does (read unlocked, a guarded update).
+        joined = client.post("/deletion-requests", json={"model": "m", "sample_ids": ["s3"]})
+        assert joined.status_code == 202 and job_of(joined.json()) == job_id
+        assert client.get(f"/jobs/{job_id}").json()["sample_count"] == 4
     engine = make_engine(url)
     with make_session_factory(engine).begin() as session:
         claimed = jobs_service.claim_job(session, job_id, "w1", timedelta(minutes=1))
     engine.dispose()
-    assert isinstance(claimed, jobs_service.ClaimedJob) and claimed.forget_sample_ids == ("s0", "s1", "s2")
+    assert isinstance(claimed, jobs_service.ClaimedJob)
+    assert claimed.forget_sample_ids == ("s0", "s1", "s2", "s3")
