@@ -116,19 +116,36 @@ def register(
             # First: the reports generated as requests settle below read the audits from the job.
             jobs_service.record_metrics(session, claimed.job_id, metrics, job.worker_id)
             rows = {t.id: t for t in erasures_service.targets_of_job(session, claimed.job_id)}
+            attempts = {
+                t.target_id: {"job_id": claimed.job_id, "method": claimed.method,
+                              "verdict": audits[t.request_id]["verdict"],
+                              "passed": audits[t.request_id]["gate"]["passed"], "version_id": version.id,
+                              "requests_in_job": len(claimed.targets)}
+                for t in claimed.targets if t.request_id in audits
+            }  # fmt: skip
+            failed = [
+                (rows[t.target_id], attempts[t.target_id])
+                for t in claimed.targets
+                if t.target_id in attempts and not attempts[t.target_id]["passed"]
+                and not (alone or rows[t.target_id].attempts)  # alone, or already retried once: rejected
+            ]  # fmt: skip
+            # Retried first: the retry joins the model's open job (locking its row) before the requests
+            # settled below write the trail (taking its head). A deletion request takes a job's row, then
+            # the head; the other order here could deadlock with it.
+            if failed:
+                follow_ups += erasures_service.retry(
+                    session, job.settings, failed, job.worker_id, escalate_to=escalation(job, labelled)
+                )
+            retried = {row.id for row, _attempt in failed}
             for target in claimed.targets:
                 row = rows[target.target_id]
-                audit = audits.get(target.request_id)
-                if audit is None:  # erased meanwhile by another request: nothing of it was left to audit
+                attempt = attempts.get(target.target_id)
+                if attempt is None:  # erased meanwhile by another request: nothing of it was left to audit
                     erasures_service.settle(
                         session, row, "completed", job.worker_id, verdict=ALREADY_ERASED,
                         version_id=claimed.base_version.id,
                     )  # fmt: skip
-                    continue
-                attempt = {"job_id": claimed.job_id, "method": claimed.method,
-                           "verdict": audit["verdict"], "passed": audit["gate"]["passed"],
-                           "version_id": version.id, "requests_in_job": len(claimed.targets)}  # fmt: skip
-                if audit["gate"]["passed"]:
+                elif attempt["passed"]:
                     purge = erasures_service.complete(
                         session, job.settings, row, dataset_id=claimed.dataset_id,
                         sample_ids=target.sample_ids, version_id=version.id, attempt=attempt,
@@ -136,14 +153,8 @@ def register(
                     )  # fmt: skip
                     if purge not in follow_ups:  # the job's requests share their model's purge job
                         follow_ups.append(purge)
-                elif alone or row.attempts:  # alone, or already retried once
+                elif row.id not in retried:
                     erasures_service.settle(session, row, "rejected", job.worker_id, attempt=attempt)
-                else:
-                    failed.append((row, attempt))
-            if failed:
-                follow_ups += erasures_service.retry(
-                    session, job.settings, failed, job.worker_id, escalate_to=escalation(job, labelled)
-                )
             jobs_service.finish(
                 session, claimed.job_id, state,
                 metrics=metrics,
