@@ -4,8 +4,9 @@ from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
-from service.core.fields import Identifier, Text
+from service.core.fields import Identifier, Text, exactly_one_of
 
 
 class SampleIn(BaseModel):
@@ -19,16 +20,20 @@ class SampleIn(BaseModel):
 
 
 class DatasetCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A dataset: its array (exactly one of ``array_path`` and ``array_object``) and its samples."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra=exactly_one_of(("array_path", "array_object"))
+    )
 
     name: Identifier
-    array_path: Text | None = Field(
+    array_path: Text | SkipJsonSchema[None] = Field(
         default=None,
         min_length=1,
         description="an .npz inside the server's data directory (LETHE_DATA_DIR; relative to it, or "
         "absolute) whose array x is float32 (N, C, H, W), already normalised; or give array_object",
     )
-    array_object: Text | None = Field(
+    array_object: Text | SkipJsonSchema[None] = Field(
         default=None,
         min_length=1,
         description="instead of array_path: the key of such an .npz that the client put in the object store, "

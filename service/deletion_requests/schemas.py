@@ -6,15 +6,10 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.json_schema import SkipJsonSchema
 
-from service.core.fields import Identifier, Text
+from service.core.fields import Identifier, Text, exactly_one_of
 from worker.engine.config import METHODS
 
 _METHOD_NAMES: list[JsonValue] = [*sorted(METHODS)]
-
-
-def exactly_one_of(*groups: tuple[str, str]) -> dict[str, Any]:
-    """JSON Schema for "exactly one of each pair of members" (each ``oneOf`` holds when one is present)."""
-    return {"allOf": [{"oneOf": [{"required": [a]}, {"required": [b]}]} for a, b in groups]}
 
 
 # The document states these members' exclusive pairs; a JSON null counts as absent (the schema lists only

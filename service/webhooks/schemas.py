@@ -9,6 +9,18 @@ from service.core.fields import Text
 
 # Endpoints are referenced by name in URLs, so names are URL-safe (as model names are).
 ENDPOINT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+# What the service accepts as a webhook URL (``webhooks.service`` checks it, and the URL parsers' view of it):
+# stated in the document, so a URL that matches it is one the service takes (where its host may go aside).
+_HEX = "[0-9A-Fa-f]{1,4}"
+_IPV6 = (
+    f"({_HEX}:){{7}}{_HEX}|({_HEX}:){{1,7}}:|({_HEX}:){{1,6}}:{_HEX}|({_HEX}:){{1,5}}(:{_HEX}){{1,2}}"
+    f"|({_HEX}:){{1,4}}(:{_HEX}){{1,3}}|({_HEX}:){{1,3}}(:{_HEX}){{1,4}}|({_HEX}:){{1,2}}(:{_HEX}){{1,5}}"
+    f"|{_HEX}:((:{_HEX}){{1,6}})|:((:{_HEX}){{1,7}}|:)"
+)
+_PORT = "6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}"
+_HOST = r"[A-Za-z0-9._~!$&'()*+,;=-]+|\[(" + _IPV6 + r")\]"
+_PATH_AND_QUERY = '[/?][!-"$-~]*'  # printable ASCII but '#' (no fragment)
+WEBHOOK_URL_PATTERN = f"^[Hh][Tt][Tt][Pp][Ss]?://({_HOST})(:({_PORT}))?({_PATH_AND_QUERY})?$"
 EventType = Literal["deletion_request.settled", "deletion_request.due_soon"]
 
 
@@ -16,7 +28,14 @@ class EndpointCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=ENDPOINT_NAME_PATTERN, description="unique in the tenant; how URLs refer to it")
-    url: Text = Field(max_length=2000, description="http or https URL the events are POSTed to")
+    # The pattern is stated in the document and checked by the service, whose refusal says what is wrong.
+    url: Text = Field(
+        max_length=2000,
+        json_schema_extra={"pattern": WEBHOOK_URL_PATTERN},
+        description="http or https URL the events are POSTed to: a host name (an internationalised one in "
+        "its punycode form), IPv4 or bracketed IPv6 address, an optional port, path and query; no "
+        "credentials, fragment, whitespace or control characters",
+    )
     events: list[EventType] = Field(
         default=["deletion_request.settled", "deletion_request.due_soon"],
         min_length=1,

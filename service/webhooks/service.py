@@ -49,7 +49,7 @@ from service.erasures import repository as erasures_repository
 from service.models import repository as models_repository
 from service.trail import service as trail
 from service.webhooks import repository
-from service.webhooks.schemas import EndpointCreate
+from service.webhooks.schemas import WEBHOOK_URL_PATTERN, EndpointCreate
 from service.webhooks.tables import (
     DELIVERY_STATES,
     DUE_SOON,
@@ -95,6 +95,11 @@ def _checked_url(url: str) -> str:
             problem = "must not have a fragment"
         elif any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
             problem = "must not contain whitespace or control characters"
+        elif not re.fullmatch(WEBHOOK_URL_PATTERN, url):
+            problem = (
+                "must be ASCII: a host name (an internationalised one in its punycode form), an IPv4 or a "
+                "bracketed IPv6 address, then an optional port, path and query"
+            )
     if problem is not None:
         raise InvalidInput("invalid-url", f"the webhook URL {problem}", field="url", schemes=list(_SCHEMES))
     return url

@@ -34,10 +34,10 @@ ACCEPTANCE = "Schema-valid request rejected"
 # Operations whose document does not yet state everything they check (a schema-valid input answered 422),
 # with what is missing. Only that check may fail on them; every other check holds everywhere.
 SCHEMA_GAPS = {
-    "POST /datasets": "array_path / array_object exactly-one rule; the data directory's files",
+    "POST /datasets": "the data directory's files (a path naming no file is 422 file-not-found)",
     "POST /models": "the data directory's files (a path naming no file is 422 file-not-found)",
     "POST /models/upload": "the spec form field's JSON",
-    "POST /webhook-endpoints": "the URL's scheme and host rules",
+    "POST /webhook-endpoints": "where the URL's host resolves to (a private, loopback or link-local address)",
 }
 
 

@@ -20,8 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 
 import httpx
+import hypothesis
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import strategies as st
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook
@@ -32,6 +34,7 @@ from service.core.settings import Settings
 from service.jobs import service as jobs_service
 from service.webhooks import repository
 from service.webhooks import service as webhooks_service
+from service.webhooks.schemas import WEBHOOK_URL_PATTERN
 from service.webhooks.tables import WebhookDelivery, WebhookEndpoint, WebhookEvent
 from tests.audit.memorised import RECIPE
 from tests.service.conftest import RecordingDispatcher, count_rows, issue_token, job_of
@@ -549,3 +552,20 @@ def test_endpoints_on_private_addresses_are_refused_unless_allowed(
     with httpx.Client() as http:
         outcome = send(http, guarded, claim)
     assert outcome.status_code is None and "not a public address" in str(outcome.error)
+
+
+@hypothesis.settings(max_examples=500, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(st.from_regex(WEBHOOK_URL_PATTERN, fullmatch=True))
+def test_every_url_of_the_documented_form_passes_the_services_url_check(url: str) -> None:
+    """The OpenAPI document states the webhook URL's form; whatever matches it, the service's own check
+    (the URL parsers included) takes: a client that follows the document is not refused for its URL."""
+    assert webhooks_service._checked_url(url) == url
+
+
+def test_a_url_outside_the_documented_form_is_refused_saying_why() -> None:
+    with pytest.raises(webhooks_service.InvalidInput, match="punycode"):
+        webhooks_service._checked_url("https://bücher.example/hook")
+    assert (
+        webhooks_service._checked_url("https://xn--bcher-kva.example/hook")
+        == "https://xn--bcher-kva.example/hook"
+    )
