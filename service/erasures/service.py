@@ -134,7 +134,7 @@ def open_targets_many(
         (Job, new_jobs),
         (ErasureTarget, targets),
     ]
-    if optimistic and all(target.pending_count for target in targets):
+    if unlocked:  # one request on one model (optimistic), its one target pending: written at the commit
         for job_id, samples in unlocked.items():
             due = min(target.due_at for target in targets if target.job_id == job_id)
             parameters = {"job_id": job_id, "samples": samples, "due_at": due,
