@@ -4,6 +4,8 @@ and the subject's samples are unlearned once."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -20,6 +22,7 @@ from service.core.database import make_engine, make_session_factory, migrate
 from service.core.settings import Settings
 from service.deletion_requests.tables import DeletionRequest
 from service.erasures import repository as erasures_repository
+from service.erasures.tables import ErasureTarget
 from service.jobs import service as jobs_service
 from service.jobs.tables import Job
 from tests.faults.conftest import Cluster
@@ -34,6 +37,7 @@ from tests.service.conftest import (
 from worker.demo import LocalServer
 
 CONCURRENT = 20
+PER_SENDER = 30  # requests each of eight senders posts while a worker claims
 
 
 @pytest.fixture
@@ -148,3 +152,67 @@ def test_a_request_whose_open_job_is_claimed_before_it_commits_joins_the_next_jo
     replayed = client.post("/deletion-requests", json=body, headers={"Idempotency-Key": "late"})
     assert replayed.headers.get("idempotent-replayed") == "true" and replayed.json() == answer.json()
     assert client.get("/audit-trail/verification").json()["valid"] is True
+
+
+def test_requests_streaming_while_a_worker_claims_land_each_in_one_job_counted_once(
+    api: tuple[httpx.Client, sessionmaker[Session]],
+) -> None:
+    """Eight clients post while a worker keeps claiming the model's jobs: every request lands in exactly one
+    job, no job takes a request after its claim, and each job's sample count is its requests' samples (the
+    optimistic join's relative update neither loses nor doubles one)."""
+    client, factory = api
+    model_id = client.get(f"/models/{client.headers['X-Model']}").json()["id"]
+    claimed: dict[str, set[str]] = {}  # job -> the targets it was claimed with
+    posting = threading.Event()
+    posting.set()
+
+    def worker() -> None:
+        while posting.is_set():
+            with factory.begin() as session:  # its coalescing wait over at once
+                session.execute(
+                    update(Job).where(Job.model_id == model_id, Job.state == "queued").values(ready_at=None)
+                )
+            with factory.begin() as session:
+                job_id = session.scalar(
+                    select(Job.id).where(Job.model_id == model_id, Job.state == "queued").limit(1)
+                )
+                got = jobs_service.claim_job(session, job_id, "w1", timedelta(minutes=1)) if job_id else None
+            if isinstance(got, jobs_service.ClaimedJob):
+                claimed[got.job_id] = {target.target_id for target in got.targets}
+                with factory.begin() as session:  # ended without settling: where requests landed is the point
+                    session.execute(update(Job).where(Job.id == got.job_id).values(state="failed"))
+            time.sleep(0.02)
+
+    def post(sender: int) -> list[int]:
+        body = {"model": client.headers["X-Model"]}
+        return [
+            client.post(
+                "/deletion-requests", json={**body, "sample_ids": [f"s{(sender + i) % 8}"]}
+            ).status_code
+            for i in range(PER_SENDER)
+        ]
+
+    claims = threading.Thread(target=worker)
+    claims.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            statuses = [status for answers in pool.map(post, range(8)) for status in answers]
+    finally:
+        posting.clear()
+        claims.join()
+    assert statuses == [202] * 8 * PER_SENDER
+    with factory() as session:
+        targets = session.execute(
+            select(ErasureTarget.id, ErasureTarget.job_id, ErasureTarget.pending_count)
+            .where(ErasureTarget.model_id == model_id)
+        ).all()  # fmt: skip
+        counts = dict(session.execute(select(Job.id, Job.sample_count).where(Job.model_id == model_id)).all())
+    assert len(targets) == 8 * PER_SENDER and all(target.job_id is not None for target in targets)
+    held: dict[str, set[str]] = {}
+    for target in targets:
+        held.setdefault(target.job_id, set()).add(target.id)
+    assert {job_id: sum(t.pending_count for t in targets if t.job_id == job_id) for job_id in held} == {
+        job_id: counts[job_id] for job_id in held
+    }
+    assert len(claimed) >= 2, claimed  # the worker did claim jobs while requests streamed in
+    assert all(held.get(job_id, set()) == claimed_with for job_id, claimed_with in claimed.items())
