@@ -62,6 +62,10 @@ WAYS: dict[str, tuple[str, dict[str, Any]]] = {
     "repair-mixunlearn": ("repair", {"mixunlearn_steps": 40, "epochs": 1, "min_steps": 0}),
     "repair-distill": ("repair", {"distill": 1.0}),
     "repair-distill-half": ("repair", {"distill": 0.5}),
+    # Longer repairs (on digits, past the 200-step floor: 8 epochs are 248 steps, as mnist5k's default 2).
+    "repair-e8": ("repair", {"epochs": 8}),
+    "repair-e12": ("repair", {"epochs": 12}),
+    "repair-e16": ("repair", {"epochs": 16}),
 }
 DEFAULT_WAYS = ("retrain", "noop", "mixunlearn", "repair")
 # Audits read from the first k references of one set of 16 (whole complementary pairs): the cheaper sets
