@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import bindparam, case, func, insert, select, update
+from sqlalchemy import and_, bindparam, case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.core.database import among
@@ -156,15 +156,12 @@ def erased_from_every_model(session: Session, dataset_id: str, model_count: int)
     return int(session.scalar(select(func.count()).select_from(per_sample)) or 0)
 
 
+# A job that still takes requests: queued (not claimed, canceled or failed) and open (not sealed).
+_TAKES_REQUESTS = and_(Job.state == "queued", Job.batch_open.is_(True))
 # Every new erasure target's query: built once (the statements and their cache keys).
 _OPEN_BATCHES = (
     select(Job)
-    .where(
-        Job.model_id == bindparam("model_id"),
-        Job.state == "queued",
-        Job.batch_open.is_(True),
-        Job.method == bindparam("method"),
-    )
+    .where(_TAKES_REQUESTS, Job.model_id == bindparam("model_id"), Job.method == bindparam("method"))
     .order_by(Job.created_at)
 )
 _OPEN_BATCHES_LOCKED = _OPEN_BATCHES.with_for_update()
@@ -180,9 +177,8 @@ def open_batches(session: Session, model_id: str, method: str, *, lock: bool = T
 JOIN_OPEN_JOB = (
     update(Job)
     .where(
+        _TAKES_REQUESTS,
         Job.id == bindparam("job_id"),
-        Job.state == "queued",
-        Job.batch_open.is_(True),
         Job.sample_count + bindparam("samples") < bindparam("limit"),
     )
     .values(

@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import event as orm_event
 from sqlalchemy import select
@@ -27,27 +27,6 @@ from service.trail.tables import GENESIS, TrailEvent, TrailHead
 
 _HEAD_ID = 1
 _PAGE = 1000
-
-
-class HashedFields(Protocol):
-    """What an event's hash covers: a stored :class:`TrailEvent` or one still queued."""
-
-    @property
-    def seq(self) -> int | None: ...
-    @property
-    def occurred_at(self) -> datetime: ...
-    @property
-    def actor(self) -> str: ...
-    @property
-    def kind(self) -> str: ...
-    @property
-    def request_id(self) -> str | None: ...
-    @property
-    def subject_type(self) -> str: ...
-    @property
-    def subject_id(self) -> str: ...
-    @property
-    def data(self) -> dict[str, Any]: ...
 
 
 @dataclass(slots=True)
@@ -65,7 +44,9 @@ class QueuedEvent:
     seq: int | None = None
 
 
-def event_hash(prev_hash: str, event: HashedFields) -> str:
+def event_hash(prev_hash: str, event: TrailEvent | QueuedEvent) -> str:
+    """SHA-256 of the previous hash and the RFC 8785 bytes of what the event says: a stored event or one
+    still queued."""
     body: dict[str, Any] = {
         "seq": event.seq,
         "occurred_at": event.occurred_at.isoformat(),
