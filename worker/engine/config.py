@@ -195,6 +195,12 @@ class RepairConfig(UnlearnConfig):
     # it lower), it passed no more clean subjects on mnist5k seed 4 (1 and 2 of 3 where retrain passes, plain
     # repair 1 of 3; docs/audit.md), for 1.2x the time.
     distill: float = 0.0
+    head_only: bool = False
+    match_steps: int = 0
+    replay: float = 0.0
+    dampen_alpha: float = 0.0
+    dampen_lambda: float = 1.0
+    match_lr: float = 1e-4
 
 
 @dataclass(frozen=True)
