@@ -66,32 +66,12 @@ WAYS: dict[str, tuple[str, dict[str, Any]]] = {
     "repair-e8": ("repair", {"epochs": 8}),
     "repair-e12": ("repair", {"epochs": 12}),
     "repair-e16": ("repair", {"epochs": 16}),
-    "head-e10": ("repair", {"head_only": True, "epochs": 10, "min_steps": 0}),
-    "head-e20": ("repair", {"head_only": True, "epochs": 20, "min_steps": 0}),
-    "head-e5": ("repair", {"head_only": True, "epochs": 5, "min_steps": 0}),
-    "replay-25": ("repair", {"replay": 0.25}),
-    "replay-50": ("repair", {"replay": 0.5}),
-    "replay-75": ("repair", {"replay": 0.75}),
-    "repair-lr2": ("repair", {"lr": 2e-3}),
+    # The repair's learning rate and step floor (stop 29; RepairConfig's lr): the previous default, and what
+    # the new one was chosen against.
+    "repair-lr1": ("repair", {"lr": 1e-3}),
     "repair-lr3": ("repair", {"lr": 3e-3}),
-    "repair-lr2-m100": ("repair", {"lr": 2e-3, "min_steps": 100}),
+    "repair-m100": ("repair", {"min_steps": 100}),
     "repair-lr3-m100": ("repair", {"lr": 3e-3, "min_steps": 100}),
-    "ssd-10": (
-        "repair",
-        {"dampen_alpha": 10.0, "reinit_layers": 0, "epochs": 1, "min_steps": 0, "lr": 1e-12},
-    ),
-    "ssd-5": ("repair", {"dampen_alpha": 5.0, "reinit_layers": 0, "epochs": 1, "min_steps": 0, "lr": 1e-12}),
-    "ssd-10-ft": (
-        "repair",
-        {"dampen_alpha": 10.0, "reinit_layers": 0, "epochs": 1, "min_steps": 0, "lr": 1e-4},
-    ),
-    "ssd-5-ft": (
-        "repair",
-        {"dampen_alpha": 5.0, "reinit_layers": 0, "epochs": 1, "min_steps": 0, "lr": 1e-4},
-    ),
-    "match-100": ("repair", {"match_steps": 100, "match_lr": 1e-3}),
-    "match-100-lo": ("repair", {"match_steps": 100, "match_lr": 1e-4}),
-    "match-300-lo": ("repair", {"match_steps": 300, "match_lr": 1e-4}),
 }
 DEFAULT_WAYS = ("retrain", "noop", "mixunlearn", "repair")
 # Audits read from the first k references of one set of 16 (whole complementary pairs): the cheaper sets
