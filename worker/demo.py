@@ -6,6 +6,7 @@ API served by uvicorn on a free loopback port. Every step a product backend take
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import socket
 import sys
@@ -28,7 +29,7 @@ from service.core.database import make_engine, make_session_factory, migrate
 from service.core.settings import Settings
 from service.dispatch import InProcessDispatcher
 from service.reports.keys import KeyRing
-from worker.checkpoints import state_dict_to_bytes
+from worker.checkpoints import load_state_dict, state_dict_to_bytes
 from worker.datasets.builtin import BuiltinDataset, load_dataset
 from worker.engine.config import TrainingConfig
 from worker.engine.context import RunContext
@@ -41,6 +42,10 @@ from worker.engine.training import train
 DEMO_DIR = Path("var/demo")
 SAMPLES_PER_SUBJECT = 50
 SEED = 0
+# The subject the demo erases, and how many of its samples carry a wrong label (as real records do): a model
+# that memorised them leaks the subject's membership, which is what the audit must see gone.
+DEMO_SUBJECT = "subject-0008"
+DEMO_WRONG_LABELS = 15
 
 
 def say(text: str = "") -> None:
@@ -58,6 +63,18 @@ def subject_of_rows(dataset: BuiltinDataset, per_subject: int = SAMPLES_PER_SUBJ
     are sorted by class; a real person's data spans classes)."""
     order = np.random.default_rng(SEED).permutation(dataset.train_rows)
     return {int(row): f"subject-{position // per_subject:04d}" for position, row in enumerate(order)}
+
+
+def with_wrong_labels(dataset: BuiltinDataset, subject: str, count: int) -> tuple[BuiltinDataset, np.ndarray]:
+    """``dataset`` with ``count`` of ``subject``'s train rows given another class's label (seeded), and those
+    rows."""
+    subjects = subject_of_rows(dataset)
+    rows = np.array(sorted(row for row, owner in subjects.items() if owner == subject))
+    rng = np.random.default_rng(SEED)
+    chosen = np.sort(rng.choice(rows, count, replace=False))
+    labels = dataset.y.copy()
+    labels[chosen] = (labels[chosen] + rng.integers(1, dataset.num_classes, count)) % dataset.num_classes
+    return dataclasses.replace(dataset, y=labels), chosen
 
 
 def dataset_body(
@@ -107,6 +124,14 @@ def train_initial_checkpoint(
     data = TensorSplit(torch.from_numpy(dataset.x)[rows], torch.from_numpy(dataset.y)[rows])
     train(model, data, config, RunContext(progress=progress, seed=seed))
     return state_dict_to_bytes(model)
+
+
+def memorised_labels(checkpoint: bytes, spec: ModelSpec, dataset: BuiltinDataset, rows: np.ndarray) -> int:
+    """How many of ``rows``' labels the checkpoint's model predicts."""
+    model = load_state_dict(checkpoint, spec).eval()
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(dataset.x[rows])).argmax(1).numpy()
+    return int((predicted == dataset.y[rows]).sum())
 
 
 class LocalServer:
@@ -333,7 +358,11 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR, serve: bool = F
     migrate(settings.database_url)
 
     say("1. Load mnist5k (5,000 MNIST digits: 4,000 train, 1,000 held out for the audit) ...")
-    dataset = load_dataset("mnist5k")
+    dataset, mislabelled = with_wrong_labels(load_dataset("mnist5k"), DEMO_SUBJECT, DEMO_WRONG_LABELS)
+    say(
+        f"   {DEMO_SUBJECT}, the subject who will ask for erasure, has {len(mislabelled)} of its "
+        f"{SAMPLES_PER_SUBJECT} samples mislabelled, as real records can be"
+    )
     array_path = workdir / "mnist5k.npz"
     write_dataset(dataset, array_path)
     spec = mnist_cnn_spec(dataset.num_classes, dataset.input_shape)
@@ -351,6 +380,11 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR, serve: bool = F
     )
     checkpoint_path = workdir / "initial.safetensors"
     checkpoint_path.write_bytes(checkpoint)
+    memorised = memorised_labels(checkpoint, spec, dataset, mislabelled)
+    say(
+        f"   it predicts {memorised} of those wrong labels back; the audit measures how far the subject's "
+        "samples leak"
+    )
 
     session_factory = make_session_factory(make_engine(settings.database_url))
     say("3. Create the API's clients (bearer tokens, shown once; only their SHA-256 is stored):")
@@ -381,7 +415,7 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR, serve: bool = F
             f"(sha256 {version['checkpoint_sha256'][:16]}...)"
         )
 
-        subject = "subject-0008"
+        subject = DEMO_SUBJECT
         say(f"5. A data subject asks for erasure: POST /deletion-requests for {subject!r} ...")
         # The default method (repair for labelled data) and config; any method and field of
         # worker.engine.config can be set.
