@@ -27,6 +27,20 @@ def test_bars_compare_means_with_retrain_and_say_not_met() -> None:
     assert "data" not in {line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]}
 
 
+def test_bars_judge_the_methods_named_and_say_what_was_not_measured() -> None:
+    def unshadowed(method: str, seed: int) -> dict[str, Any]:
+        record = _record(method, seed, 0.1 if method == "repair" else 1.0)
+        record["metrics"]["shadow_asr"] = None  # lethe bench --shadow-models 0
+        return record
+
+    records = [unshadowed(method, seed) for method in ("retrain", "repair") for seed in range(2)]
+    table = bars_markdown(records, ("repair",))
+    rows = {line.split(" | ")[1]: line for line in table.splitlines()[2:]}
+    assert table.splitlines()[0] == "| setup | bar | repair |"
+    assert rows["shadow-MIA ASR within 5 of Retrain"].endswith("| (not measured) |")
+    assert rows["wall <= 40 % of Retrain"].endswith("| met (0.10; 2 seeds) |")
+
+
 def test_attack_halves_are_the_means_of_the_recorded_parts() -> None:
     table = attack_halves_markdown(
         [_record("retrain", 0, 1.0, asr=18.0), _record("retrain", 1, 1.0, asr=22.0)]

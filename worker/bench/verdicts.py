@@ -1,14 +1,17 @@
 """The issue's bars, and each attack's two halves, computed from bench records instead of read off tables.
 
     python -m worker.bench.verdicts docs/results/bench-tables.json docs/results/bench-noisy.json
+    python -m worker.bench.verdicts --methods mixunlearn,repair docs/results/bench-paper-repair.json
 
-prints two Markdown tables: every bar for both MixUnlearn modes (met / not met, with the numbers it compares),
+prints two Markdown tables: every bar for the methods judged (both MixUnlearn modes unless ``--methods`` names
+others; met / not met, with the numbers it compares, or "not measured" where a run did not record a metric),
 and, per setup and method, each attack's ASR with the share of D_f it calls members and of held-out data it
 calls non-members (the ASR is their mean). Pure Python, like ``report``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -27,27 +30,30 @@ Records = list[dict[str, Any]]
 class Bar:
     setup: str  # "class", "data", "noisy" or "random 0.02"
     text: str
-    # (mode's mean metrics, Retrain's mean metrics, mode's mean time ratio) -> (met, the numbers shown)
-    check: Callable[[dict[str, float], dict[str, float], float], tuple[bool, str]]
+    # (mode's mean metrics, Retrain's mean metrics, mode's mean time ratio) -> (met, the numbers shown); met
+    # is None where the runs did not record the metric (the shadow-model attack with --shadow-models 0)
+    check: Callable[[dict[str, float], dict[str, float], float], tuple[bool | None, str]]
 
 
 def _at_most(
     metric: str, limit: float
-) -> Callable[[dict[str, float], dict[str, float], float], tuple[bool, str]]:
+) -> Callable[[dict[str, float], dict[str, float], float], tuple[bool | None, str]]:
     return lambda m, _r, _t: (m[metric] <= limit, f"{m[metric]:.2f}")
 
 
 def _within(
     metric: str, limit: float
-) -> Callable[[dict[str, float], dict[str, float], float], tuple[bool, str]]:
-    def check(m: dict[str, float], r: dict[str, float], _t: float) -> tuple[bool, str]:
+) -> Callable[[dict[str, float], dict[str, float], float], tuple[bool | None, str]]:
+    def check(m: dict[str, float], r: dict[str, float], _t: float) -> tuple[bool | None, str]:
+        if metric not in m or metric not in r:
+            return None, "not measured"
         gap = abs(m[metric] - r[metric])
         return gap <= limit, f"{gap:.2f}: {m[metric]:.2f} vs {r[metric]:.2f}"
 
     return check
 
 
-def _time(limit: float) -> Callable[[dict[str, float], dict[str, float], float], tuple[bool, str]]:
+def _time(limit: float) -> Callable[[dict[str, float], dict[str, float], float], tuple[bool | None, str]]:
     return lambda _m, _r, t: (t <= limit, f"{t:.2f}")
 
 
@@ -86,21 +92,24 @@ def _mean_metrics(rows: Records) -> dict[str, float]:
     return {k: statistics.fmean(r["metrics"][k] for r in rows) for k in names}
 
 
-def bars_markdown(records: Records) -> str:
+def bars_markdown(records: Records, modes: Sequence[str] = MODES) -> str:
     grouped = _by_group_method(records)
-    lines = ["| setup | bar | " + " | ".join(MODES) + " |", "|---|---|" + "---|" * len(MODES)]
+    lines = ["| setup | bar | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
     for bar in BARS:
         reference = grouped.get((bar.setup, RETRAIN))
         if reference is None:
             continue
         cells = []
-        for mode in MODES:
+        for mode in modes:
             rows = grouped.get((bar.setup, mode))
             if rows is None:
                 cells.append("(not run)")
                 continue
             ratio = statistics.fmean(r["time_ratio"] for r in rows)
             met, shown = bar.check(_mean_metrics(rows), _mean_metrics(reference), ratio)
+            if met is None:
+                cells.append(f"({shown})")
+                continue
             cells.append(f"{'met' if met else '**not met**'} ({shown}; {len(rows)} seeds)")
         lines.append(f"| {bar.setup} | {bar.text} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -129,13 +138,14 @@ def attack_halves_markdown(records: Records, methods: Sequence[str] | None = Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    paths = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
-    if not paths:
-        sys.stderr.write("usage: python -m worker.bench.verdicts RECORDS.json [...]\n")
-        return 2
-    records: Records = [r for path in paths for r in json.loads(path.read_text())]
-    sys.stdout.write(bars_markdown(records) + "\n")
-    sys.stdout.write(attack_halves_markdown(records, ("original", RETRAIN, *MODES)))
+    parser = argparse.ArgumentParser(prog="python -m worker.bench.verdicts", description=__doc__)
+    parser.add_argument("records", nargs="+", type=Path, help="JSON records of `lethe bench --json`")
+    parser.add_argument("--methods", default=",".join(MODES), help="comma list of the methods to judge")
+    args = parser.parse_args(argv)
+    modes = tuple(args.methods.split(","))
+    records: Records = [r for path in args.records for r in json.loads(path.read_text())]
+    sys.stdout.write(bars_markdown(records, modes) + "\n")
+    sys.stdout.write(attack_halves_markdown(records, ("original", RETRAIN, *modes)))
     return 0
 
 
