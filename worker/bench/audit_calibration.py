@@ -66,9 +66,8 @@ WAYS: dict[str, tuple[str, dict[str, Any]]] = {
     "repair-e8": ("repair", {"epochs": 8}),
     "repair-e12": ("repair", {"epochs": 12}),
     "repair-e16": ("repair", {"epochs": 16}),
-    # The repair's learning rate and step floor (stop 29; RepairConfig's lr): the previous default, and what
-    # the new one was chosen against.
-    "repair-lr1": ("repair", {"lr": 1e-3}),
+    # The repair's learning rate and step floor (RepairConfig's lr: 2e-3 tried on held-out seeds, not kept).
+    "repair-lr2": ("repair", {"lr": 2e-3}),
     "repair-lr3": ("repair", {"lr": 3e-3}),
     "repair-m100": ("repair", {"min_steps": 100}),
     "repair-lr3-m100": ("repair", {"lr": 3e-3, "min_steps": 100}),
@@ -134,6 +133,7 @@ def run_study(
     cache: ModelCache,
     only: set[int] | None = None,
     audit_ks: tuple[int, ...] = DEFAULT_AUDIT_KS,
+    independent_attack: bool = False,
 ) -> dict[str, Any]:
     rng = np.random.default_rng(study.seed)
     data = load_dataset(study.dataset)
@@ -164,12 +164,13 @@ def run_study(
     _log(f"initial model: {study.recipe}")
     initial, _ = cache.model("initial", spec, train_initial)
     timings = {"initial_training_s": cache.seconds("initial")}
-    references_path = cache.dir / "references.safetensors"
-    if references_path.exists():
-        refs = ReferenceSet.from_bytes(references_path.read_bytes())
-    else:
-        _log(f"reference set: {study.references} models")
-        refs = build_reference_set(
+
+    def reference_set(name: str, seed: int) -> ReferenceSet:
+        path = cache.dir / f"{name}.safetensors"
+        if path.exists():
+            return ReferenceSet.from_bytes(path.read_bytes())
+        _log(f"{name}: {study.references} models")
+        built = build_reference_set(
             spec,
             LabelledRows(x[torch.from_numpy(train_rows)], labels[train_rows], train_rows),
             LabelledRows(
@@ -177,9 +178,15 @@ def run_study(
             ),
             study.recipe,
             k=study.references,
-            seed=study.seed + 1,
+            seed=seed,
         )
-        references_path.write_bytes(refs.to_bytes())
+        path.write_bytes(built.to_bytes())
+        return built
+
+    refs = reference_set("references", study.seed + 1)
+    # A second attacker: its own reference models (another seed, so other halves and initialisations),
+    # never read by the gate, judging the versions the gate accepted.
+    independent = reference_set("references-independent", study.seed + 7919) if independent_attack else None
     timings["reference_build_s"] = refs.build_seconds
     rules = AuditRules()
     audit_x = x[torch.from_numpy(refs.audit_rows)]
@@ -205,23 +212,23 @@ def run_study(
                 functools.partial(unlearn, initial, spec, split(rows), split(remaining), config),
             )
             unlearn_s = cache.seconds(f"subject{s:02d}-{way}")
-            audits = {
-                k: audit_unlearning(  # a fresh base: a job scores its base model too
-                    ScoredModel(initial, CPU),
-                    ScoredModel(model, CPU),
-                    sets[k],
-                    forget_x=forget_x[s],
-                    forget_rows=rows,
-                    forget_sample_ids=[data.sample_ids[r] for r in rows],
-                    forget_subjects=[f"subject-{s:02d}"] * len(rows),
-                    audit_x=audit_x,
-                    audit_rows=refs.audit_rows,
-                    rules=rules,
-                    runtime=CPU,
-                    held=held,
-                )
-                for k in audit_ks
-            }
+
+            # The audit with a given reference set (a fresh base: a job scores its base model too).
+            audit_with = functools.partial(
+                audit_unlearning,
+                ScoredModel(initial, CPU),
+                ScoredModel(model, CPU),
+                forget_x=forget_x[s],
+                forget_rows=rows,
+                forget_sample_ids=[data.sample_ids[r] for r in rows],
+                forget_subjects=[f"subject-{s:02d}"] * len(rows),
+                audit_x=audit_x,
+                audit_rows=refs.audit_rows,
+                rules=rules,
+                runtime=CPU,
+                held=held,
+            )
+            audits = {k: audit_with(sets[k]) for k in audit_ks}
             record = {
                 "subject": s,
                 "atypical": s in flipped,
@@ -230,6 +237,8 @@ def run_study(
                 "unlearn_seconds": round(unlearn_s, 3),
                 "audits": {str(k): _audit_record(audit) for k, audit in audits.items()},
             }
+            if independent is not None:
+                record["independent"] = _audit_record(audit_with(independent))
             records.append(record)
             line = " ".join(
                 f"k{k}:{'PASS' if a['gate']['passed'] else 'FAIL'} {a['verdict']:<20}"
@@ -246,6 +255,7 @@ def run_study(
         "rules": rules.to_dict(),
         "records": records,
         "summary": {str(k): summarise(records, str(k), sets[k].build_seconds) for k in audit_ks},
+        **({"independent_attack": independent_summary(records, str(audit_ks[0]))} if independent else {}),
     }
 
 
@@ -279,6 +289,27 @@ def _audit_record(audit: dict[str, Any]) -> dict[str, Any]:
         "power": audit["power"],
         "seconds": audit["seconds"],
     }
+
+
+def independent_summary(records: list[dict[str, Any]], k: str) -> dict[str, Any]:
+    """Per way, of the versions the gate accepted at ``k`` references: how many the independent attacker
+    (its own reference set) finds still member-like, or over-forgotten, by LiRA and by RMIA alone at the
+    audit's level; and its own gate's verdict on them."""
+    level = AuditRules().level
+    out: dict[str, Any] = {}
+    for way in dict.fromkeys(r["way"] for r in records):
+        accepted = [r for r in records if r["way"] == way and r["audits"][k]["passed"]]
+        after = [r["independent"]["membership"]["after"] for r in accepted]
+        out[way] = {
+            "accepted": len(accepted),
+            "independent_gate_passed": sum(r["independent"]["passed"] for r in accepted),
+            **{
+                f"{attack}_{direction}": sum(a[attack][f"{direction}_p"] < level for a in after)
+                for attack in ("lira", "rmia")
+                for direction in ("residual", "over_forgetting")
+            },
+        }
+    return out
 
 
 def _rate(records: list[dict[str, Any]], k: str, accepted: bool) -> dict[str, Any]:
@@ -371,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         "--audit-k", default=",".join(map(str, DEFAULT_AUDIT_KS)),
         help="comma list: audit with the first k of the --references (whole pairs)",
     )  # fmt: skip
+    parser.add_argument(
+        "--independent-attack", action="store_true",
+        help="also judge every version with a second reference set of its own seed (not the gate's)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--cache-dir", type=Path, default=Path("results/audit-cache"))
@@ -393,7 +428,14 @@ def main(argv: list[str] | None = None) -> int:
             first, last = (int(v) for v in part.split(":"))
             only.update(range(first, last))
     audit_ks = tuple(int(k) for k in args.audit_k.split(","))
-    result = run_study(study, args.ways.split(","), ModelCache(args.cache_dir, study), only, audit_ks)
+    result = run_study(
+        study,
+        args.ways.split(","),
+        ModelCache(args.cache_dir, study),
+        only,
+        audit_ks,
+        args.independent_attack,
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["summary"], indent=2))
