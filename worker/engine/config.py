@@ -201,6 +201,8 @@ class RepairConfig(UnlearnConfig):
     # it lower), it passed no more clean subjects on mnist5k seed 4 (1 and 2 of 3 where retrain passes, plain
     # repair 1 of 3; docs/audit.md), for 1.2x the time.
     distill: float = 0.0
+    steer: float = 0.0  # PROTOTYPE
+    steer_batch: int = 16  # PROTOTYPE
 
 
 @dataclass(frozen=True)
