@@ -165,7 +165,10 @@ class RepairConfig(UnlearnConfig):
       on 4 / 4 atypical subjects, the last two on 1 / 10 clean subjects; shrink-and-perturb of every layer
       (0.5 w + 0.1 fresh, then 1 epoch) on 2 / 4 atypical ones. The convolutions are kept: with the
       classifier fresh they carried no measurable membership on the clean subjects. On ResNet-18 the last 3
-      are the 2-layer head and layer4's last convolution (not measured).
+      are the 2-layer head and layer4's last convolution (not measured). Deeper (4: the last convolution
+      too) leaves no residual an independent attacker sees, but the version re-learns too little of the data
+      it keeps for the power check: `unverifiable` on 10 / 10 atypical subjects (docs/audit.md, "Deeper
+      damage").
     - ``epochs = 2`` passes over D_r (247 steps on mnist5k, 10 % of the 20-epoch retrain's steps): 1 epoch
       was accepted on 19 / 20 subjects (one over-forgetting rejection, p = 0.024) and half an epoch
       under-fitted the fresh classifier (an over-forgetting rejection in 14 subjects, and audit accuracy up to
@@ -201,8 +204,6 @@ class RepairConfig(UnlearnConfig):
     # it lower), it passed no more clean subjects on mnist5k seed 4 (1 and 2 of 3 where retrain passes, plain
     # repair 1 of 3; docs/audit.md), for 1.2x the time.
     distill: float = 0.0
-    steer: float = 0.0  # PROTOTYPE
-    steer_batch: int = 16  # PROTOTYPE
 
 
 @dataclass(frozen=True)

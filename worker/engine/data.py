@@ -18,7 +18,6 @@ class TensorSplit:
     x: torch.Tensor
     y: torch.Tensor | None = None
     index: torch.Tensor | None = None
-    targets: torch.Tensor | None = None  # PROTOTYPE: per-row steering target phi (forget rows)
 
     def __post_init__(self) -> None:
         if self.x.dim() != 4:

@@ -31,7 +31,6 @@ from worker.engine.methods._loops import Cycler, config_as, require_remaining, u
 from worker.engine.models import build_model
 from worker.engine.progress import ProgressEvent
 from worker.engine.spec import ModelSpec
-from worker.audit.scores import stable_logit  # PROTOTYPE (engine must not import audit)
 from worker.engine.training import BatchLoss, cross_entropy, supervised_step
 
 # Independent random streams of the run's seed (RunContext.generator offsets).
@@ -141,25 +140,9 @@ def run(
     order = Cycler(len(retain), ctx.generator(_ORDER_STREAM))
     epochs = math.ceil(steps * config.batch_size / len(retain))
     unlearning_mode(model, config)
-    steering = config.steer > 0 and forget.targets is not None
-    forget_order = Cycler(len(forget), ctx.generator(_FORGET_STEP_STREAM + 1)) if steering else None
     for step in range(1, steps + 1):
         rows = order.take(config.batch_size)
-        if steering:
-            assert forget_order is not None and forget.targets is not None and forget.y is not None
-            f_rows = forget_order.take(min(config.steer_batch, len(forget)))
-            x = torch.cat([retain.x[rows], forget.x[f_rows]]).to(device)
-            logits = model(x)
-            n = len(rows)
-            ce = F.cross_entropy(logits[:n], labels[rows].to(device))
-            phi = stable_logit(logits[n:], forget.y[f_rows].to(device)).float()
-            hinge = torch.relu(phi - forget.targets[f_rows].to(device).float())
-            loss = ce + config.steer * (hinge**2).mean()
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-        else:
-            loss = supervised_step(model, optimiser, scaler, retain.x[rows], labels[rows], ctx, loss_of)
+        loss = supervised_step(model, optimiser, scaler, retain.x[rows], labels[rows], ctx, loss_of)
         scheduler.step()
         epoch = min(epochs, 1 + (step - 1) * config.batch_size // len(retain))
         ctx.step(before + step, total, epoch, epochs, {"ce": float(loss.detach())})
