@@ -39,7 +39,7 @@ bench: $(STAMP)
 # 5 on digits, on 2 cores), K = 2, 4, 8 and 16 from one set, then the table (docs/audit.md) and the reference
 # set's cost. Digits again with a 60-epoch recipe, whose model memorises its atypical subjects' wrong labels
 # (at 20 epochs it memorises none, and the no-op's bar on memorised subjects has nothing to stand on there).
-AUDIT_WAYS ?= retrain,noop,repair
+AUDIT_WAYS ?= retrain,noop,repair,calibrated
 MNIST_SEEDS ?= 6 7 8
 DIGITS_SEEDS ?= 9 10 11
 DIGITS_MEMORISED_EPOCHS ?= 60

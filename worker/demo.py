@@ -417,7 +417,7 @@ def run_demo(initial_epochs: int = 10, workdir: Path = DEMO_DIR, serve: bool = F
 
         subject = DEMO_SUBJECT
         say(f"5. A data subject asks for erasure: POST /deletion-requests for {subject!r} ...")
-        # The default method (repair for labelled data) and config; any method and field of
+        # The default method (calibrated for labelled data) and config; any method and field of
         # worker.engine.config can be set.
         body = {"model": model["name"], "subject_id": subject, "reason": "GDPR Art. 17"}
         job = _erase(client, body, model, first=True)

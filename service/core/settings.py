@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     # calibration protocol (docs/audit.md).
     audit_references: Annotated[int, Field(ge=2, le=64, multiple_of=2)] = 4
     audit_reference_seed: Annotated[int, Field(ge=0)] = 0
+    # More reference models, built in the same set as the audit's and never read by it, that steer a
+    # calibrated method (the default, ``calibrated``): each forgotten sample's target is the score they give
+    # it when they never trained on it. A calibrated job on a set built without them rebuilds the set first;
+    # with 0 here such a job fails (``invalid_config``) instead.
+    audit_steering_references: Annotated[int, Field(ge=0, le=64, multiple_of=2)] = 4
     # References that forget too: a purge removes erased samples' columns from the model's reference set; once
     # the share removed since the set was built reaches audit_references_refresh_share, or the set is older
     # than audit_references_max_age_days (0: no age limit), a build job retrains it on the remaining data, and

@@ -24,15 +24,15 @@ WRONG = 15
 
 
 class Memorised:
-    """An initial model trained on 300 digits, 15 of them with a wrong label it learnt (the forget set is
-    those 15 and 15 clean samples)."""
+    """An initial model trained on ``rows`` digits (300), 15 of them with a wrong label it learnt (the forget
+    set is those 15 and 15 clean samples)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rows: int = 300) -> None:
         data = load_digits()
         x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
         y = torch.tensor(data.target, dtype=torch.long)
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-        rows, test_rows = order[:300], order[1200:]
+        rows, test_rows = order[:rows], order[1200:]
         labels = y[rows].clone()
         labels[:WRONG] = (labels[:WRONG] + 1 + torch.arange(WRONG) % 9) % 10
         self.forget = TensorSplit(x[rows[: 2 * WRONG]], labels[: 2 * WRONG])

@@ -136,9 +136,12 @@ def test_references_rebuild_on_demand_as_a_job(env: Env) -> None:
     assert answer.json()["kind"] == "build_references" and answer.json()["request_ids"] == []
     assert env.run_dispatched() == "succeeded"
     job = env.client.get(f"/jobs/{answer.json()['id']}").json()
-    assert job["progress"]["phase"] == "audit_references" and job["progress"]["total_epochs"] == 4
+    # The build trains the audit's 4 and the steering references (progress counts both).
+    steering = env.settings.audit_steering_references
+    assert job["progress"]["phase"] == "audit_references" and job["progress"]["total_epochs"] == 4 + steering
     after = env.client.get(f"/models/{env.model}/audit-references").json()
     assert after["id"] != before["id"] and after["references"] == 4
+    assert after["summary"]["steering_references"] == steering
 
 
 def test_a_label_free_dataset_is_audited_against_the_base_models_predictions(

@@ -61,6 +61,9 @@ class ReferenceSet:
     build_seconds: float
     # Wall time of each reference (training and scoring), so a prefix's cost is known (``first``).
     reference_seconds: tuple[float, ...] = ()
+    # The last ``steering`` references (whole pairs) steer a calibrated method and are never read by the
+    # audit: ``judging()`` is the audit's set, ``steering_set()`` the method's (docs/audit.md).
+    steering: int = 0
 
     @functools.cached_property
     def audit_scores(self) -> np.ndarray:
@@ -101,28 +104,52 @@ class ReferenceSet:
         )  # fmt: skip
 
     def first(self, k: int) -> ReferenceSet:
-        """The set of its first ``k`` references (``k`` even: whole complementary pairs), costed as theirs."""
-        if k % 2 or not 2 <= k <= self.k:
-            raise ValueError(f"k must be even and between 2 and {self.k}, got {k}")
-        seconds = self.reference_seconds[:k]
+        """The set of its first ``k`` judging references (``k`` even: whole complementary pairs), costed as
+        theirs."""
+        judging = self.k - self.steering
+        if k % 2 or not 2 <= k <= judging:
+            raise ValueError(f"k must be even and between 2 and {judging}, got {k}")
+        return self._models(slice(0, k))
+
+    def judging(self) -> ReferenceSet:
+        """The references the audit reads: all but the steering ones."""
+        return self.first(self.k - self.steering)
+
+    def steering_set(self) -> ReferenceSet:
+        """The steering references alone (ValueError when the set has none)."""
+        if not self.steering:
+            raise ValueError("the reference set has no steering references")
+        return self._models(slice(self.k - self.steering, self.k))
+
+    def targets(self, rows: np.ndarray, margin: float = 0.0) -> np.ndarray:
+        """Per dataset row, the median score of the references that never trained on it (what a model that
+        never saw it gives), plus ``margin`` times their pooled spread: a calibrated method's targets."""
+        columns = self.train_columns(rows)
+        out = np.where(self.members[:, columns], np.nan, self.train_scores[:, columns])
+        return np.nanmedian(out, axis=0) + margin * np.sqrt(self.pooled_variance)
+
+    def _models(self, chosen: slice) -> ReferenceSet:
+        seconds = self.reference_seconds[chosen]
+        count = len(range(self.k)[chosen])
         return dataclasses.replace(
-            self, members=np.ascontiguousarray(self.members[:k]),
-            train_scores=np.ascontiguousarray(self.train_scores[:k]),
-            audit_logits=np.ascontiguousarray(self.audit_logits[:k]),
-            build_seconds=float(sum(seconds)) if seconds else self.build_seconds * k / self.k,
-            reference_seconds=seconds,
+            self, members=np.ascontiguousarray(self.members[chosen]),
+            train_scores=np.ascontiguousarray(self.train_scores[chosen]),
+            audit_logits=np.ascontiguousarray(self.audit_logits[chosen]),
+            build_seconds=float(sum(seconds)) if seconds else self.build_seconds * count / self.k,
+            reference_seconds=seconds, steering=0,
         )  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "references": self.k,
+            "references": self.k - self.steering,
             "train_samples": len(self.train_rows),
             "audit_samples": len(self.audit_rows),
             "recipe": dataclasses.asdict(self.recipe),
             "seed": self.seed,
             "build_seconds": round(self.build_seconds, 2),
             "reference_seconds": [round(v, 3) for v in self.reference_seconds],
+            "steering_references": self.steering,
         }
 
     def to_bytes(self) -> bytes:
@@ -156,6 +183,7 @@ class ReferenceSet:
             seed=int(meta["seed"]),
             build_seconds=float(meta["build_seconds"]),
             reference_seconds=tuple(float(v) for v in meta.get("reference_seconds", ())),
+            steering=int(meta.get("steering_references", 0)),
         )
 
 
@@ -182,13 +210,18 @@ def build_reference_set(
     *,
     k: int,
     seed: int,
+    steering: int = 0,
     runtime: Runtime = CPU,
     progress: ProgressCallback | None = None,
     cancel: CancellationToken | None = None,
 ) -> ReferenceSet:
-    """Train ``k`` references on balanced random halves of ``train_split`` and score every train and audit
-    sample under each. Progress: ``epoch`` is the reference being trained (1..k), steps count over all."""
+    """Train ``k`` references for the audit and ``steering`` more for a calibrated method (both even) on
+    balanced random halves of ``train_split``, and score every train and audit sample under each.
+    Progress: ``epoch`` is the reference being trained (1..k + steering), steps count over all."""
+    if steering % 2:
+        raise ValueError(f"the number of steering references must be even, got {steering}")
     started = time.monotonic()
+    k += steering
     order = np.argsort(train_split.rows)
     train_rows, train_labels, x_train = train_split.rows[order], train_split.labels[order], train_split.x
     x_train = x_train[torch.from_numpy(order)]
@@ -232,4 +265,5 @@ def build_reference_set(
         seed=seed,
         build_seconds=time.monotonic() - started,
         reference_seconds=tuple(reference_seconds),
+        steering=steering,
     )

@@ -13,16 +13,10 @@ from torch import nn
 
 from worker.engine.context import RunContext
 from worker.engine.runtime import Runtime
+from worker.engine.scores import stable_logit
 from worker.engine.training import predict_logits
 
-
-def stable_logit(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """phi for each row of ``logits`` (N, C) at ``labels`` (N,), in float64."""
-    logits = logits.double()
-    index = labels.long().unsqueeze(1)
-    true_class = logits.gather(1, index).squeeze(1)
-    others = logits.scatter(1, index, float("-inf"))
-    return true_class - torch.logsumexp(others, dim=1)
+__all__ = ["membership_scores", "stable_logit", "stable_logit_all_labels"]
 
 
 def membership_scores(model: nn.Module, x: torch.Tensor, labels: np.ndarray, runtime: Runtime) -> np.ndarray:

@@ -16,6 +16,7 @@ the unlearning times it reports are those measured when each model was trained.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -33,7 +34,7 @@ from worker.audit import AuditRules, LabelledRows, ReferenceSet, audit_unlearnin
 from worker.checkpoints import load_state_dict, state_dict_to_bytes
 from worker.datasets.builtin import DATASETS, load_dataset
 from worker.engine.api import unlearn
-from worker.engine.config import TrainingConfig, make_config
+from worker.engine.config import CalibratedConfig, TrainingConfig, make_config
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
 from worker.engine.models import build_model
@@ -75,8 +76,16 @@ WAYS: dict[str, tuple[str, dict[str, Any]]] = {
     "repair-reinit4": ("repair", {"reinit_layers": 4}),
     "repair-reinit5": ("repair", {"reinit_layers": 5}),
     "repair-reinit4-distill": ("repair", {"reinit_layers": 4, "distill": 1.0}),
+    # Calibrated forgetting: steered by a reference set of its own (seed + STEERING_SEED_OFFSET), never the
+    # gate's or the independent attacker's.
+    "calibrated": ("calibrated", {}),
+    # Its development alternatives (CalibratedConfig says why each was not kept).
+    "calibrated-margin05": ("calibrated", {"margin": 0.5}),
+    "calibrated-pull003": ("calibrated", {"pull": 0.03}),
+    "calibrated-pull01": ("calibrated", {"pull": 0.1}),
 }
-DEFAULT_WAYS = ("retrain", "noop", "mixunlearn", "repair")
+STEERING_SEED_OFFSET = 4241
+DEFAULT_WAYS = ("retrain", "noop", "mixunlearn", "repair", "calibrated")
 # Audits read from the first k references of one set of 16 (whole complementary pairs): the cheaper sets
 # (4 is the service's default) and the 16 it had, side by side on the same models.
 DEFAULT_AUDIT_KS = (2, 4, 8, 16)
@@ -191,6 +200,11 @@ def run_study(
     # A second attacker: its own reference models (another seed, so other halves and initialisations),
     # never read by the gate, judging the versions the gate accepted.
     independent = reference_set("references-independent", study.seed + 7919) if independent_attack else None
+    steering = (
+        reference_set("references-steering", study.seed + STEERING_SEED_OFFSET)
+        if any(WAYS[way][0] == "calibrated" for way in ways)
+        else None
+    )
     timings["reference_build_s"] = refs.build_seconds
     rules = AuditRules()
     audit_x = x[torch.from_numpy(refs.audit_rows)]
@@ -210,10 +224,14 @@ def run_study(
             if method == "retrain":  # exact retraining follows the model's own recipe
                 overrides = {"epochs": study.recipe.epochs, "lr": study.recipe.lr}
             config = make_config(method, {**overrides, "seed": 10_000 + s})
+            forget = split(rows)
+            if isinstance(config, CalibratedConfig) and steering is not None:
+                targets = steering.targets(rows, config.margin)
+                forget = dataclasses.replace(forget, targets=torch.from_numpy(targets))
             model, _ = cache.model(
                 f"subject{s:02d}-{way}",
                 spec,
-                functools.partial(unlearn, initial, spec, split(rows), split(remaining), config),
+                functools.partial(unlearn, initial, spec, forget, split(remaining), config),
             )
             unlearn_s = cache.seconds(f"subject{s:02d}-{way}")
 

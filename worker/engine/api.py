@@ -9,6 +9,7 @@ from collections.abc import Callable
 from torch import nn
 
 from worker.engine.config import (
+    CalibratedConfig,
     FinetuneConfig,
     MixUnlearnConfig,
     NegGradConfig,
@@ -38,6 +39,7 @@ _IMPLEMENTATIONS: dict[type[UnlearnConfig], str] = {
     UGradSLConfig: "ugradsl",
     MixUnlearnConfig: "mixunlearn",
     RepairConfig: "repair",
+    CalibratedConfig: "calibrated",
 }
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import timedelta
 
+import torch
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,7 +18,7 @@ from service.jobs.service import ClaimedJob, InvalidTransition
 from service.purges import service as purges
 from service.purges.service import PURGE_KIND
 from service.storage import ObjectStore
-from worker.engine.config import config_to_dict
+from worker.engine.config import METHODS, config_to_dict
 from worker.engine.progress import UnlearningCancelled
 from worker.engine.runtime import Runtime
 from worker.metrics import PhaseTimer
@@ -130,15 +132,22 @@ class JobRun:
         )
         sets = self.load_sets(config.seed)
         self.step = "references"
-        refs = references.references(self, heartbeat, spec, base, sets)
+        steered = METHODS[claimed.method].steered
+        refs = references.references(self, heartbeat, spec, base, sets, steered=steered)
+        # A steered method reads its targets from the steering references; the audit reads the others.
+        forget = sets.forget
+        if steered:
+            targets = refs.steering_set().targets(sets.forget_rows, config.margin)
+            forget = dataclasses.replace(forget, targets=torch.from_numpy(targets))
         model, stored, unlearn_seconds = unlearn.unlearn_or_resume(
-            self, heartbeat, spec, base, sets, config, rules
+            self, heartbeat, spec, base, dataclasses.replace(sets, forget=forget), config, rules
         )
         self.step = "evaluate"
         heartbeat.phase = "auditing"
         metrics = audit.evaluate(
-            self, heartbeat, base, model, sets, refs, rules, config.seed, unlearn_seconds
+            self, heartbeat, base, model, sets, refs.judging(), rules, config.seed, unlearn_seconds
         )
+        metrics["steering_references"] = refs.steering if steered else 0
         self.step = "register"
         labelled = sets.forget.y is not None
         return register.register(self, stored, config_to_dict(config), metrics, labelled=labelled)

@@ -53,32 +53,40 @@ def build_job(job: JobRun, heartbeat: Heartbeat) -> str:
 
 
 def references(
-    job: JobRun, heartbeat: Heartbeat, spec: ModelSpec, base: nn.Module, sets: JobSets
+    job: JobRun, heartbeat: Heartbeat, spec: ModelSpec, base: nn.Module, sets: JobSets, *, steered: bool
 ) -> ReferenceSet:
-    """The model lineage's reference set; built now when it has none (its first audited job)."""
+    """The model lineage's reference set; built now when it has none (its first audited job), or when a
+    ``steered`` method needs steering references the set was built without."""
+    if steered and job.settings.audit_steering_references == 0:
+        raise JobFailed(
+            "invalid_config",
+            f"{job.claimed.method} is steered by reference models the audit never reads, and "
+            "LETHE_AUDIT_STEERING_REFERENCES is 0: set it (4 by default) or choose another method",
+        )
     with job.session_factory() as session:
         row = audit_service.current_set(session, job.claimed.model_id)
         found = None if row is None else (row.storage_uri, row.checkpoint_sha256)
-    if found is None:
-        log.info("job %s: model %s has no audit reference set; building it", job.claimed.job_id,
-                 job.claimed.model_name)  # fmt: skip
-        _row, refs = build_references(
-            job,
-            heartbeat,
-            spec,
-            base,
-            sets,
-            job.settings.audit_references,
-            job.settings.audit_reference_seed,
-        )
-        return refs
-    try:
-        refs = ReferenceSet.from_bytes(read_verified(job.store, *found))
-        refs.train_columns(sets.forget_rows)
-    except (KeyError, ValueError) as exc:
-        raise JobFailed(
-            "audit_references", f"the model's reference set cannot audit this job: {exc}"
-        ) from exc
+    refs = None
+    if found is not None:
+        try:
+            refs = ReferenceSet.from_bytes(read_verified(job.store, *found))
+            refs.train_columns(sets.forget_rows)
+        except (KeyError, ValueError) as exc:
+            raise JobFailed(
+                "audit_references", f"the model's reference set cannot audit this job: {exc}"
+            ) from exc
+        if not (steered and refs.steering == 0):
+            return refs
+    why = "has no audit reference set" if refs is None else "has a reference set without steering references"
+    log.info("job %s: model %s %s; building it", job.claimed.job_id, job.claimed.model_name, why)
+    _row, refs = build_references(
+        job, heartbeat, spec, base, sets,
+        refs.k if refs is not None else job.settings.audit_references, job.settings.audit_reference_seed,
+    )  # fmt: skip
+    if found is not None:  # the set it replaces: its purge deletes it
+        with job.session_factory.begin() as session:
+            purge = purges.queue(session, job.claimed.model_id)[0]
+        job.dispatcher.dispatch(purge.id)
     return refs
 
 
@@ -94,7 +102,8 @@ def build_references(
         spec,
         LabelledRows(pool.x, splits.forget.require_labels().numpy(), rows_of(pool)),
         LabelledRows(sets.audit.x, splits.audit.require_labels().numpy(), sets.audit_rows),
-        recipe, k=k, seed=seed, runtime=job.runtime, progress=heartbeat.report, cancel=heartbeat.token,
+        recipe, k=k, seed=seed, steering=job.settings.audit_steering_references, runtime=job.runtime,
+        progress=heartbeat.report, cancel=heartbeat.token,
     )  # fmt: skip
     stored = job.store.put(refs.to_bytes())
     with job.session_factory.begin() as session:
@@ -103,5 +112,6 @@ def build_references(
             job_id=job.claimed.job_id, stored=stored, summary=refs.describe(),
         )  # fmt: skip
         row_id = row.id
-    log.info("job %s: %d reference models built in %.1f s", job.claimed.job_id, k, refs.build_seconds)
+    log.info("job %s: %d reference models (%d steering) built in %.1f s", job.claimed.job_id, refs.k,
+             refs.steering, refs.build_seconds)  # fmt: skip
     return row_id, refs
