@@ -139,6 +139,8 @@ def _erasure(
             "finished_at": job.finished_at.isoformat() if job.finished_at else None,
             "timings": metrics.get("timings"),
             "environment": metrics.get("environment"),
+            # Reference models that steered a calibrated method; the audit below read none of them.
+            "steering_references": metrics.get("steering_references", 0),
         }
     if target.verdict == ALREADY_ERASED:
         outcome: dict[str, Any] = {
