@@ -144,10 +144,11 @@ class MixUnlearnConfig(UnlearnConfig):
 
 @dataclass(frozen=True)
 class RepairConfig(UnlearnConfig):
-    """Damage then repair (the fast path the audit certifies, issue 20): re-initialise the last
-    ``reinit_layers`` weighted layers (convolutions and linear layers, in forward order) from a fresh draw of
-    the architecture, optionally after a MixUnlearn forget step, then fine-tune the whole network on D_r with
-    Adam and a cosine-decayed learning rate. D_f is never trained on; its influence leaves with the
+    """Damage then repair (issue 20's first fast path; ``calibrated`` has been the default since: an
+    independent attacker sees a residual in ``repair``'s versions of memorised subjects): re-initialise the
+    last ``reinit_layers`` weighted layers (convolutions and linear layers, in forward order) from a fresh
+    draw of the architecture, optionally after a MixUnlearn forget step, then fine-tune the whole network on
+    D_r with Adam and a cosine-decayed learning rate. D_f is never trained on; its influence leaves with the
     re-initialised layers and is not relearnt, and the surviving layers keep the cost low.
 
     Every default was chosen on the audit's calibration protocol at seed 0 (mnist5k, 20 subjects of 50
