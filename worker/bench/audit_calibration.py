@@ -147,6 +147,7 @@ def run_study(
     only: set[int] | None = None,
     audit_ks: tuple[int, ...] = DEFAULT_AUDIT_KS,
     independent_attack: bool = False,
+    steering_references: int = 4,
 ) -> dict[str, Any]:
     rng = np.random.default_rng(study.seed)
     data = load_dataset(study.dataset)
@@ -178,11 +179,11 @@ def run_study(
     initial, _ = cache.model("initial", spec, train_initial)
     timings = {"initial_training_s": cache.seconds("initial")}
 
-    def reference_set(name: str, seed: int) -> ReferenceSet:
+    def reference_set(name: str, seed: int, k: int = study.references) -> ReferenceSet:
         path = cache.dir / f"{name}.safetensors"
         if path.exists():
             return ReferenceSet.from_bytes(path.read_bytes())
-        _log(f"{name}: {study.references} models")
+        _log(f"{name}: {k} models")
         built = build_reference_set(
             spec,
             LabelledRows(x[torch.from_numpy(train_rows)], labels[train_rows], train_rows),
@@ -190,7 +191,7 @@ def run_study(
                 x[torch.from_numpy(data.heldout_rows)], labels[data.heldout_rows], data.heldout_rows
             ),
             study.recipe,
-            k=study.references,
+            k=k,
             seed=seed,
         )
         path.write_bytes(built.to_bytes())
@@ -200,8 +201,12 @@ def run_study(
     # A second attacker: its own reference models (another seed, so other halves and initialisations),
     # never read by the gate, judging the versions the gate accepted.
     independent = reference_set("references-independent", study.seed + 7919) if independent_attack else None
+    # The steering set's name and the steered models' cache names carry its size where it is not the default.
+    steering_tag = "" if steering_references == 4 else f"-k{steering_references}"
     steering = (
-        reference_set("references-steering", study.seed + STEERING_SEED_OFFSET)
+        reference_set(
+            f"references-steering{steering_tag}", study.seed + STEERING_SEED_OFFSET, steering_references
+        )
         if any(WAYS[way][0] == "calibrated" for way in ways)
         else None
     )
@@ -228,12 +233,13 @@ def run_study(
             if isinstance(config, CalibratedConfig) and steering is not None:
                 targets = steering.targets(rows, config.margin)
                 forget = dataclasses.replace(forget, targets=torch.from_numpy(targets))
+            name = f"subject{s:02d}-{way}{steering_tag if method == 'calibrated' else ''}"
             model, _ = cache.model(
-                f"subject{s:02d}-{way}",
+                name,
                 spec,
                 functools.partial(unlearn, initial, spec, forget, split(remaining), config),
             )
-            unlearn_s = cache.seconds(f"subject{s:02d}-{way}")
+            unlearn_s = cache.seconds(name)
 
             # The audit with a given reference set (a fresh base: a job scores its base model too).
             audit_with = functools.partial(
@@ -271,7 +277,11 @@ def run_study(
                 f"{line} ({unlearn_s:.1f} s)"
             )
     return {
-        "study": {**study.__dict__, "recipe": study.recipe.__dict__},
+        "study": {
+            **study.__dict__,
+            "recipe": study.recipe.__dict__,
+            "steering_references": steering_references,
+        },
         "timings": timings,
         "reference_seconds": list(refs.reference_seconds),
         "rules": rules.to_dict(),
@@ -428,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         "--independent-attack", action="store_true",
         help="also judge every version with a second reference set of its own seed (not the gate's)",
     )  # fmt: skip
+    parser.add_argument(
+        "--steering-references", type=int, default=4,
+        help="models in the set that steers calibrated (even; the service's LETHE_AUDIT_STEERING_REFERENCES)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--cache-dir", type=Path, default=Path("results/audit-cache"))
@@ -457,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         only,
         audit_ks,
         args.independent_attack,
+        args.steering_references,
     )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
