@@ -10,6 +10,7 @@ smaller than an epoch is simply revisited (UGradSL+ samples D_f "with replacemen
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -36,6 +37,20 @@ def config_as(config: UnlearnConfig, kind: type[ConfigT], method: str) -> Config
 def require_remaining(retain: TensorSplit, method: str) -> None:
     if len(retain) == 0:
         raise ValueError(f"{method} needs a non-empty remaining set")
+
+
+def steps_over_retain(n_retain: int, epochs: int, batch_size: int, min_steps: int) -> int:
+    """Optimiser steps of a D_r-driven method (repair, calibrated): ``epochs`` passes over ``n_retain`` rows,
+    at least ``min_steps``."""
+    return max(min_steps, math.ceil(epochs * n_retain / batch_size), 1)
+
+
+def cosine_after_two(optimiser: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The first two steps at the optimiser's lr, then a cosine decay that reaches 0 at the last step (so a
+    short run does not end on a noisy step)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * max(0, step - 1) / max(1, steps - 1)))
+    )
 
 
 # RunContext.generator offsets: independent streams of the run's seed; methods use METHOD_STREAM and up.

@@ -21,17 +21,19 @@ from torch import nn
 from worker.engine.config import CalibratedConfig, UnlearnConfig
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
-from worker.engine.methods._loops import Cycler, config_as, require_remaining, unlearning_mode
+from worker.engine.methods._loops import (
+    Cycler,
+    config_as,
+    cosine_after_two,
+    require_remaining,
+    steps_over_retain,
+    unlearning_mode,
+)
 from worker.engine.scores import stable_logit
 from worker.engine.spec import ModelSpec
 
 # Independent random streams of the run's seed (RunContext.generator offsets).
 _RETAIN_ORDER_STREAM, _FORGET_ORDER_STREAM = 0, 1
-
-
-def calibrated_steps(n_retain: int, config: CalibratedConfig) -> int:
-    """Optimiser steps: ``config.epochs`` passes over ``n_retain`` rows, at least ``min_steps``."""
-    return max(config.min_steps, math.ceil(config.epochs * n_retain / config.batch_size), 1)
 
 
 def matching_loss(phi: torch.Tensor, targets: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
@@ -62,16 +64,13 @@ def run(
         )
     device = ctx.runtime.device
     targets = forget.targets.to(device, torch.float64)
-    steps = calibrated_steps(len(retain), config)
+    steps = steps_over_retain(len(retain), config.epochs, config.batch_size, config.min_steps)
     model.to(device)
     with torch.no_grad():  # matched: the samples the model handed in scores above their targets
         model.eval()
         matched = stable_logit(model(forget.x.to(device)), forget_labels.to(device)) > targets
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
-    # The first two steps at lr, then a cosine decay that reaches 0 at the last step.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * max(0, step - 1) / max(1, steps - 1)))
-    )
+    scheduler = cosine_after_two(optimiser, steps)
     scaler = ctx.runtime.grad_scaler()
     retain_order = Cycler(len(retain), ctx.generator(_RETAIN_ORDER_STREAM))
     forget_order = Cycler(len(forget), ctx.generator(_FORGET_ORDER_STREAM))

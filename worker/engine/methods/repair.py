@@ -27,7 +27,14 @@ from worker.engine.config import MixUnlearnConfig, RepairConfig, UnlearnConfig
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
 from worker.engine.methods import mixunlearn
-from worker.engine.methods._loops import Cycler, config_as, require_remaining, unlearning_mode
+from worker.engine.methods._loops import (
+    Cycler,
+    config_as,
+    cosine_after_two,
+    require_remaining,
+    steps_over_retain,
+    unlearning_mode,
+)
 from worker.engine.models import build_model
 from worker.engine.progress import ProgressEvent
 from worker.engine.spec import ModelSpec
@@ -61,11 +68,6 @@ def reinitialise_last(model: nn.Module, fresh: nn.Module, count: int) -> None:
     for layer, new in zip(layers[len(layers) - count :], fresh_layers[len(layers) - count :], strict=True):
         for name, param in layer.named_parameters(recurse=False):
             param.copy_(getattr(new, name))
-
-
-def repair_steps(n: int, config: RepairConfig) -> int:
-    """Optimiser steps of the repair: ``config.epochs`` passes over ``n`` rows, at least ``min_steps``."""
-    return max(config.min_steps, math.ceil(config.epochs * n / config.batch_size), 1)
 
 
 def _forget_step_steps(n_forget: int, config: RepairConfig) -> int:
@@ -110,7 +112,7 @@ def run(
     forget.require_labels()  # label-aware (config.METHODS): refuse unlabelled requests like Retrain
     labels = retain.require_labels()
     device = ctx.runtime.device
-    steps = repair_steps(len(retain), config)
+    steps = steps_over_retain(len(retain), config.epochs, config.batch_size, config.min_steps)
     before = _forget_step_steps(len(forget), config)
     total = before + steps
 
@@ -132,10 +134,7 @@ def run(
     reinitialise_last(model, fresh_model(spec, ctx.generator(_FRESH_STREAM)).to(device), config.reinit_layers)
 
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
-    # The first two steps at lr, then a cosine decay that reaches 0 at the last step.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * max(0, step - 1) / max(1, steps - 1)))
-    )
+    scheduler = cosine_after_two(optimiser, steps)
     scaler = ctx.runtime.grad_scaler()
     order = Cycler(len(retain), ctx.generator(_ORDER_STREAM))
     epochs = math.ceil(steps * config.batch_size / len(retain))
