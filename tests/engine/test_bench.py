@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from service.cli import main
+from worker.audit.references import ReferenceSet
 from worker.bench import runner
 from worker.bench.methods import initial_training_config, method_config
 from worker.bench.report import format_text, summarise
@@ -193,6 +194,7 @@ def test_cli_first_seed_runs_disjoint_seeds(tmp_path: Path) -> None:
         (["--set", "retrain.nope=1", "--methods", "retrain"], "unknown config field"),
         (["--first-seed", "-1"], "--first-seed must be at least 0"),
         (["--shadow-models", "-1"], "--shadow-models must be at least 0"),
+        (["--steering-references", "3"], "--steering-references must be even and at least 2"),
         (["--feature-layer", "classifier"], "invalid choice: 'classifier'"),
         (["--methods", "original,lmix"], "'lmix' was renamed 'randlabel-mixup'"),
     ],
@@ -310,3 +312,23 @@ def test_retrain_streams_differ_from_every_nearby_original_seed() -> None:
         assert not any(_same(fresh, original) for original in originals)  # seed + 1 included
     assert retrain_method.retrain_seed(0) == retrain_method.retrain_seed(0) != 0
     assert len({retrain_method.retrain_seed(s) for s in range(100)} & set(range(100))) == 0
+
+
+def test_steered_method_aims_at_its_own_steering_references(tmp_path: Path) -> None:
+    """calibrated gets its targets from steering references the bench trains once per seed and label set
+    (class and noisy labels differ: two sets), out of its timed call, and its record says how many."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--dataset", "digits", "--setup", "class,noisy", "--methods", "calibrated"]
+    args += ["--seeds", "1", "--shadow-models", "0", "--steering-references", "2"]
+    args += ["--set", "initial.epochs=1", "--set", "calibrated.min_steps=2", "--set", "calibrated.epochs=1"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
+    assert main(args) == 0
+    records = json.loads(out.read_text())
+    assert [r["setup"] for r in records] == ["class", "noisy"]
+    assert all(r["config"]["steering_references"] == 2 for r in records)
+    steering = sorted((tmp_path / "cache").glob("digits-*-seed0-steering2.safetensors"))
+    assert len(steering) == 2
+    built = ReferenceSet.from_bytes(steering[0].read_bytes())
+    assert built.steering == built.k == 2  # steering only: nothing the audit could read
+    # Every training row is out of one of the two halves' models, so each has a target.
+    assert np.isfinite(built.steering_set().targets(built.train_rows)).all()

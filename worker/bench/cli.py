@@ -83,6 +83,13 @@ def add_parser(subparsers: Any) -> None:
         "half of the held-out set; 0 skips that attack (default: 8)",
     )
     parser.add_argument(
+        "--steering-references",
+        type=int,
+        default=4,
+        help="reference models a steered method (calibrated) aims by, trained once per seed and label set "
+        "outside its timing, as the service's reference set is (even, at least 2; default: 4)",
+    )
+    parser.add_argument(
         "--feature-layer",
         choices=MNIST_CNN_FEATURE_LAYERS,
         default=None,
@@ -175,6 +182,8 @@ def _plan_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--first-seed must be at least 0, got {args.first_seed}")
     if args.shadow_models < 0:
         raise ValueError(f"--shadow-models must be at least 0, got {args.shadow_models}")
+    if args.steering_references < 2 or args.steering_references % 2:
+        raise ValueError(f"--steering-references must be even and at least 2, got {args.steering_references}")
     if args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.forget_class is not None:
@@ -194,6 +203,7 @@ def _plan_args(args: argparse.Namespace) -> dict[str, Any]:
         "overrides": _parse_overrides(args.overrides, methods),
         "cache_dir": args.cache_dir,
         "shadow_models": args.shadow_models,
+        "steering_references": args.steering_references,
         "feature_layer": args.feature_layer,
     }
 

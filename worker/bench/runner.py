@@ -8,6 +8,11 @@ service report (``worker.evaluation.metrics.population_attack``; the key keeps t
 ``shadow_asr``, Shokri et al.'s shadow-model attack (``worker.evaluation.shadow``; its shadow models train
 once per seed on half of the held-out set, with the initial model's recipe). ``shadow_models=0`` skips the
 latter (``shadow_asr`` is then null).
+
+A steered method (``calibrated``) aims each forget sample at the median score of reference models that never
+trained on it. Its bench runs build those steering references as the service does (``steering_references``
+models on balanced random halves of the training rows, with the initial model's recipe and labels; once per
+seed and label set, cached) and, like the service's reference set, outside the timed call.
 """
 
 from __future__ import annotations
@@ -29,13 +34,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from worker.bench.methods import INITIAL, ORIGINAL, initial_training_config, is_label_aware, method_config
+from worker.audit.references import LabelledRows, ReferenceSet, build_reference_set
+from worker.bench.methods import (
+    INITIAL,
+    ORIGINAL,
+    engine_method,
+    initial_training_config,
+    is_label_aware,
+    method_config,
+)
 from worker.bench.report import RETRAIN, column_label
 from worker.bench.setups import DEFAULT_FORGET_FRAC, Setup, build_setup
 from worker.checkpoints import load_state_dict, state_dict_to_bytes
 from worker.datasets import BuiltinDataset, load_dataset
 from worker.engine.api import unlearn
-from worker.engine.config import TrainingConfig, config_to_dict
+from worker.engine.config import METHODS, CalibratedConfig, TrainingConfig, config_to_dict
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
 from worker.engine.models import build_model
@@ -52,6 +65,10 @@ from worker.evaluation.metrics import (
 from worker.evaluation.shadow import ShadowAttack, fit_shadow_attack, shadow_seed
 
 Record = dict[str, Any]
+
+# The steering references' seed is the run's seed plus this (as in the audit's calibration study), so their
+# halves and initialisations are not the initial model's.
+STEERING_SEED_OFFSET = 4241
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,8 @@ class BenchPlan:
     shadow_models: int = 8
     # The layer MixUnlearn's MixBlock reads (None: the spec's default, features.block1, 16 x 14 x 14).
     feature_layer: str | None = None
+    # Steering references of a steered method, trained once per seed and label set (even, at least 2).
+    steering_references: int = 4
 
     def variants(self) -> list[tuple[str, float | None]]:
         """(setup, forget_frac) pairs: the random setup once per fraction, the others once."""
@@ -154,12 +173,16 @@ class _Run:
     runtime: Runtime
     printer: ProgressPrinter
     shadows: dict[int, ShadowAttack] = field(default_factory=dict)
+    steering: dict[str, ReferenceSet] = field(default_factory=dict)
+
+    def _cache_path(self, setup: Setup, seed: int, kind: str = "") -> Path:
+        key = _labels_hash(self.spec, self.dataset.train_rows, setup.train_labels, self.initial_config)
+        return self.plan.cache_dir / f"{self.dataset.name}-{key}-seed{seed}{kind}.safetensors"
 
     def initial_model(self, setup: Setup, seed: int) -> nn.Module:
         """The model trained on every training row with the setup's labels; cached as safetensors (never
         pickle) because the class, data and random setups share it."""
-        key = _labels_hash(self.spec, self.dataset.train_rows, setup.train_labels, self.initial_config)
-        path = self.plan.cache_dir / f"{self.dataset.name}-{key}-seed{seed}.safetensors"
+        path = self._cache_path(setup, seed)
         if path.exists():
             self.printer.note(f"initial model: cached {path}")
             return load_state_dict(path.read_bytes(), self.spec).to(self.runtime.device)
@@ -170,6 +193,37 @@ class _Run:
         _atomic_write(path, state_dict_to_bytes(model))
         self.printer.note(f"initial model: trained and cached at {path}")
         return model
+
+    def steering_set(self, setup: Setup, seed: int) -> ReferenceSet:
+        """The steering references of this seed and the setup's training labels, built on first use and
+        cached (the class, data and random setups share one; the noisy setup's labels differ)."""
+        count = self.plan.steering_references
+        path = self._cache_path(setup, seed, f"-steering{count}")
+        if str(path) in self.steering:
+            return self.steering[str(path)]
+        if path.exists():
+            built = ReferenceSet.from_bytes(path.read_bytes())
+            self.printer.note(f"steering references: cached {path}")
+        else:
+
+            def rows(split: np.ndarray, labels: np.ndarray) -> LabelledRows:
+                return LabelledRows(self.x[torch.from_numpy(split)], labels[split], split)
+
+            built = build_reference_set(
+                self.spec,
+                rows(self.dataset.train_rows, setup.train_labels),
+                rows(self.dataset.heldout_rows, self.dataset.y),
+                self.initial_config,
+                k=0,
+                steering=count,
+                seed=seed + STEERING_SEED_OFFSET,
+                runtime=self.runtime,
+                progress=self.printer.callback(f"steering references seed {seed}"),
+            )
+            _atomic_write(path, built.to_bytes())
+            self.printer.note(f"steering references: {count} trained in {built.build_seconds:.1f} s: {path}")
+        self.steering[str(path)] = built
+        return built
 
     def shadow_attack(self, seed: int, test: TensorSplit) -> ShadowAttack | None:
         """The shadow-model attack of this seed (``test``: the held-out split), fitted on first use; every
@@ -202,13 +256,21 @@ class _Run:
         labels = setup.train_labels if is_label_aware(method) else None
         forget = _split(self.x, setup.forget_rows, labels)
         retain = _split(self.x, setup.retain_rows, labels)
+        if METHODS[engine_method(method)].steered:
+            margin = config.margin if isinstance(config, CalibratedConfig) else 0.0
+            targets = self.steering_set(setup, seed).steering_set().targets(setup.forget_rows, margin)
+            forget = dataclasses.replace(forget, targets=torch.from_numpy(targets))
         progress = self.printer.callback(f"{prefix} {method}")
         torch.manual_seed(seed)
         start = time.perf_counter()
         model = unlearn(initial, self.spec, forget, retain, config, progress=progress, runtime=self.runtime)
         if self.runtime.device.type == "cuda":
             torch.cuda.synchronize()
-        return model, time.perf_counter() - start, config_to_dict(config)
+        wall = time.perf_counter() - start
+        described = config_to_dict(config)
+        if forget.targets is not None:
+            described["steering_references"] = self.plan.steering_references
+        return model, wall, described
 
     def run_setup(self, setup: Setup, seed: int, prefix: str) -> list[Record]:
         initial = self.initial_model(setup, seed)
