@@ -52,9 +52,17 @@ class Rows:
         )
 
 
+NOT_INSTALLED = "unknown (run from a source tree that was never installed)"
+
+
 @functools.cache
-def _code_version() -> str:
-    return metadata.version("lethe")  # reads the installed distribution's files: once per process
+def code_version() -> str:
+    """The installed distribution's version (read from its files once per process). A worker run from a
+    source tree on PYTHONPATH has none: the report says so rather than fail the settlement or guess."""
+    try:
+        return metadata.version("lethe")
+    except metadata.PackageNotFoundError:
+        return NOT_INSTALLED
 
 
 def canonical_bytes(content: dict[str, Any]) -> bytes:
@@ -240,7 +248,7 @@ def build_content(session: Session, request: DeletionRequest, salt: bytes, rows:
         else "approximate (empirically audited)",
         "config": request.config,
         "seed": request.config.get("seed"),
-        "code_version": _code_version(),
+        "code_version": code_version(),
         # One entry per model the request applies to: the request is completed only if each one is.
         "erasures": [_erasure(session, request, target, salt, rows) for target in rows.targets[request.id]],
     }

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from service.cli import main as lethe
 from service.core.settings import Settings
 from service.jobs import service as jobs_service
-from service.reports import commitment
+from service.reports import builder, commitment
 from service.reports.builder import canonical_bytes
 from service.reports.keys import KeyRing, sign, verify
 from tests.service.conftest import job_of
@@ -41,6 +41,19 @@ def test_canonical_json_is_byte_stable_and_signatures_bind_the_bytes(tmp_path: A
     assert not verify(key.public_raw, data.replace(b"2.5", b"2.6"), signature)
     assert not verify(KeyRing(tmp_path).generate().public_raw, data, signature)
     assert KeyRing(tmp_path).active().key_id != key.key_id  # the newest key is active
+
+
+def test_a_worker_run_from_an_uninstalled_tree_reports_no_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found on a GPU worker started with PYTHONPATH: the missing distribution failed the whole settlement.
+    def missing(name: str) -> str:
+        raise builder.metadata.PackageNotFoundError(name)
+
+    builder.code_version.cache_clear()
+    monkeypatch.setattr(builder.metadata, "version", missing)
+    try:
+        assert builder.code_version() == builder.NOT_INSTALLED
+    finally:
+        builder.code_version.cache_clear()
 
 
 def test_report_errors_are_problems(client: TestClient, model: dict[str, Any]) -> None:

@@ -17,6 +17,11 @@ class Runtime:
     @classmethod
     def detect(cls, prefer_cuda: bool = True) -> Runtime:
         if prefer_cuda and torch.cuda.is_available():
+            # Float32 outside autocast means float32: no TF32 convolutions or matrix products. Training runs
+            # under autocast (bf16) and is unaffected; what is left in float32 is the evidence
+            # (``predict_logits``), whose scores must match the CPU's.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
             return cls(torch.device("cuda"), mixed_precision=True)
         return cls(torch.device("cpu"), mixed_precision=False)
 

@@ -85,12 +85,15 @@ def train(
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, ctx: RunContext, batch_size: int = 512) -> torch.Tensor:
-    """Logits for ``x`` in eval mode (test-time behaviour), returned on the CPU as float32."""
+    """Logits for ``x`` in eval mode (test-time behaviour), returned on the CPU as float32.
+
+    Always in full float32, never under autocast: these logits are the evidence (the audit's per-sample
+    scores, the reference set's, the reports' accuracies), and evidence must not move with the device or its
+    precision. Mixed precision is for training, where it pays."""
     was_training = model.training
     model.eval()
     outputs = []
     for chunk in x.split(batch_size):
-        with ctx.runtime.autocast():
-            outputs.append(model(chunk.to(ctx.runtime.device)).float().cpu())
+        outputs.append(model(chunk.to(ctx.runtime.device)).float().cpu())
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0)
