@@ -149,6 +149,8 @@ def _erasure(
             "environment": metrics.get("environment"),
             # Reference models that steered a calibrated method; the audit below read none of them.
             "steering_references": metrics.get("steering_references", 0),
+            # Where the method routes by the forget set's shape: the treatment that ran, and why.
+            "treatment": metrics.get("treatment"),
         }
     if target.verdict == ALREADY_ERASED:
         outcome: dict[str, Any] = {

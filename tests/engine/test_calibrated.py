@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.engine.test_repair import RECIPE, SPEC, WRONG, Memorised
-from worker.engine.api import unlearn
+from worker.engine.api import treatment, unlearn
 from worker.engine.config import ConfigError, make_config
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
@@ -70,6 +70,8 @@ def test_config_ranges() -> None:
         make_config("calibrated", {"pull": -1.0})
     with pytest.raises(ConfigError, match=r"calibrated\.forget_batch"):
         make_config("calibrated", {"forget_batch": 0})
+    with pytest.raises(ConfigError, match=r"calibrated\.max_class_share must be in \[0, 1\]"):
+        make_config("calibrated", {"max_class_share": 1.5})
 
 
 def test_forgets_the_memorised_labels_without_over_forgetting(
@@ -97,3 +99,32 @@ def test_forgets_the_memorised_labels_without_over_forgetting(
     # (the request then falls back to a retrain); on the calibration protocols it refused none
     # (docs/audit.md). Bounded here so that a change that makes it worse is seen.
     assert memorised.test_accuracy(calibrated) >= memorised.test_accuracy(memorised.model) - 0.08
+
+
+def test_a_forget_set_holding_much_of_a_class_gets_repairs_treatment(memorised: Memorised) -> None:
+    """Per-sample targets stand for a retrain only while the forget set is a small share of each class: past
+    ``max_class_share`` of one class the method runs repair's treatment, and says so."""
+    labels = torch.cat([memorised.forget.require_labels(), memorised.retain.require_labels()])
+    x = torch.cat([memorised.forget.x, memorised.retain.x])
+    zeros = torch.nonzero(labels == 0).flatten()
+    rest = torch.nonzero(labels != 0).flatten()
+    half = len(zeros) // 2
+    forget = TensorSplit(x[zeros[:half]], labels[zeros[:half]])  # half of class 0, no targets needed
+    retain = TensorSplit(x[torch.cat([zeros[half:], rest])], labels[torch.cat([zeros[half:], rest])])
+    config = make_config("calibrated", {"seed": 3, "min_steps": 5})
+    chosen = treatment(forget, retain, config)
+    assert chosen is not None and chosen["name"] == "repair"
+    assert chosen["largest_class_share"] == {"class": 0, "share": pytest.approx(half / len(zeros), abs=1e-4),
+                                             "limit": 0.2}  # fmt: skip
+    assert "class 0" in chosen["why"]
+    routed = unlearn(memorised.model, SPEC, forget, retain, config)
+    repaired = unlearn(memorised.model, SPEC, forget, retain, make_config("repair", {"seed": 3}))
+    routed_state, repaired_state = routed.state_dict(), repaired.state_dict()
+    assert routed_state.keys() == repaired_state.keys()
+    assert all(torch.equal(routed_state[name], repaired_state[name]) for name in routed_state)
+
+    # A subject's share (the fixture's 30 samples of 900, at most a few of each class) is matched.
+    subject = treatment(memorised.forget, memorised.retain, config)
+    assert subject is not None and subject["name"] == "matching" and subject["why"] is None
+    assert subject["largest_class_share"]["share"] <= 0.2
+    assert treatment(forget, retain, make_config("repair", {})) is None  # repair always does one thing

@@ -88,6 +88,8 @@ def test_a_default_job_is_steered_by_references_the_audit_never_reads(env: Memor
 
     # The audit read the judging references only; the job says how many steered the method.
     assert job["metrics"]["steering_references"] == STEERING
+    # A subject's share of each class is small: the calibrated treatment ran, and the job says so.
+    assert job["metrics"]["treatment"]["name"] == "matching"
     audit = job["metrics"]["audits"][request["id"]]
     assert audit["references"]["references"] == REFERENCES and audit["references"]["steering_references"] == 0
     # The memorised wrong labels were pulled down: fewer samples member-like than before.

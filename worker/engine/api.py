@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -67,3 +68,13 @@ def unlearn(
     working_copy = copy.deepcopy(model).to(runtime.device)
     result = run(working_copy, spec, forget, retain, config, ctx)
     return result.eval()
+
+
+def treatment(forget: TensorSplit, retain: TensorSplit, config: UnlearnConfig) -> dict[str, Any] | None:
+    """How a method that routes by the forget set's shape (``calibrated``) will treat these sets, for the
+    job's record; None for the methods that always do one thing."""
+    if isinstance(config, CalibratedConfig):
+        from worker.engine.methods import calibrated
+
+        return calibrated.treatment(forget, retain, config)
+    return None

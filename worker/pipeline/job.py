@@ -18,6 +18,7 @@ from service.jobs.service import ClaimedJob, InvalidTransition
 from service.purges import service as purges
 from service.purges.service import PURGE_KIND
 from service.storage import ObjectStore
+from worker.engine.api import treatment
 from worker.engine.config import METHODS, config_to_dict
 from worker.engine.progress import UnlearningCancelled
 from worker.engine.runtime import Runtime
@@ -148,6 +149,8 @@ class JobRun:
             self, heartbeat, base, model, sets, refs.judging(), rules, config.seed, unlearn_seconds
         )
         metrics["steering_references"] = refs.steering if steered else 0
+        # A method that routes by the forget set's shape (calibrated) says which treatment ran, and why.
+        metrics["treatment"] = treatment(sets.forget, sets.remaining, config)
         self.step = "register"
         labelled = sets.forget.y is not None
         return register.register(self, stored, config_to_dict(config), metrics, labelled=labelled)

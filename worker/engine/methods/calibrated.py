@@ -8,19 +8,24 @@ its target is left alone. The targets (``forget.targets``) are the steering refe
 computed by the caller; the audit judges with other references.
 
 Reads ``model``, ``forget`` (with its targets) and ``retain``; nothing else of the audit's evidence.
+
+Routed by the forget set's shape: where it holds more than ``max_class_share`` of one class, per-sample
+targets no longer describe a model trained without it, and ``repair``'s treatment runs instead.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.engine.config import CalibratedConfig, UnlearnConfig
+from worker.engine.config import CalibratedConfig, RepairConfig, UnlearnConfig
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
+from worker.engine.methods import repair
 from worker.engine.methods._loops import (
     Cycler,
     config_as,
@@ -45,6 +50,32 @@ def matching_loss(phi: torch.Tensor, targets: torch.Tensor, matched: torch.Tenso
     return (2 * F.huber_loss(phi, targets, reduction="none", delta=1.0) * matched).mean()
 
 
+MATCHING, REPAIR = "matching", "repair"
+
+
+def treatment(forget: TensorSplit, retain: TensorSplit, config: CalibratedConfig) -> dict[str, Any]:
+    """What ``run`` does with this forget set, and why: ``matching`` (the calibrated treatment), or
+    ``repair`` where the forget set holds more than ``config.max_class_share`` of one class's samples."""
+    forget_labels, retain_labels = forget.require_labels(), retain.require_labels()
+    classes = int(torch.cat([forget_labels, retain_labels]).max()) + 1
+    forgotten = torch.bincount(forget_labels, minlength=classes)
+    share = forgotten / (forgotten + torch.bincount(retain_labels, minlength=classes)).clamp(min=1)
+    label = int(share.argmax())
+    largest = round(float(share[label]), 4)
+    routed = largest > config.max_class_share
+    return {
+        "name": REPAIR if routed else MATCHING,
+        "largest_class_share": {"class": label, "share": largest, "limit": config.max_class_share},
+        "why": (
+            f"the forget set holds {largest:.1%} of class {label}'s samples (more than "
+            f"{config.max_class_share:.0%}): per-sample targets would keep what the class's other samples "
+            "taught, which a retrain without them would not"
+        )
+        if routed
+        else None,
+    }
+
+
 def run(
     model: nn.Module,
     spec: ModelSpec,
@@ -55,6 +86,8 @@ def run(
 ) -> nn.Module:
     config = config_as(config, CalibratedConfig, "calibrated")
     require_remaining(retain, "calibrated")
+    if treatment(forget, retain, config)["name"] == REPAIR:
+        return repair.run(model, spec, forget, retain, RepairConfig(seed=config.seed), ctx)
     forget_labels = forget.require_labels()
     labels = retain.require_labels()
     if forget.targets is None:
