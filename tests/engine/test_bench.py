@@ -322,13 +322,23 @@ def test_steered_method_aims_at_its_own_steering_references(tmp_path: Path) -> N
     args += ["--seeds", "1", "--shadow-models", "0", "--steering-references", "2"]
     args += ["--set", "initial.epochs=1", "--set", "calibrated.min_steps=2", "--set", "calibrated.epochs=1"]
     args += ["--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
-    assert main(args) == 0
+    # Routing off: a whole class is far past the share where calibrated hands over to repair (below).
+    assert main([*args, "--set", "calibrated.max_class_share=1.0"]) == 0
     records = json.loads(out.read_text())
     assert [r["setup"] for r in records] == ["class", "noisy"]
     assert all(r["config"]["steering_references"] == 2 for r in records)
+    assert all(r["config"]["treatment"] == "matching" for r in records)
     steering = sorted((tmp_path / "cache").glob("digits-*-seed0-steering2.safetensors"))
     assert len(steering) == 2
     built = ReferenceSet.from_bytes(steering[0].read_bytes())
     assert built.steering == built.k == 2  # steering only: nothing the audit could read
     # Every training row is out of one of the two halves' models, so each has a target.
     assert np.isfinite(built.steering_set().targets(built.train_rows)).all()
+
+    # With the default routing, forgetting a whole class runs repair's treatment, steered by nothing.
+    for path in steering:
+        path.unlink()
+    assert main([*args, "--setup", "class"]) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["config"]["treatment"] == "repair" and "steering_references" not in record["config"]
+    assert not list((tmp_path / "cache").glob("*-steering*"))

@@ -47,10 +47,11 @@ from worker.bench.report import RETRAIN, column_label
 from worker.bench.setups import DEFAULT_FORGET_FRAC, Setup, build_setup
 from worker.checkpoints import load_state_dict, state_dict_to_bytes
 from worker.datasets import BuiltinDataset, load_dataset
-from worker.engine.api import unlearn
+from worker.engine.api import treatment, unlearn
 from worker.engine.config import METHODS, CalibratedConfig, TrainingConfig, config_to_dict
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
+from worker.engine.methods.calibrated import MATCHING
 from worker.engine.models import build_model
 from worker.engine.progress import ProgressCallback, ProgressEvent
 from worker.engine.runtime import Runtime
@@ -256,7 +257,10 @@ class _Run:
         labels = setup.train_labels if is_label_aware(method) else None
         forget = _split(self.x, setup.forget_rows, labels)
         retain = _split(self.x, setup.retain_rows, labels)
-        if METHODS[engine_method(method)].steered:
+        # A method that routes by the forget set's shape says which treatment runs; the steering references
+        # are built only where the steered one does.
+        chosen = treatment(forget, retain, config)
+        if METHODS[engine_method(method)].steered and (chosen is None or chosen["name"] == MATCHING):
             margin = config.margin if isinstance(config, CalibratedConfig) else 0.0
             targets = self.steering_set(setup, seed).steering_set().targets(setup.forget_rows, margin)
             forget = dataclasses.replace(forget, targets=torch.from_numpy(targets))
@@ -270,6 +274,8 @@ class _Run:
         described = config_to_dict(config)
         if forget.targets is not None:
             described["steering_references"] = self.plan.steering_references
+        if chosen is not None:
+            described["treatment"] = chosen["name"]
         return model, wall, described
 
     def run_setup(self, setup: Setup, seed: int, prefix: str) -> list[Record]:
