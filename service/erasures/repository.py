@@ -165,12 +165,25 @@ _OPEN_BATCHES = (
     .order_by(Job.created_at)
 )
 _OPEN_BATCHES_LOCKED = _OPEN_BATCHES.with_for_update()
+# Jobs read without a lock, locked: what the unlocked read loaded is refreshed (nothing was changed on them).
+_LOCK_OPEN_BATCHES = (
+    select(Job)
+    .where(_TAKES_REQUESTS, Job.id.in_(bindparam("job_ids", expanding=True)))
+    .order_by(Job.created_at)
+    .with_for_update()
+    .execution_options(populate_existing=True)
+)
 
 
 def open_batches(session: Session, model_id: str, method: str, *, lock: bool = True) -> Sequence[Job]:
     """The model's queued jobs that still take requests of ``method``, oldest first, locked (or not)."""
     statement = _OPEN_BATCHES_LOCKED if lock else _OPEN_BATCHES
     return session.scalars(statement, {"model_id": model_id, "method": method}).all()
+
+
+def lock_open_batches(session: Session, job_ids: Sequence[str]) -> Sequence[Job]:
+    """Those of ``job_ids`` that still take requests once locked, oldest first."""
+    return session.scalars(_LOCK_OPEN_BATCHES, {"job_ids": list(job_ids)}).all()
 
 
 # Joining an open job read without its lock (a request on one model): built once.

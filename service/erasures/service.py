@@ -178,10 +178,18 @@ def _open_jobs(
             return jobs, False
     while True:
         with session.no_autoflush:  # the jobs taken so far are written with the targets
-            candidates = repository.open_batches(session, model_id, method)
-        jobs = [job for job in candidates if job.config == config]
-        if jobs or models_repository.holds_lock(session, model_id):
+            if models_repository.holds_lock(session, model_id):  # the claim's order: model, then jobs
+                candidates = repository.open_batches(session, model_id, method)
+                return [job for job in candidates if job.config == config], True
+            # Without the model's lock, only the jobs of this configuration are locked: holding another
+            # one's row while waiting for the model's lock would invert the claim's order (a deadlock).
+            candidates = repository.open_batches(session, model_id, method, lock=False)
+            matching = [job.id for job in candidates if job.config == config]
+            jobs = list(repository.lock_open_batches(session, matching)) if matching else []
+        if jobs:
             return jobs, True
+        for job in candidates:  # read without a lock (and unchanged): read again under the model's
+            session.expire(job)
         models_repository.lock_model(session, model_id)
 
 

@@ -25,6 +25,7 @@ from service.erasures import repository as erasures_repository
 from service.erasures.tables import ErasureTarget
 from service.jobs import service as jobs_service
 from service.jobs.tables import Job
+from service.models import repository as models_repository
 from tests.faults.conftest import Cluster
 from tests.service.conftest import (
     RecordingDispatcher,
@@ -216,3 +217,26 @@ def test_requests_streaming_while_a_worker_claims_land_each_in_one_job_counted_o
     }
     assert len(claimed) >= 2, claimed  # the worker did claim jobs while requests streamed in
     assert all(held.get(job_id, set()) == claimed_with for job_id, claimed_with in claimed.items())
+
+
+def test_a_request_of_another_configuration_never_holds_a_job_a_claim_waits_for(
+    api: tuple[httpx.Client, sessionmaker[Session]],
+) -> None:
+    """Found by the end-to-end test under load as a deadlock: a request whose configuration has no open job
+    locked the model's open jobs of other configurations, then waited for the model's lock, which a claim
+    held while it waited for one of those jobs. Now it locks only jobs it may join, so the claim goes on."""
+    client, factory = api
+    body = {"model": client.headers["X-Model"], "subject_id": "alice"}
+    open_job = client.post("/deletion-requests", json=body).json()["erasures"][0]["job_id"]
+    model_id = client.get(f"/models/{client.headers['X-Model']}").json()["id"]
+    with factory.begin() as claim:  # the claim's order: the model's lock, then its job's
+        models_repository.lock_model(claim, model_id)
+        with ThreadPoolExecutor(1) as pool:
+            other = pool.submit(client.post, "/deletion-requests", json={**body, "config": {"min_steps": 7}})
+            time.sleep(1.0)  # the request is now waiting for the model's lock
+            assert not other.done()
+            claim.execute(select(Job.id).where(Job.id == open_job).with_for_update()).one()
+            claim.commit()  # before the fix, Postgres broke the cycle by failing one side
+            answer = other.result(timeout=30)
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["erasures"][0]["job_id"] != open_job
