@@ -11,10 +11,11 @@ import torch
 
 from tests.engine.test_repair import RECIPE, SPEC, WRONG, Memorised
 from worker.engine.api import treatment, unlearn
-from worker.engine.config import ConfigError, make_config
+from worker.engine.config import ConfigError, TrainingConfig, make_config
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
-from worker.engine.methods.calibrated import matching_loss
+from worker.engine.methods._loops import steps_over_retain
+from worker.engine.methods.calibrated import matching_loss, step_floor, with_retrain_budget
 from worker.engine.models import build_model
 from worker.engine.scores import stable_logit
 from worker.engine.training import predict_logits, train
@@ -128,3 +129,19 @@ def test_a_forget_set_holding_much_of_a_class_gets_repairs_treatment(memorised: 
     assert subject is not None and subject["name"] == "matching" and subject["why"] is None
     assert subject["largest_class_share"]["share"] <= 0.2
     assert treatment(forget, retain, make_config("repair", {})) is None  # repair always does one thing
+
+
+def test_its_step_budget_is_a_share_of_a_retrain_with_the_models_recipe() -> None:
+    """Where the caller knows the model's recipe (the job does), calibrated runs at most max_retrain_share
+    of a retrain's steps, never less than one pass over D_r; without it, min_steps."""
+    config = make_config("calibrated", {})
+    assert step_floor(config) == config.min_steps == 100
+    small = with_retrain_budget(config, TrainingConfig(epochs=20, batch_size=32), retained=1208)
+    assert small.retrain_steps == 20 * 38 and step_floor(small) == 61  # ceil(0.08 * 760)
+    assert steps_over_retain(1208, small.epochs, small.batch_size, step_floor(small)) == 61
+    large = with_retrain_budget(config, TrainingConfig(epochs=20, batch_size=32), retained=3950)
+    assert step_floor(large) == 100  # 8 % of 2,480 steps is more than the floor: unchanged
+    given = make_config("calibrated", {"retrain_steps": 50})
+    assert with_retrain_budget(given, TrainingConfig(), retained=10_000) is given  # the caller's stands
+    with pytest.raises(ConfigError, match=r"calibrated\.max_retrain_share must be in \[0, 1\]"):
+        make_config("calibrated", {"max_retrain_share": 2.0})

@@ -37,6 +37,7 @@ from worker.engine.api import unlearn
 from worker.engine.config import CalibratedConfig, TrainingConfig, make_config
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
+from worker.engine.methods import calibrated
 from worker.engine.models import build_model
 from worker.engine.runtime import CPU
 from worker.engine.spec import ModelSpec, mnist_cnn_spec
@@ -230,10 +231,14 @@ def run_study(
                 overrides = {"epochs": study.recipe.epochs, "lr": study.recipe.lr}
             config = make_config(method, {**overrides, "seed": 10_000 + s})
             forget = split(rows)
-            if isinstance(config, CalibratedConfig) and steering is not None:
-                targets = steering.targets(rows, config.margin)
-                forget = dataclasses.replace(forget, targets=torch.from_numpy(targets))
-            name = f"subject{s:02d}-{way}{steering_tag if method == 'calibrated' else ''}"
+            name = f"subject{s:02d}-{way}"
+            if isinstance(config, CalibratedConfig):  # as the service runs it: its budget, its targets
+                config = calibrated.with_retrain_budget(config, study.recipe, len(remaining))
+                if steering is not None:
+                    targets = steering.targets(rows, config.margin)
+                    forget = dataclasses.replace(forget, targets=torch.from_numpy(targets))
+                # The cache name carries what changes the model: the steering set's size, the step floor.
+                name += f"{steering_tag}-floor{calibrated.step_floor(config)}"
             model, _ = cache.model(
                 name,
                 spec,

@@ -51,6 +51,7 @@ from worker.engine.api import treatment, unlearn
 from worker.engine.config import METHODS, CalibratedConfig, TrainingConfig, config_to_dict
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
+from worker.engine.methods import calibrated
 from worker.engine.methods.calibrated import MATCHING
 from worker.engine.models import build_model
 from worker.engine.progress import ProgressCallback, ProgressEvent
@@ -253,6 +254,8 @@ class _Run:
         self, initial: nn.Module, setup: Setup, method: str, seed: int, prefix: str
     ) -> tuple[nn.Module, float, dict[str, Any]]:
         config = method_config(method, self.plan.overrides.get(method, {}), seed)
+        if isinstance(config, CalibratedConfig):  # its budget as the job sets it: a share of a retrain
+            config = calibrated.with_retrain_budget(config, self.initial_config, len(setup.retain_rows))
         # A label-agnostic method gets no labels at all, so it cannot use them by accident.
         labels = setup.train_labels if is_label_aware(method) else None
         forget = _split(self.x, setup.forget_rows, labels)

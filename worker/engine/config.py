@@ -259,6 +259,13 @@ class CalibratedConfig(UnlearnConfig):
     # their median (applied by the caller: ReferenceSet.targets).
     margin: float = 0.0
     max_class_share: float = 0.2
+    # The steps an exact retrain with the model's own recipe takes on D_r, where the caller knows the recipe
+    # (the job does: ``calibrated.with_retrain_budget``). The method then runs at most ``max_retrain_share``
+    # of them, though never less than one pass over D_r: on a small model ``min_steps`` alone made it 16-20 %
+    # of a 2-second retrain (20-epoch digits). At 0.08 it binds there only (61 steps, of a retrain's 760), not
+    # on mnist5k (one pass, 124 steps) or on 60-epoch digits (100).
+    retrain_steps: int | None = None
+    max_retrain_share: float = 0.08
 
 
 @dataclass(frozen=True)
@@ -355,9 +362,9 @@ _POSITIVE = {
 }  # fmt: skip
 _NON_NEGATIVE = {
     "min_steps", "seed", "weight_decay", "retain_weight", "omega", "reinit_layers", "mixunlearn_steps",
-    "pull", "margin",
+    "pull", "margin", "retrain_steps",
 }  # fmt: skip
-_UNIT_INTERVAL = {"p", "distance_threshold", "distill", "max_class_share"}
+_UNIT_INTERVAL = {"p", "distance_threshold", "distill", "max_class_share", "max_retrain_share"}
 # UGradSL's rate: negative label smoothing (the paper's alpha < 0; a positive rate is plain label smoothing).
 _NEGATIVE = {"smoothing"}
 _MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed

@@ -19,7 +19,8 @@ from service.purges import service as purges
 from service.purges.service import PURGE_KIND
 from service.storage import ObjectStore
 from worker.engine.api import treatment
-from worker.engine.config import METHODS, config_to_dict
+from worker.engine.config import METHODS, CalibratedConfig, TrainingConfig, config_to_dict
+from worker.engine.methods import calibrated
 from worker.engine.progress import UnlearningCancelled
 from worker.engine.runtime import Runtime
 from worker.metrics import PhaseTimer
@@ -137,6 +138,9 @@ class JobRun:
         refs = references.references(self, heartbeat, spec, base, sets, steered=steered)
         # A steered method reads its targets from the steering references; the audit reads the others.
         forget = sets.forget
+        if isinstance(config, CalibratedConfig):  # its budget: a share of a retrain with the model's recipe
+            recipe = TrainingConfig(**(claimed.training_recipe or {}))
+            config = calibrated.with_retrain_budget(config, recipe, len(sets.remaining))
         if steered:
             targets = refs.steering_set().targets(sets.forget_rows, config.margin)
             forget = dataclasses.replace(forget, targets=torch.from_numpy(targets))

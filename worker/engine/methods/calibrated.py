@@ -15,6 +15,7 @@ targets no longer describe a model trained without it, and ``repair``'s treatmen
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.engine.config import CalibratedConfig, RepairConfig, UnlearnConfig
+from worker.engine.config import CalibratedConfig, RepairConfig, TrainingConfig, UnlearnConfig
 from worker.engine.context import RunContext
 from worker.engine.data import TensorSplit
 from worker.engine.methods import repair
@@ -76,6 +77,21 @@ def treatment(forget: TensorSplit, retain: TensorSplit, config: CalibratedConfig
     }
 
 
+def with_retrain_budget(config: CalibratedConfig, recipe: TrainingConfig, retained: int) -> CalibratedConfig:
+    """``config`` told how many steps an exact retrain with ``recipe`` takes on ``retained`` rows, unless its
+    caller set that already."""
+    if config.retrain_steps is not None:
+        return config
+    return dataclasses.replace(config, retrain_steps=recipe.epochs * math.ceil(retained / recipe.batch_size))
+
+
+def step_floor(config: CalibratedConfig) -> int:
+    """``min_steps``, capped at ``max_retrain_share`` of a retrain's steps where those are known."""
+    if config.retrain_steps is None:
+        return config.min_steps
+    return min(config.min_steps, math.ceil(config.max_retrain_share * config.retrain_steps))
+
+
 def run(
     model: nn.Module,
     spec: ModelSpec,
@@ -97,7 +113,7 @@ def run(
         )
     device = ctx.runtime.device
     targets = forget.targets.to(device, torch.float64)
-    steps = steps_over_retain(len(retain), config.epochs, config.batch_size, config.min_steps)
+    steps = steps_over_retain(len(retain), config.epochs, config.batch_size, step_floor(config))
     model.to(device)
     with torch.no_grad():  # matched: the samples the model handed in scores above their targets
         model.eval()
